@@ -1,0 +1,37 @@
+"""Settings that must be in the environment before MPI is initialised.
+
+MPICH's waiting ranks busy-poll. When a node runs more ranks than it has cores (a laptop,
+a CI runner, the async server and tester next to the workers), a polling rank steals the
+CPU from a rank that computes. MPICH's heavy-yield mode makes waiting ranks call
+``sched_yield``, which gives that CPU back at a small latency cost, so we turn it on only
+when the launcher says the node is oversubscribed. An explicit setting by the user wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+_HEAVY_YIELD = "MPIR_CVAR_ENABLE_HEAVY_YIELD"
+
+
+def local_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def oversubscribed(environ: os._Environ | dict = os.environ) -> bool:
+    """True when the launcher placed more ranks on this node than there are cores."""
+    for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = environ.get(key, "")
+        if value.isdigit():
+            return int(value) > local_cores()
+    return False
+
+
+def prepare() -> None:
+    """Apply the pre-initialisation settings; call before ``from mpi4py import MPI``."""
+    if oversubscribed():
+        os.environ.setdefault(_HEAVY_YIELD, "1")

@@ -1,0 +1,2 @@
+"""The training algorithms: synchronous (AllReduceSGD, AllReduceEA) and asynchronous
+(EASGD, EAMSGD, DOWNPOUR around a parameter-server rank)."""

@@ -1,0 +1,183 @@
+"""Run configuration: one typed dataclass, loadable from TOML, overridden from the command line.
+
+Precedence: defaults < ``--config FILE.toml`` < command-line flags. Every check here is
+local (no MPI), so every rank rejects a bad configuration before any traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYNC_ALGOS = ("sgd", "ea")
+ASYNC_ALGOS = ("easgd", "eamsgd", "downpour")
+ALGOS = SYNC_ALGOS + ASYNC_ALGOS
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range (message names the fix)."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Batch size is per rank; the learning rate is never rescaled."""
+
+    algo: str = _opt("easgd", "algorithm: " + ", ".join(ALGOS), choices=ALGOS)
+    dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
+    model: str = _opt("lenet", "model name (lenet, cifarnet, resnet20, or torchvision:NAME)")
+    epochs: int = _opt(10, "passes over each rank's (worker's) shard")
+    batch_size: int = _opt(64, "mini-batch size per rank")
+    lr: float = _opt(0.05, "learning rate (not scaled by the number of ranks)")
+    momentum: float | None = _opt(None, "momentum (default: 0.9 for eamsgd, else 0)")
+    weight_decay: float = _opt(0.0, "L2 weight decay")
+    tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
+    alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers)")
+    seed: int = _opt(0, "seed for initialisation and data order")
+    device: str = _opt("cpu", "cpu, cuda or auto", choices=DEVICES)
+    threads: int = _opt(0, "torch threads per rank (0: cores on this node / ranks on it)")
+    uneven: bool = _opt(False, "give ranks uneven shards (last partial batch kept)")
+    test_every: float = _opt(2.0, "async: seconds between tests of the center")
+    out: str = _opt("runs", "parent directory of the run directory")
+    run_name: str = _opt("", "run directory name (default: algo-model-npN-timestamp)")
+    progress: bool = _opt(True, "show a progress bar")
+    audit: bool = _opt(False, "async: log every exchange to verify the center (small models)")
+
+    # ---- loading -------------------------------------------------------------------
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+                t = next(a for a in typing.get_args(t) if a is not type(None))
+            out[f.name] = t
+        return out
+
+    @classmethod
+    def from_mapping(cls, values: dict, source: str, base: Config | None = None) -> Config:
+        """A config from ``base`` (or the defaults) with ``values`` applied, type-checked."""
+        types_ = cls.field_types()
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in types_:
+                known = ", ".join(sorted(types_))
+                raise ConfigError(f"unknown config key '{key}' in {source}; known keys: {known}")
+            setattr(cfg, name, _coerce(name, value, types_[name], source))
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: Config | None = None) -> Config:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                values = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found; check the path given to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        return cls.from_mapping(values, str(path), base)
+
+    # ---- validation ------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check every value that needs no knowledge of the world size."""
+        checks = [
+            (self.algo in ALGOS, f"--algo must be one of {', '.join(ALGOS)}; got '{self.algo}'"),
+            (self.device in DEVICES, f"--device must be cpu, cuda or auto; got '{self.device}'"),
+            (self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
+            (self.momentum is None or 0 <= self.momentum < 1,
+             f"--momentum must be in [0, 1); got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}"),
+            (self.tau >= 1, f"--tau must be an integer >= 1 (local steps between exchanges); got {self.tau}"),
+            (self.alpha is None or 0 < self.alpha < 1,
+             f"--alpha must be in (0, 1) (the elastic coefficient per worker); got {self.alpha}"),
+            (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
+            (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
+            ("/" not in self.run_name, f"--run-name must be a plain name, not a path; got '{self.run_name}'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def resolve(self, workers: int) -> Config:
+        """Fill the defaults that depend on the algorithm and the number of workers."""
+        cfg = dataclasses.replace(self)
+        if cfg.momentum is None:
+            cfg.momentum = 0.9 if cfg.algo == "eamsgd" else 0.0
+        if cfg.alpha is None:
+            cfg.alpha = min(0.9 / workers, 0.5)  # beta = p * alpha = 0.9 (the paper's choice)
+        if cfg.algo in ("ea", "easgd", "eamsgd") and workers * cfg.alpha >= 1:
+            warnings.warn(
+                f"beta = workers * alpha = {workers * cfg.alpha:.3g} >= 1: elastic averaging "
+                f"may be unstable; the paper uses beta = 0.9 (alpha = {0.9 / workers:.3g})",
+                stacklevel=2,
+            )
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _coerce(name: str, value, typ: type, source: str):
+    flag = "--" + name.replace("_", "-")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{flag} in {source} must be {typ.__name__}; got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises :class:`ConfigError` instead of printing usage and exiting, so a mistyped
+    flag is reported once for the whole job like any other bad input."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see python -m mpi_easgd.train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: ``--config`` plus one flag per :class:`Config` field."""
+    parser = _Parser(
+        prog="python -m mpi_easgd.train",
+        description="Train with AllReduceSGD/AllReduceEA or asynchronous EASGD/EAMSGD/DOWNPOUR "
+        "under MPI (launch with mpirun -np N).",
+    )
+    parser.add_argument("--config", help="TOML file with any of the keys below")
+    for f, typ in zip(dataclasses.fields(Config), Config.field_types().values()):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": None}
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then the flags that were given; validated."""
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    cfg = Config.from_toml(config_file) if config_file else Config()
+    given = {k: v for k, v in args.items() if v is not None}
+    cfg = Config.from_mapping(given, "the command line", cfg)
+    cfg.validate()
+    return cfg

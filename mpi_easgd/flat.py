@@ -1,0 +1,135 @@
+"""One contiguous float32 buffer for a model's parameters and one for its gradients.
+
+After ``FlatParameters(model)`` every ``param.data`` is a view into ``flat.data`` and every
+``param.grad`` a view into ``flat.grad``, so an exchange of the whole model is one MPI call
+on one buffer with no per-step copy or allocation.
+
+MPI sees these buffers through :class:`MPIBuffer`: a zero-copy numpy view for CPU tensors
+(mpi4py's numpy path costs ~5 us a call against ~20 us through DLPack), the device tensor
+itself when the MPI library is CUDA-aware, or a pinned host copy allocated once when it is
+not (host staging).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlatParameters:
+    """Re-home a module's trainable parameters (and gradients) into two flat buffers.
+
+    ``grad_extra`` appends that many float32 slots after the gradients in the same buffer
+    (AllReduceSGD carries its contributor count there, inside the same Allreduce).
+    Move the model to its device *before* flattening: ``.to()`` afterwards would break
+    the views.
+    """
+
+    def __init__(self, module: nn.Module, *, grad_extra: int = 0) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters to distribute")
+        devices = {p.device for p in params}
+        dtypes = {p.dtype for p in params}
+        if len(devices) != 1 or dtypes != {torch.float32}:
+            raise ValueError(
+                f"FlatParameters needs float32 parameters on one device; got dtypes "
+                f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
+            )
+        device = devices.pop()
+        numel = sum(p.numel() for p in params)
+        self.module = module
+        self.params = params
+        self.numel = numel
+        self.data = torch.empty(numel, dtype=torch.float32, device=device)
+        self.grad_buffer = torch.zeros(numel + grad_extra, dtype=torch.float32, device=device)
+        self.grad = self.grad_buffer[:numel]
+        self._grad_views: list[torch.Tensor] = []
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                k = p.numel()
+                data_view = self.data[offset : offset + k].view_as(p)
+                data_view.copy_(p.data)
+                p.data = data_view
+                grad_view = self.grad[offset : offset + k].view_as(p)
+                if p.grad is not None:
+                    grad_view.copy_(p.grad)
+                p.grad = grad_view
+                self._grad_views.append(grad_view)
+                offset += k
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def gather_grads(self) -> None:
+        """Make every ``param.grad`` a view into ``self.grad`` again.
+
+        ``optimizer.zero_grad()`` (``set_to_none=True`` by default) drops the views and
+        backward then allocates fresh gradients; copy those in and re-point. With
+        ``zero_grad(set_to_none=False)`` or :meth:`zero_grad` nothing is copied.
+        """
+        for p, view in zip(self.params, self._grad_views):
+            g = p.grad
+            if g is None:
+                view.zero_()
+                p.grad = view
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+                p.grad = view
+
+    def zero_grad(self) -> None:
+        """Zero all gradients (and the extra slots) in one call, keeping the views."""
+        self.grad_buffer.zero_()
+        for p, view in zip(self.params, self._grad_views):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                p.grad = view
+
+    def check_views(self) -> None:
+        """Raise if the parameters were moved out of the flat buffer (e.g. by ``.to()``)."""
+        base = self.data.data_ptr()
+        end = base + self.numel * 4
+        for p in self.params:
+            if not base <= p.data.data_ptr() < end:
+                raise RuntimeError(
+                    "a parameter no longer lives in the flat buffer (was the model moved with "
+                    ".to() after it was flattened?); move the model before building the "
+                    "algorithm"
+                )
+
+
+class MPIBuffer:
+    """What MPI reads and writes for a tensor, and the copies around the call.
+
+    ``buf.mpi`` is handed to mpi4py. Call ``buf.before_send()`` before MPI reads the tensor
+    and ``buf.after_recv()`` after MPI wrote into it; both are no-ops on CPU.
+    """
+
+    def __init__(self, tensor: torch.Tensor, *, cuda_aware: bool = False) -> None:
+        if not tensor.is_contiguous():
+            # MPI would read the storage in memory order, not the logical order.
+            raise ValueError("MPI buffers must be contiguous tensors")
+        self.tensor = tensor
+        self.staged = tensor.device.type != "cpu" and not cuda_aware
+        if tensor.device.type == "cpu":
+            self.mpi = tensor.detach().numpy()
+        elif cuda_aware:
+            self.mpi = tensor.detach()
+        else:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.mpi = self._host.numpy()
+
+    def before_send(self) -> None:
+        if self.tensor.device.type == "cpu":
+            return
+        if self.staged:
+            self._host.copy_(self.tensor, non_blocking=False)
+        else:
+            # mpi4py does not synchronise the producing CUDA stream for us.
+            torch.cuda.current_stream(self.tensor.device).synchronize()
+
+    def after_recv(self) -> None:
+        if self.staged:
+            self.tensor.copy_(self._host, non_blocking=False)
+

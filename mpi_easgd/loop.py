@@ -1,0 +1,91 @@
+"""The training loop shared by every algorithm, and evaluation.
+
+An algorithm supplies a *step function* ``step(batch) -> loss tensor | None`` (``batch`` is
+``None`` on a rank that has run out of data but must keep its collectives matched); the
+loop feeds it this epoch's batches and counts losses and samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpi_easgd.config import Config
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+StepFn = Callable[[Batch | None], torch.Tensor | None]
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    batches: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.batches if self.batches else math.nan
+
+
+def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: torch.device) -> EpochStats:
+    """Call ``step`` exactly ``steps`` times: with this rank's batches, then with ``None``."""
+    stats = EpochStats()
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    start = time.perf_counter()
+    for i in range(steps):
+        batch = next(batches, None)
+        if batch is not None:
+            batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+        loss = step(batch)
+        if loss is not None:
+            loss_sum += loss.detach()
+            stats.batches += 1
+            stats.samples += len(batch[1])
+        bar.update(1)
+        if i % 20 == 19 and stats.batches:
+            bar.set_postfix(loss=f"{loss_sum.item() / stats.batches:.4f}", refresh=False)
+    stats.loss_sum = float(loss_sum)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[Batch], device: torch.device) -> tuple[float, int, int]:
+    """``(summed loss, correct predictions, samples)`` of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    return loss, correct, count
+
+
+def make_optimizer(cfg: Config, model: nn.Module, nesterov: bool = False) -> torch.optim.Optimizer:
+    """Plain SGD with the configured momentum and weight decay (Nesterov for EAMSGD)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        nesterov=nesterov and cfg.momentum > 0,
+    )
+
+
+def supervised_step(model: nn.Module, zero_grad: Callable[[], None]) -> Callable[[Batch], torch.Tensor]:
+    """Forward and backward of one batch with cross-entropy; returns the loss."""
+
+    def forward_backward(batch: Batch) -> torch.Tensor:
+        zero_grad()
+        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    return forward_backward

@@ -1,0 +1,121 @@
+"""The run directory and what goes into it, written by exactly one rank.
+
+The owning rank gets a :class:`RunLog`; every other rank a :class:`NullRunLog` with the
+same methods that do nothing, so training code never asks ``if rank == 0``.
+
+Files: ``config.toml`` (the resolved configuration, reusable with ``--config``),
+``metrics.csv`` (one row per evaluation) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRIC_FIELDS = ("wall_time", "epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON via a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Owner of one run directory: config, metrics rows, summary, console output."""
+
+    def __init__(self, run_dir: Path, config: dict, progress: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.start = time.perf_counter()
+        self.show_progress = progress
+        lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(config.items()) if v is not None]
+        (self.run_dir / "config.toml").write_text("\n".join(lines) + "\n")
+        self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="")  # noqa: SIM115
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS)
+        self._csv.writeheader()
+        self._csv_file.flush()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def info(self, message: str) -> None:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+    def log_eval(self, **row) -> None:
+        """Append one evaluation row (``wall_time`` is filled in when missing)."""
+        row.setdefault("wall_time", round(self.elapsed(), 3))
+        self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        self._csv_file.flush()
+        acc = row.get("test_accuracy", math.nan)
+        self.info(
+            f"[{row['wall_time']:8.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')} "
+            f"train_loss {row.get('train_loss', math.nan):.4f} test_loss {row['test_loss']:.4f} "
+            f"test_acc {acc:.4f}"
+        )
+
+    def progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False,
+                    mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+
+    def write_summary(self, summary: dict) -> None:
+        self._csv_file.close()
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.info(format_summary(summary))
+        self.info(f"run directory: {self.run_dir}")
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a, **k) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullRunLog:
+    """The run log of a rank that does not own the run directory: does nothing."""
+
+    def elapsed(self) -> float:
+        return 0.0
+
+    def info(self, message: str) -> None: ...
+    def log_eval(self, **row) -> None: ...
+    def write_summary(self, summary: dict) -> None: ...
+
+    def progress(self, total: int, desc: str) -> _NullBar:
+        return _NullBar()
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable table of a run's summary (per-worker rows when present)."""
+    keys = ("algo", "model", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
+            "wall_seconds", "train_samples_per_second", "exchanges", "beta")
+    lines = ["", "run summary", "-" * 40]
+    for k in keys:
+        if k in summary:
+            v = summary[k]
+            lines.append(f"{k:<26}{v:.4f}" if isinstance(v, float) else f"{k:<26}{v}")
+    per_worker = summary.get("per_worker")
+    if per_worker:
+        cols = [c for c in ("rank", "exchanges", "latency_ms_mean", "latency_ms_p50", "latency_ms_p99",
+                            "staleness_mean", "samples", "wall_seconds") if c in per_worker[0]]
+        lines.append("")
+        lines.append("  ".join(f"{c:>15}" for c in cols))
+        for w in per_worker:
+            lines.append("  ".join(f"{w[c]:>15.3f}" if isinstance(w[c], float) else f"{w[c]:>15}" for c in cols))
+    return "\n".join(lines)

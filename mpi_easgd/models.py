@@ -1,0 +1,154 @@
+"""Model registry: ``lenet``, ``cifarnet`` (the seed's CIFAR-10 network), ``resnet20``, and
+``torchvision:NAME`` for any torchvision model where torchvision imports."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class LeNet(nn.Module):
+    """LeNet-5 (conv 6@5x5, conv 16@5x5, fc 120-84-classes): ~61 k parameters on MNIST."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        n = _flat_features(self.features, shape)
+        self.classifier = nn.Sequential(
+            nn.Linear(n, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CifarNet(nn.Module):
+    """The seed's CIFAR-10 network: four conv5x5-BN-ReLU-maxpool blocks (64/128/256/512
+    channels), then one linear layer (~4.3 M parameters)."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        layers, c = [], shape[0]
+        for out in (64, 128, 256, 512):
+            layers += [nn.Conv2d(c, out, 5, padding=2), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            c = out
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Linear(_flat_features(self.features, shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for 32x32 images (He et al. 2016, 3x3 blocks of 16/32/64 channels; ~0.27 M)."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(shape[0], 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+        cin = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                layers.append(_Block(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _flat_features(features: nn.Module, shape: tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *shape)).shape[1])
+
+
+MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
+    "lenet": LeNet,
+    "cifarnet": CifarNet,
+    "resnet20": ResNet20,
+}
+
+
+class ModelError(ValueError):
+    """Unknown model name, or a torchvision model that cannot be built here."""
+
+
+def import_torchvision():
+    """Import torchvision, tolerating a build whose compiled ops do not match torch.
+
+    A CUDA torchvision next to a CPU torch fails at import on ``torchvision::nms``; defining
+    the missing operator schemas first lets its pure-Python models load (compiled ops such
+    as nms still fail if called, which no model here does).
+    """
+    try:
+        import torchvision
+        return torchvision
+    except ImportError as exc:
+        raise ModelError(f"torchvision models need torchvision: pip install torchvision ({exc})") from None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: F841 - keep the schemas alive
+    for schema in (
+        "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+        "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    ):
+        try:
+            lib.define(schema)
+        except RuntimeError:
+            pass  # already defined by the failed import
+    import_torchvision._lib = lib
+    try:
+        import torchvision
+    except Exception as exc:  # noqa: BLE001 - report why, do not crash on an optional extra
+        raise ModelError(f"torchvision is installed but does not import here: {exc}") from None
+    return torchvision
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ModelError` for a name the registry cannot build (no model is built)."""
+    if name in MODELS or name.startswith("torchvision:"):
+        return
+    raise ModelError(
+        f"unknown model '{name}'; choose one of {', '.join(MODELS)} or torchvision:NAME (e.g. torchvision:resnet18)"
+    )
+
+
+def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build model ``name`` for images of ``shape`` (C, H, W) and ``num_classes`` classes."""
+    check_model_name(name)
+    if name in MODELS:
+        return MODELS[name](shape, num_classes)
+    tv_name = name.split(":", 1)[1]
+    tv = import_torchvision()
+    try:
+        factory = tv.models.get_model_builder(tv_name)
+    except ValueError:
+        raise ModelError(f"torchvision has no model '{tv_name}'; see torchvision.models.list_models()") from None
+    if shape[0] != 3:
+        raise ModelError(f"torchvision models expect 3-channel images; this dataset has {shape[0]}")
+    return factory(weights=None, num_classes=num_classes)

@@ -1,0 +1,76 @@
+"""Who does what: each rank's role, computed once from (world size, rank, algorithm).
+
+Synchronous algorithms (sgd, ea): every rank is a ``peer``. Asynchronous ones (easgd,
+eamsgd, downpour): rank 0 is the ``server`` (it owns the center), the last rank is the
+``tester``, ranks 1..n-2 are ``worker`` s, sharded by worker index (rank - 1).
+:meth:`Topology.build` is pure and validates before any MPI traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpi_easgd.config import ASYNC_ALGOS, ALGOS, ConfigError
+
+SERVER_RANK = 0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The parallel layout of one job (identical on every rank except ``rank``/``role``)."""
+
+    world_size: int
+    rank: int
+    algo: str
+    role: str  # "peer" | "server" | "worker" | "tester"
+
+    @classmethod
+    def build(cls, world_size: int, rank: int, algo: str) -> Topology:
+        if algo not in ALGOS:
+            raise ConfigError(f"unknown algorithm '{algo}'; choose one of {', '.join(ALGOS)}")
+        if algo in ASYNC_ALGOS:
+            if world_size < 3:
+                raise ConfigError(
+                    f"async {algo} needs at least 3 ranks (server, tester, 1+ worker); got "
+                    f"{world_size}: run mpirun -np 4 ..., or use --algo sgd/ea with fewer ranks"
+                )
+            if rank == SERVER_RANK:
+                role = "server"
+            elif rank == world_size - 1:
+                role = "tester"
+            else:
+                role = "worker"
+        else:
+            role = "peer"
+        return cls(world_size=world_size, rank=rank, algo=algo, role=role)
+
+    @property
+    def is_async(self) -> bool:
+        return self.algo in ASYNC_ALGOS
+
+    @property
+    def server_rank(self) -> int:
+        return SERVER_RANK
+
+    @property
+    def tester_rank(self) -> int:
+        return self.world_size - 1 if self.is_async else 0
+
+    @property
+    def worker_ranks(self) -> list[int]:
+        return list(range(1, self.world_size - 1)) if self.is_async else list(range(self.world_size))
+
+    @property
+    def num_workers(self) -> int:
+        """The ``p`` of the paper: ranks that train."""
+        return len(self.worker_ranks)
+
+    @property
+    def worker_index(self) -> int:
+        """This rank's shard index among the workers (-1 if it does not train)."""
+        return self.worker_ranks.index(self.rank) if self.rank in self.worker_ranks else -1
+
+    @property
+    def logs(self) -> bool:
+        """Whether this rank owns the run directory's metrics and summary."""
+        return self.rank == self.tester_rank

@@ -1,0 +1,149 @@
+"""Entry point: ``mpirun -np N python -m mpi_easgd.train [--config FILE.toml] [flags]``.
+
+config -> topology -> validation on every rank -> one agreement -> role dispatch. This is
+the only module that names ``MPI.COMM_WORLD``. Every rank validates the configuration and
+the dataset before training traffic, then all ranks agree (one allgather) so a bad input
+ends every rank at once with one clear message and exit status 2. After that, an
+exception on any rank aborts the whole job (``MPI_Abort``) instead of leaving the others
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
+from mpi_easgd import _mpienv
+
+EXIT_BAD_INPUT = 2
+
+
+def _validate(argv, rank: int, size: int):
+    """Everything that can be checked locally; returns (cfg, topology, dataset info)."""
+    from mpi_easgd.config import parse_args
+    from mpi_easgd.data import DataError, read_info, resolve_dataset, shard_range
+    from mpi_easgd.models import check_model_name
+    from mpi_easgd.topology import Topology
+
+    cfg = parse_args(argv)
+    topo = Topology.build(size, rank, cfg.algo)
+    if rank != 0:
+        warnings.filterwarnings("ignore", module="mpi_easgd")  # said once, by rank 0
+    cfg = cfg.resolve(topo.num_workers)
+    check_model_name(cfg.model)
+    info = read_info(resolve_dataset(cfg.dataset))
+    p = topo.num_workers
+    start, stop = shard_range(info.sizes["train"], 0, p, even=not cfg.uneven)
+    if stop - start < cfg.batch_size:
+        raise DataError(
+            f"{info.sizes['train']} training samples over {p} training ranks leave {stop - start} "
+            f"per rank, fewer than --batch-size {cfg.batch_size}; lower the batch size or the ranks"
+        )
+    shard_range(info.sizes["test"], 0, 1 if topo.is_async else p)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    return cfg, topo, info
+
+
+def _make_run_dir(cfg) -> Path:
+    name = cfg.run_name or f"{cfg.algo}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.out) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=bool(cfg.run_name))
+    except FileExistsError:
+        run_dir = Path(cfg.out) / f"{name}-{os.getpid()}"
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the run directory {run_dir} ({exc.strerror}); choose a "
+                      f"writable --out") from None
+    return run_dir.resolve()
+
+
+def _device(cfg, topo, local_rank: int):
+    import torch
+
+    if topo.role == "server" or cfg.device == "cpu":
+        return torch.device("cpu")  # the server is a CPU role
+    if cfg.device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def run(argv: list[str] | None, comm) -> int:
+    """Run one training job on ``comm``; returns the process exit status."""
+    from mpi4py import MPI
+
+    from mpi_easgd.config import ConfigError
+    from mpi_easgd.data import DataError
+    from mpi_easgd.metrics import NullRunLog, RunLog
+    from mpi_easgd.models import ModelError
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    error, run_dir = None, None
+    try:
+        cfg, topo, info = _validate(argv, rank, size)
+        if rank == 0:
+            run_dir = _make_run_dir(cfg)
+    except (ConfigError, DataError, ModelError, OSError) as exc:
+        error = str(exc)
+    # The one agreement: every rank reaches it, so nobody waits on a rank that gave up.
+    reports = comm.allgather((error, run_dir))
+    failed = [(r, e) for r, (e, _) in enumerate(reports) if e]
+    if failed:
+        if rank == 0:
+            where = "" if len(failed) == size else f" (on rank {', '.join(str(r) for r, _ in failed)})"
+            print(f"mpi_easgd: error: {failed[0][1]}{where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_dir = reports[0][1]
+
+    import torch
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local.Get_size()))
+    device = _device(cfg, topo, local.Get_rank())
+    local.Free()
+    log = RunLog(run_dir, vars(cfg), cfg.progress) if topo.logs else NullRunLog()
+    start = time.perf_counter()
+    if topo.is_async:
+        from mpi_easgd.algorithms.roles import run_async
+
+        summary = run_async(cfg, comm, topo, info, device, log)
+    else:
+        from mpi_easgd.sync import run_peer
+
+        summary = run_peer(cfg, comm, info, device, log)
+    if topo.logs:
+        summary["wall_seconds"] = time.perf_counter() - start
+        summary["run_dir"] = str(run_dir)
+        log.write_summary(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mpi_easgd.train``: run, and turn an exception on any rank into MPI_Abort."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        return run(argv, comm)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)  # end every rank now instead of leaving them in a collective
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
