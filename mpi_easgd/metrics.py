@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -63,11 +62,10 @@ class RunLog:
         row.setdefault("wall_time", round(self.elapsed(), 3))
         self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
         self._csv_file.flush()
-        acc = row.get("test_accuracy", math.nan)
+        train_loss = f" train_loss {row['train_loss']:.4f}" if "train_loss" in row else ""
         self.info(
-            f"[{row['wall_time']:8.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')} "
-            f"train_loss {row.get('train_loss', math.nan):.4f} test_loss {row['test_loss']:.4f} "
-            f"test_acc {acc:.4f}"
+            f"[{row['wall_time']:7.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')}"
+            f"{train_loss} test_loss {row['test_loss']:.4f} test_acc {row['test_accuracy']:.4f}"
         )
 
     def progress(self, total: int, desc: str):

@@ -114,9 +114,9 @@ def run(argv: list[str] | None, comm) -> int:
     log = RunLog(run_dir, vars(cfg), cfg.progress) if topo.logs else NullRunLog()
     start = time.perf_counter()
     if topo.is_async:
-        from mpi_easgd.algorithms.roles import run_async
+        from mpi_easgd.asynchronous import run_async
 
-        summary = run_async(cfg, comm, topo, info, device, log)
+        summary = run_async(cfg, comm, topo, info, device, log, run_dir)
     else:
         from mpi_easgd.sync import run_peer
 

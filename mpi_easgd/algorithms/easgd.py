@@ -1,0 +1,75 @@
+"""What differs between EASGD, EAMSGD and DOWNPOUR: one small rule object each side.
+
+The server loop (:mod:`.server`) and the worker loop (:mod:`.worker`) are shared; they ask
+a :class:`ServerRule` how to apply one exchange to the center, and a worker-side rule what
+to send and how to take in the reply.
+
+- EASGD / EAMSGD (the paper's Algorithms 1 and 2; EAMSGD differs only in the worker's local
+  optimizer, Nesterov momentum): the worker sends ``x``, the server replies with ``c``
+  (its value *before* the pull) and both apply ``alpha (x - c)`` in opposite directions.
+- DOWNPOUR: the worker sends its accumulated update ``x - x_at_last_sync``; the server adds
+  it and replies with the new ``c``, which replaces ``x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpi_easgd.algorithms.elastic import (
+    downpour_server_update,
+    easgd_server_update,
+    easgd_worker_update,
+)
+
+
+class ServerRule:
+    """Apply one exchange: update ``center`` from ``payload`` and fill ``reply``."""
+
+    def __init__(self, algo: str, alpha: float) -> None:
+        self.algo = algo
+        self.alpha = alpha
+
+    def apply(self, center, payload, reply, scratch) -> None:
+        if self.algo == "downpour":
+            downpour_server_update(center, payload, reply)
+        else:
+            easgd_server_update(center, payload, self.alpha, reply, scratch)
+
+
+class ElasticWorker:
+    """EASGD/EAMSGD worker side: send ``x``; on reply ``c``: ``x -= alpha (x - c)``."""
+
+    def __init__(self, x: torch.Tensor, alpha: float) -> None:
+        self.x = x
+        self.alpha = alpha
+        self.send = x  # sent straight from the flat parameters: no copy
+        self.reply = torch.empty_like(x)
+        self._scratch = torch.empty_like(x)
+
+    def prepare(self) -> None:
+        """Fill ``self.send`` (nothing to do: it is ``x``)."""
+
+    def absorb(self) -> None:
+        easgd_worker_update(self.x, self.reply, self.alpha, self._scratch)
+
+
+class DownpourWorker:
+    """DOWNPOUR worker side: send ``x - anchor``; on reply ``c``: ``x = anchor = c``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.anchor = x.clone()
+        self.send = torch.empty_like(x)
+        self.reply = torch.empty_like(x)
+
+    def prepare(self) -> None:
+        """Fill ``self.send`` with the update accumulated since the last exchange."""
+        torch.sub(self.x, self.anchor, out=self.send)
+
+    def absorb(self) -> None:
+        self.x.copy_(self.reply)
+        self.anchor.copy_(self.reply)
+
+
+def worker_rule(algo: str, x: torch.Tensor, alpha: float) -> ElasticWorker | DownpourWorker:
+    return DownpourWorker(x) if algo == "downpour" else ElasticWorker(x, alpha)

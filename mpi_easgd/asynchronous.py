@@ -1,0 +1,84 @@
+"""Asynchronous EASGD / EAMSGD / DOWNPOUR: the server, worker and tester roles together.
+
+Every rank builds the same model; the server's initial parameters become the center and
+every worker's starting point (one broadcast). Each role then runs its own loop; at the
+end one gather brings every role's statistics to the tester, which writes the summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpi_easgd.algorithms.easgd import ServerRule
+from mpi_easgd.algorithms.server import Server
+from mpi_easgd.algorithms.worker import run_worker
+from mpi_easgd.config import Config
+from mpi_easgd.data import DatasetInfo, ShardLoader
+from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.models import build_model
+from mpi_easgd.tester import run_tester
+from mpi_easgd.topology import Topology
+
+
+def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo,
+              device: torch.device, log, run_dir: Path) -> dict | None:
+    """Run this rank's role; returns the run summary on the tester, None elsewhere."""
+    torch.manual_seed(cfg.seed)
+    flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
+    start = MPIBuffer(flat.data)
+    start.before_send()
+    comm.Bcast(start.mpi, root=topo.server_rank)
+    start.after_recv()
+    p = topo.num_workers
+    log.info(
+        f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
+        f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
+        f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
+        f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g}), lr {cfg.lr}, momentum {cfg.momentum}"
+    )
+    if topo.role == "server":
+        server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
+                        topo.tester_rank, test_every=cfg.test_every,
+                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit)
+        server.run()
+        stats = server.stats()
+        if cfg.audit:
+            order = np.array([i for i, _ in server.audit], dtype=np.int64)
+            payloads = torch.stack([x for _, x in server.audit]).numpy()
+            np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
+                     order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
+    elif topo.role == "worker":
+        loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
+                             seed=cfg.seed, even=not cfg.uneven)
+        stats = run_worker(cfg, comm, flat, loader, topo.server_rank, device)
+    else:
+        test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
+        train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log, run_dir)
+    everything = comm.gather(stats, root=topo.tester_rank)
+    if topo.role != "tester":
+        return None
+    return _summary(cfg, topo, everything)
+
+
+def _summary(cfg: Config, topo: Topology, everything: list[dict]) -> dict:
+    server = everything[topo.server_rank]
+    final = everything[topo.tester_rank]
+    workers = [everything[r] for r in topo.worker_ranks]
+    per_worker = [dict(w, **s) for w, s in zip(workers, server["per_worker"])]
+    samples = sum(w["samples"] for w in workers)
+    seconds = max(w["wall_seconds"] for w in workers)
+    return dict(
+        algo=cfg.algo, model=cfg.model, dataset=cfg.dataset, world_size=topo.world_size,
+        workers=topo.num_workers, epochs=cfg.epochs, tau=cfg.tau, alpha=cfg.alpha,
+        beta=cfg.alpha * topo.num_workers, lr=cfg.lr, momentum=cfg.momentum,
+        test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
+        evaluations=final["evaluations"], exchanges=server["updates"],
+        train_samples=samples, train_seconds=seconds,
+        train_samples_per_second=samples / seconds if seconds else 0.0,
+        server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
+    )

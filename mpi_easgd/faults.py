@@ -1,0 +1,50 @@
+"""Fault injection for testing failure paths under a real launcher.
+
+Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` where ``A`` is
+``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on) or
+``kill`` (SIGKILL itself at step S). Only the named rank is affected. Unset: no cost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+ENV = "MPI_EASGD_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``action=raise``."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    step: int = 0
+    seconds: float = 0.0
+
+    def at_step(self, step: int) -> None:
+        """Call once per local step with the step number."""
+        if step < self.step:
+            return
+        if self.action == "sleep":
+            time.sleep(self.seconds)
+        elif step == self.step and self.action == "raise":
+            raise InjectedFault(f"injected fault at step {step} ({ENV})")
+        elif step == self.step and self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def from_env(rank: int, environ=os.environ) -> Fault | None:
+    """The fault for ``rank`` from ``$MPI_EASGD_FAULT``, or None."""
+    spec = environ.get(ENV, "")
+    if not spec:
+        return None
+    fields = dict(item.split("=", 1) for item in spec.split(","))
+    if int(fields.get("rank", -1)) != rank:
+        return None
+    if fields.get("action") not in ("raise", "sleep", "kill"):
+        raise ValueError(f"{ENV}: action must be raise, sleep or kill; got {spec!r}")
+    return Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)))

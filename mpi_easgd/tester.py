@@ -1,0 +1,89 @@
+"""The tester rank: evaluates snapshots of the center while training goes on.
+
+It polls for the next snapshot with a short sleep between polls (it must not busy-wait on
+a CPU that workers need), evaluates it on the test set and logs one metrics row per
+snapshot. BatchNorm statistics are not part of the center, so before each evaluation they
+are re-estimated on a few training batches (as for any averaged model). On the FINAL
+snapshot it evaluates, saves the center and returns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd import faults
+from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag
+from mpi_easgd.data import ShardLoader
+from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.loop import evaluate
+
+
+def wait_politely(request: MPI.Request, max_sleep: float = 0.02) -> None:
+    """Wait for ``request`` without spinning: test, then sleep with a growing back-off."""
+    delay = 1e-4
+    while not request.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, max_sleep)
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: int = 20) -> None:
+    """Re-estimate BatchNorm running statistics with a cumulative average over ``limit`` batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i, (x, _) in enumerate(batches):
+        if i == limit:
+            break
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def save_model(model: nn.Module, path: Path) -> None:
+    """``torch.save`` the state dict atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(model.state_dict(), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
+               server: int, device: torch.device, log, run_dir: Path) -> dict:
+    """Evaluate every snapshot until the final one; returns the final evaluation."""
+    model = flat.module
+    meta = np.zeros(META_LEN, dtype=np.int64)
+    center = MPIBuffer(flat.data)  # snapshots land straight in the model's parameters
+    fault = faults.from_env(comm.Get_rank())
+    train_size = train.info.sizes["train"]
+    evaluations = 0
+    while True:
+        wait_politely(comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META))
+        comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way
+        center.after_recv()
+        if fault:
+            fault.at_step(evaluations)
+        kind, updates, samples = (int(v) for v in meta)
+        refresh_batchnorm(model, train.epoch(evaluations), device)
+        loss, correct, count = evaluate(model, test.epoch(0), device)
+        evaluations += 1
+        row = dict(epoch=round(samples / train_size, 3), step=updates, samples=samples,
+                   test_loss=loss / count, test_accuracy=correct / count)
+        log.log_eval(**row)
+        if kind == Kind.FINAL:
+            save_model(model, run_dir / "center.pt")
+            return dict(row, evaluations=evaluations)
