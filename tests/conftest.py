@@ -1,0 +1,101 @@
+"""Shared fixtures: launching real ``mpiexec`` jobs with a timeout, and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_mpiexec() -> str:
+    """The mpiexec next to this Python (the venv's MPI) before any other on PATH."""
+    local = Path(sys.executable).with_name("mpiexec")
+    if local.exists():
+        return str(local)
+    found = shutil.which("mpiexec")
+    if not found:
+        pytest.skip("no mpiexec found")
+    return found
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None,
+           cwd: Path | None = None) -> Result:
+    """Run ``mpiexec -n n python ARGS`` and return its result; fail the test on a hang.
+
+    The job runs in its own process group so that a timeout kills every rank, not just
+    the launcher.
+    """
+    import time
+
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=cwd or ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)} hung for {timeout}s\n{out}\n{err}")
+    return Result(proc.returncode, out, err, time.perf_counter() - start)
+
+
+def train(n: int, *flags: str, timeout: float = 180, env: dict | None = None) -> Result:
+    """``mpiexec -n n python -m mpi_easgd.train FLAGS``."""
+    return mpirun(n, "-m", "mpi_easgd.train", "--no-progress", *flags, timeout=timeout, env=env)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache(tmp_path_factory):
+    """Keep built-in datasets in a per-session cache, not in the user's home."""
+    cache = os.environ.get("MPI_EASGD_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    os.environ["MPI_EASGD_CACHE"] = cache
+    return Path(cache)
+
+
+def make_blobs(path: Path, n_train: int = 512, n_test: int = 128, classes: int = 4,
+               shape=(1, 8, 8), seed: int = 0) -> Path:
+    """A small learnable dataset: each class is a fixed random image plus noise."""
+    from mpi_easgd.data import write_dataset
+
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, size=(classes, *shape))
+
+    def split(n):
+        y = rng.integers(0, classes, size=n)
+        x = np.clip(protos[y] + rng.normal(0, 40, size=(n, *shape)), 0, 255).astype(np.uint8)
+        return x, y
+
+    return write_dataset(path, split(n_train), split(n_test), num_classes=classes, name="blobs")
+
+
+@pytest.fixture(scope="session")
+def blobs(tmp_path_factory) -> Path:
+    return make_blobs(tmp_path_factory.mktemp("data") / "blobs.h5")

@@ -1,0 +1,252 @@
+"""SPMD tests of AllReduceSGD and AllReduceEA: every rank runs every test.
+
+Run under ``mpiexec -n K python -m mpi4py -m pytest tests/mpi/spmd_collectives.py`` (the
+suite does so for K = 1, 2, 4 from ``tests/test_collectives.py``); ``python -m mpi4py``
+turns a failure on one rank into MPI_Abort, so a failing rank cannot hang the others.
+Each test compares what the ranks computed together against a serial computation that
+every rank can do on its own with all ranks' data.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd import AllReduceEA, AllReduceSGD
+
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+torch.set_num_threads(1)
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(rank: int, step: int, n: int = 8):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def params(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def assert_same_on_all_ranks(t: torch.Tensor) -> None:
+    mine = t.detach().numpy().copy()
+    root = mine.copy()
+    COMM.Bcast(root, root=0)
+    assert np.array_equal(mine, root), f"rank {RANK} differs from rank 0 (bitwise)"
+
+
+def loss(m, xy):
+    return nn.functional.cross_entropy(m(xy[0]), xy[1])
+
+
+def test_sgd_equals_one_process_on_concatenated_batches():
+    local = model(seed=RANK)  # different on purpose: synchronize_parameters must fix that
+    serial = model(seed=0)
+    sgd = AllReduceSGD(COMM)
+    sgd.synchronize_parameters(local)
+    opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    opt_serial = torch.optim.SGD(serial.parameters(), lr=0.1, momentum=0.9)
+    for step in range(5):
+        opt.zero_grad()  # default set_to_none: exercises the gradient re-gather path
+        loss(local, batch(RANK, step)).backward()
+        assert sgd.sum_and_normalize_gradients(local) == SIZE
+        opt.step()
+        xs, ys = zip(*(batch(r, step) for r in range(SIZE)))
+        opt_serial.zero_grad()
+        loss(serial, (torch.cat(xs), torch.cat(ys))).backward()
+        opt_serial.step()
+    torch.testing.assert_close(params(local), params(serial), rtol=1e-5, atol=1e-6)
+    assert_same_on_all_ranks(params(local))
+
+
+def test_sum_gradients_sums_and_counts_contributors():
+    m = model()
+    sgd = AllReduceSGD(COMM)
+    sgd.synchronize_parameters(m)
+    flat = sgd.flat(m)
+    flat.zero_grad()
+    has_data = RANK % 2 == 0
+    if has_data:
+        loss(m, batch(RANK, 0)).backward()
+    mine = flat.grad.clone()
+    count = sgd.sum_gradients(m, has_data=has_data)
+    assert count == (SIZE + 1) // 2
+    expected = torch.zeros_like(mine)
+    for r in range(0, SIZE, 2):
+        ref = model()
+        loss(ref, batch(r, 0)).backward()
+        expected += torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+    torch.testing.assert_close(flat.grad, expected, rtol=1e-5, atol=1e-6)
+    assert sgd.steps == int(has_data)
+
+
+def test_sgd_uneven_endings_terminate_and_agree():
+    """Rank r has r + 1 batches: each round averages over the ranks that still have data."""
+    m, serial = model(), model()
+    sgd = AllReduceSGD(COMM)
+    sgd.synchronize_parameters(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt_serial = torch.optim.SGD(serial.parameters(), lr=0.1)
+    rounds = 0
+    while True:
+        has_data = rounds < RANK + 1
+        sgd.flat(m).zero_grad()
+        if has_data:
+            loss(m, batch(RANK, rounds)).backward()
+        count = sgd.sum_and_normalize_gradients(m, has_data=has_data)
+        if count == 0:
+            break
+        opt.step()
+        opt_serial.zero_grad()
+        grads = []
+        for r in range(SIZE):
+            if rounds < r + 1:
+                ref = copy.deepcopy(serial)
+                loss(ref, batch(r, rounds)).backward()
+                grads.append([p.grad for p in ref.parameters()])
+        for p, *gs in zip(serial.parameters(), *grads):
+            p.grad = sum(gs) / len(gs)
+        opt_serial.step()
+        rounds += 1
+    assert rounds == SIZE  # the slowest rank's count, on every rank
+    assert sgd.steps == RANK + 1
+    kept = sgd.synchronize_parameters(m)
+    assert kept == SIZE - 1  # the rank that took the most steps
+    assert_same_on_all_ranks(params(m))
+    torch.testing.assert_close(params(m), params(serial), rtol=1e-5, atol=1e-6)
+
+
+def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True):
+    """All ranks' EA in one process, written from the equations (no library code)."""
+    models = [model() for _ in range(SIZE)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    center = params(models[0]).clone()
+    calls = 0
+    for s in range(steps):
+        for r, (m, o) in enumerate(zip(models, opts)):
+            if have_data(r, s):
+                o.zero_grad()
+                loss(m, batch(r, s)).backward()
+                o.step()
+        calls += 1
+        if calls % tau == 0:
+            total = torch.zeros_like(center)
+            for m in models:
+                x = params(m)
+                d = alpha * (x - center)
+                total += d
+                torch.nn.utils.vector_to_parameters(x - d, m.parameters())
+            center = center + total
+    return [params(m) for m in models], center
+
+
+def _run_ea(steps, tau, alpha, lr, has_data=lambda s: True):
+    m = model(seed=RANK)
+    ea = AllReduceEA(COMM, tau, alpha)
+    ea.synchronize_parameters(m)
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    for s in range(steps):
+        if has_data(s):
+            opt.zero_grad()
+            loss(m, batch(RANK, s)).backward()
+            opt.step()
+        ea.average_parameters(m)
+    return m, ea
+
+
+def test_ea_matches_serial_simulation():
+    m, ea = _run_ea(steps=7, tau=2, alpha=0.3, lr=0.2)
+    xs, center = _serial_ea(steps=7, tau=2, alpha=0.3, lr=0.2)
+    assert ea.rounds == 3
+    torch.testing.assert_close(params(m), xs[RANK], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ea.center, center, rtol=1e-5, atol=1e-6)
+    if SIZE > 1:
+        assert not torch.equal(xs[0], xs[1]), "ranks must really differ for this test to bite"
+
+
+def test_ea_center_becomes_the_average_with_alpha_one_over_p():
+    """tau = 1, alpha = 1/p: after the first round the center is the mean of the x_i
+    (taken after the local step, before the elastic move)."""
+    m = model()
+    ea = AllReduceEA(COMM, 1, 1.0 / SIZE if SIZE > 1 else 0.5)
+    ea.synchronize_parameters(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    opt.zero_grad()
+    loss(m, batch(RANK, 0)).backward()
+    opt.step()
+    stepped = params(m).clone()
+    mean = stepped.numpy().copy()
+    COMM.Allreduce(MPI.IN_PLACE, mean)
+    mean /= SIZE
+    ea.average_parameters(m)
+    if SIZE > 1:
+        torch.testing.assert_close(ea.center, torch.from_numpy(mean), rtol=1e-5, atol=1e-6)
+
+
+def test_ea_center_identical_after_synchronize_center():
+    m, ea = _run_ea(steps=4, tau=1, alpha=0.2, lr=0.1)
+    ea.center[0] += 1e-6 * RANK  # simulate floating-point drift between the copies
+    ea.synchronize_center(m)
+    assert_same_on_all_ranks(ea.center)
+
+
+def test_ea_uneven_endings_keep_the_rounds_matched():
+    """Rank r has data for 3 + r steps; all ranks run to the longest; centers agree."""
+    steps = 3 + SIZE - 1
+    m, ea = _run_ea(steps=steps, tau=2, alpha=0.25, lr=0.2, has_data=lambda s: s < 3 + RANK)
+    xs, center = _serial_ea(steps, 2, 0.25, 0.2, have_data=lambda r, s: s < 3 + r)
+    torch.testing.assert_close(params(m), xs[RANK], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ea.center, center, rtol=1e-5, atol=1e-6)
+    ea.synchronize_center(m)
+    assert_same_on_all_ranks(ea.center)
+
+
+def test_ea_rejects_bad_hyperparameters():
+    with pytest.raises(ValueError, match="tau must be an integer >= 1"):
+        AllReduceEA(COMM, 0, 0.1)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+        AllReduceEA(COMM, 1, 1.0)
+
+
+@pytest.mark.skipif(SIZE < 2, reason="DDP needs 2+ processes")
+def test_sgd_equals_pytorch_ddp():
+    """Same initial model, same batches: AllReduceSGD and DDP (gloo) end equal."""
+    import torch.distributed as dist
+
+    port = None
+    if RANK == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = COMM.bcast(port, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=SIZE)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model())
+        ours = model()
+        sgd = AllReduceSGD(COMM)
+        sgd.synchronize_parameters(ours)
+        opt_d = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        opt_o = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+        for step in range(5):
+            xy = batch(RANK, step)
+            opt_d.zero_grad()
+            loss(ddp, xy).backward()
+            opt_d.step()
+            sgd.flat(ours).zero_grad()
+            loss(ours, xy).backward()
+            sgd.sum_and_normalize_gradients(ours)
+            opt_o.step()
+        torch.testing.assert_close(params(ours), params(ddp.module), rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

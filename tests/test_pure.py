@@ -1,0 +1,201 @@
+"""Flat buffers, update rules, config and topology: the pure parts (no MPI traffic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, ServerRule
+from mpi_easgd.algorithms.elastic import ea_local_move, easgd_server_update
+from mpi_easgd.config import Config, ConfigError, parse_args
+from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.models import ModelError, build_model, check_model_name
+from mpi_easgd.topology import Topology
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def test_flat_parameters_are_views_and_training_is_unchanged():
+    ref, model = small_model(), small_model()
+    flat = FlatParameters(model)
+    assert flat.numel == sum(p.numel() for p in ref.parameters())
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        for m, o in ((ref, opt_ref), (model, opt)):
+            o.zero_grad()  # set_to_none: the flat module must cope via gather_grads
+            nn.functional.cross_entropy(m(x), y).backward()
+        flat.gather_grads()
+        opt_ref.step()
+        opt.step()
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    offset = 0
+    for p in model.parameters():
+        assert p.data_ptr() == flat.data[offset:].data_ptr()
+        assert p.grad.data_ptr() == flat.grad[offset:].data_ptr()
+        offset += p.numel()
+    flat.check_views()
+
+
+def test_backward_accumulates_into_the_flat_gradient_in_place():
+    model = small_model()
+    flat = FlatParameters(model, grad_extra=1)
+    flat.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 5)), torch.tensor([0, 1, 2, 0])).backward()
+    assert flat.grad.abs().sum() > 0
+    assert all(p.grad.data_ptr() >= flat.grad_buffer.data_ptr() for p in model.parameters())
+    assert flat.grad_buffer.numel() == flat.numel + 1
+
+
+def test_moving_the_model_after_flattening_is_detected():
+    model = small_model()
+    flat = FlatParameters(model)
+    model[0].weight.data = model[0].weight.data.clone()
+    with pytest.raises(RuntimeError, match="no longer lives in the flat buffer"):
+        flat.check_views()
+
+
+def test_mpi_buffer_refuses_non_contiguous():
+    with pytest.raises(ValueError, match="contiguous"):
+        MPIBuffer(torch.zeros(3, 4).t())
+    t = torch.arange(4.0)
+    buf = MPIBuffer(t)
+    buf.mpi[0] = 7
+    assert t[0] == 7  # a zero-copy view on CPU
+
+
+def test_easgd_server_and_worker_apply_the_same_difference():
+    g = torch.Generator().manual_seed(1)
+    c, x = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    c0, x0 = c.clone(), x.clone()
+    reply, scratch = torch.empty(100), torch.empty(100)
+    ServerRule("easgd", 0.3).apply(c, x, reply, scratch)
+    assert torch.equal(reply, c0)
+    worker = ElasticWorker(x, 0.3)
+    worker.reply.copy_(reply)
+    worker.absorb()
+    # the pair is symmetric: what the center gained, the worker lost, bitwise
+    assert torch.equal(c - c0, x0 - x) or torch.allclose(c - c0, x0 - x, atol=1e-7)
+    assert torch.allclose(c, c0 + 0.3 * (x0 - c0)) and torch.allclose(x, x0 - 0.3 * (x0 - c0))
+
+
+def test_downpour_round_trip():
+    c = torch.ones(10)
+    x = torch.ones(10)
+    worker = DownpourWorker(x)
+    x.add_(2.0)  # local updates since the last sync
+    worker.prepare()
+    assert torch.equal(worker.send, torch.full((10,), 2.0))
+    ServerRule("downpour", 0.5).apply(c, worker.send, worker.reply, torch.empty(10))
+    worker.absorb()
+    assert torch.equal(c, torch.full((10,), 3.0)) and torch.equal(x, c) and torch.equal(worker.anchor, c)
+
+
+def test_ea_local_move():
+    x, c, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.empty(2)
+    ea_local_move(x, c, 0.25, d)
+    assert torch.equal(d, torch.tensor([0.25, 0.5])) and torch.equal(x, torch.tensor([0.75, 1.5]))
+
+
+def test_easgd_server_update_reply_is_old_center():
+    c, x, r, s = torch.zeros(3), torch.ones(3), torch.empty(3), torch.empty(3)
+    easgd_server_update(c, x, 0.5, r, s)
+    assert torch.equal(r, torch.zeros(3)) and torch.equal(c, torch.full((3,), 0.5))
+
+
+def test_config_precedence_and_types(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('algo = "sgd"\nlr = 1\nepochs = 3\n')
+    cfg = parse_args(["--config", str(toml), "--epochs", "4"])
+    assert (cfg.algo, cfg.lr, cfg.epochs) == ("sgd", 1.0, 4)
+    assert isinstance(cfg.lr, float)
+    assert parse_args(["--no-progress"]).progress is False
+
+
+@pytest.mark.parametrize("text,match", [
+    ("colour = 1", "unknown config key 'colour'"),
+    ('epochs = "ten"', "--epochs in .* must be int; got str"),
+    ("tau = true", "--tau in .* must be int; got bool"),
+    ("tau = 0", "--tau must be an integer >= 1"),
+    ("alpha = 1.5", r"--alpha must be in \(0, 1\)"),
+    ("lr = -1", "--lr must be > 0"),
+    ("epochs = [", "not valid TOML"),
+])
+def test_bad_config_values(tmp_path, text, match):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=match):
+        parse_args(["--config", str(toml)])
+
+
+def test_bad_flags_raise_config_errors():
+    with pytest.raises(ConfigError, match="invalid choice"):
+        parse_args(["--algo", "adam"])
+    with pytest.raises(ConfigError, match="unrecognized arguments"):
+        parse_args(["--colour", "red"])
+    with pytest.raises(ConfigError, match="not found"):
+        parse_args(["--config", "/nonexistent.toml"])
+
+
+def test_resolve_defaults_and_beta_warning():
+    cfg = Config(algo="easgd").resolve(workers=3)
+    assert cfg.alpha == pytest.approx(0.3) and cfg.momentum == 0.0
+    assert Config(algo="eamsgd").resolve(2).momentum == 0.9
+    with pytest.warns(UserWarning, match="beta = workers . alpha = 1.2"):
+        Config(algo="ea", alpha=0.4).resolve(workers=3)
+
+
+def test_topology_roles():
+    roles = [Topology.build(5, r, "easgd").role for r in range(5)]
+    assert roles == ["server", "worker", "worker", "worker", "tester"]
+    t = Topology.build(5, 2, "easgd")
+    assert (t.num_workers, t.worker_index, t.tester_rank, t.logs) == (3, 1, 4, False)
+    assert Topology.build(5, 4, "downpour").logs
+    assert {Topology.build(2, r, "sgd").role for r in range(2)} == {"peer"}
+    assert Topology.build(2, 0, "ea").logs and not Topology.build(2, 1, "ea").logs
+    with pytest.raises(ConfigError, match="needs at least 3 ranks .*got 2"):
+        Topology.build(2, 0, "easgd")
+
+
+@pytest.mark.parametrize("name,shape,params", [
+    ("lenet", (1, 28, 28), 61_706),
+    ("cifarnet", (3, 32, 32), 4_328_970),
+    ("resnet20", (3, 32, 32), 272_474),
+])
+def test_models_build_and_run(name, shape, params):
+    model = build_model(name, shape, 10)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_unknown_model():
+    with pytest.raises(ModelError, match="unknown model 'vgg'"):
+        check_model_name("vgg")
+
+
+def test_torchvision_models_load_or_fail_clearly():
+    try:
+        model = build_model("torchvision:resnet18", (3, 32, 32), 10)
+    except ModelError as exc:
+        assert "torchvision" in str(exc)
+    else:
+        assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ModelError):
+        build_model("torchvision:no_such_model", (3, 32, 32), 10)
+
+
+def test_config_round_trips_through_written_toml(tmp_path):
+    from mpi_easgd.metrics import RunLog
+
+    cfg = Config(algo="sgd", lr=0.2).resolve(2)
+    RunLog(tmp_path, vars(cfg), progress=False)
+    again = Config.from_toml(tmp_path / "config.toml")
+    assert again == cfg
+    assert np.isclose(again.alpha, 0.45)
