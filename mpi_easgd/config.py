@@ -37,9 +37,10 @@ class Config:
     algo: str = _opt("easgd", "algorithm: " + ", ".join(ALGOS), choices=ALGOS)
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
     model: str = _opt("lenet", "model name (lenet, cifarnet, resnet20, or torchvision:NAME)")
-    epochs: int = _opt(10, "passes over each rank's (worker's) shard")
-    batch_size: int = _opt(64, "mini-batch size per rank")
-    lr: float = _opt(0.05, "learning rate (not scaled by the number of ranks)")
+    epochs: int = _opt(20, "passes over each rank's (worker's) shard")
+    batch_size: int = _opt(32, "mini-batch size per rank")
+    lr: float | None = _opt(None, "learning rate, never scaled by the number of ranks "
+                            "(default: 0.1; 0.01 for eamsgd, whose momentum multiplies the step)")
     momentum: float | None = _opt(None, "momentum (default: 0.9 for eamsgd, else 0)")
     weight_decay: float = _opt(0.0, "L2 weight decay")
     tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
@@ -101,7 +102,7 @@ class Config:
             (self.device in DEVICES, f"--device must be cpu, cuda or auto; got '{self.device}'"),
             (self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
+            (self.lr is None or self.lr > 0, f"--lr must be > 0; got {self.lr}"),
             (self.momentum is None or 0 <= self.momentum < 1,
              f"--momentum must be in [0, 1); got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}"),
@@ -119,6 +120,8 @@ class Config:
     def resolve(self, workers: int) -> Config:
         """Fill the defaults that depend on the algorithm and the number of workers."""
         cfg = dataclasses.replace(self)
+        if cfg.lr is None:
+            cfg.lr = 0.01 if cfg.algo == "eamsgd" else 0.1
         if cfg.momentum is None:
             cfg.momentum = 0.9 if cfg.algo == "eamsgd" else 0.0
         if cfg.alpha is None:

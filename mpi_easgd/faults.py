@@ -37,6 +37,23 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def wrap_step(step, rank: int, environ=os.environ):
+    """``step`` with ``rank``'s injected fault applied before each call (``step`` itself
+    when no fault is set for this rank)."""
+    fault = from_env(rank, environ)
+    if fault is None:
+        return step
+    count = 0
+
+    def faulty_step(*args):
+        nonlocal count
+        fault.at_step(count)
+        count += 1
+        return step(*args)
+
+    return faulty_step
+
+
 def from_env(rank: int, environ=os.environ) -> Fault | None:
     """The fault for ``rank`` from ``$MPI_EASGD_FAULT``, or None."""
     spec = environ.get(ENV, "")

@@ -10,6 +10,19 @@ import torch
 from torch import nn
 
 
+class MLP(nn.Module):
+    """Two-layer perceptron (flatten, 128 hidden units): for small inputs and quick checks."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(),
+                                 nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class LeNet(nn.Module):
     """LeNet-5 (conv 6@5x5, conv 16@5x5, fc 120-84-classes): ~61 k parameters on MNIST."""
 
@@ -81,10 +94,12 @@ class ResNet20(nn.Module):
 
 def _flat_features(features: nn.Module, shape: tuple[int, int, int]) -> int:
     with torch.no_grad():
-        return int(features(torch.zeros(1, *shape)).shape[1])
+        device = next(features.parameters()).device  # "meta" during validation
+        return int(features(torch.zeros(1, *shape, device=device)).shape[1])
 
 
 MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
+    "mlp": MLP,
     "lenet": LeNet,
     "cifarnet": CifarNet,
     "resnet20": ResNet20,
@@ -130,12 +145,29 @@ def import_torchvision():
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`ModelError` for a name the registry cannot build (no model is built)."""
+    """Raise :class:`ModelError` for a name the registry does not know."""
     if name in MODELS or name.startswith("torchvision:"):
         return
     raise ModelError(
-        f"unknown model '{name}'; choose one of {', '.join(MODELS)} or torchvision:NAME (e.g. torchvision:resnet18)"
+        f"unknown model '{name}'; choose one of {', '.join(MODELS)} or torchvision:NAME "
+        f"(e.g. torchvision:resnet18)"
     )
+
+
+def check_model(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
+    """Build ``name`` on the meta device (no memory, no arithmetic) and run one sample's
+    shapes through it; raise :class:`ModelError` if it cannot take this data."""
+    with torch.device("meta"):
+        try:
+            out = build_model(name, shape, num_classes).eval()(torch.zeros(1, *shape))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelError(
+                f"model {name} cannot take images of shape {tuple(shape)} ({first}); "
+                f"choose a model for this image size (mlp takes any)"
+            ) from None
+    if tuple(out.shape) != (1, num_classes):
+        raise ModelError(f"model {name} gives outputs of shape {tuple(out.shape)}, not (1, {num_classes})")
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import faults
 from mpi_easgd.algorithms.allreduce_ea import AllReduceEA
 from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD
 from mpi_easgd.config import Config
@@ -66,6 +67,7 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
         def eval_params():
             return algo.center  # EASGD's answer is the center variable
 
+    step = faults.wrap_step(step, rank)
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({flat.numel:,} parameters), "
         f"{info.name} {info.sizes['train']} train / {info.sizes['test']} test, "

@@ -28,7 +28,7 @@ def _validate(argv, rank: int, size: int):
     """Everything that can be checked locally; returns (cfg, topology, dataset info)."""
     from mpi_easgd.config import parse_args
     from mpi_easgd.data import DataError, read_info, resolve_dataset, shard_range
-    from mpi_easgd.models import check_model_name
+    from mpi_easgd.models import check_model, check_model_name
     from mpi_easgd.topology import Topology
 
     cfg = parse_args(argv)
@@ -38,6 +38,7 @@ def _validate(argv, rank: int, size: int):
     cfg = cfg.resolve(topo.num_workers)
     check_model_name(cfg.model)
     info = read_info(resolve_dataset(cfg.dataset))
+    check_model(cfg.model, info.shape, info.num_classes)
     p = topo.num_workers
     start, stop = shard_range(info.sizes["train"], 0, p, even=not cfg.uneven)
     if stop - start < cfg.batch_size:

@@ -36,7 +36,6 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     rule = worker_rule(cfg.algo, flat.data, cfg.alpha)
     send, reply = MPIBuffer(rule.send), MPIBuffer(rule.reply)
     forward_backward = supervised_step(model, flat.zero_grad)
-    fault = faults.from_env(comm.Get_rank())
     latencies: list[float] = []
     checksums: list[float] = []  # audit: what this worker sent, in order
     t = 0
@@ -55,8 +54,6 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
 
     def step(batch):
         nonlocal t
-        if fault:
-            fault.at_step(t)
         loss = forward_backward(batch)
         if t % cfg.tau == 0:
             exchange()
@@ -64,6 +61,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
         t += 1
         return loss
 
+    step = faults.wrap_step(step, comm.Get_rank())
     start = time.perf_counter()
     samples, bar = 0, NullRunLog().progress(0, "")
     for epoch in range(cfg.epochs):
