@@ -57,7 +57,7 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, tmp_path):
 
 
 def _worker_rates(tmp_path, name, env=None):
-    r = train(5, "--algo", "easgd", "--epochs", "2", "--tau", "2", "--batch-size", "16",
+    r = train(5, "--algo", "easgd", "--epochs", "1", "--tau", "2",
               "--out", str(tmp_path), "--run-name", name, env=env)
     assert r.returncode == 0, r.output
     return {w["rank"]: w for w in read_summary(tmp_path / name)["per_worker"]}
@@ -65,7 +65,7 @@ def _worker_rates(tmp_path, name, env=None):
 
 def test_a_slow_worker_does_not_stall_the_others(tmp_path):
     base = _worker_rates(tmp_path, "base")
-    slow = _worker_rates(tmp_path, "slow", env={"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"})
+    slow = _worker_rates(tmp_path, "slow", env={"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.1"})
     assert slow[1]["wall_seconds"] > 4 * max(slow[r]["wall_seconds"] for r in (2, 3))
     for rank in (2, 3):
         rate = slow[rank]["exchanges"] / slow[rank]["wall_seconds"]

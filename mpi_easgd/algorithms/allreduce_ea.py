@@ -18,7 +18,7 @@ from torch import nn
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.algorithms._common import FlatCache, bcast_module_state, bcast_tensor
 from mpi_easgd.algorithms.elastic import ea_local_move
-from mpi_easgd.flat import MPIBuffer
+from mpi_easgd.flat import MPIBuffer, flat_like
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:
@@ -48,8 +48,8 @@ class AllReduceEA:
         flat = self._cache.get(model)
         flat.check_views()
         bcast_module_state(self.comm, model, self._cache.data, root=0)
-        self.center = flat.data.clone()
-        self._diff = torch.empty_like(flat.data)
+        self.center = flat_like(flat.data).copy_(flat.data)
+        self._diff = flat_like(flat.data)
         self._diff_buf = MPIBuffer(self._diff, cuda_aware=self._cuda_aware)
         self.calls = 0
 

@@ -17,6 +17,7 @@ count of 0) until every rank is out (the call then returns 0).
 
 from __future__ import annotations
 
+import numpy as np
 from mpi4py import MPI
 from torch import nn
 
@@ -68,7 +69,11 @@ class AllReduceSGD:
         """
         count = self.sum_gradients(model, has_data)
         if count > 1:
-            self._cache.flat.grad.mul_(1.0 / count)
+            grad = self._cache.flat.grad
+            if grad.device.type == "cpu":  # numpy's in-place scale skips torch's ~5 us dispatch
+                np.multiply(self._cache.grad.mpi, 1.0 / count, out=self._cache.grad.mpi)
+            else:
+                grad.mul_(1.0 / count)
         return count
 
     def flat(self, model: nn.Module) -> FlatParameters:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from mpi_easgd.flat import flat_like
 from mpi_easgd.algorithms.elastic import (
     downpour_server_update,
     easgd_server_update,
@@ -43,8 +44,8 @@ class ElasticWorker:
         self.x = x
         self.alpha = alpha
         self.send = x  # sent straight from the flat parameters: no copy
-        self.reply = torch.empty_like(x)
-        self._scratch = torch.empty_like(x)
+        self.reply = flat_like(x)
+        self._scratch = flat_like(x)
 
     def prepare(self) -> None:
         """Fill ``self.send`` (nothing to do: it is ``x``)."""
@@ -58,9 +59,9 @@ class DownpourWorker:
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
-        self.anchor = x.clone()
-        self.send = torch.empty_like(x)
-        self.reply = torch.empty_like(x)
+        self.anchor = flat_like(x).copy_(x)
+        self.send = flat_like(x)
+        self.reply = flat_like(x)
 
     def prepare(self) -> None:
         """Fill ``self.send`` with the update accumulated since the last exchange."""

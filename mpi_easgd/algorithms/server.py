@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message
+from mpi_easgd.flat import flat_buffer
 
 
 class Server:
@@ -53,10 +54,10 @@ class Server:
         self.done = np.zeros((p, DONE_LEN), dtype=np.int64)
         self.audit = [] if audit else None
         self.initial = center.clone() if audit else None
-        self._recv = torch.empty((p, n), dtype=torch.float32)
-        self._reply = torch.empty((p, n), dtype=torch.float32)
-        self._scratch = torch.empty(n, dtype=torch.float32)
-        self._snapshot = torch.empty(n, dtype=torch.float32)
+        self._recv = [flat_buffer(n) for _ in range(p)]  # one buffer per worker
+        self._reply = [flat_buffer(n) for _ in range(p)]
+        self._scratch = flat_buffer(n)
+        self._snapshot = flat_buffer(n)
         self._snap_reqs: list[MPI.Request] = []
         self._last_snapshot = 0.0
         self.busy_seconds = 0.0
