@@ -4,7 +4,7 @@ The floor: one in-place ``MPI.Allreduce`` on a numpy buffer of the same size plu
 in-place scale. Both are timed alternately in one run; the ratio (ours / floor, median of
 pairs) is what to read (target <= 1.05). Run::
 
-    mpiexec -n 2 python benchmarks/allreduce_overhead.py
+    mpiexec -n 2 python -m mpi4py benchmarks/allreduce_overhead.py
 """
 
 from __future__ import annotations

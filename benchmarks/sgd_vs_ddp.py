@@ -1,0 +1,123 @@
+"""Training throughput of ``--algo sgd`` against PyTorch DDP (gloo), side by side.
+
+Both train the same model on the same data shard with the same batch size per rank,
+through the same loader, in alternating epochs in one process; the step for ours is the
+one ``python -m mpi_easgd.train --algo sgd`` runs. Prints samples/s of each and the
+median ratio ours / DDP over the pairs (target >= 1.0). Run::
+
+    mpiexec -n 2 python -m mpi4py benchmarks/sgd_vs_ddp.py [--models lenet resnet20] [--pairs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd import AllReduceSGD
+from mpi_easgd.data import ShardLoader, read_info, resolve_dataset, write_dataset
+from mpi_easgd.loop import run_epoch, supervised_step
+from mpi_easgd.metrics import NullRunLog
+from mpi_easgd.models import build_model
+
+SHAPES = {"lenet": "mnist5k", "resnet20": (3, 32, 32), "cifarnet": (3, 32, 32)}
+
+
+def dataset(name: str, comm: MPI.Comm, tmp: str) -> Path:
+    source = SHAPES[name]
+    if isinstance(source, str):
+        return resolve_dataset(source)
+    path = Path(tmp) / f"random-{'x'.join(map(str, source))}.h5"
+    if comm.rank == 0:  # random pixels: throughput does not depend on content
+        rng = np.random.default_rng(0)
+        split = lambda n: (rng.integers(0, 256, (n, *source), dtype=np.uint8), rng.integers(0, 10, n))  # noqa: E731
+        write_dataset(path, split(2048), split(256), 10, "random")
+    comm.Barrier()
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=0, help="steps per timed epoch (0: a shard)")
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(1)
+    port = None
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+                            world_size=comm.size)
+    out = NullRunLog()
+    tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)  # one folder for all ranks
+    try:
+        if comm.rank == 0:
+            print(f"{comm.size} ranks, batch {args.batch_size} per rank, 1 thread per rank")
+            print(f"{'model':<10}{'ours samples/s':>16}{'DDP samples/s':>16}{'ratio (median)':>16}{'ratios':>30}")
+        for name in args.models:
+            info = read_info(dataset(name, comm, tmp))
+            loader = ShardLoader(info, "train", comm.rank, comm.size, batch_size=args.batch_size)
+            steps = args.steps or loader.steps
+            torch.manual_seed(0)
+            ours_model = build_model(name, info.shape, info.num_classes)
+            sgd = AllReduceSGD(comm)
+            sgd.synchronize_parameters(ours_model)
+            ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01)
+            fb = supervised_step(ours_model, sgd.flat(ours_model).zero_grad)
+
+            def ours(batch):  # exactly the sgd step of mpi_easgd.sync
+                loss = fb(batch)
+                sgd.sum_and_normalize_gradients(ours_model)
+                ours_opt.step()
+                return loss
+
+            torch.manual_seed(0)
+            ddp_model = nn.parallel.DistributedDataParallel(build_model(name, info.shape, info.num_classes))
+            ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
+            ddp_fb = supervised_step(ddp_model, ddp_opt.zero_grad)
+
+            def ddp(batch):
+                loss = ddp_fb(batch)
+                ddp_opt.step()
+                return loss
+
+            rates = {"ours": [], "ddp": []}
+            for pair in range(args.pairs + 1):  # the first pair warms up and is not counted
+                order = [("ours", ours), ("ddp", ddp)][:: 1 if pair % 2 else -1]
+                for key, step in order:
+                    comm.Barrier()
+                    stats = run_epoch(step, loader.epoch(pair), steps, out.progress(0, ""), torch.device("cpu"))
+                    seconds = comm.allreduce(stats.seconds, op=MPI.MAX)
+                    samples = comm.allreduce(stats.samples)
+                    if pair:
+                        rates[key].append(samples / seconds)
+            ratios = [a / b for a, b in zip(rates["ours"], rates["ddp"])]
+            if comm.rank == 0:
+                print(f"{name:<10}{statistics.median(rates['ours']):>16,.0f}"
+                      f"{statistics.median(rates['ddp']):>16,.0f}{statistics.median(ratios):>16.3f}"
+                      f"{' '.join(f'{r:.2f}' for r in ratios):>30}")
+                sys.stdout.flush()
+    finally:
+        comm.Barrier()
+        if comm.rank == 0:
+            shutil.rmtree(tmp)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
