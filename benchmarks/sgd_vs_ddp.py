@@ -46,6 +46,47 @@ def dataset(name: str, comm: MPI.Comm, tmp: str) -> Path:
     return path
 
 
+def measure(comm: MPI.Comm, name: str, path: Path, args) -> dict[str, list[float]]:
+    """Samples/s of ours and of DDP in alternating epochs (the first pair is warm-up)."""
+    info = read_info(path)
+    loader = ShardLoader(info, "train", comm.rank, comm.size, batch_size=args.batch_size)
+    steps = args.steps or loader.steps
+    torch.manual_seed(0)
+    ours_model = build_model(name, info.shape, info.num_classes)
+    sgd = AllReduceSGD(comm)
+    sgd.synchronize_parameters(ours_model)
+    ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01)
+    fb = supervised_step(ours_model, sgd.flat(ours_model).zero_grad)
+
+    def ours(batch):  # exactly the sgd step of mpi_easgd.sync
+        loss = fb(batch)
+        sgd.sum_and_normalize_gradients(ours_model)
+        ours_opt.step()
+        return loss
+
+    torch.manual_seed(0)
+    ddp_model = nn.parallel.DistributedDataParallel(build_model(name, info.shape, info.num_classes))
+    ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
+    ddp_fb = supervised_step(ddp_model, ddp_opt.zero_grad)
+
+    def ddp(batch):
+        loss = ddp_fb(batch)
+        ddp_opt.step()
+        return loss
+
+    rates = {"ours": [], "ddp": []}
+    bar = NullRunLog().progress(0, "")
+    for pair in range(args.pairs + 1):
+        order = [("ours", ours), ("ddp", ddp)][:: 1 if pair % 2 else -1]
+        for key, step in order:
+            comm.Barrier()
+            stats = run_epoch(step, loader.epoch(pair), steps, bar, torch.device("cpu"))
+            seconds = comm.allreduce(stats.seconds, op=MPI.MAX)
+            if pair:
+                rates[key].append(comm.allreduce(stats.samples) / seconds)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20"])
@@ -63,49 +104,14 @@ def main() -> None:
     port = comm.bcast(port)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
                             world_size=comm.size)
-    out = NullRunLog()
     tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)  # one folder for all ranks
     try:
         if comm.rank == 0:
             print(f"{comm.size} ranks, batch {args.batch_size} per rank, 1 thread per rank")
-            print(f"{'model':<10}{'ours samples/s':>16}{'DDP samples/s':>16}{'ratio (median)':>16}{'ratios':>30}")
+            print(f"{'model':<10}{'ours samples/s':>16}{'DDP samples/s':>16}"
+                  f"{'ratio (median)':>16}{'ratios':>30}")
         for name in args.models:
-            info = read_info(dataset(name, comm, tmp))
-            loader = ShardLoader(info, "train", comm.rank, comm.size, batch_size=args.batch_size)
-            steps = args.steps or loader.steps
-            torch.manual_seed(0)
-            ours_model = build_model(name, info.shape, info.num_classes)
-            sgd = AllReduceSGD(comm)
-            sgd.synchronize_parameters(ours_model)
-            ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01)
-            fb = supervised_step(ours_model, sgd.flat(ours_model).zero_grad)
-
-            def ours(batch):  # exactly the sgd step of mpi_easgd.sync
-                loss = fb(batch)
-                sgd.sum_and_normalize_gradients(ours_model)
-                ours_opt.step()
-                return loss
-
-            torch.manual_seed(0)
-            ddp_model = nn.parallel.DistributedDataParallel(build_model(name, info.shape, info.num_classes))
-            ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
-            ddp_fb = supervised_step(ddp_model, ddp_opt.zero_grad)
-
-            def ddp(batch):
-                loss = ddp_fb(batch)
-                ddp_opt.step()
-                return loss
-
-            rates = {"ours": [], "ddp": []}
-            for pair in range(args.pairs + 1):  # the first pair warms up and is not counted
-                order = [("ours", ours), ("ddp", ddp)][:: 1 if pair % 2 else -1]
-                for key, step in order:
-                    comm.Barrier()
-                    stats = run_epoch(step, loader.epoch(pair), steps, out.progress(0, ""), torch.device("cpu"))
-                    seconds = comm.allreduce(stats.seconds, op=MPI.MAX)
-                    samples = comm.allreduce(stats.samples)
-                    if pair:
-                        rates[key].append(samples / seconds)
+            rates = measure(comm, name, dataset(name, comm, tmp), args)
             ratios = [a / b for a, b in zip(rates["ours"], rates["ddp"])]
             if comm.rank == 0:
                 print(f"{name:<10}{statistics.median(rates['ours']):>16,.0f}"

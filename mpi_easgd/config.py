@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 SYNC_ALGOS = ("sgd", "ea")
 ASYNC_ALGOS = ("easgd", "eamsgd", "downpour")

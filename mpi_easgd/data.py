@@ -140,8 +140,20 @@ def write_dataset(
     num_classes: int,
     name: str,
 ) -> Path:
-    """Write a dataset file atomically (temporary file in the same folder, then rename)."""
+    """Write a dataset file atomically (temporary file in the same folder, then rename).
+
+    Inputs are checked first (:class:`DataError`); a failure while writing leaves nothing.
+    """
     path = Path(path)
+    for split, (x, y) in zip(SPLITS, (train, test)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"{split}: images must be [N, C, H, W] and labels [N] with the same N; got "
+                f"{x.shape} and {y.shape}"
+            )
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{split}: labels span [{y.min()}, {y.max()}], outside [0, {num_classes})")
     path.parent.mkdir(parents=True, exist_ok=True)
     images = train[0]
     scaled = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)

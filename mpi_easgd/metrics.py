@@ -115,5 +115,6 @@ def format_summary(summary: dict) -> str:
         lines.append("")
         lines.append("  ".join(f"{c:>15}" for c in cols))
         for w in per_worker:
-            lines.append("  ".join(f"{w[c]:>15.3f}" if isinstance(w[c], float) else f"{w[c]:>15}" for c in cols))
+            cells = (f"{w[c]:>15.3f}" if isinstance(w[c], float) else f"{w[c]:>15}" for c in cols)
+            lines.append("  ".join(cells))
     return "\n".join(lines)

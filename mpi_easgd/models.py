@@ -167,7 +167,9 @@ def check_model(name: str, shape: tuple[int, int, int], num_classes: int) -> Non
                 f"choose a model for this image size (mlp takes any)"
             ) from None
     if tuple(out.shape) != (1, num_classes):
-        raise ModelError(f"model {name} gives outputs of shape {tuple(out.shape)}, not (1, {num_classes})")
+        raise ModelError(
+            f"model {name} gives outputs of shape {tuple(out.shape)}, not (1, {num_classes})"
+        )
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -180,7 +182,9 @@ def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.
     try:
         factory = tv.models.get_model_builder(tv_name)
     except ValueError:
-        raise ModelError(f"torchvision has no model '{tv_name}'; see torchvision.models.list_models()") from None
+        raise ModelError(
+            f"torchvision has no model '{tv_name}'; see torchvision.models.list_models()"
+        ) from None
     if shape[0] != 3:
         raise ModelError(f"torchvision models expect 3-channel images; this dataset has {shape[0]}")
     return factory(weights=None, num_classes=num_classes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpi_easgd.config import ASYNC_ALGOS, ALGOS, ConfigError
+from mpi_easgd.config import ALGOS, ASYNC_ALGOS, ConfigError
 
 SERVER_RANK = 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-
 from conftest import make_blobs, read_summary, train
 
 SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
@@ -14,7 +13,8 @@ SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "tes
 
 @pytest.mark.parametrize("algo", ["sgd", "ea"])
 def test_sync_run_writes_a_complete_run_directory(algo, blobs, tmp_path):
-    r = train(2, "--algo", algo, "--dataset", str(blobs), "--model", "mlp", "--epochs", "3", "--batch-size", "16",
+    r = train(2, "--algo", algo, "--dataset", str(blobs), "--model", "mlp", "--epochs", "3",
+              "--batch-size", "16",
               "--tau", "2", "--out", str(tmp_path), "--run-name", "run")
     assert r.returncode == 0, r.output
     run = tmp_path / "run"
@@ -61,7 +61,8 @@ def test_bad_input_ends_every_rank_with_one_clear_line(ranks, flags, message, bl
 
 
 def test_a_raising_rank_ends_the_whole_job_quickly(blobs, tmp_path):
-    r = train(3, "--algo", "sgd", "--dataset", str(blobs), "--model", "mlp", "--epochs", "50", "--out", str(tmp_path),
+    r = train(3, "--algo", "sgd", "--dataset", str(blobs), "--model", "mlp", "--epochs", "50",
+              "--out", str(tmp_path),
               env={"MPI_EASGD_FAULT": "rank=1,action=raise,step=3"}, timeout=60)
     assert r.returncode != 0
     assert "InjectedFault: injected fault at step 3" in r.stderr

@@ -123,17 +123,39 @@ def test_bad_files_give_clear_errors(tmp_path, blobs):
             f[f"{s}/labels"] = np.zeros(4, np.int64)
     with pytest.raises(DataError, match=r"must be \[N, C, H, W\]"):
         read_info(tmp_path / "shape.h5")
-    x = np.zeros((4, 1, 2, 2), np.uint8)
-    write_dataset(tmp_path / "labels.h5", (x, np.array([0, 1, 2, 5])), (x, np.zeros(4)), 3, "bad")
+    with h5py.File(tmp_path / "labels.h5", "w") as f:  # written by hand: the writer refuses it
+        f.attrs["num_classes"] = 3
+        for s, labels in (("train", [0, 1, 2, 5]), ("test", [0, 0, 0, 0])):
+            f[f"{s}/images"] = np.zeros((4, 1, 2, 2), np.uint8)
+            f[f"{s}/labels"] = np.array(labels, np.int64)
     with pytest.raises(DataError, match=r"labels span \[0, 5\] but num_classes is 3"):
         read_info(tmp_path / "labels.h5")
 
 
-def test_write_dataset_leaves_nothing_on_failure(tmp_path):
+def test_write_dataset_checks_its_inputs(tmp_path):
     x = np.zeros((4, 1, 2, 2), np.uint8)
-    with pytest.raises(Exception):
-        write_dataset(tmp_path / "d.h5", (x, np.zeros(4)), (x, object()), 3, "bad")
+    with pytest.raises(DataError, match="same N"):
+        write_dataset(tmp_path / "d.h5", (x, np.zeros(3)), (x, np.zeros(4)), 3, "bad")
+    with pytest.raises(DataError, match=r"test: labels span \[0, 7\]"):
+        write_dataset(tmp_path / "d.h5", (x, np.zeros(4)), (x, np.full(4, 7)), 3, "bad")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_dataset_leaves_nothing_when_writing_fails(tmp_path, monkeypatch):
+    calls = []
+    real = h5py.Group.create_dataset
+
+    def fail_third(self, *args, **kwargs):  # a full disk part-way through the file
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail_third)
+    x = np.zeros((4, 1, 2, 2), np.uint8)
+    with pytest.raises(OSError, match="No space left"):
+        write_dataset(tmp_path / "d.h5", (x, np.zeros(4)), (x, np.zeros(4)), 3, "ok")
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_mnist5k_is_real_fixed_and_stratified(tmp_path, dataset_cache):

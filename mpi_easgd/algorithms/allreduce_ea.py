@@ -15,10 +15,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.flat import FlatParameters
 from mpi_easgd.algorithms._common import FlatCache, bcast_module_state, bcast_tensor
 from mpi_easgd.algorithms.elastic import ea_local_move
-from mpi_easgd.flat import MPIBuffer, flat_like
+from mpi_easgd.flat import FlatParameters, MPIBuffer, flat_like
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:

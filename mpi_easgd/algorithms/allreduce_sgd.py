@@ -21,8 +21,8 @@ import numpy as np
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.flat import FlatParameters
 from mpi_easgd.algorithms._common import FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.flat import FlatParameters
 
 
 class AllReduceSGD:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from mpi_easgd.flat import flat_like
 from mpi_easgd.algorithms.elastic import (
     downpour_server_update,
     easgd_server_update,
     easgd_worker_update,
 )
+from mpi_easgd.flat import flat_like
 
 
 class ServerRule:

@@ -1,0 +1,46 @@
+"""Use AllReduceSGD or AllReduceEA inside your own training loop.
+
+    mpiexec -n 4 python -m mpi4py examples/own_script.py          # AllReduceSGD
+    mpiexec -n 4 python -m mpi4py examples/own_script.py --ea     # AllReduceEA
+"""
+
+import sys
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd import AllReduceEA, AllReduceSGD
+from mpi_easgd.data import ShardLoader, read_info, resolve_dataset
+
+comm = MPI.COMM_WORLD
+torch.set_num_threads(1)
+info = read_info(resolve_dataset("mnist5k"))
+train = ShardLoader(info, "train", comm.rank, comm.size, batch_size=32, seed=0)
+test = ShardLoader(info, "test", batch_size=1000, shuffle=False)
+
+model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+use_ea = "--ea" in sys.argv
+algo = AllReduceEA(comm, tau=10, alpha=0.9 / comm.size) if use_ea else AllReduceSGD(comm)
+algo.synchronize_parameters(model)  # every rank starts from rank 0's parameters
+
+for epoch in range(5):
+    for x, y in train.epoch(epoch):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if use_ea:
+            optimizer.step()
+            algo.average_parameters(model)  # elastic round every tau steps
+        else:
+            algo.sum_and_normalize_gradients(model)  # one Allreduce
+            optimizer.step()
+    if use_ea:
+        algo.synchronize_center(model)
+    else:
+        algo.synchronize_parameters(model)
+    x, y = next(test.epoch(0))
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    if comm.rank == 0:
+        print(f"epoch {epoch + 1}: test accuracy {accuracy:.3f}", flush=True)
