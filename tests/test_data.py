@@ -136,7 +136,7 @@ def test_write_dataset_checks_its_inputs(tmp_path):
     x = np.zeros((4, 1, 2, 2), np.uint8)
     with pytest.raises(DataError, match="same N"):
         write_dataset(tmp_path / "d.h5", (x, np.zeros(3)), (x, np.zeros(4)), 3, "bad")
-    with pytest.raises(DataError, match=r"test: labels span \[0, 7\]"):
+    with pytest.raises(DataError, match=r"test: labels span \[7, 7\], outside \[0, 3\)"):
         write_dataset(tmp_path / "d.h5", (x, np.zeros(4)), (x, np.full(4, 7)), 3, "bad")
     assert list(tmp_path.iterdir()) == []
 
