@@ -53,7 +53,8 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo,
                      order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
     elif topo.role == "worker":
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
-                             seed=cfg.seed, even=not cfg.uneven)
+                             seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
+                             prefetch=cfg.prefetch)
         stats = run_worker(cfg, comm, flat, loader, topo.server_rank, device)
     else:
         test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)

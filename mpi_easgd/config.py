@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -50,10 +51,13 @@ class Config:
     device: str = _opt("cpu", "cpu, cuda or auto", choices=DEVICES)
     threads: int = _opt(0, "torch threads per rank (0: cores on this node / ranks on it)")
     uneven: bool = _opt(False, "give ranks uneven shards (last partial batch kept)")
+    augment: bool = _opt(False, "random crop (pad 4) and horizontal flip of training images")
+    prefetch: int = _opt(2, "training batches prepared ahead in a background thread (0: off)")
     test_every: float = _opt(2.0, "async: seconds between tests of the center")
     out: str = _opt("runs", "parent directory of the run directory")
     run_name: str = _opt("", "run directory name (default: algo-model-npN-timestamp)")
     progress: bool = _opt(True, "show a progress bar")
+    tensorboard: bool = _opt(False, "also write TensorBoard scalars to RUN_DIR/tensorboard")
     audit: bool = _opt(False, "async: log every exchange to verify the center (small models)")
 
     # ---- loading -------------------------------------------------------------------
@@ -110,6 +114,7 @@ class Config:
             (self.tau >= 1, f"--tau must be an integer >= 1 (local steps between exchanges); got {self.tau}"),
             (self.alpha is None or 0 < self.alpha < 1,
              f"--alpha must be in (0, 1) (the elastic coefficient per worker); got {self.alpha}"),
+            (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
             ("/" not in self.run_name, f"--run-name must be a plain name, not a path; got '{self.run_name}'"),
@@ -117,6 +122,8 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
     def resolve(self, workers: int) -> Config:
         """Fill the defaults that depend on the algorithm and the number of workers."""

@@ -39,10 +39,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 
-    def __init__(self, run_dir: Path, config: dict, progress: bool = True) -> None:
+    def __init__(self, run_dir: Path, config: dict, progress: bool = True, tensorboard: bool = False):
         self.run_dir = Path(run_dir)
         self.start = time.perf_counter()
         self.show_progress = progress
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(config.items()) if v is not None]
         (self.run_dir / "config.toml").write_text("\n".join(lines) + "\n")
         self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="")  # noqa: SIM115
@@ -62,6 +67,11 @@ class RunLog:
         row.setdefault("wall_time", round(self.elapsed(), 3))
         self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
         self._csv_file.flush()
+        if self._tb is not None:
+            for key in ("test_accuracy", "test_loss", "train_loss"):
+                if key in row:
+                    self._tb.add_scalar(key, row[key], global_step=row.get("samples", 0))
+            self._tb.flush()
         train_loss = f" train_loss {row['train_loss']:.4f}" if "train_loss" in row else ""
         self.info(
             f"[{row['wall_time']:7.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')}"
@@ -74,6 +84,8 @@ class RunLog:
 
     def write_summary(self, summary: dict) -> None:
         self._csv_file.close()
+        if self._tb is not None:
+            self._tb.close()
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.info(format_summary(summary))
         self.info(f"run directory: {self.run_dir}")

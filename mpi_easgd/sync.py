@@ -26,7 +26,8 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     model = build_model(cfg.model, info.shape, info.num_classes).to(device)
     optimizer = make_optimizer(cfg, model)
     even = not cfg.uneven
-    train = ShardLoader(info, "train", rank, size, batch_size=cfg.batch_size, seed=cfg.seed, even=even)
+    train = ShardLoader(info, "train", rank, size, batch_size=cfg.batch_size, seed=cfg.seed, even=even,
+                        augment=cfg.augment, prefetch=cfg.prefetch)
     test = ShardLoader(info, "test", rank, size, batch_size=512, shuffle=False, even=False)
     steps = max(steps_per_epoch(info.sizes["train"], size, cfg.batch_size, even))
 

@@ -112,7 +112,7 @@ def run(argv: list[str] | None, comm) -> int:
     torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local.Get_size()))
     device = _device(cfg, topo, local.Get_rank())
     local.Free()
-    log = RunLog(run_dir, vars(cfg), cfg.progress) if topo.logs else NullRunLog()
+    log = RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard) if topo.logs else NullRunLog()
     start = time.perf_counter()
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async

@@ -173,3 +173,45 @@ def test_mnist5k_is_real_fixed_and_stratified(tmp_path, dataset_cache):
     again = build_mnist5k(tmp_path / "again.h5")
     with h5py.File(again) as f, h5py.File(path) as g:
         assert np.array_equal(f["train/labels"][...], g["train/labels"][...]), "fixed split"
+
+
+def test_augmentation_crops_and_flips_but_keeps_content():
+    from mpi_easgd.data.loader import augment_batch
+
+    x = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
+    rng = np.random.default_rng(0)
+    outs = [augment_batch(x, rng) for _ in range(20)]
+    assert all(o.shape == x.shape and o.dtype == np.uint8 for o in outs)
+    assert any(not np.array_equal(o, x) for o in outs)
+    for o in outs:  # every output pixel is an input pixel of the same sample/channel, or padding
+        for i in range(2):
+            assert set(np.unique(o[i])) <= set(np.unique(x[i])) | {0}
+    same = augment_batch(x, np.random.default_rng(7)), augment_batch(x, np.random.default_rng(7))
+    assert np.array_equal(*same)
+
+
+def test_resuming_mid_epoch_gives_the_same_batches(blobs):
+    info = read_info(blobs)
+    loader = ShardLoader(info, "train", 0, 2, batch_size=16, seed=3, augment=True)
+    full = list(loader.epoch(4))
+    tail = list(loader.epoch(4, start=5))
+    assert len(tail) == len(full) - 5
+    for (a, b), (c, d) in zip(full[5:], tail):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_prefetch_passes_errors_and_stops_early():
+    from mpi_easgd.data.loader import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise RuntimeError("broken file")
+
+    it = prefetch(items(), 2)
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(RuntimeError, match="broken file"):
+        next(it)
+    endless = prefetch(iter(int, 1), 2)  # never ends
+    assert next(endless) == 0
+    endless.close()  # must not hang

@@ -90,7 +90,7 @@ class Server:
         requests = recv + done
         MPI.Prequest.Startall(requests)
         start = time.perf_counter()
-        self._last_snapshot = start
+        self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
         active = p
         while active:
             index = MPI.Request.Waitany(requests)

@@ -1,0 +1,134 @@
+"""The dataset file layout: reading (validated) and writing (atomic).
+
+Layout of a dataset file (all arrays in C order)::
+
+    /train/images   uint8 [N, C, H, W]  (or float32, already scaled)
+    /train/labels   int64 [N]           values in [0, num_classes)
+    /test/images    uint8 [M, C, H, W]
+    /test/labels    int64 [M]
+    attrs: format = "mpi_easgd-dataset", version = 1, name, num_classes,
+           mean, std  (float32 [C], per channel, of train images scaled to [0, 1])
+
+Images are normalised on the fly: ``(x / 255 - mean) / std`` for uint8.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "mpi_easgd-dataset"
+VERSION = 1
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """A dataset is missing or malformed (message names the file and the fix)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset file holds (read and validated by :func:`read_info`)."""
+
+    path: Path
+    name: str
+    num_classes: int
+    shape: tuple[int, int, int]  # C, H, W
+    sizes: dict[str, int]
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
+    """Open ``path`` read-only and validate its layout; raise :class:`DataError` if bad."""
+    path = Path(path)
+    hint = "convert your data with 'python -m mpi_easgd.data convert' or use --dataset mnist5k"
+    if not path.is_file():
+        raise DataError(f"dataset file {path} not found; {hint}")
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path} is not an HDF5 file; {hint}")
+    with h5py.File(path, "r") as f:
+        try:
+            num_classes = int(f.attrs["num_classes"])
+        except KeyError:
+            raise DataError(f"{path} has no 'num_classes' attribute; {hint}") from None
+        shape = None
+        sizes = {}
+        for split in SPLITS:
+            for key in ("images", "labels"):
+                if f"{split}/{key}" not in f:
+                    raise DataError(f"{path} has no '{split}/{key}' array; {hint}")
+            images, labels = f[f"{split}/images"], f[f"{split}/labels"]
+            if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+                raise DataError(
+                    f"{path}: {split}/images must be [N, C, H, W] and {split}/labels [N]; got "
+                    f"{images.shape} and {labels.shape}"
+                )
+            if shape is not None and images.shape[1:] != shape:
+                raise DataError(f"{path}: train and test images differ in shape")
+            shape = images.shape[1:]
+            sizes[split] = len(labels)
+            if check_labels and len(labels):
+                lab = labels[...]
+                if lab.min() < 0 or lab.max() >= num_classes:
+                    raise DataError(
+                        f"{path}: {split} labels span [{lab.min()}, {lab.max()}] but num_classes "
+                        f"is {num_classes}; labels must be in [0, num_classes)"
+                    )
+        channels = shape[0]
+        mean = np.asarray(f.attrs.get("mean", np.zeros(channels)), dtype=np.float32)
+        std = np.asarray(f.attrs.get("std", np.ones(channels)), dtype=np.float32)
+        name = str(f.attrs.get("name", path.stem))
+    return DatasetInfo(path, name, num_classes, tuple(shape), sizes, mean, std)
+
+
+def write_dataset(
+    path: str | Path,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    name: str,
+) -> Path:
+    """Write a dataset file atomically (temporary file in the same folder, then rename).
+
+    Inputs are checked first (:class:`DataError`); a failure while writing leaves nothing.
+    """
+    path = Path(path)
+    for split, (x, y) in zip(SPLITS, (train, test)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"{split}: images must be [N, C, H, W] and labels [N] with the same N; got "
+                f"{x.shape} and {y.shape}"
+            )
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{split}: labels span [{y.min()}, {y.max()}], outside [0, {num_classes})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = train[0]
+    scaled = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
+    mean = scaled.mean(axis=(0, 2, 3)).astype(np.float32)
+    std = scaled.std(axis=(0, 2, 3)).astype(np.float32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(format=FORMAT, version=VERSION, name=name, num_classes=num_classes,
+                           mean=mean, std=std)
+            for split, (x, y) in zip(SPLITS, (train, test)):
+                chunk = (max(1, min(len(x), 256)), *x.shape[1:])  # ~ the loader's batch reads
+                f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None)
+                f.create_dataset(f"{split}/labels", data=y.astype(np.int64))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+

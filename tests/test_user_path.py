@@ -1,0 +1,40 @@
+"""The README's CIFAR-10 walkthrough, end to end on small fake CIFAR-10 batches:
+convert the python batches, train with the shipped configs, plot the two runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from conftest import ROOT, mpirun, read_summary
+from PIL import Image
+from test_convert import make_cifar
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_cifar10_batches_to_training_to_plot(tmp_path):
+    make_cifar(tmp_path / "cifar-10-batches-py")
+    r = run("-m", "mpi_easgd.data", "convert", "cifar-10-batches-py", "data/cifar10.h5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = []
+    for algo, ranks in (("easgd", 4), ("sgd", 2)):
+        config = ROOT / "jobs" / "configs" / f"cifar10_{algo}.toml"
+        r = mpirun(ranks, "-m", "mpi_easgd.train", "--config", str(config), "--epochs", "2",
+                   "--batch-size", "4", "--test-every", "0.2", "--no-progress", "--out", "runs",
+                   "--run-name", algo, cwd=tmp_path, timeout=180)
+        assert r.returncode == 0, r.output
+        summary = read_summary(tmp_path / "runs" / algo)
+        assert (summary["algo"], summary["model"]) == (algo, "cifarnet")
+        runs.append(f"runs/{algo}")
+    r = run("-m", "mpi_easgd.plot", *runs, "-o", "compare.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "compare.png") as im:
+        assert im.size[0] > 800 and im.size[1] > 600
+        colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
+        assert len(colours) > 50, "the plot has lines, not a blank page"
+    bad = run("-m", "mpi_easgd.plot", "no_such_run", "-o", "x.png", cwd=tmp_path)
+    assert bad.returncode == 2 and "no metrics.csv" in bad.stderr and not (tmp_path / "x.png").exists()
