@@ -59,6 +59,10 @@ class Config:
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to RUN_DIR/tensorboard")
     audit: bool = _opt(False, "async: log every exchange to verify the center (small models)")
+    checkpoint_every: str = _opt("", "checkpoint every N steps (500) or minutes/seconds (10m, 30s)")
+    resume: str = _opt("", "resume from a checkpoint: RUN_DIR, RUN_DIR/checkpoints/step-N, or auto")
+    on_nonfinite: str = _opt("skip", "a NaN/Inf loss or gradient: skip the step, or stop the job",
+                             choices=("skip", "stop"))
 
     # ---- loading -------------------------------------------------------------------
 
@@ -122,6 +126,14 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from mpi_easgd.control import parse_every
+
+        try:
+            parse_every(self.checkpoint_every)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"--on-nonfinite must be skip or stop; got '{self.on_nonfinite}'")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 

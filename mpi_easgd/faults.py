@@ -1,8 +1,10 @@
 """Fault injection for testing failure paths under a real launcher.
 
 Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` where ``A`` is
-``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on) or
-``kill`` (SIGKILL itself at step S). Only the named rank is affected. Unset: no cost.
+``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
+``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
+``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
+Unset: no cost.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import signal
 import time
 from dataclasses import dataclass
 
+import torch
+
 ENV = "MPI_EASGD_FAULT"
+ACTIONS = ("raise", "sleep", "kill", "stop", "nan")
 
 
 class InjectedFault(RuntimeError):
@@ -33,8 +38,8 @@ class Fault:
             time.sleep(self.seconds)
         elif step == self.step and self.action == "raise":
             raise InjectedFault(f"injected fault at step {step} ({ENV})")
-        elif step == self.step and self.action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        elif step == self.step and self.action in ("kill", "stop"):
+            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
 
 
 def wrap_step(step, rank: int, environ=os.environ):
@@ -45,11 +50,13 @@ def wrap_step(step, rank: int, environ=os.environ):
         return step
     count = 0
 
-    def faulty_step(*args):
+    def faulty_step(batch):
         nonlocal count
         fault.at_step(count)
+        if fault.action == "nan" and count == fault.step and batch is not None:
+            batch = (torch.full_like(batch[0], float("nan")), batch[1])
         count += 1
-        return step(*args)
+        return step(batch)
 
     return faulty_step
 
@@ -62,6 +69,6 @@ def from_env(rank: int, environ=os.environ) -> Fault | None:
     fields = dict(item.split("=", 1) for item in spec.split(","))
     if int(fields.get("rank", -1)) != rank:
         return None
-    if fields.get("action") not in ("raise", "sleep", "kill"):
-        raise ValueError(f"{ENV}: action must be raise, sleep or kill; got {spec!r}")
+    if fields.get("action") not in ACTIONS:
+        raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
     return Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)))

@@ -33,12 +33,16 @@ class EpochStats:
         return self.loss_sum / self.batches if self.batches else math.nan
 
 
-def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: torch.device) -> EpochStats:
-    """Call ``step`` exactly ``steps`` times: with this rank's batches, then with ``None``."""
-    stats = EpochStats()
-    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-    start = time.perf_counter()
-    for i in range(steps):
+def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: torch.device, *,
+              start: int = 0, stats: EpochStats | None = None,
+              after_step: Callable[[int, EpochStats], None] | None = None) -> EpochStats:
+    """Call ``step`` for steps ``start .. steps-1``: with this rank's batches, then with
+    ``None``. ``stats`` carries a resumed epoch's totals; ``after_step(i, stats)`` runs
+    after each step (checkpoints, stop requests)."""
+    stats = stats or EpochStats()
+    loss_sum = torch.full((), stats.loss_sum, device=device)  # summed on the device: no sync
+    t0 = time.perf_counter() - stats.seconds
+    for i in range(start, steps):
         batch = next(batches, None)
         if batch is not None:
             batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
@@ -50,8 +54,12 @@ def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: t
         bar.update(1)
         if i % 20 == 19 and stats.batches:
             bar.set_postfix(loss=f"{loss_sum.item() / stats.batches:.4f}", refresh=False)
+        if after_step is not None:
+            stats.loss_sum = float(loss_sum)
+            stats.seconds = time.perf_counter() - t0
+            after_step(i, stats)
     stats.loss_sum = float(loss_sum)
-    stats.seconds = time.perf_counter() - start
+    stats.seconds = time.perf_counter() - t0
     return stats
 
 
@@ -77,6 +85,16 @@ def make_optimizer(cfg: Config, model: nn.Module, nesterov: bool = False) -> tor
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=nesterov and cfg.momentum > 0,
     )
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf loss or gradient with ``--on-nonfinite stop``."""
+
+
+def finite(loss: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the loss and every gradient entry are finite (one pass, no large allocation:
+    a NaN or Inf anywhere makes the sum non-finite)."""
+    return bool(torch.isfinite(loss) & torch.isfinite(grad.sum()))
 
 
 def supervised_step(model: nn.Module, zero_grad: Callable[[], None]) -> Callable[[Batch], torch.Tensor]:

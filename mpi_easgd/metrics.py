@@ -39,9 +39,17 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 
-    def __init__(self, run_dir: Path, config: dict, progress: bool = True, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, config: dict, progress: bool = True, tensorboard: bool = False,
+                 append: bool = False):
+        """``append``: a resumed run adds rows to the existing metrics.csv, its wall time
+        continuing from the last row."""
         self.run_dir = Path(run_dir)
-        self.start = time.perf_counter()
+        metrics = self.run_dir / "metrics.csv"
+        offset = 0.0
+        if append and metrics.is_file():
+            rows = list(csv.DictReader(metrics.open()))
+            offset = float(rows[-1]["wall_time"]) if rows else 0.0
+        self.start = time.perf_counter() - offset
         self.show_progress = progress
         self._tb = None
         if tensorboard:
@@ -50,9 +58,11 @@ class RunLog:
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(config.items()) if v is not None]
         (self.run_dir / "config.toml").write_text("\n".join(lines) + "\n")
-        self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="")  # noqa: SIM115
+        appending = append and metrics.is_file()
+        self._csv_file = open(metrics, "a" if appending else "w", newline="")  # noqa: SIM115
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS)
-        self._csv.writeheader()
+        if not appending:
+            self._csv.writeheader()
         self._csv_file.flush()
 
     def elapsed(self) -> float:

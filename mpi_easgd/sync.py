@@ -2,24 +2,39 @@
 
 Every rank trains on its own shard and evaluates on its own slice of the test set; the
 evaluation sums are Allreduced, so every rank knows the metrics and one rank logs them.
+Checkpoints hold every rank's own state (EA ranks differ); a resumed run continues from
+the saved step with the same batches and ends bitwise equal to an uninterrupted one.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import faults
+from mpi_easgd import checkpoint, faults
 from mpi_easgd.algorithms.allreduce_ea import AllReduceEA
 from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD
 from mpi_easgd.config import Config
+from mpi_easgd.control import Control, Preempted
 from mpi_easgd.data import DatasetInfo, ShardLoader, steps_per_epoch
-from mpi_easgd.loop import evaluate, make_optimizer, run_epoch, supervised_step
+from mpi_easgd.loop import (
+    EpochStats,
+    NonFiniteError,
+    evaluate,
+    finite,
+    make_optimizer,
+    run_epoch,
+    supervised_step,
+)
 from mpi_easgd.models import build_model
 
 
-def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.device, log) -> dict:
+def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.device, log,
+             run_dir: Path, control: Control, resume: Path | None) -> dict:
     """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.manual_seed(cfg.seed)
@@ -30,34 +45,39 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
                         augment=cfg.augment, prefetch=cfg.prefetch)
     test = ShardLoader(info, "test", rank, size, batch_size=512, shuffle=False, even=False)
     steps = max(steps_per_epoch(info.sizes["train"], size, cfg.batch_size, even))
+    algo = AllReduceSGD(comm) if cfg.algo == "sgd" else AllReduceEA(comm, cfg.tau, cfg.alpha)
+    algo.synchronize_parameters(model)
+    flat = algo.flat(model)
+    forward_backward = supervised_step(model, flat.zero_grad)
+    skipped = 0
+
+    def local_step(batch) -> torch.Tensor | None:
+        """Forward and backward; None when this rank has no usable gradient this step."""
+        nonlocal skipped
+        if batch is None:
+            return None
+        loss = forward_backward(batch)
+        if finite(loss, flat.grad):
+            return loss
+        if cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient on rank {rank}; lower --lr or run "
+                                 f"with --on-nonfinite skip")
+        skipped += 1
+        return None  # skipped: contributes nothing, so the NaN reaches no other rank
 
     if cfg.algo == "sgd":
-        algo = AllReduceSGD(comm)
-        algo.synchronize_parameters(model)
-        flat = algo.flat(model)
-        forward_backward = supervised_step(model, flat.zero_grad)
-
         def step(batch):
-            loss = forward_backward(batch) if batch is not None else None
-            algo.sum_and_normalize_gradients(model, has_data=batch is not None)
-            optimizer.step()
+            loss = local_step(batch)
+            if algo.sum_and_normalize_gradients(model, has_data=loss is not None):
+                optimizer.step()  # no rank steps when no rank had a usable gradient
             return loss
 
         def end_epoch():
             algo.synchronize_parameters(model)
-
-        def eval_params():
-            return None  # the (identical) parameters themselves
     else:
-        algo = AllReduceEA(comm, cfg.tau, cfg.alpha)
-        algo.synchronize_parameters(model)
-        flat = algo.flat(model)
-        forward_backward = supervised_step(model, flat.zero_grad)
-
         def step(batch):
-            loss = None
-            if batch is not None:
-                loss = forward_backward(batch)
+            loss = local_step(batch)
+            if loss is not None:
                 optimizer.step()
             algo.average_parameters(model)
             return loss
@@ -65,44 +85,85 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
         def end_epoch():
             algo.synchronize_center(model)
 
-        def eval_params():
-            return algo.center  # EASGD's answer is the center variable
-
     step = faults.wrap_step(step, rank)
+    position = {"epoch": 0, "step": 0, "stats": EpochStats(), "totals": [0.0, 0.0]}
+    if resume is not None:
+        position = _restore(checkpoint.load_rank(resume, rank), model, optimizer, algo)
+        log.info(f"resumed from {resume} at epoch {position['epoch'] + 1}, step {position['step']}")
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({flat.numel:,} parameters), "
         f"{info.name} {info.sizes['train']} train / {info.sizes['test']} test, "
         f"batch {cfg.batch_size} per rank, {steps} steps per epoch, device {device}"
     )
-    totals = np.zeros(3)  # train samples (all ranks), train seconds (max), loss
+    totals = np.array(position["totals"])  # train samples (all ranks), train seconds
     last = {}
-    for epoch in range(cfg.epochs):
+
+    def save(epoch: int, next_step: int, stats: EpochStats) -> Path:
+        ckpt = checkpoint.step_dir(run_dir, epoch * steps + next_step)
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     algorithm=algo.state_dict(), epoch=epoch, step=next_step,
+                     stats=dataclasses.asdict(stats), totals=totals.tolist(),
+                     torch_rng=torch.get_rng_state())
+        checkpoint.save_rank(ckpt, rank, state)
+        comm.Barrier()  # every rank's file is on disk before the checkpoint is marked complete
+        if rank == 0:
+            checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=size,
+                                                  epoch=epoch, step=next_step))
+        return ckpt
+
+    for epoch in range(position["epoch"], cfg.epochs):
+        start = position["step"] if epoch == position["epoch"] else 0
+        stats = position["stats"] if epoch == position["epoch"] else EpochStats()
         bar = log.progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
-        stats = run_epoch(step, train.epoch(epoch), steps, bar, device)
+        bar.update(start)
+
+        def after_step(i: int, stats: EpochStats, epoch=epoch) -> None:
+            save_now, stop = control.poll(epoch * steps + i + 1)
+            if save_now:
+                ckpt = save(epoch, i + 1, stats)
+                if stop:
+                    raise Preempted(ckpt)
+
+        stats = run_epoch(step, train.epoch(epoch, start), steps, bar, device, start=start,
+                          stats=stats, after_step=after_step)
         bar.close()
         end_epoch()
-        loss, correct, count = _evaluate_params(model, flat, eval_params(), test, device)
+        loss, correct, count = _evaluate(model, flat, getattr(algo, "center", None), test, device)
         sums = np.array([loss, correct, count, stats.loss_sum, stats.batches, stats.samples])
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        seconds = comm.allreduce(stats.seconds, op=MPI.MAX)
-        totals += (sums[5], seconds, 0)
+        totals += (sums[5], comm.allreduce(stats.seconds, op=MPI.MAX))
         last = dict(
             epoch=epoch + 1, step=(epoch + 1) * steps, samples=int(totals[0]),
             train_loss=sums[3] / max(sums[4], 1), test_loss=sums[0] / sums[2],
             test_accuracy=sums[1] / sums[2],
         )
         log.log_eval(**last)
+    if position["epoch"] < cfg.epochs or resume is None:
+        save(cfg.epochs, 0, EpochStats())  # the final state, resumable with more --epochs
+    skipped = comm.allreduce(skipped)
+    if skipped:
+        log.info(f"warning: {skipped} steps skipped for a non-finite loss or gradient")
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=size, workers=size,
-        epochs=cfg.epochs, test_accuracy=last["test_accuracy"], test_loss=last["test_loss"],
+        epochs=cfg.epochs, test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),
         train_samples=int(totals[0]), train_seconds=totals[1],
         train_samples_per_second=totals[0] / totals[1] if totals[1] else 0.0,
+        nonfinite_skipped=skipped, resumed_from=str(resume) if resume else None,
         **({"tau": cfg.tau, "alpha": cfg.alpha, "beta": cfg.alpha * size, "rounds": algo.rounds}
            if cfg.algo == "ea" else {}),
     )
 
 
-def _evaluate_params(model, flat, params, test: ShardLoader, device):
+def _restore(state: dict, model, optimizer, algo) -> dict:
+    model.load_state_dict(state["model"])  # copies into the flat buffer's views
+    optimizer.load_state_dict(state["optimizer"])
+    algo.load_state_dict(state["algorithm"])
+    torch.set_rng_state(state["torch_rng"])
+    return dict(epoch=state["epoch"], step=state["step"], stats=EpochStats(**state["stats"]),
+                totals=state["totals"])
+
+
+def _evaluate(model, flat, params, test: ShardLoader, device):
     """Evaluate ``model`` with ``params`` swapped in (if given), then restore its own."""
     if params is None:
         return evaluate(model, test.epoch(0), device)

@@ -52,7 +52,20 @@ def _validate(argv, rank: int, size: int):
 
         if not torch.cuda.is_available():
             raise DataError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    return cfg, topo, info
+    resume = None
+    if cfg.resume:
+        import dataclasses
+
+        from mpi_easgd import checkpoint
+
+        resume = checkpoint.locate(cfg.resume, cfg.out, cfg.run_name)
+        if resume is not None:
+            manifest = checkpoint.read_manifest(resume)
+            checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume)
+            if not checkpoint.rank_file(resume, rank).is_file():
+                raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, rank)} is missing; "
+                                                 f"use an earlier checkpoint")
+    return cfg, topo, info, resume
 
 
 def _make_run_dir(cfg) -> Path:
@@ -83,18 +96,21 @@ def run(argv: list[str] | None, comm) -> int:
     """Run one training job on ``comm``; returns the process exit status."""
     from mpi4py import MPI
 
+    from mpi_easgd.checkpoint import CheckpointError
     from mpi_easgd.config import ConfigError
+    from mpi_easgd.control import Control, StopRequest
     from mpi_easgd.data import DataError
     from mpi_easgd.metrics import NullRunLog, RunLog
     from mpi_easgd.models import ModelError
 
+    stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1 mean "checkpoint and stop"
     rank, size = comm.Get_rank(), comm.Get_size()
     error, run_dir = None, None
     try:
-        cfg, topo, info = _validate(argv, rank, size)
+        cfg, topo, info, resume = _validate(argv, rank, size)
         if rank == 0:
-            run_dir = _make_run_dir(cfg)
-    except (ConfigError, DataError, ModelError, OSError) as exc:
+            run_dir = resume.parent.parent if resume else _make_run_dir(cfg)
+    except (ConfigError, DataError, ModelError, CheckpointError, OSError) as exc:
         error = str(exc)
     # The one agreement: every rank reaches it, so nobody waits on a rank that gave up.
     reports = comm.allgather((error, run_dir))
@@ -112,7 +128,9 @@ def run(argv: list[str] | None, comm) -> int:
     torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local.Get_size()))
     device = _device(cfg, topo, local.Get_rank())
     local.Free()
-    log = RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard) if topo.logs else NullRunLog()
+    log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, append=resume is not None)
+           if topo.logs else NullRunLog())
+    control = Control(comm, stop, cfg.checkpoint_every)
     start = time.perf_counter()
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async
@@ -121,7 +139,7 @@ def run(argv: list[str] | None, comm) -> int:
     else:
         from mpi_easgd.sync import run_peer
 
-        summary = run_peer(cfg, comm, info, device, log)
+        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume)
     if topo.logs:
         summary["wall_seconds"] = time.perf_counter() - start
         summary["run_dir"] = str(run_dir)
@@ -133,11 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m mpi_easgd.train``: run, and turn an exception on any rank into MPI_Abort."""
     from mpi4py import MPI
 
+    from mpi_easgd.checkpoint import CheckpointError
+    from mpi_easgd.control import EXIT_PREEMPTED, Preempted
+    from mpi_easgd.loop import NonFiniteError
+
     comm = MPI.COMM_WORLD
     try:
         return run(argv, comm)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except Preempted as exc:  # raised on every rank at the same step, after the checkpoint
+        if comm.Get_rank() == 0:
+            print(f"mpi_easgd: {exc}; continue with --resume auto (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (NonFiniteError, CheckpointError) as exc:  # expected failures: one line, no traceback
+        print(f"mpi_easgd: error: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -1,0 +1,150 @@
+"""Checkpoints: every stateful piece of every rank, written atomically, resumable exactly.
+
+Layout::
+
+    RUN_DIR/checkpoints/step-000000500/rank-00000.pt   one file per rank (its own state)
+                                      /rank-00001.pt
+                                      /manifest.json   written last, by rank 0: complete
+    RUN_DIR/checkpoints/latest                          name of the newest complete one
+
+Each file is written to a temporary name, fsynced and renamed, and the manifest only after
+every rank has written its file, so a crash or a full disk mid-checkpoint leaves the
+previous checkpoint as the latest complete one. The manifest records the format version,
+the resolved configuration, the world size and the loop position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+KEEP = 2  # complete checkpoints kept per run
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit this run."""
+
+
+def root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return root(run_dir) / f"step-{step:09d}"
+
+
+def rank_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank-{rank:05d}.pt"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_rank(ckpt: Path, rank: int, state: dict) -> None:
+    """Write this rank's state into checkpoint directory ``ckpt`` (atomically)."""
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        _atomic_write(rank_file(ckpt, rank), lambda fh: torch.save(state, fh))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        previous = latest(ckpt.parent.parent)
+        raise CheckpointError(
+            f"could not write checkpoint {rank_file(ckpt, rank)} ({exc}); free disk space or choose "
+            f"another --out; " + (f"{previous} is intact" if previous else "no earlier checkpoint")
+        ) from None
+
+
+def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:
+    """Mark ``ckpt`` complete (call after every rank saved) and make it the latest."""
+    manifest = dict(manifest, format_version=FORMAT_VERSION)
+    _atomic_write(ckpt / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
+    _atomic_write(root(run_dir) / "latest", lambda fh: fh.write(ckpt.name.encode()))
+    complete = sorted(p for p in root(run_dir).glob("step-*") if (p / "manifest.json").exists())
+    for old in complete[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in root(run_dir).glob("step-*"):  # left by an interrupted earlier checkpoint
+        if not (partial / "manifest.json").exists() and partial != ckpt:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    pointer = root(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = root(run_dir) / pointer.read_text().strip()
+    return ckpt if (ckpt / "manifest.json").is_file() else None
+
+
+def locate(resume: str, out: str, run_name: str) -> Path | None:
+    """The checkpoint ``--resume`` names: a checkpoint directory, a run directory (its
+    latest), or ``auto`` (``--out/--run-name``, else the newest run under ``--out``, with
+    a complete checkpoint; None when there is none yet, so a first run starts fresh)."""
+    if resume == "auto":
+        if run_name:
+            return latest(Path(out) / run_name)
+        runs = [p for p in Path(out).glob("*") if latest(p)] if Path(out).is_dir() else []
+        return latest(max(runs, key=lambda p: latest(p).stat().st_mtime)) if runs else None
+    path = Path(resume)
+    if (path / "manifest.json").is_file():
+        return path
+    if latest(path):
+        return latest(path)
+    if path.is_dir() and path.name.startswith("step-"):
+        raise CheckpointError(f"{path} is incomplete (no manifest.json: it was interrupted); "
+                              f"resume from {path.parent} to use its latest complete checkpoint")
+    raise CheckpointError(f"no checkpoint at {path}; pass RUN_DIR, RUN_DIR/checkpoints/step-N "
+                          f"or --resume auto")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}/manifest.json is unreadable ({exc}); use an earlier checkpoint") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt} has format version {manifest.get('format_version')}, this "
+                              f"mpi_easgd reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
+    """Refuse a checkpoint from another algorithm, model, dataset or world size."""
+    saved = manifest["config"]
+    for key in ("algo", "model", "dataset"):
+        if saved[key] != config[key]:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is from --{key} {saved[key]}, this run has --{key} "
+                f"{config[key]}; resume with --{key} {saved[key]} or start a new run"
+            )
+    if manifest["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
+            f"{world_size}; resume with mpirun -np {manifest['world_size']}"
+        )
+
+
+def load_rank(ckpt: Path, rank: int) -> dict:
+    """This rank's saved state; a clear error for a missing, truncated or corrupted file."""
+    path = rank_file(ckpt, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a damaged file
+        raise CheckpointError(f"{path} is corrupted or truncated ({type(exc).__name__}); "
+                              f"resume from an earlier checkpoint") from None

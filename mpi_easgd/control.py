@@ -1,0 +1,88 @@
+"""When to checkpoint and when to stop, decided identically on every rank.
+
+SIGTERM and SIGUSR1 (what SLURM sends before a time limit or on preemption) only set a
+flag; the training loop acts on it at the next safe point. Ranks learn of each other's
+flags through one tiny Allreduce every ``check_every`` steps, so all of them checkpoint at
+the same step even though the signal reached them at different moments.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; rerun with --resume auto
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a stop signal asked for has been written."""
+
+    def __init__(self, checkpoint) -> None:
+        super().__init__(f"stopped by a signal; checkpoint written to {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class StopRequest:
+    """Remembers that SIGTERM or SIGUSR1 arrived (the handler does nothing else)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def parse_every(text: str) -> tuple[int | None, float | None]:
+    """``"500"`` -> every 500 steps; ``"10m"`` / ``"30s"`` -> every 600 / 30 seconds."""
+    if not text:
+        return None, None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([ms]?)\s*", text)
+    if not m or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
+        raise ValueError(f"--checkpoint-every must be a number of steps (500) or a time (10m, 30s); "
+                         f"got '{text}'")
+    value, unit = float(m.group(1)), m.group(2)
+    if not unit:
+        return int(value), None
+    return None, value * (60 if unit == "m" else 1)
+
+
+class Control:
+    """Tells the training loop, in agreement across ``comm``, when to checkpoint and stop."""
+
+    def __init__(self, comm: MPI.Comm, stop: StopRequest, every: str = "", check_every: int = 10):
+        self.comm = comm
+        self.stop = stop
+        self.every_steps, self.every_seconds = parse_every(every)
+        self.check_every = check_every
+        self._last = time.monotonic()
+        self._flags = np.zeros(2, dtype=np.int32)
+
+    def poll(self, step: int) -> tuple[bool, bool]:
+        """``(checkpoint now, stop now)`` after global step ``step`` (1-based)."""
+        checkpoint = bool(self.every_steps) and step % self.every_steps == 0
+        if step % self.check_every:
+            return checkpoint, False
+        self._flags[0] = self.stop.requested
+        self._flags[1] = (self.every_seconds is not None and self.comm.Get_rank() == 0
+                          and time.monotonic() - self._last >= self.every_seconds)
+        self.comm.Allreduce(MPI.IN_PLACE, self._flags, op=MPI.MAX)
+        stop = bool(self._flags[0])
+        checkpoint = checkpoint or bool(self._flags[1]) or stop
+        if checkpoint:
+            self._last = time.monotonic()
+        return checkpoint, stop
