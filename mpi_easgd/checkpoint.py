@@ -115,7 +115,9 @@ def read_manifest(ckpt: Path) -> dict:
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt}/manifest.json is unreadable ({exc}); use an earlier checkpoint") from None
+        raise CheckpointError(
+            f"{ckpt}/manifest.json is unreadable ({exc}); use an earlier checkpoint"
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt} has format version {manifest.get('format_version')}, this "
                               f"mpi_easgd reads version {FORMAT_VERSION}")

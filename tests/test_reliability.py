@@ -1,0 +1,140 @@
+"""Faults under real mpiexec: exact resume, stop signals, killed ranks, NaNs, bad
+checkpoints, a full disk. Each case reports how long the job took to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, find_mpiexec, read_summary, train
+
+
+def base(blobs, out, name, algo="sgd"):
+    return ["--algo", algo, "--dataset", str(blobs), "--model", "mlp", "--epochs", "3", "--batch-size", "16",
+            "--momentum", "0.9", "--tau", "3", "--out", str(out), "--run-name", name]
+
+
+def final_states(run_dir, ranks):
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return [torch.load(ckpt / f"rank-{r:05d}.pt", weights_only=True) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(algo, blobs, tmp_path):
+    assert train(2, *base(blobs, tmp_path, "full", algo), "--checkpoint-every", "5").returncode == 0
+    cut = train(2, *base(blobs, tmp_path, "cut", algo), "--checkpoint-every", "5",
+                env={"MPI_EASGD_FAULT": "rank=1,action=raise,step=23"})
+    assert cut.returncode != 0
+    resumed = train(2, *base(blobs, tmp_path, "cut", algo), "--checkpoint-every", "5", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.output
+    assert "resumed from" in resumed.stdout and "step-000000020" in resumed.stdout
+    for a, b in zip(final_states(tmp_path / "full", 2), final_states(tmp_path / "cut", 2)):
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        if algo == "ea":
+            assert torch.equal(a["algorithm"]["center"], b["algorithm"]["center"])
+    full, cut = read_summary(tmp_path / "full"), read_summary(tmp_path / "cut")
+    assert full["test_accuracy"] == cut["test_accuracy"] and full["test_loss"] == cut["test_loss"]
+
+
+def test_stop_signal_checkpoints_exits_75_and_resumes(blobs, tmp_path):
+    args = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpi_easgd.train", "--no-progress",
+            *base(blobs, tmp_path, "sig"), "--epochs", "6"]
+    env = {**os.environ, "MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"}  # ~2.4 s of training
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    metrics = tmp_path / "sig" / "metrics.csv"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 1):
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    ended = time.monotonic() - sent
+    assert proc.returncode == 75, err
+    assert ended < 10, f"took {ended:.1f}s to checkpoint and stop"
+    assert "continue with --resume auto" in err
+    rows_before = len(metrics.read_text().splitlines())
+    assert rows_before < 7, "the signal came too late to test anything"
+    r = train(2, *base(blobs, tmp_path, "sig"), "--epochs", "6", "--resume", "auto")
+    assert r.returncode == 0, r.output
+    epochs = [line.split(",")[1] for line in metrics.read_text().splitlines()[1:]]
+    assert epochs == [str(e) for e in range(1, 7)], "every epoch logged once, in order"
+
+
+def test_a_killed_rank_ends_the_job_without_orphans(blobs, tmp_path):
+    marker = f"orphan-check-{os.getpid()}"
+    r = train(3, *base(blobs, tmp_path, marker), "--epochs", "200", timeout=60,
+              env={"MPI_EASGD_FAULT": "rank=1,action=kill,step=5"})
+    assert r.returncode != 0
+    assert r.seconds < 30, f"took {r.seconds:.1f}s to end after SIGKILL"
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not left, f"orphan processes: {left}"
+
+
+def test_nan_is_skipped_or_stops_the_job(blobs, tmp_path):
+    nan = {"MPI_EASGD_FAULT": "rank=1,action=nan,step=3"}
+    r = train(2, *base(blobs, tmp_path, "skip"), env=nan)
+    assert r.returncode == 0, r.output
+    summary = read_summary(tmp_path / "skip")
+    assert summary["nonfinite_skipped"] == 1 and summary["test_accuracy"] > 0.5
+    states = final_states(tmp_path / "skip", 2)
+    assert all(torch.isfinite(v).all() for s in states for v in s["model"].values())
+    r = train(2, *base(blobs, tmp_path, "stop"), "--on-nonfinite", "stop", env=nan, timeout=60)
+    assert r.returncode != 0 and "non-finite loss or gradient on rank 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_checkpoints_are_refused_with_one_line(blobs, tmp_path):
+    assert train(2, *base(blobs, tmp_path, "good"), "--checkpoint-every", "5").returncode == 0
+    good = tmp_path / "good" / "checkpoints"
+    latest = good / (good / "latest").read_text()
+
+    def copy(name):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        return tmp_path / name / "checkpoints" / latest.name
+
+    (copy("corrupt") / "rank-00001.pt").write_bytes(b"\x00garbage" * 10)
+    truncated = copy("truncated") / "rank-00000.pt"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    (copy("incomplete") / "manifest.json").unlink()
+    cases = [
+        (2, "corrupt", [], "rank-00001.pt is corrupted or truncated"),
+        (2, "truncated", [], "rank-00000.pt is corrupted or truncated"),
+        (2, str(tmp_path / "incomplete" / "checkpoints" / latest.name), [], "is incomplete (no manifest.json"),
+        (2, "good", ["--algo", "ea"], "is from --algo sgd, this run has --algo ea; resume with --algo sgd"),
+        (3, "good", [], "was written by 2 ranks, this run has 3; resume with mpirun -np 2"),
+    ]
+    for ranks, where, extra, message in cases:
+        resume = where if where.startswith("/") else str(tmp_path / where)
+        r = train(ranks, *base(blobs, tmp_path, "any"), *extra, "--resume", resume, timeout=60)
+        lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd: error:")]
+        assert r.returncode in (1, 2) and len(lines) == 1 and message in lines[0], (where, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert r.seconds < 30
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(blobs, tmp_path):
+    """The next checkpoint's temporary file is made a link to /dev/full, so rank 0's write
+    fails with a real ENOSPC ("No space left on device") part-way through the checkpoint."""
+    assert train(2, *base(blobs, tmp_path, "disk"), "--epochs", "1").returncode == 0
+    ckpts = tmp_path / "disk" / "checkpoints"
+    previous = (ckpts / "latest").read_text()
+    upcoming = ckpts / "step-000000032"  # the end of epoch 2: 2 epochs x 16 steps
+    upcoming.mkdir()
+    (upcoming / ".rank-00000.pt.tmp").symlink_to("/dev/full")
+    r = train(2, *base(blobs, tmp_path, "disk"), "--epochs", "2", "--resume", "auto", timeout=60)
+    assert r.returncode != 0 and r.seconds < 30
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd: error:")]
+    assert len(lines) == 1 and "could not write checkpoint" in lines[0], r.stderr
+    assert "No space left on device" in lines[0] and f"{previous} is intact" in lines[0]
+    assert (ckpts / "latest").read_text() == previous, "the previous checkpoint stays the latest"
+    assert not list(ckpts.rglob(".*.tmp")), "no half-written file is left"
+    assert not (upcoming / "manifest.json").exists()
