@@ -7,60 +7,88 @@ end one gather brings every role's statistics to the tester, which writes the su
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import checkpoint
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.server import Server
 from mpi_easgd.algorithms.worker import run_worker
 from mpi_easgd.config import Config
+from mpi_easgd.control import Preempted, StopRequest
 from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.models import build_model
-from mpi_easgd.tester import run_tester
+from mpi_easgd.tester import run_tester, save_model
 from mpi_easgd.topology import Topology
 
 
-def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo,
-              device: torch.device, log, run_dir: Path) -> dict | None:
-    """Run this rank's role; returns the run summary on the tester, None elsewhere."""
+def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, device: torch.device,
+              log, run_dir: Path, stop: StopRequest, resume: Path | None) -> dict | None:
+    """Run this rank's role; returns the run summary on the tester, None elsewhere.
+
+    A checkpoint is written when the run ends, and when a stop signal ends it early (then
+    :class:`Preempted` is raised on every rank after the checkpoint is complete).
+    """
     torch.manual_seed(cfg.seed)
     flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
+    saved = checkpoint.load_rank(resume, topo.rank) if resume else None
+    p = topo.num_workers
+    server = None
+    if topo.role == "server":
+        server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
+                        topo.tester_rank, test_every=cfg.test_every,
+                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit)
+        if saved is not None:
+            server.load_state_dict(saved)  # the center is the starting point again
     start = MPIBuffer(flat.data)
     start.before_send()
     comm.Bcast(start.mpi, root=topo.server_rank)
     start.after_recv()
-    p = topo.num_workers
+    if resume is not None:
+        log.info(f"resumed from {resume}")
     log.info(
         f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
         f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
         f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
         f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g}), lr {cfg.lr}, momentum {cfg.momentum}"
     )
-    if topo.role == "server":
-        server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
-                        topo.tester_rank, test_every=cfg.test_every,
-                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit)
+    state = None
+    if server is not None:
         server.run()
-        stats = server.stats()
+        stats, state = server.stats(), server.state_dict()
         if cfg.audit:
             order = np.array([i for i, _ in server.audit], dtype=np.int64)
             payloads = torch.stack([x for _, x in server.audit]).numpy()
             np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
                      order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
+        save_model(flat.module, run_dir / "center.pt")  # the server owns the center
     elif topo.role == "worker":
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
                              prefetch=cfg.prefetch)
-        stats = run_worker(cfg, comm, flat, loader, topo.server_rank, device)
+        stats, state = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, saved)
     else:
         test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
         train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log, run_dir)
+        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log)
+        state = {"evaluations": stats["evaluations"]}  # every rank has a file: one check on resume
     everything = comm.gather(stats, root=topo.tester_rank)
+    stopped, updates = comm.bcast((stats["stopped"], stats["updates"]) if server else None,
+                                  root=topo.server_rank)
+    ckpt = checkpoint.step_dir(run_dir, updates)
+    if state is not None:
+        checkpoint.save_rank(ckpt, topo.rank, state)
+    comm.Barrier()  # every role's file is on disk before the checkpoint is marked complete
+    if topo.rank == 0:
+        checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
+                                              updates=updates))
+    if stopped:
+        raise Preempted(ckpt)
     if topo.role != "tester":
         return None
     return _summary(cfg, topo, everything)
@@ -82,4 +110,5 @@ def _summary(cfg: Config, topo: Topology, everything: list[dict]) -> dict:
         train_samples=samples, train_seconds=seconds,
         train_samples_per_second=samples / seconds if seconds else 0.0,
         server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
+        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers),
     )

@@ -132,6 +132,11 @@ class Config:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.checkpoint_every and self.algo in ASYNC_ALGOS:
+            raise ConfigError(
+                f"--checkpoint-every is for sgd and ea; async {self.algo} checkpoints when it ends "
+                f"and on SIGTERM/SIGUSR1 (resume with --resume auto)"
+            )
         if self.on_nonfinite not in ("skip", "stop"):
             raise ConfigError(f"--on-nonfinite must be skip or stop; got '{self.on_nonfinite}'")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:

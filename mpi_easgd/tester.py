@@ -4,7 +4,7 @@ It polls for the next snapshot with a short sleep between polls (it must not bus
 a CPU that workers need), evaluates it on the test set and logs one metrics row per
 snapshot. BatchNorm statistics are not part of the center, so before each evaluation they
 are re-estimated on a few training batches (as for any averaged model). On the FINAL
-snapshot it evaluates, saves the center and returns.
+snapshot it evaluates and returns.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def save_model(model: nn.Module, path: Path) -> None:
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
-               server: int, device: torch.device, log, run_dir: Path) -> dict:
+               server: int, device: torch.device, log) -> dict:
     """Evaluate every snapshot until the final one; returns the final evaluation."""
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
@@ -85,5 +85,4 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
                    test_loss=loss / count, test_accuracy=correct / count)
         log.log_eval(**row)
         if kind == Kind.FINAL:
-            save_model(model, run_dir / "center.pt")
             return dict(row, evaluations=evaluations)

@@ -135,7 +135,7 @@ def run(argv: list[str] | None, comm) -> int:
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async
 
-        summary = run_async(cfg, comm, topo, info, device, log, run_dir)
+        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume)
     else:
         from mpi_easgd.sync import run_peer
 

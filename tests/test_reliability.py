@@ -43,29 +43,55 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(algo, blobs, tmp_path)
     assert full["test_accuracy"] == cut["test_accuracy"] and full["test_loss"] == cut["test_loss"]
 
 
-def test_stop_signal_checkpoints_exits_75_and_resumes(blobs, tmp_path):
-    args = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpi_easgd.train", "--no-progress",
-            *base(blobs, tmp_path, "sig"), "--epochs", "6"]
-    env = {**os.environ, "MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"}  # ~2.4 s of training
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    metrics = tmp_path / "sig" / "metrics.csv"
+def signal_mid_run(ranks, args, metrics, env, rows=2):
+    """Start a run, SIGTERM the launcher once ``metrics`` has ``rows`` lines; returns
+    (exit status, stderr, seconds from the signal to the end)."""
+    proc = subprocess.Popen([find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_easgd.train",
+                             "--no-progress", *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 1):
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
         time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
-    out, err = proc.communicate(timeout=60)
-    ended = time.monotonic() - sent
-    assert proc.returncode == 75, err
-    assert ended < 10, f"took {ended:.1f}s to checkpoint and stop"
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop after SIGTERM")
+    return proc.returncode, err, time.monotonic() - sent
+
+
+def test_stop_signal_checkpoints_exits_75_and_resumes(blobs, tmp_path):
+    metrics = tmp_path / "sig" / "metrics.csv"
+    args = [*base(blobs, tmp_path, "sig"), "--epochs", "6"]
+    rc, err, seconds = signal_mid_run(2, args, metrics, {"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"})
+    assert rc == 75, err
+    assert seconds < 10, f"took {seconds:.1f}s to checkpoint and stop"
     assert "continue with --resume auto" in err
-    rows_before = len(metrics.read_text().splitlines())
-    assert rows_before < 7, "the signal came too late to test anything"
-    r = train(2, *base(blobs, tmp_path, "sig"), "--epochs", "6", "--resume", "auto")
+    assert len(metrics.read_text().splitlines()) < 7, "the signal came too late to test anything"
+    r = train(2, *args, "--resume", "auto")
     assert r.returncode == 0, r.output
     epochs = [line.split(",")[1] for line in metrics.read_text().splitlines()[1:]]
     assert epochs == [str(e) for e in range(1, 7)], "every epoch logged once, in order"
+
+
+def test_async_stop_signal_checkpoints_every_role_and_resumes(tmp_path):
+    run = tmp_path / "async"
+    args = ["--algo", "easgd", "--epochs", "4", "--test-every", "0.3", "--out", str(tmp_path), "--run-name", "async"]
+    rc, err, seconds = signal_mid_run(4, args, run / "metrics.csv",
+                                      {"MPI_EASGD_FAULT": "rank=2,action=sleep,seconds=0.03"})
+    assert rc == 75 and seconds < 10, (rc, seconds, err)
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "manifest.json", "rank-00000.pt", "rank-00001.pt", "rank-00002.pt", "rank-00003.pt"]
+    r = train(4, *args, "--resume", "auto")
+    assert r.returncode == 0, r.output
+    summary = read_summary(run)
+    for w in summary["per_worker"]:
+        assert w["steps"] == 4 * (2000 // 32), "every worker finished all its epochs across the stop"
+        assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
+    assert summary["test_accuracy"] > 0.9
 
 
 def test_a_killed_rank_ends_the_job_without_orphans(blobs, tmp_path):

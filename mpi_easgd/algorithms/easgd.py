@@ -50,6 +50,12 @@ class ElasticWorker:
     def prepare(self) -> None:
         """Fill ``self.send`` (nothing to do: it is ``x``)."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def absorb(self) -> None:
         easgd_worker_update(self.x, self.reply, self.alpha, self._scratch)
 
@@ -66,6 +72,12 @@ class DownpourWorker:
     def prepare(self) -> None:
         """Fill ``self.send`` with the update accumulated since the last exchange."""
         torch.sub(self.x, self.anchor, out=self.send)
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchor.copy_(state["anchor"])
 
     def absorb(self) -> None:
         self.x.copy_(self.reply)

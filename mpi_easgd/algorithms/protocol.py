@@ -14,7 +14,7 @@ import numpy as np
 class Tag(IntEnum):
     EXCHANGE = 11  # worker -> server: float32[n] payload (parameters, or DOWNPOUR's delta)
     REPLY = 12  # server -> worker: float32[n] center
-    DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples)
+    DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples, stopped early)
     SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples)
     SNAPSHOT = 15  # server -> tester: float32[n] center
 
@@ -26,12 +26,12 @@ class Kind(IntEnum):
     FINAL = 2  # the final center: evaluate, save, summarise, exit
 
 
-DONE_LEN = 3
+DONE_LEN = 4
 META_LEN = 3
 
 
-def done_message(exchanges: int, steps: int, samples: int) -> np.ndarray:
-    return np.array([exchanges, steps, samples], dtype=np.int64)
+def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.ndarray:
+    return np.array([exchanges, steps, samples, int(stopped)], dtype=np.int64)
 
 
 def meta_message(kind: Kind, updates: int, samples: int) -> np.ndarray:

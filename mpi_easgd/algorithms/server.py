@@ -125,6 +125,14 @@ class Server:
             r.Free()
         self.wall_seconds = time.perf_counter() - start
 
+    def state_dict(self) -> dict:
+        return {"center": self.center, "updates": self.updates, "exchanges": self.exchanges.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.center.copy_(state["center"])
+        self.updates = int(state["updates"])
+        self.exchanges[:] = state["exchanges"]
+
     def stats(self) -> dict:
         """Per-worker exchange counts and staleness, busy fraction (for the summary)."""
         per_worker = []
@@ -137,5 +145,6 @@ class Server:
             ))
         return dict(
             updates=self.updates, per_worker=per_worker, server_wall_seconds=self.wall_seconds,
+            stopped=bool(self.done[:, 3].any()),
             server_busy_fraction=self.busy_seconds / self.wall_seconds if self.wall_seconds else 0.0,
         )
