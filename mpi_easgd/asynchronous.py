@@ -42,7 +42,8 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
     if topo.role == "server":
         server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
                         topo.tester_rank, test_every=cfg.test_every,
-                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit)
+                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
+                        peer_timeout=cfg.worker_timeout)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
     start = MPIBuffer(flat.data)
@@ -59,14 +60,16 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
     )
     state = None
     if server is not None:
-        server.run()
+        try:
+            server.run()
+        finally:  # the server owns the center: keep it even if a peer was lost at the end
+            save_model(flat.module, run_dir / "center.pt")
         stats, state = server.stats(), server.state_dict()
         if cfg.audit:
             order = np.array([i for i, _ in server.audit], dtype=np.int64)
             payloads = torch.stack([x for _, x in server.audit]).numpy()
             np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
                      order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
-        save_model(flat.module, run_dir / "center.pt")  # the server owns the center
     elif topo.role == "worker":
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,

@@ -54,6 +54,8 @@ class Config:
     augment: bool = _opt(False, "random crop (pad 4) and horizontal flip of training images")
     prefetch: int = _opt(2, "training batches prepared ahead in a background thread (0: off)")
     test_every: float = _opt(2.0, "async: seconds between tests of the center")
+    worker_timeout: float = _opt(300.0, "async: end the job when a worker (or, at the end, the tester) "
+                                        "is silent this many seconds")
     out: str = _opt("runs", "parent directory of the run directory")
     run_name: str = _opt("", "run directory name (default: algo-model-npN-timestamp)")
     progress: bool = _opt(True, "show a progress bar")
@@ -121,6 +123,7 @@ class Config:
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
+            (self.worker_timeout > 0, f"--worker-timeout must be > 0 seconds; got {self.worker_timeout}"),
             ("/" not in self.run_name, f"--run-name must be a plain name, not a path; got '{self.run_name}'"),
         ]
         for ok, message in checks:

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m mpi_easgd.train``: run, and turn an exception on any rank into MPI_Abort."""
     from mpi4py import MPI
 
+    from mpi_easgd.algorithms.server import PeerLost
     from mpi_easgd.checkpoint import CheckpointError
     from mpi_easgd.control import EXIT_PREEMPTED, Preempted
     from mpi_easgd.loop import NonFiniteError
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(f"mpi_easgd: {exc}; continue with --resume auto (exit {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (NonFiniteError, CheckpointError) as exc:  # expected failures: one line, no traceback
+    except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
         sys.stderr.flush()
         if comm.Get_size() > 1:

@@ -164,3 +164,23 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(blobs, tmp_
     assert (ckpts / "latest").read_text() == previous, "the previous checkpoint stays the latest"
     assert not list(ckpts.rglob(".*.tmp")), "no half-written file is left"
     assert not (upcoming / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("victim,message", [
+    ("1", "worker rank 1 sent nothing for"),
+    ("3", "tester rank 3 did not take the final center"),
+], ids=["worker", "tester"])
+def test_a_hung_peer_in_async_ends_the_job(victim, message, tmp_path):
+    """A SIGSTOPped worker is detected by the server's watchdog; a SIGSTOPped tester never
+    holds training up, and only the hand-off of the final center times out."""
+    marker = f"hung-{victim}-{os.getpid()}"
+    r = train(4, "--epochs", "3", "--worker-timeout", "3", "--test-every", "0.3", "--out", str(tmp_path),
+              "--run-name", marker, timeout=90, env={"MPI_EASGD_FAULT": f"rank={victim},action=stop,step=1"})
+    assert r.returncode != 0
+    assert r.seconds < 40, f"took {r.seconds:.1f}s"
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd: error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    if victim == "3":
+        assert (tmp_path / marker / "center.pt").exists(), "training finished despite the hung tester"
+    time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()

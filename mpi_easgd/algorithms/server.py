@@ -13,6 +13,8 @@ server never waits for the tester until the final center.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 import numpy as np
@@ -22,6 +24,60 @@ from mpi4py import MPI
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message
 from mpi_easgd.flat import flat_buffer
+
+
+class PeerLost(RuntimeError):
+    """A worker or the tester stopped answering for longer than the configured timeout."""
+
+
+def wait_until(requests: list[MPI.Request], deadline: float) -> bool:
+    """Wait for ``requests`` politely (test, then sleep) until ``deadline``; True if done."""
+    delay = 1e-4
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+class Watchdog:
+    """Ends the job when a worker has not been heard from for ``timeout`` seconds.
+
+    The server blocks in ``Waitany`` (no spinning), so it cannot notice silence itself; this
+    thread checks the time of each worker's last message once a second. A worker that
+    stopped answering (hung, stopped, lost node) cannot be removed from a running MPI job,
+    so the job ends with a message naming it instead of waiting forever.
+    """
+
+    def __init__(self, comm: MPI.Comm, workers: list[int], timeout: float) -> None:
+        self.comm = comm
+        self.workers = workers
+        self.timeout = timeout
+        self.last = {w: time.monotonic() for w in workers}
+        self.done: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mpi_easgd-watchdog", daemon=True)
+
+    def heard(self, worker: int) -> None:
+        self.last[worker] = time.monotonic()
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            now = time.monotonic()
+            for w in self.workers:
+                if w not in self.done and now - self.last[w] > self.timeout:
+                    print(f"mpi_easgd: error: worker rank {w} sent nothing for {now - self.last[w]:.0f}s "
+                          f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
+                          file=sys.stderr, flush=True)
+                    self.comm.Abort(1)  # MPI cannot drop one rank of a running job: end it loudly
 
 
 class Server:
@@ -38,6 +94,7 @@ class Server:
         test_every: float,
         samples_per_exchange: int,
         audit: bool = False,
+        peer_timeout: float = 300.0,
     ) -> None:
         self.comm = comm
         self.center = center
@@ -45,6 +102,7 @@ class Server:
         self.workers = worker_ranks
         self.tester = tester_rank
         self.test_every = test_every
+        self.peer_timeout = peer_timeout
         self.samples_per_exchange = samples_per_exchange
         p, n = len(worker_ranks), center.numel()
         self.updates = 0
@@ -89,12 +147,14 @@ class Server:
                  for i, w in enumerate(self.workers)]
         requests = recv + done
         MPI.Prequest.Startall(requests)
+        watchdog = Watchdog(comm, self.workers, self.peer_timeout).start()
         start = time.perf_counter()
         self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
         active = p
         while active:
             index = MPI.Request.Waitany(requests)
             t0 = time.perf_counter()
+            watchdog.heard(self.workers[index % p])
             if index < p:
                 i = index
                 reply[i].Wait()  # the previous reply to this worker has left its buffer
@@ -114,16 +174,27 @@ class Server:
                 # still posted and will never match, so withdraw it.
                 recv[i].Cancel()
                 recv[i].Wait()
+                watchdog.done.add(self.workers[i])
                 active -= 1
             self._maybe_snapshot()
             self.busy_seconds += time.perf_counter() - t0
+        watchdog.stop()
         MPI.Request.Waitall(reply)
-        MPI.Request.Waitall(self._snap_reqs)
+        # The tester never held training up; only the final center waits for it, bounded.
+        deadline = time.monotonic() + self.peer_timeout
+        if not wait_until(self._snap_reqs, deadline):
+            raise PeerLost(self._tester_lost())
         self._send_snapshot(Kind.FINAL)
-        MPI.Request.Waitall(self._snap_reqs)
+        if not wait_until(self._snap_reqs, deadline):
+            raise PeerLost(self._tester_lost())
         for r in recv + done + reply:
             r.Free()
         self.wall_seconds = time.perf_counter() - start
+
+    def _tester_lost(self) -> str:
+        return (f"tester rank {self.tester} did not take the final center within "
+                f"--worker-timeout {self.peer_timeout:g}s; training finished and the center is "
+                f"saved as center.pt, but the run's summary is not written")
 
     def state_dict(self) -> dict:
         return {"center": self.center, "updates": self.updates, "exchanges": self.exchanges.tolist()}
