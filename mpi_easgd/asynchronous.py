@@ -28,7 +28,8 @@ from mpi_easgd.topology import Topology
 
 
 def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, device: torch.device,
-              log, run_dir: Path, stop: StopRequest, resume: Path | None) -> dict | None:
+              log, run_dir: Path, stop: StopRequest, resume: Path | None,
+              transfer: str = "auto") -> dict | None:
     """Run this rank's role; returns the run summary on the tester, None elsewhere.
 
     A checkpoint is written when the run ends, and when a stop signal ends it early (then
@@ -46,7 +47,7 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
                         peer_timeout=cfg.worker_timeout)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
-    start = MPIBuffer(flat.data)
+    start = MPIBuffer(flat.data, transfer)
     start.before_send()
     comm.Bcast(start.mpi, root=topo.server_rank)
     start.after_recv()
@@ -74,11 +75,11 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
                              prefetch=cfg.prefetch)
-        stats, state = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, saved)
+        stats, state = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, saved, transfer)
     else:
         test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
         train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log)
+        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log, transfer)
         state = {"evaluations": stats["evaluations"]}  # every rank has a file: one check on resume
     everything = comm.gather(stats, root=topo.tester_rank)
     stopped, updates = comm.bcast((stats["stopped"], stats["updates"]) if server else None,

@@ -48,7 +48,10 @@ class Config:
     tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
     alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers)")
     seed: int = _opt(0, "seed for initialisation and data order")
-    device: str = _opt("cpu", "cpu, cuda or auto", choices=DEVICES)
+    device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
+    cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
+                                   "or ask the MPI library (auto; $MPI_EASGD_CUDA_AWARE overrides)",
+                           choices=("auto", "yes", "no"))
     threads: int = _opt(0, "torch threads per rank (0: cores on this node / ranks on it)")
     uneven: bool = _opt(False, "give ranks uneven shards (last partial batch kept)")
     augment: bool = _opt(False, "random crop (pad 4) and horizontal flip of training images")

@@ -131,34 +131,39 @@ class FlatParameters:
 class MPIBuffer:
     """What MPI reads and writes for a tensor, and the copies around the call.
 
-    ``buf.mpi`` is handed to mpi4py. Call ``buf.before_send()`` before MPI reads the tensor
-    and ``buf.after_recv()`` after MPI wrote into it; both are no-ops on CPU.
+    ``buf.mpi`` is handed to mpi4py. Call ``buf.before_send()`` before MPI reads it and
+    ``buf.after_recv()`` after MPI wrote into it. ``mode`` (see :mod:`mpi_easgd.transfer`):
+    ``direct`` hands MPI the tensor's memory (no copies); ``staged`` goes through a host
+    buffer allocated once (pinned for GPU tensors), on any device, so the staged logic runs
+    on CPU-only machines too.
     """
 
-    def __init__(self, tensor: torch.Tensor, *, cuda_aware: bool = False) -> None:
+    def __init__(self, tensor: torch.Tensor, mode: str = "auto") -> None:
+        from mpi_easgd.transfer import resolve_mode
+
         if not tensor.is_contiguous():
             # MPI would read the storage in memory order, not the logical order.
             raise ValueError("MPI buffers must be contiguous tensors")
         self.tensor = tensor
-        self.staged = tensor.device.type != "cpu" and not cuda_aware
-        if tensor.device.type == "cpu":
-            self.mpi = tensor.detach().numpy()
-        elif cuda_aware:
-            self.mpi = tensor.detach()
-        else:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.on_gpu = tensor.device.type != "cpu"
+        self.mode = resolve_mode(mode, tensor.device.type)
+        if self.mode == "staged":
+            if self.on_gpu:
+                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            else:
+                self._host = flat_buffer(tensor.numel()).view(tensor.shape).to(tensor.dtype)
             self.mpi = self._host.numpy()
+        elif self.on_gpu:
+            self.mpi = tensor.detach()  # a CUDA-aware MPI reads device memory itself
+        else:
+            self.mpi = tensor.detach().numpy()
 
     def before_send(self) -> None:
-        if self.tensor.device.type == "cpu":
-            return
-        if self.staged:
-            self._host.copy_(self.tensor, non_blocking=False)
-        else:
-            # mpi4py does not synchronise the producing CUDA stream for us.
-            torch.cuda.current_stream(self.tensor.device).synchronize()
+        if self.mode == "staged":
+            self._host.copy_(self.tensor)  # synchronous: the data is on the host after this
+        elif self.on_gpu:
+            torch.cuda.current_stream(self.tensor.device).synchronize()  # mpi4py will not
 
     def after_recv(self) -> None:
-        if self.staged:
-            self.tensor.copy_(self._host, non_blocking=False)
-
+        if self.mode == "staged":
+            self.tensor.copy_(self._host)

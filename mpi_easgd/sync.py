@@ -34,7 +34,7 @@ from mpi_easgd.models import build_model
 
 
 def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.device, log,
-             run_dir: Path, control: Control, resume: Path | None) -> dict:
+             run_dir: Path, control: Control, resume: Path | None, transfer: str = "auto") -> dict:
     """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.manual_seed(cfg.seed)
@@ -45,7 +45,10 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
                         augment=cfg.augment, prefetch=cfg.prefetch)
     test = ShardLoader(info, "test", rank, size, batch_size=512, shuffle=False, even=False)
     steps = max(steps_per_epoch(info.sizes["train"], size, cfg.batch_size, even))
-    algo = AllReduceSGD(comm) if cfg.algo == "sgd" else AllReduceEA(comm, cfg.tau, cfg.alpha)
+    if cfg.algo == "sgd":
+        algo = AllReduceSGD(comm, transfer=transfer)
+    else:
+        algo = AllReduceEA(comm, cfg.tau, cfg.alpha, transfer=transfer)
     algo.synchronize_parameters(model)
     flat = algo.flat(model)
     forward_backward = supervised_step(model, flat.zero_grad)

@@ -63,11 +63,11 @@ def save_model(model: nn.Module, path: Path) -> None:
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
-               server: int, device: torch.device, log) -> dict:
+               server: int, device: torch.device, log, transfer: str = "auto") -> dict:
     """Evaluate every snapshot until the final one; returns the final evaluation."""
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
-    center = MPIBuffer(flat.data)  # snapshots land straight in the model's parameters
+    center = MPIBuffer(flat.data, transfer)  # snapshots land straight in the model's parameters
     fault = faults.from_env(comm.Get_rank())
     train_size = train.info.sizes["train"]
     evaluations = 0

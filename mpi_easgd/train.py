@@ -82,16 +82,6 @@ def _make_run_dir(cfg) -> Path:
     return run_dir.resolve()
 
 
-def _device(cfg, topo, local_rank: int):
-    import torch
-
-    if topo.role == "server" or cfg.device == "cpu":
-        return torch.device("cpu")  # the server is a CPU role
-    if cfg.device == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def run(argv: list[str] | None, comm) -> int:
     """Run one training job on ``comm``; returns the process exit status."""
     from mpi4py import MPI
@@ -124,24 +114,37 @@ def run(argv: list[str] | None, comm) -> int:
 
     import torch
 
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local.Get_size()))
-    device = _device(cfg, topo, local.Get_rank())
+    from mpi_easgd.transfer import cuda_aware, place
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this node
+    local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
+    torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local_size))
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    placement = place(cfg.device, topo.role, local_rank, local_size, gpus)
+    device = torch.device(placement.device)
+    aware, why = cuda_aware(cfg.cuda_aware)
+    transfer = "direct" if device.type == "cpu" or aware else "staged"
     log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, append=resume is not None)
            if topo.logs else NullRunLog())
+    if cfg.device != "cpu":
+        log.info(f"devices: {placement.device} on this rank; GPU transfers "
+                 f"{'straight to MPI (CUDA-aware)' if aware else 'staged through pinned host memory'} "
+                 f"({why}){'; ' + placement.note if placement.note else ''}")
     control = Control(comm, stop, cfg.checkpoint_every)
     start = time.perf_counter()
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async
 
-        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume)
+        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer)
     else:
         from mpi_easgd.sync import run_peer
 
-        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume)
+        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume, transfer)
     if topo.logs:
         summary["wall_seconds"] = time.perf_counter() - start
+        summary["device"] = str(device)
+        summary["transfer"] = f"{transfer} ({why})" if device.type != "cpu" else "direct (CPU)"
         summary["run_dir"] = str(run_dir)
         log.write_summary(summary)
     return 0

@@ -19,9 +19,9 @@ class FlatCache:
     mixing buffers.
     """
 
-    def __init__(self, *, grad_extra: int = 0, cuda_aware: bool = False) -> None:
+    def __init__(self, *, grad_extra: int = 0, transfer: str = "auto") -> None:
         self._grad_extra = grad_extra
-        self._cuda_aware = cuda_aware
+        self.transfer = transfer
         self._model: weakref.ref | None = None
         self.flat: FlatParameters | None = None
 
@@ -32,14 +32,14 @@ class FlatCache:
             raise ValueError("this algorithm object already serves another model; make one per model")
         self.flat = FlatParameters(model, grad_extra=self._grad_extra)
         self._model = weakref.ref(model)
-        self.data = MPIBuffer(self.flat.data, cuda_aware=self._cuda_aware)
-        self.grad = MPIBuffer(self.flat.grad_buffer, cuda_aware=self._cuda_aware)
+        self.data = MPIBuffer(self.flat.data, self.transfer)
+        self.grad = MPIBuffer(self.flat.grad_buffer, self.transfer)
         return self.flat
 
 
-def bcast_tensor(comm: MPI.Comm, tensor: torch.Tensor, root: int, cuda_aware: bool = False) -> None:
+def bcast_tensor(comm: MPI.Comm, tensor: torch.Tensor, root: int, transfer: str = "auto") -> None:
     """Broadcast one contiguous tensor from ``root`` in place (any dtype, any device)."""
-    buf = MPIBuffer(tensor, cuda_aware=cuda_aware)
+    buf = MPIBuffer(tensor, transfer)
     buf.before_send()
     comm.Bcast(buf.mpi, root=root)
     buf.after_recv()

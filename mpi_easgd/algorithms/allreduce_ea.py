@@ -31,7 +31,7 @@ def check_tau_alpha(tau: int, alpha: float) -> None:
 class AllReduceEA:
     """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``."""
 
-    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, cuda_aware: bool = False):
+    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, transfer: str = "auto"):
         check_tau_alpha(tau, alpha)
         self.comm = comm
         self.tau = tau
@@ -39,8 +39,7 @@ class AllReduceEA:
         self.calls = 0
         self.rounds = 0
         self.center: torch.Tensor | None = None
-        self._cuda_aware = cuda_aware
-        self._cache = FlatCache(cuda_aware=cuda_aware)
+        self._cache = FlatCache(transfer=transfer)
 
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Broadcast rank 0's parameters; every rank's center becomes those parameters."""
@@ -49,7 +48,7 @@ class AllReduceEA:
         bcast_module_state(self.comm, model, self._cache.data, root=0)
         self.center = flat_like(flat.data).copy_(flat.data)
         self._diff = flat_like(flat.data)
-        self._diff_buf = MPIBuffer(self._diff, cuda_aware=self._cuda_aware)
+        self._diff_buf = MPIBuffer(self._diff, self._cache.transfer)
         self.calls = 0
 
     def average_parameters(self, model: nn.Module) -> bool:
@@ -75,7 +74,7 @@ class AllReduceEA:
         """Make every copy of the center bitwise equal to rank 0's (floating-point drift)."""
         if self.center is None:
             raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
-        bcast_tensor(self.comm, self.center, root=0, cuda_aware=self._cuda_aware)
+        bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
 
     def flat(self, model: nn.Module) -> FlatParameters:
         """The flat parameter/gradient buffers of ``model`` (built on first use)."""

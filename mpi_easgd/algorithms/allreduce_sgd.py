@@ -28,10 +28,11 @@ from mpi_easgd.flat import FlatParameters
 class AllReduceSGD:
     """Sum (and average) gradients across ``comm`` with one in-place Allreduce per step."""
 
-    def __init__(self, comm: MPI.Comm, *, cuda_aware: bool = False) -> None:
+    def __init__(self, comm: MPI.Comm, *, transfer: str = "auto") -> None:
+        """``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`)."""
         self.comm = comm
         self.steps = 0  # steps with data since the last synchronize_parameters
-        self._cache = FlatCache(grad_extra=1, cuda_aware=cuda_aware)
+        self._cache = FlatCache(grad_extra=1, transfer=transfer)
 
     def synchronize_parameters(self, model: nn.Module) -> int:
         """Give every rank the parameters of the rank that took the most steps with data
@@ -70,7 +71,7 @@ class AllReduceSGD:
         count = self.sum_gradients(model, has_data)
         if count > 1:
             grad = self._cache.flat.grad
-            if grad.device.type == "cpu":  # numpy's in-place scale skips torch's ~5 us dispatch
+            if self._cache.grad.mode == "direct" and grad.device.type == "cpu":  # numpy skips ~5 us of torch dispatch
                 np.multiply(self._cache.grad.mpi, 1.0 / count, out=self._cache.grad.mpi)
             else:
                 grad.mul_(1.0 / count)

@@ -35,7 +35,7 @@ class _Stop(Exception):
 
 def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardLoader,
                server: int, device: torch.device, stop: StopRequest,
-               saved: dict | None = None) -> tuple[dict, dict]:
+               saved: dict | None = None, transfer: str = "auto") -> tuple[dict, dict]:
     """Train on ``loader`` for ``cfg.epochs`` epochs (or until ``stop``), starting from
     ``saved`` state if given; returns (statistics, state to checkpoint)."""
     model = flat.module
@@ -47,7 +47,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
         optimizer.load_state_dict(saved["optimizer"])
         rule.load_state_dict(saved["rule"])
         position = saved["position"]
-    send, reply = MPIBuffer(rule.send), MPIBuffer(rule.reply)
+    send, reply = MPIBuffer(rule.send, transfer), MPIBuffer(rule.reply, transfer)
     forward_backward = supervised_step(model, flat.zero_grad)
     latencies: list[float] = []
     checksums: list[float] = []  # audit: what this worker sent, in order

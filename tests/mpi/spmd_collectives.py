@@ -250,3 +250,27 @@ def test_sgd_equals_pytorch_ddp():
         torch.testing.assert_close(params(ours), params(ddp.module), rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+def test_staged_transfers_give_bitwise_the_same_result(algo):
+    """The host-staged path (what a non-CUDA-aware MPI uses for GPU tensors) on CPU."""
+    results = []
+    for transfer in ("direct", "staged"):
+        m = model(seed=RANK)
+        a = AllReduceSGD(COMM, transfer=transfer) if algo == "sgd" else AllReduceEA(COMM, 2, 0.3, transfer=transfer)
+        a.synchronize_parameters(m)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for step in range(5):
+            opt.zero_grad()
+            loss(m, batch(RANK, step)).backward()
+            if algo == "sgd":
+                a.sum_and_normalize_gradients(m)
+                opt.step()
+            else:
+                opt.step()
+                a.average_parameters(m)
+        if algo == "ea":
+            a.synchronize_center(m)
+        results.append(params(m))
+    assert torch.equal(*results)

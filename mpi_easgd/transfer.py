@@ -1,0 +1,90 @@
+"""How tensors reach MPI, and which device each rank uses.
+
+- **Transfer mode.** ``direct``: MPI reads the tensor's own memory (a numpy view on CPU; the
+  device pointer on a GPU, which needs a CUDA-aware MPI). ``staged``: through a host buffer
+  allocated once (pinned for GPUs), one copy each way; always works. ``auto`` picks direct
+  for CPU tensors and, for GPU tensors, direct only when the MPI library says it is
+  CUDA-aware (``MPIX_Query_cuda_support``) or ``MPI_EASGD_CUDA_AWARE=1`` says so.
+- **Placement.** One GPU per rank by node-local rank (from a shared-memory split of the
+  communicator), modulo the GPUs visible to the process (``CUDA_VISIBLE_DEVICES`` is
+  honoured by torch). The async server stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+ENV_CUDA_AWARE = "MPI_EASGD_CUDA_AWARE"
+MODES = ("auto", "direct", "staged")
+
+
+def loaded_mpi_library() -> str | None:
+    """Path of the libmpi this process has loaded (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1]
+                if "/libmpi" in path and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def query_cuda_support() -> bool | None:
+    """What the MPI library says about CUDA-awareness (MPICH and Open MPI have
+    ``MPIX_Query_cuda_support``); None when it cannot be asked."""
+    path = loaded_mpi_library()
+    if path is None:
+        return None
+    try:
+        return bool(ctypes.CDLL(path).MPIX_Query_cuda_support())
+    except (OSError, AttributeError):
+        return None
+
+
+def cuda_aware(setting: str = "auto", environ=os.environ) -> tuple[bool, str]:
+    """(CUDA-aware?, why): ``yes``/``no`` force it; ``auto`` reads ``$MPI_EASGD_CUDA_AWARE``
+    (1/0), then asks the library."""
+    if setting in ("yes", "no"):
+        return setting == "yes", f"--cuda-aware {setting}"
+    env = environ.get(ENV_CUDA_AWARE, "")
+    if env in ("0", "1"):
+        return env == "1", f"{ENV_CUDA_AWARE}={env}"
+    answer = query_cuda_support()
+    if answer is None:
+        return False, "the MPI library cannot be asked (assumed not CUDA-aware)"
+    return answer, f"MPIX_Query_cuda_support() = {int(answer)}"
+
+
+def resolve_mode(mode: str, device_type: str, setting: str = "auto") -> str:
+    """``direct`` or ``staged`` for a tensor on ``device_type`` (``cpu``/``cuda``)."""
+    if mode not in MODES:
+        raise ValueError(f"transfer mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device_type == "cpu":
+        return "direct"
+    return "direct" if cuda_aware(setting)[0] else "staged"
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu" or "cuda:N"
+    note: str  # what to tell the user (sharing, fallbacks)
+
+
+def place(kind: str, role: str, local_rank: int, local_size: int, gpus: int) -> Placement:
+    """The device of a rank: ``kind`` is cpu, cuda or auto; ``gpus`` the visible GPU count."""
+    if role == "server":
+        return Placement("cpu", "the parameter server keeps the center on the CPU")
+    if kind == "cpu" or (kind == "auto" and gpus == 0):
+        return Placement("cpu", "")
+    if gpus == 0:
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    note = ""
+    if local_size > gpus:
+        note = f"{local_size} ranks share {gpus} GPU(s) on this node"
+    return Placement(f"cuda:{local_rank % gpus}", note)
