@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU self-test for a GPU node (or an allocation: srun -N1 -n2 --gpus-per-task=1 jobs/gpu_selftest.sh).
+# 1. collectives on CUDA tensors through every transfer path, parameter equality, bandwidth;
+# 2. every algorithm for a few steps with --device cuda.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RANKS=${RANKS:-2}
+MPIEXEC=${MPIEXEC:-mpiexec}
+$MPIEXEC -n "$RANKS" python -m mpi4py jobs/gpu_selftest.py
+OUT=$(mktemp -d)
+for algo in sgd ea; do
+  $MPIEXEC -n "$RANKS" python -m mpi_easgd.train --algo "$algo" --device cuda --epochs 1 --no-progress --out "$OUT" | tail -3
+done
+for algo in easgd eamsgd downpour; do
+  $MPIEXEC -n $((RANKS + 2)) python -m mpi_easgd.train --algo "$algo" --device cuda --epochs 1 --no-progress --out "$OUT" | tail -3
+done
+echo "all algorithms ran on the GPU; run directories in $OUT"

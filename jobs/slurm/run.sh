@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run one mpi_easgd training step inside a SLURM allocation (called by the jobs/*.sbatch scripts).
+#
+# Environment (all optional):
+#   CONFIG    TOML config (default jobs/configs/mnist_easgd.toml); every algorithm has one
+#   ARGS      extra flags for python -m mpi_easgd.train (e.g. "--epochs 5 --device cuda")
+#   LAUNCHER  srun (PMI-2, default) or mpirun (the environment's mpiexec inside the allocation)
+#   OUT       parent of the run directory (default $SLURM_SUBMIT_DIR/runs)
+#   PYTHON    the interpreter with mpi_easgd installed (default python)
+#
+# The run directory is OUT/JOBNAME-JOBID, stable across requeues, and every start passes
+# --resume auto: the first start trains from scratch, a requeued one continues.
+# Preemption: SLURM's warning signal (#SBATCH --signal=B:USR1@120) or SIGTERM reaches this
+# script; it is forwarded to the training step, which writes a checkpoint and exits with 75;
+# the script then requeues the job (needs #SBATCH --requeue).
+set -uo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+CONFIG=${CONFIG:-jobs/configs/mnist_easgd.toml}
+LAUNCHER=${LAUNCHER:-srun}
+OUT=${OUT:-${SLURM_SUBMIT_DIR:-.}/runs}
+PYTHON=${PYTHON:-python}
+RUN_NAME="${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID:-local}"
+read -r -a extra <<< "${ARGS:-}"
+train=("$PYTHON" -m mpi_easgd.train --config "$CONFIG" --out "$OUT" --run-name "$RUN_NAME"
+       --resume auto --no-progress "${extra[@]}")
+
+echo "mpi_easgd: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks, launcher $LAUNCHER"
+case "$LAUNCHER" in
+  srun)   srun --mpi=pmi2 --kill-on-bad-exit=1 "${train[@]}" & ;;
+  mpirun) mpiexec -n "${SLURM_NTASKS:?}" "${train[@]}" & ;;
+  *)      echo "mpi_easgd: LAUNCHER must be srun or mpirun, got '$LAUNCHER'" >&2; exit 2 ;;
+esac
+step=$!
+forward() { echo "mpi_easgd: got $1, asking the training step to checkpoint and stop"; kill -USR1 "$step" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# `wait` returns early when a trapped signal arrives: keep waiting for the step itself.
+while true; do
+  wait "$step"; rc=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "mpi_easgd: checkpoint written; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
