@@ -42,22 +42,27 @@ def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: t
     stats = stats or EpochStats()
     loss_sum = torch.full((), stats.loss_sum, device=device)  # summed on the device: no sync
     t0 = time.perf_counter() - stats.seconds
-    for i in range(start, steps):
-        batch = next(batches, None)
-        if batch is not None:
-            batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
-        loss = step(batch)
-        if loss is not None:
-            loss_sum += loss.detach()
-            stats.batches += 1
-            stats.samples += len(batch[1])
-        bar.update(1)
-        if i % 20 == 19 and stats.batches:
-            bar.set_postfix(loss=f"{loss_sum.item() / stats.batches:.4f}", refresh=False)
-        if after_step is not None:
-            stats.loss_sum = float(loss_sum)
-            stats.seconds = time.perf_counter() - t0
-            after_step(i, stats)
+    try:
+        for i in range(start, steps):
+            batch = next(batches, None)
+            if batch is not None:
+                batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+            loss = step(batch)
+            if loss is not None:
+                loss_sum += loss.detach()
+                stats.batches += 1
+                stats.samples += len(batch[1])
+            bar.update(1)
+            if i % 20 == 19 and stats.batches:
+                bar.set_postfix(loss=f"{loss_sum.item() / stats.batches:.4f}", refresh=False)
+            if after_step is not None:
+                stats.loss_sum = float(loss_sum)
+                stats.seconds = time.perf_counter() - t0
+                after_step(i, stats)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stop a prefetch thread now, also when a stop or an error ends the epoch early
     stats.loss_sum = float(loss_sum)
     stats.seconds = time.perf_counter() - t0
     return stats

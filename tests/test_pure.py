@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, ServerRule
-from mpi_easgd.algorithms.elastic import ea_local_move, easgd_server_update
+from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.config import Config, ConfigError, parse_args
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.models import ModelError, build_model, check_model_name
@@ -71,19 +71,20 @@ def test_mpi_buffer_refuses_non_contiguous():
     assert t[0] == 7  # a zero-copy view on CPU
 
 
-def test_easgd_server_and_worker_apply_the_same_difference():
+def test_easgd_exchange_is_the_symmetric_elastic_pull():
     g = torch.Generator().manual_seed(1)
     c, x = torch.randn(100, generator=g), torch.randn(100, generator=g)
     c0, x0 = c.clone(), x.clone()
-    reply, scratch = torch.empty(100), torch.empty(100)
-    ServerRule("easgd", 0.3).apply(c, x, reply, scratch)
-    assert torch.equal(reply, c0)
+    incoming = x.clone()
+    new, reply = ServerRule("easgd", 0.3).apply(c, incoming)
+    assert reply is c and torch.equal(c, c0), "the old center is the reply and is never written"
+    assert new is incoming, "the new center is written over the incoming message"
+    torch.testing.assert_close(new, c0 + 0.3 * (x0 - c0))
     worker = ElasticWorker(x, 0.3)
     worker.reply.copy_(reply)
     worker.absorb()
-    # the pair is symmetric: what the center gained, the worker lost, bitwise
-    assert torch.equal(c - c0, x0 - x) or torch.allclose(c - c0, x0 - x, atol=1e-7)
-    assert torch.allclose(c, c0 + 0.3 * (x0 - c0)) and torch.allclose(x, x0 - 0.3 * (x0 - c0))
+    torch.testing.assert_close(x, x0 - 0.3 * (x0 - c0))
+    torch.testing.assert_close(new - c0, x0 - x)  # what the center gained, the worker gave up
 
 
 def test_downpour_round_trip():
@@ -93,21 +94,17 @@ def test_downpour_round_trip():
     x.add_(2.0)  # local updates since the last sync
     worker.prepare()
     assert torch.equal(worker.send, torch.full((10,), 2.0))
-    ServerRule("downpour", 0.5).apply(c, worker.send, worker.reply, torch.empty(10))
+    new, reply = ServerRule("downpour", 0.5).apply(c, worker.send.clone())
+    assert reply is new and torch.equal(new, torch.full((10,), 3.0)) and torch.equal(c, torch.ones(10))
+    worker.reply.copy_(reply)
     worker.absorb()
-    assert torch.equal(c, torch.full((10,), 3.0)) and torch.equal(x, c) and torch.equal(worker.anchor, c)
+    assert torch.equal(x, new) and torch.equal(worker.anchor, new)
 
 
 def test_ea_local_move():
     x, c, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.empty(2)
     ea_local_move(x, c, 0.25, d)
     assert torch.equal(d, torch.tensor([0.25, 0.5])) and torch.equal(x, torch.tensor([0.75, 1.5]))
-
-
-def test_easgd_server_update_reply_is_old_center():
-    c, x, r, s = torch.zeros(3), torch.ones(3), torch.empty(3), torch.empty(3)
-    easgd_server_update(c, x, 0.5, r, s)
-    assert torch.equal(r, torch.zeros(3)) and torch.equal(c, torch.full((3,), 0.5))
 
 
 def test_config_precedence_and_types(tmp_path):

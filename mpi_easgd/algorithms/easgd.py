@@ -24,17 +24,20 @@ from mpi_easgd.flat import flat_like
 
 
 class ServerRule:
-    """Apply one exchange: update ``center`` from ``payload`` and fill ``reply``."""
+    """Apply one exchange to the center; see :meth:`apply`."""
 
     def __init__(self, algo: str, alpha: float) -> None:
         self.algo = algo
         self.alpha = alpha
 
-    def apply(self, center, payload, reply, scratch) -> None:
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new center, reply)`` for a worker's message ``incoming``, which is overwritten
+        with the new center. EASGD replies with the old ``center``, DOWNPOUR with the new one.
+        ``center`` is never written: it may still be in flight to another worker."""
         if self.algo == "downpour":
-            downpour_server_update(center, payload, reply)
-        else:
-            easgd_server_update(center, payload, self.alpha, reply, scratch)
+            new = downpour_server_update(center, incoming)
+            return new, new
+        return easgd_server_update(center, incoming, self.alpha), center
 
 
 class ElasticWorker:
@@ -45,7 +48,6 @@ class ElasticWorker:
         self.alpha = alpha
         self.send = x  # sent straight from the flat parameters: no copy
         self.reply = flat_like(x)
-        self._scratch = flat_like(x)
 
     def prepare(self) -> None:
         """Fill ``self.send`` (nothing to do: it is ``x``)."""
@@ -57,7 +59,7 @@ class ElasticWorker:
         pass
 
     def absorb(self) -> None:
-        easgd_worker_update(self.x, self.reply, self.alpha, self._scratch)
+        easgd_worker_update(self.x, self.reply, self.alpha)
 
 
 class DownpourWorker:

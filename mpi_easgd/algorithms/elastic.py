@@ -1,8 +1,8 @@
 """The update rules as pure functions on flat float32 tensors (no MPI).
 
 Every function writes into caller-owned buffers so the hot path allocates nothing. The
-server and worker sides of an exchange call the same :func:`elastic_difference` on the
-same inputs, so both apply bitwise the same difference (the paper's symmetric update).
+server-side functions never write the current center: they write the new center over the
+incoming message, so the old center can be on its way to a worker at the same time.
 """
 
 from __future__ import annotations
@@ -25,21 +25,19 @@ def ea_local_move(x: torch.Tensor, c: torch.Tensor, alpha: float, diff: torch.Te
     return diff
 
 
-def easgd_server_update(
-    center: torch.Tensor, x: torch.Tensor, alpha: float, reply: torch.Tensor, scratch: torch.Tensor
-) -> None:
-    """Async EASGD, server side of one exchange with parameters ``x``:
-    ``reply = c``; ``c += alpha (x - reply)``."""
-    reply.copy_(center)
-    center.add_(elastic_difference(x, reply, alpha, scratch))
+def easgd_server_update(center: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Async EASGD, server side of one exchange with parameters ``x``: the new center
+    ``c + alpha (x - c)`` is written over ``x`` (one fused pass) and returned; ``center``
+    itself is not written, so it can be sent to the worker as its reply meanwhile."""
+    return torch.lerp(center, x, alpha, out=x)
 
 
-def easgd_worker_update(x: torch.Tensor, c: torch.Tensor, alpha: float, scratch: torch.Tensor):
+def easgd_worker_update(x: torch.Tensor, c: torch.Tensor, alpha: float) -> None:
     """Async EASGD, worker side: ``x -= alpha (x - c)`` with ``c`` the server's reply."""
-    x.sub_(elastic_difference(x, c, alpha, scratch))
+    x.lerp_(c, alpha)
 
 
-def downpour_server_update(center: torch.Tensor, delta: torch.Tensor, reply: torch.Tensor):
-    """DOWNPOUR, server side: ``c += delta``; ``reply = c``."""
-    center.add_(delta)
-    reply.copy_(center)
+def downpour_server_update(center: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DOWNPOUR, server side: the new center ``c + delta`` is written over ``delta`` and
+    returned (it is also the reply); ``center`` is not written."""
+    return delta.add_(center)

@@ -192,3 +192,6 @@ def prefetch(iterable, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        # Join, so that no thread is still inside torch when the interpreter shuts down
+        # (that aborts the process with "terminate called without an active exception").
+        thread.join(timeout=10)

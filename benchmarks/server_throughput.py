@@ -1,0 +1,101 @@
+"""Parameter-server throughput against a raw MPI round trip of the same bytes.
+
+Rank 0 serves the workers (ranks 1..n-2; the last rank is the tester, which only takes the
+final center). Each worker does nothing but exchange. "ours" is the real :class:`Server`
+(persistent receives, Waitany, the elastic update, nonblocking replies); "raw" is rank 0
+running ``Recv(any source)`` / ``Send`` back with no arithmetic, between the same ranks.
+Both are timed alternately; prints total exchanges/s and the ratio ours / raw (target
+>= 0.8). Run::
+
+    mpiexec -n 4 python -m mpi4py benchmarks/server_throughput.py    # 2 workers
+    mpiexec -n 5 python -m mpi4py benchmarks/server_throughput.py    # 3 workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from mpi_easgd.algorithms.easgd import ServerRule
+from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, done_message
+from mpi_easgd.algorithms.server import Server
+from mpi_easgd.flat import flat_buffer
+
+RAW = 99
+
+
+def ours(comm, n: int, exchanges: int) -> float:
+    rank, size = comm.rank, comm.size
+    workers, tester = list(range(1, size - 1)), size - 1
+    buf, reply = flat_buffer(n), flat_buffer(n)
+    comm.Barrier()
+    start = time.perf_counter()
+    if rank == 0:
+        Server(comm, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
+               samples_per_exchange=1).run()
+    elif rank == tester:  # takes snapshots until the final one, like the real tester
+        meta = np.zeros(META_LEN, np.int64)
+        while meta[0] != Kind.FINAL:
+            comm.Recv(meta, source=0, tag=Tag.SNAPSHOT_META)
+            comm.Recv(buf.numpy(), source=0, tag=Tag.SNAPSHOT)
+    else:
+        for _ in range(exchanges):
+            comm.Sendrecv(buf.numpy(), dest=0, sendtag=Tag.EXCHANGE, recvbuf=reply.numpy(), source=0,
+                          recvtag=Tag.REPLY)
+        comm.Send(done_message(exchanges, 0, 0, False), dest=0, tag=Tag.DONE)
+    comm.Barrier()
+    return time.perf_counter() - start
+
+
+def raw(comm, n: int, exchanges: int) -> float:
+    rank, size = comm.rank, comm.size
+    buf, reply = flat_buffer(n), flat_buffer(n)
+    comm.Barrier()
+    start = time.perf_counter()
+    if rank == 0:
+        status = MPI.Status()
+        for _ in range(exchanges * (size - 2)):
+            comm.Recv(buf.numpy(), source=MPI.ANY_SOURCE, tag=RAW, status=status)
+            comm.Send(buf.numpy(), dest=status.Get_source(), tag=RAW)
+    elif rank != size - 1:
+        for _ in range(exchanges):
+            comm.Sendrecv(buf.numpy(), dest=0, sendtag=RAW, recvbuf=reply.numpy(), source=0, recvtag=RAW)
+    comm.Barrier()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 11e6], help="parameters")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--exchanges", type=int, default=0, help="per worker per timing (0: auto)")
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    if comm.size < 3:
+        raise SystemExit("run with 4+ ranks: server, workers, tester")
+    workers = comm.size - 2
+    if comm.rank == 0:
+        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} pairs)")
+        print(f"{'parameters':>12}{'ours':>10}{'raw':>10}{'ratio':>8}   ratios")
+    for size in args.sizes:
+        n = int(size)
+        k = args.exchanges or max(5, int(4e8 / (n * 4)))
+        ratios, rates = [], {"ours": [], "raw": []}
+        for pair in range(args.pairs + 1):  # the first pair warms up
+            order = [("ours", ours), ("raw", raw)][:: 1 if pair % 2 else -1]
+            seconds = {name: fn(comm, n, k) for name, fn in order}
+            if pair:
+                for name in rates:
+                    rates[name].append(k * workers / seconds[name])
+                ratios.append(seconds["raw"] / seconds["ours"])
+        if comm.rank == 0:
+            print(f"{n:>12,}{statistics.median(rates['ours']):>10.1f}{statistics.median(rates['raw']):>10.1f}"
+                  f"{statistics.median(ratios):>8.3f}   {' '.join(f'{r:.2f}' for r in ratios)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
