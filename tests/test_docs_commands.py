@@ -34,3 +34,16 @@ def test_benchmark_scripts_run():
     r = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--samples", "512", "--repeats", "1"],
                        capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0 and "resnet20" in r.stdout, r.stderr
+
+
+def test_async_benchmark_scripts_run(tmp_path):
+    r = mpirun(4, "-m", "mpi4py", "benchmarks/server_throughput.py", "--sizes", "1e5", "--pairs", "1",
+               "--exchanges", "5", timeout=120)
+    assert r.returncode == 0 and "100,000" in r.stdout and "ratio" in r.stdout, r.output
+    r = subprocess.run([sys.executable, "benchmarks/time_to_accuracy.py", "--taus", "10", "--epochs", "1",
+                        "--target", "0.5", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "time_to_accuracy.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("algo,tau")  # header + sgd + 4 at tau 10
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
