@@ -10,7 +10,6 @@ snapshot it evaluates and returns.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,10 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd import faults
-from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag
+from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.data import ShardLoader
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.loop import evaluate
-
-
-def wait_politely(request: MPI.Request, max_sleep: float = 0.02) -> None:
-    """Wait for ``request`` without spinning: test, then sleep with a growing back-off."""
-    delay = 1e-4
-    while not request.Test():
-        time.sleep(delay)
-        delay = min(delay * 2, max_sleep)
 
 
 @torch.no_grad()
@@ -72,7 +63,7 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
     train_size = train.info.sizes["train"]
     evaluations = 0
     while True:
-        wait_politely(comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META))
+        wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
         comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way
         center.after_recv()
         if fault:

@@ -6,9 +6,11 @@ exchange; control messages carry small int64 arrays on their own tags.
 
 from __future__ import annotations
 
+import time
 from enum import IntEnum
 
 import numpy as np
+from mpi4py import MPI
 
 
 class Tag(IntEnum):
@@ -36,3 +38,16 @@ def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.
 
 def meta_message(kind: Kind, updates: int, samples: int) -> np.ndarray:
     return np.array([int(kind), updates, samples], dtype=np.int64)
+
+
+def wait_politely(requests: list[MPI.Request], deadline: float = float("inf")) -> bool:
+    """Wait for ``requests`` without spinning (test, then sleep with a growing back-off up
+    to 20 ms, so a waiting rank leaves the CPU to ranks that compute) until the
+    ``time.monotonic()`` deadline; True if they completed."""
+    delay = 1e-4
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True

@@ -31,23 +31,12 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message
+from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message, wait_politely
 from mpi_easgd.flat import flat_buffer
 
 
 class PeerLost(RuntimeError):
     """A worker or the tester stopped answering for longer than the configured timeout."""
-
-
-def wait_until(requests: list[MPI.Request], deadline: float) -> bool:
-    """Wait for ``requests`` politely (test, then sleep) until ``deadline``; True if done."""
-    delay = 1e-4
-    while not MPI.Request.Testall(requests):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return True
 
 
 class Watchdog:
@@ -239,10 +228,10 @@ class Server:
         watchdog.stop()
         # The tester never held training up; only the final center waits for it, bounded.
         deadline = time.monotonic() + self.peer_timeout
-        if not wait_until(self._snap_reqs, deadline):
+        if not wait_politely(self._snap_reqs, deadline):
             raise PeerLost(self._tester_lost())
         self._send_snapshot(Kind.FINAL)
-        if not wait_until(self.pool.requests(), deadline):
+        if not wait_politely(self.pool.requests(), deadline):
             raise PeerLost(self._tester_lost())
         if self.center is not self.home:
             self.home.copy_(self.center)
