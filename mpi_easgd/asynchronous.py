@@ -25,6 +25,7 @@ from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.models import build_model
 from mpi_easgd.tester import run_tester, save_model
 from mpi_easgd.topology import Topology
+from mpi_easgd.watchdog import Watchdog
 
 
 def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, device: torch.device,
@@ -81,7 +82,15 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
         stats = run_tester(comm, flat, test, train, topo.server_rank, device, log, transfer)
         state = {"evaluations": stats["evaluations"]}  # every rank has a file: one check on resume
+    # The tester gathers everyone's statistics; if it hung after taking the final center,
+    # this is where the others would wait, so they watch it here too.
+    guard = None
+    if topo.role != "tester":
+        guard = Watchdog(comm, cfg.worker_timeout, lambda _: f"tester rank {topo.tester_rank}").start()
+        guard.expect("tester")
     everything = comm.gather(stats, root=topo.tester_rank)
+    if guard is not None:
+        guard.stop()
     stopped, updates = comm.bcast((stats["stopped"], stats["updates"]) if server else None,
                                   root=topo.server_rank)
     ckpt = checkpoint.step_dir(run_dir, updates)

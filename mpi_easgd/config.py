@@ -57,8 +57,8 @@ class Config:
     augment: bool = _opt(False, "random crop (pad 4) and horizontal flip of training images")
     prefetch: int = _opt(2, "training batches prepared ahead in a background thread (0: off)")
     test_every: float = _opt(2.0, "async: seconds between tests of the center")
-    worker_timeout: float = _opt(300.0, "async: end the job when a worker (or, at the end, the tester) "
-                                        "is silent this many seconds")
+    worker_timeout: float = _opt(300.0, "async: end the job when a worker, the server, or (at the end) "
+                                        "the tester is silent this many seconds")
     out: str = _opt("runs", "parent directory of the run directory")
     run_name: str = _opt("", "run directory name (default: algo-model-npN-timestamp)")
     progress: bool = _opt(True, "show a progress bar")

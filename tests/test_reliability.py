@@ -168,11 +168,13 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(blobs, tmp_
 
 @pytest.mark.parametrize("victim,message", [
     ("1", "worker rank 1 sent nothing for"),
-    ("3", "tester rank 3 did not take the final center"),
-], ids=["worker", "tester"])
+    ("0", "the server (rank 0) sent nothing for"),
+    ("3", "tester rank 3"),  # "did not take the final center", or silent in the final gather
+], ids=["worker", "server", "tester"])
 def test_a_hung_peer_in_async_ends_the_job(victim, message, tmp_path):
-    """A SIGSTOPped worker is detected by the server's watchdog; a SIGSTOPped tester never
-    holds training up, and only the hand-off of the final center times out."""
+    """A SIGSTOPped worker is detected by the server's watchdog, a SIGSTOPped server by the
+    workers'; a SIGSTOPped tester never holds training up, and only the hand-off of the
+    final center times out."""
     marker = f"hung-{victim}-{os.getpid()}"
     r = train(4, "--epochs", "3", "--worker-timeout", "3", "--test-every", "0.3", "--out", str(tmp_path),
               "--run-name", marker, timeout=90, env={"MPI_EASGD_FAULT": f"rank={victim},action=stop,step=1"})

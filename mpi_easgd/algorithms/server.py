@@ -7,7 +7,8 @@ node), applies each exchange in arrival order and answers at once. The reply is 
 send, because the worker is by protocol already waiting in its receive: the send finishes
 at memory speed whatever that worker's pace, and it was measured 2.4x faster than a
 nonblocking one, which MPICH only moves while the server is inside an MPI call. A worker
-that hangs between its send and its receive is caught by the watchdog.
+that hangs between its send and its receive is caught by the watchdog (which also ends
+the job when a worker falls silent for ``--worker-timeout`` seconds).
 
 The center is kept as immutable versions: an exchange writes the new center over the
 buffer the worker's message arrived in (one fused pass) and sends the reply straight from
@@ -22,60 +23,21 @@ waits for the tester until the final center (and then only up to a timeout).
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import faults
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message, wait_politely
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.watchdog import Watchdog
 
 
 class PeerLost(RuntimeError):
     """A worker or the tester stopped answering for longer than the configured timeout."""
-
-
-class Watchdog:
-    """Ends the job when a worker has not been heard from for ``timeout`` seconds.
-
-    The server blocks in ``Waitany`` (no spinning), so it cannot notice silence itself; this
-    thread checks the time of each worker's last message once a second. A worker that
-    stopped answering (hung, stopped, lost node) cannot be removed from a running MPI job,
-    so the job ends with a message naming it instead of waiting forever.
-    """
-
-    def __init__(self, comm: MPI.Comm, workers: list[int], timeout: float) -> None:
-        self.comm = comm
-        self.workers = workers
-        self.timeout = timeout
-        self.last = {w: time.monotonic() for w in workers}
-        self.done: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="mpi_easgd-watchdog", daemon=True)
-
-    def heard(self, worker: int) -> None:
-        self.last[worker] = time.monotonic()
-
-    def start(self) -> Watchdog:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout / 4)):
-            now = time.monotonic()
-            for w in self.workers:
-                if w not in self.done and now - self.last[w] > self.timeout:
-                    print(f"mpi_easgd: error: worker rank {w} sent nothing for {now - self.last[w]:.0f}s "
-                          f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
-                          file=sys.stderr, flush=True)
-                    self.comm.Abort(1)  # MPI cannot drop one rank of a running job: end it loudly
 
 
 class BufferPool:
@@ -185,14 +147,17 @@ class Server:
         recv = [comm.Irecv(incoming[i].numpy(), source=w, tag=Tag.EXCHANGE) for i, w in enumerate(self.workers)]
         done = [comm.Irecv(self.done[i], source=w, tag=Tag.DONE) for i, w in enumerate(self.workers)]
         requests = recv + done
-        watchdog = Watchdog(comm, self.workers, self.peer_timeout).start()
+        watchdog = Watchdog(comm, self.peer_timeout, lambda w: f"worker rank {w}").start()
+        for w in self.workers:
+            watchdog.expect(w)
+        fault = faults.from_env(comm.Get_rank())
         start = time.perf_counter()
         self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
         active = p
         while active:
             index = MPI.Request.Waitany(requests)
             t0 = time.perf_counter()
-            watchdog.heard(self.workers[index % p])
+            watchdog.expect(self.workers[index % p])  # heard from it: restart its clock
             if index < p:
                 i = index
                 x = incoming[i]
@@ -214,6 +179,8 @@ class Server:
                 self.updates += 1
                 self.exchanges[i] += 1
                 self.last_seen[i] = self.updates
+                if fault:
+                    fault.at_step(self.updates)
             else:
                 i = index - p
                 # DONE comes after the worker's last reply arrived: its exchange receive is
@@ -221,7 +188,7 @@ class Server:
                 requests[i].Cancel()
                 requests[i].Wait()
                 self._retire(incoming[i])
-                watchdog.done.add(self.workers[i])
+                watchdog.release(self.workers[i])
                 active -= 1
             self._maybe_snapshot()
             self.busy_seconds += time.perf_counter() - t0

@@ -27,6 +27,7 @@ from mpi_easgd.data import ShardLoader
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.loop import NonFiniteError, finite, make_optimizer, run_epoch, supervised_step
 from mpi_easgd.metrics import NullRunLog
+from mpi_easgd.watchdog import Watchdog
 
 
 class _Stop(Exception):
@@ -53,14 +54,18 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     checksums: list[float] = []  # audit: what this worker sent, in order
     t, samples, skipped = position["t"], position["samples"], 0
 
+    watchdog = Watchdog(comm, cfg.worker_timeout, lambda _: f"the server (rank {server})").start()
+
     def exchange() -> None:
         rule.prepare()
         send.before_send()
         if cfg.audit:
             checksums.append(float(rule.send.double().sum()))
         t0 = time.perf_counter()
+        watchdog.expect("server")
         comm.Sendrecv(send.mpi, dest=server, sendtag=Tag.EXCHANGE,
                       recvbuf=reply.mpi, source=server, recvtag=Tag.REPLY)
+        watchdog.release("server")
         latencies.append(time.perf_counter() - t0)
         reply.after_recv()
         rule.absorb()
@@ -102,6 +107,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     exchange()  # flush the steps since the last exchange
     exchanges = position["exchanges"] + len(latencies)  # over every segment of a resumed run
     comm.Send(done_message(exchanges, t, samples, preempted), dest=server, tag=Tag.DONE)
+    watchdog.stop()
     lat = np.asarray(latencies) * 1e3
     stats = dict(
         rank=comm.Get_rank(), exchanges=exchanges, steps=t, samples=samples,
