@@ -4,7 +4,8 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` where ``A`` 
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
-Unset: no cost.
+A step is a training step on workers and peers, an evaluation on the tester, and an
+applied exchange on the async server. Unset: no cost.
 """
 
 from __future__ import annotations
