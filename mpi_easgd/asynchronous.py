@@ -104,10 +104,10 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         raise Preempted(ckpt)
     if topo.role != "tester":
         return None
-    return _summary(cfg, topo, everything)
+    return _summary(cfg, topo, info, everything)
 
 
-def _summary(cfg: Config, topo: Topology, everything: list[dict]) -> dict:
+def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[dict]) -> dict:
     server = everything[topo.server_rank]
     final = everything[topo.tester_rank]
     workers = [everything[r] for r in topo.worker_ranks]
@@ -115,7 +115,7 @@ def _summary(cfg: Config, topo: Topology, everything: list[dict]) -> dict:
     samples = sum(w["samples"] for w in workers)
     seconds = max(w["wall_seconds"] for w in workers)
     return dict(
-        algo=cfg.algo, model=cfg.model, dataset=cfg.dataset, world_size=topo.world_size,
+        algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=topo.world_size,
         workers=topo.num_workers, epochs=cfg.epochs, tau=cfg.tau, alpha=cfg.alpha,
         beta=cfg.alpha * topo.num_workers, lr=cfg.lr, momentum=cfg.momentum,
         test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],

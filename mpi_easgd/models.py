@@ -127,7 +127,7 @@ def import_torchvision():
             raise
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
-    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: F841 - keep the schemas alive
+    lib = torch.library.Library("torchvision", "FRAGMENT")
     for schema in (
         "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
         "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -136,7 +136,7 @@ def import_torchvision():
             lib.define(schema)
         except RuntimeError:
             pass  # already defined by the failed import
-    import_torchvision._lib = lib
+    import_torchvision._lib = lib  # the schemas live as long as the library object
     try:
         import torchvision
     except Exception as exc:  # noqa: BLE001 - report why, do not crash on an optional extra

@@ -141,7 +141,7 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
             test_accuracy=sums[1] / sums[2],
         )
         log.log_eval(**last)
-    if position["epoch"] < cfg.epochs or resume is None:
+    if position["epoch"] < cfg.epochs:  # not when resumed from the final checkpoint itself
         save(cfg.epochs, 0, EpochStats())  # the final state, resumable with more --epochs
     skipped = comm.allreduce(skipped)
     if skipped:

@@ -40,26 +40,33 @@ class Result:
         return self.stdout + self.stderr
 
 
-def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None,
-           cwd: Path | None = None) -> Result:
-    """Run ``mpiexec -n n python ARGS`` and return its result; fail the test on a hang.
-
-    The job runs in its own process group so that a timeout kills every rank, not just
-    the launcher.
-    """
-    import time
-
+def launch(n: int, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``mpiexec -n n python ARGS`` in its own process group (so that a timeout can
+    kill every rank, not just the launcher), with text pipes for stdout and stderr."""
     cmd = [find_mpiexec(), "-n", str(n), sys.executable, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=cwd or ROOT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """Wait for ``proc``; on a hang kill its whole process group and fail the test."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpiexec -n {n} {' '.join(args)} hung for {timeout}s\n{out}\n{err}")
+        pytest.fail(f"{what} hung for {timeout}s\n{out}\n{err}")
+
+
+def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None,
+           cwd: Path | None = None) -> Result:
+    """Run ``mpiexec -n n python ARGS`` and return its result; fail the test on a hang."""
+    import time
+
+    start = time.perf_counter()
+    proc = launch(n, *args, env=env, cwd=cwd)
+    out, err = finish(proc, timeout, f"mpiexec -n {n} {' '.join(args)}")
     return Result(proc.returncode, out, err, time.perf_counter() - start)
 
 

@@ -7,12 +7,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, find_mpiexec, read_summary, train
+from conftest import finish, launch, read_summary, train
 
 
 def base(blobs, out, name, algo="sgd"):
@@ -46,19 +45,13 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(algo, blobs, tmp_path)
 def signal_mid_run(ranks, args, metrics, env, rows=2):
     """Start a run, SIGTERM the launcher once ``metrics`` has ``rows`` lines; returns
     (exit status, stderr, seconds from the signal to the end)."""
-    proc = subprocess.Popen([find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_easgd.train",
-                             "--no-progress", *args], cwd=ROOT, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = launch(ranks, "-m", "mpi_easgd.train", "--no-progress", *args, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
         time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the job did not stop after SIGTERM")
+    _, err = finish(proc, 60, "the job after SIGTERM")
     return proc.returncode, err, time.monotonic() - sent
 
 
