@@ -2,12 +2,16 @@
 
 Every rank builds the same model; the server's initial parameters become the center and
 every worker's starting point (one broadcast). Each role then runs its own loop; at the
-end one gather brings every role's statistics to the tester, which writes the summary.
+end every role still in the run sends its statistics to the tester, which writes the
+summary. There is no collective after the start, so a worker dropped under
+``--on-worker-loss continue`` holds nothing up; the tester then ends the job (and the
+dropped rank with it) once the summary is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,8 @@ from mpi4py import MPI
 
 from mpi_easgd import checkpoint
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.server import Server
+from mpi_easgd.algorithms.protocol import Inbox, Tag, wait_politely
+from mpi_easgd.algorithms.server import PeerLost, Server
 from mpi_easgd.algorithms.worker import run_worker
 from mpi_easgd.config import Config
 from mpi_easgd.control import Preempted, StopRequest
@@ -33,19 +38,36 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
               transfer: str = "auto") -> dict | None:
     """Run this rank's role; returns the run summary on the tester, None elsewhere.
 
-    A checkpoint is written when the run ends, and when a stop signal ends it early (then
-    :class:`Preempted` is raised on every rank after the checkpoint is complete).
+    The server coordinates checkpoints (periodic, and when training ends). When a stop
+    signal ended training early, :class:`Preempted` is raised on every rank still in the
+    run once the checkpoint is complete.
     """
     torch.manual_seed(cfg.seed)
     flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
-    saved = checkpoint.load_rank(resume, topo.rank) if resume else None
+    saved = _saved_state(resume, topo.rank) if resume else None
     p = topo.num_workers
-    server = None
+    server, lost = None, []
+
+    def save_rank(step: int, state: dict) -> bool:
+        return checkpoint.try_save_rank(checkpoint.step_dir(run_dir, step), topo.rank, state)
+
     if topo.role == "server":
+        def commit(step: int, extra: dict) -> Path:
+            ckpt = checkpoint.step_dir(run_dir, step)
+            if extra.pop("failed_ranks") or not save_rank(step, server.state_dict()):
+                checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
+                raise checkpoint.CheckpointFailed(ckpt)
+            # The tester's only state is how many snapshots it has been sent (it evaluates each).
+            checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
+            checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
+                                                  updates=server.updates, **extra))
+            return ckpt
+
         server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
-                        topo.tester_rank, test_every=cfg.test_every,
+                        topo.tester_rank, test_every=cfg.test_every, save=commit,
                         samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
-                        peer_timeout=cfg.worker_timeout)
+                        peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
+                        checkpoint_every=cfg.checkpoint_every)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
     start = MPIBuffer(flat.data, transfer)
@@ -60,60 +82,87 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
         f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g}), lr {cfg.lr}, momentum {cfg.momentum}"
     )
-    state = None
     if server is not None:
         try:
             server.run()
         finally:  # the server owns the center: keep it even if a peer was lost at the end
             save_model(flat.module, run_dir / "center.pt")
-        stats, state = server.stats(), server.state_dict()
+        stats = server.stats()
         if cfg.audit:
             order = np.array([i for i, _ in server.audit], dtype=np.int64)
             payloads = torch.stack([x for _, x in server.audit]).numpy()
             np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
                      order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
+        # Sent once everything is on disk: the tester may end the job after its summary.
+        _send_stats(comm, stats, topo.tester_rank, cfg.worker_timeout)
+        stopped, ckpt = stats["stopped"], Path(stats["checkpoint"])
     elif topo.role == "worker":
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
                              prefetch=cfg.prefetch)
-        stats, state = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, saved, transfer)
+        stats, step, stopped = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, save_rank,
+                                          saved, transfer)
+        _send_stats(comm, stats, topo.tester_rank, cfg.worker_timeout)
+        ckpt = checkpoint.step_dir(run_dir, step)
     else:
         test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
         train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        stats = run_tester(comm, flat, test, train, topo.server_rank, device, log, transfer)
-        state = {"evaluations": stats["evaluations"]}  # every rank has a file: one check on resume
-    # The tester gathers everyone's statistics; if it hung after taking the final center,
-    # this is where the others would wait, so they watch it here too.
-    guard = None
-    if topo.role != "tester":
-        guard = Watchdog(comm, cfg.worker_timeout, lambda _: f"tester rank {topo.tester_rank}").start()
-        guard.expect("tester")
-    everything = comm.gather(stats, root=topo.tester_rank)
-    if guard is not None:
-        guard.stop()
-    stopped, updates = comm.bcast((stats["stopped"], stats["updates"]) if server else None,
-                                  root=topo.server_rank)
-    ckpt = checkpoint.step_dir(run_dir, updates)
-    if state is not None:
-        checkpoint.save_rank(ckpt, topo.rank, state)
-    comm.Barrier()  # every role's file is on disk before the checkpoint is marked complete
-    if topo.rank == 0:
-        checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
-                                              updates=updates))
+        final = run_tester(comm, flat, test, train, topo.server_rank, device, log, transfer,
+                           evaluations=saved["evaluations"] if saved else 0)
+        everything = _gather_stats(comm, topo, cfg.worker_timeout)
+        server_stats = everything[topo.server_rank]
+        stopped, ckpt = server_stats["stopped"], Path(server_stats["checkpoint"])
+        lost = server_stats["lost_workers"]
     if stopped:
-        raise Preempted(ckpt)
+        raise Preempted(ckpt, lost)
     if topo.role != "tester":
         return None
+    everything[topo.tester_rank] = final
     return _summary(cfg, topo, info, everything)
+
+
+def _saved_state(resume: Path, rank: int) -> dict:
+    """This rank's state in checkpoint ``resume``; for a worker lost in that run, only the
+    position from which it rejoins (its parameters start from the center)."""
+    rejoin = checkpoint.read_manifest(resume).get("rejoin", {}).get(str(rank))
+    if rejoin is not None:
+        return {"position": rejoin}
+    return checkpoint.load_rank(resume, rank)
+
+
+def _send_stats(comm: MPI.Comm, stats: dict, tester: int, timeout: float) -> None:
+    request = comm.isend(stats, dest=tester, tag=Tag.STATS)
+    if not wait_politely([request], time.monotonic() + timeout):
+        raise PeerLost(f"tester rank {tester} did not take the run statistics within --worker-timeout "
+                       f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
+
+
+def _gather_stats(comm: MPI.Comm, topo: Topology, timeout: float) -> dict[int, dict]:
+    """Every role's statistics, on the tester: the server's first (it says which workers
+    were lost), then each remaining worker's."""
+    inbox = Inbox(comm, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
+    guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
+                     heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
+    everything = {}
+    for rank in [topo.server_rank, *topo.worker_ranks]:
+        if rank in everything.get(topo.server_rank, {}).get("lost_workers", []):
+            continue
+        guard.expect(rank)
+        everything[rank] = comm.recv(source=rank, tag=Tag.STATS)
+        guard.release(rank)
+    guard.stop()
+    inbox.close()
+    return everything
 
 
 def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[dict]) -> dict:
     server = everything[topo.server_rank]
     final = everything[topo.tester_rank]
-    workers = [everything[r] for r in topo.worker_ranks]
-    per_worker = [dict(w, **s) for w, s in zip(workers, server["per_worker"])]
+    lost = server["lost_workers"]
+    per_worker = [dict(everything.get(s["rank"], {}), **s, lost=s["rank"] in lost) for s in server["per_worker"]]
+    workers = [everything[r] for r in topo.worker_ranks if r not in lost]
     samples = sum(w["samples"] for w in workers)
-    seconds = max(w["wall_seconds"] for w in workers)
+    seconds = max((w["wall_seconds"] for w in workers), default=0.0)
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=topo.world_size,
         workers=topo.num_workers, epochs=cfg.epochs, tau=cfg.tau, alpha=cfg.alpha,
@@ -123,5 +172,5 @@ def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[di
         train_samples=samples, train_seconds=seconds,
         train_samples_per_second=samples / seconds if seconds else 0.0,
         server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
-        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers),
+        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers), lost_workers=lost,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,12 @@ KEEP = 2  # complete checkpoints kept per run
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupted or does not fit this run."""
+
+
+class CheckpointFailed(RuntimeError):
+    """A rank could not write its part of a checkpoint (that rank printed why). Raised on
+    every rank once all writes are over and the incomplete checkpoint is removed: the job
+    ends, and nothing half-written is left."""
 
 
 def root(run_dir: Path) -> Path:
@@ -66,6 +73,23 @@ def save_rank(ckpt: Path, rank: int, state: dict) -> None:
             f"could not write checkpoint {rank_file(ckpt, rank)} ({exc}); free disk space or choose "
             f"another --out; " + (f"{previous} is intact" if previous else "no earlier checkpoint")
         ) from None
+
+
+def try_save_rank(ckpt: Path, rank: int, state: dict) -> bool:
+    """:func:`save_rank`, but a failure is printed here (one line) and returned as False,
+    so that the job ends only after every rank's write is over (see :class:`CheckpointFailed`)."""
+    try:
+        save_rank(ckpt, rank, state)
+        return True
+    except CheckpointError as exc:
+        print(f"mpi_easgd: error: {exc}", file=sys.stderr, flush=True)
+        return False
+
+
+def discard(ckpt: Path) -> None:
+    """Remove checkpoint directory ``ckpt`` if it is incomplete (no manifest)."""
+    if not (ckpt / "manifest.json").exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:

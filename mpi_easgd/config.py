@@ -64,8 +64,12 @@ class Config:
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to RUN_DIR/tensorboard")
     audit: bool = _opt(False, "async: log every exchange to verify the center (small models)")
-    checkpoint_every: str = _opt("", "checkpoint every N steps (500) or minutes/seconds (10m, 30s)")
+    checkpoint_every: str = _opt("", "checkpoint every N steps (500; async: center updates) or "
+                                     "minutes/seconds (10m, 30s)")
     resume: str = _opt("", "resume from a checkpoint: RUN_DIR, RUN_DIR/checkpoints/step-N, or auto")
+    on_worker_loss: str = _opt("abort", "async: a worker silent for --worker-timeout ends the job (abort), "
+                                        "or is dropped while the others go on (continue; exit status 3)",
+                               choices=("abort", "continue"))
     on_nonfinite: str = _opt("skip", "a NaN/Inf loss or gradient: skip the step, or stop the job",
                              choices=("skip", "stop"))
 
@@ -112,8 +116,6 @@ class Config:
     def validate(self) -> None:
         """Check every value that needs no knowledge of the world size."""
         checks = [
-            (self.algo in ALGOS, f"--algo must be one of {', '.join(ALGOS)}; got '{self.algo}'"),
-            (self.device in DEVICES, f"--device must be cpu, cuda or auto; got '{self.device}'"),
             (self.epochs >= 1, f"--epochs must be >= 1; got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0; got {self.lr}"),
@@ -129,6 +131,11 @@ class Config:
             (self.worker_timeout > 0, f"--worker-timeout must be > 0 seconds; got {self.worker_timeout}"),
             ("/" not in self.run_name, f"--run-name must be a plain name, not a path; got '{self.run_name}'"),
         ]
+        for f in dataclasses.fields(self):  # TOML values bypass argparse's choices
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                                  f"got '{getattr(self, f.name)}'")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -138,13 +145,11 @@ class Config:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.checkpoint_every and self.algo in ASYNC_ALGOS:
+        if self.on_worker_loss == "continue" and self.algo not in ASYNC_ALGOS:
             raise ConfigError(
-                f"--checkpoint-every is for sgd and ea; async {self.algo} checkpoints when it ends "
-                f"and on SIGTERM/SIGUSR1 (resume with --resume auto)"
+                f"--on-worker-loss continue needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
+                f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort"
             )
-        if self.on_nonfinite not in ("skip", "stop"):
-            raise ConfigError(f"--on-nonfinite must be skip or stop; got '{self.on_nonfinite}'")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 

@@ -21,9 +21,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; rerun with --resum
 class Preempted(Exception):
     """Raised after the checkpoint that a stop signal asked for has been written."""
 
-    def __init__(self, checkpoint) -> None:
+    def __init__(self, checkpoint, lost: list[int] = ()) -> None:
         super().__init__(f"stopped by a signal; checkpoint written to {checkpoint}")
         self.checkpoint = checkpoint
+        self.lost = list(lost)  # on the async tester: dropped workers, which only MPI_Abort can end
 
 
 class StopRequest:

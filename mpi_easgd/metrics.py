@@ -133,10 +133,10 @@ def format_summary(summary: dict) -> str:
     per_worker = summary.get("per_worker")
     if per_worker:
         cols = [c for c in ("rank", "exchanges", "latency_ms_mean", "latency_ms_p50", "latency_ms_p99",
-                            "staleness_mean", "samples", "wall_seconds") if c in per_worker[0]]
+                            "staleness_mean", "samples", "wall_seconds") if any(c in w for w in per_worker)]
         lines.append("")
         lines.append("  ".join(f"{c:>15}" for c in cols))
         for w in per_worker:
-            cells = (f"{w[c]:>15.3f}" if isinstance(w[c], float) else f"{w[c]:>15}" for c in cols)
-            lines.append("  ".join(cells))
+            cells = [f"{w[c]:>15.3f}" if isinstance(w.get(c), float) else f"{w.get(c, '-'):>15}" for c in cols]
+            lines.append("  ".join(cells) + ("  (dropped)" if w.get("lost") else ""))
     return "\n".join(lines)

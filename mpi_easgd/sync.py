@@ -107,8 +107,14 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
                      algorithm=algo.state_dict(), epoch=epoch, step=next_step,
                      stats=dataclasses.asdict(stats), totals=totals.tolist(),
                      torch_rng=torch.get_rng_state())
-        checkpoint.save_rank(ckpt, rank, state)
-        comm.Barrier()  # every rank's file is on disk before the checkpoint is marked complete
+        written = checkpoint.try_save_rank(ckpt, rank, state)
+        # Every rank's file is on disk before the checkpoint is marked complete; if one is
+        # not, every write is over before the incomplete checkpoint is removed.
+        if not comm.allreduce(written, op=MPI.LAND):
+            if rank == 0:
+                checkpoint.discard(ckpt)
+            comm.Barrier()
+            raise checkpoint.CheckpointFailed(ckpt)
         if rank == 0:
             checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=size,
                                                   epoch=epoch, step=next_step))

@@ -54,14 +54,14 @@ def save_model(model: nn.Module, path: Path) -> None:
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
-               server: int, device: torch.device, log, transfer: str = "auto") -> dict:
-    """Evaluate every snapshot until the final one; returns the final evaluation."""
+               server: int, device: torch.device, log, transfer: str = "auto", evaluations: int = 0) -> dict:
+    """Evaluate every snapshot until the final one (counting on from ``evaluations``, for
+    a resumed run); returns the final evaluation."""
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
     center = MPIBuffer(flat.data, transfer)  # snapshots land straight in the model's parameters
     fault = faults.from_env(comm.Get_rank())
     train_size = train.info.sizes["train"]
-    evaluations = 0
     while True:
         wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
         comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way

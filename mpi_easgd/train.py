@@ -22,6 +22,7 @@ import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
 from mpi_easgd import _mpienv
 
 EXIT_BAD_INPUT = 2
+EXIT_WORKERS_LOST = 3  # async, --on-worker-loss continue: results saved, some workers were dropped
 
 
 def _validate(argv, rank: int, size: int):
@@ -62,7 +63,8 @@ def _validate(argv, rank: int, size: int):
         if resume is not None:
             manifest = checkpoint.read_manifest(resume)
             checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume)
-            if not checkpoint.rank_file(resume, rank).is_file():
+            rejoins = str(rank) in manifest.get("rejoin", {})  # lost in that run: restarts from the center
+            if not rejoins and not checkpoint.rank_file(resume, rank).is_file():
                 raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, rank)} is missing; "
                                                  f"use an earlier checkpoint")
     return cfg, topo, info, resume
@@ -147,7 +149,17 @@ def run(argv: list[str] | None, comm) -> int:
         summary["transfer"] = f"{transfer} ({why})" if device.type != "cpu" else "direct (CPU)"
         summary["run_dir"] = str(run_dir)
         log.write_summary(summary)
+        if summary.get("lost_workers"):
+            _end_without(comm, summary["lost_workers"], EXIT_WORKERS_LOST,
+                         f"finished without worker rank(s) {summary['lost_workers']}, which were dropped")
     return 0
+
+
+def _end_without(comm, lost: list[int], status: int, what: str) -> None:
+    """End a job whose dropped workers are still hanging: MPI cannot let them go another way."""
+    print(f"mpi_easgd: {what}; everything is saved in the run directory, ending the job (exit {status})",
+          file=sys.stderr, flush=True)
+    comm.Abort(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
     from mpi_easgd.algorithms.server import PeerLost
-    from mpi_easgd.checkpoint import CheckpointError
+    from mpi_easgd.checkpoint import CheckpointError, CheckpointFailed
     from mpi_easgd.control import EXIT_PREEMPTED, Preempted
     from mpi_easgd.loop import NonFiniteError
 
@@ -167,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:  # raised on every rank at the same step, after the checkpoint
         if comm.Get_rank() == 0:
             print(f"mpi_easgd: {exc}; continue with --resume auto (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        if exc.lost:
+            _end_without(comm, exc.lost, EXIT_PREEMPTED, f"stopped; worker rank(s) {exc.lost} were dropped "
+                                                          f"and rejoin from the center on resume")
         return EXIT_PREEMPTED
+    except CheckpointFailed:  # the rank that failed has said why
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
     except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
         sys.stderr.flush()

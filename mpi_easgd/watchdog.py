@@ -3,8 +3,9 @@
 Async roles wait in blocking MPI calls (the server in ``Waitany``, a worker in ``Sendrecv``):
 no spinning, but also no way to notice a peer that hung (stopped, swapping, lost node). A
 watchdog thread checks once a second how long each expected peer has been silent. A hung
-rank cannot be removed from a running MPI job, so the job is ended with ``MPI_Abort`` and
-a line naming the peer, instead of waiting forever.
+rank cannot be removed from a running MPI job, so by default the job is ended with
+``MPI_Abort`` and a line naming the peer, instead of waiting forever. A role that can go on
+without the peer (the server under ``--on-worker-loss continue``) passes ``on_silent``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from mpi4py import MPI
 class Watchdog:
     """``expect(key)`` starts (or restarts) a peer's clock, ``release(key)`` stops it."""
 
-    def __init__(self, comm: MPI.Comm, timeout: float, describe: Callable[[object], str]) -> None:
+    def __init__(self, comm: MPI.Comm, timeout: float, describe: Callable[[object], str],
+                 on_silent: Callable[[object, float], bool] | None = None,
+                 heard: Callable[[object], float] | None = None,
+                 tick: Callable[[], None] | None = None) -> None:
         self.comm = comm
         self.timeout = timeout
         self.describe = describe  # key -> "worker rank 2", "the server (rank 0)", ...
+        # All three run on the watchdog thread:
+        self.on_silent = on_silent  # (key, seconds) -> True if handled (stop watching it), else abort
+        self.heard = heard  # key -> time.monotonic() of its last sign of life outside the watched wait
+        self.tick = tick  # called every interval (e.g. to send heartbeats)
         self._since: dict[object, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="mpi_easgd-watchdog", daemon=True)
@@ -43,9 +51,16 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if self.tick is not None:
+                self.tick()
             now = time.monotonic()
             for key, since in list(self._since.items()):
+                if self.heard is not None:
+                    since = max(since, self.heard(key))
                 if now - since > self.timeout:
+                    if self.on_silent is not None and self.on_silent(key, now - since):
+                        self.release(key)
+                        continue
                     print(f"mpi_easgd: error: {self.describe(key)} sent nothing for {now - since:.0f}s "
                           f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
                           file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ checkpoints, a full disk. Each case reports how long the job took to end."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -179,3 +180,86 @@ def test_a_hung_peer_in_async_ends_the_job(victim, message, tmp_path):
         assert (tmp_path / marker / "center.pt").exists(), "training finished despite the hung tester"
     time.sleep(0.5)
     assert not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+def latest_checkpoint(run_dir):
+    root = run_dir / "checkpoints"
+    return root / (root / "latest").read_text()
+
+
+def test_async_periodic_checkpoints_survive_a_crash_and_resume(tmp_path):
+    """--checkpoint-every for async: the server pauses every worker at a step boundary, all
+    roles write, then training goes on. A crash later resumes from the last one, and each
+    worker's exchange count still agrees with the server's over both segments."""
+    run = tmp_path / "periodic"
+    args = ["--algo", "easgd", "--epochs", "3", "--tau", "4", "--checkpoint-every", "15",
+            "--out", str(tmp_path), "--run-name", "periodic"]
+    cut = train(4, *args, env={"MPI_EASGD_FAULT": "rank=2,action=raise,step=140"}, timeout=90)
+    assert cut.returncode != 0 and "InjectedFault" in cut.stderr
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert ckpts, "no periodic checkpoint before the crash"
+    ckpt = latest_checkpoint(run)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "manifest.json", "rank-00000.pt", "rank-00001.pt", "rank-00002.pt", "rank-00003.pt"]
+    saved = torch.load(ckpt / "rank-00002.pt", weights_only=True)
+    assert 0 < saved["position"]["t"] < 140, "the checkpoint is from before the crash"
+    resumed = train(4, *args, "--resume", "auto", timeout=90)
+    assert resumed.returncode == 0, resumed.output
+    summary = read_summary(run)
+    for w in summary["per_worker"]:
+        assert w["steps"] == 3 * (2000 // 32), "every worker finished its epochs across the crash"
+        assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
+    assert summary["test_accuracy"] > 0.9
+
+
+def test_a_hung_worker_is_dropped_and_the_run_goes_on(tmp_path):
+    """--on-worker-loss continue: a SIGSTOPped worker is dropped, the other one finishes, the
+    summary and checkpoint say who was lost, the job ends with exit 3 and leaves no process.
+    Resuming with more epochs brings the lost worker back from the center."""
+    marker = f"dropped-{os.getpid()}"
+    run = tmp_path / marker
+    args = ["--algo", "easgd", "--epochs", "2", "--worker-timeout", "3", "--on-worker-loss", "continue",
+            "--test-every", "0.3", "--out", str(tmp_path), "--run-name", marker]
+    r = train(4, *args, timeout=90, env={"MPI_EASGD_FAULT": "rank=1,action=stop,step=5"})
+    assert r.returncode == 3, r.output
+    assert r.seconds < 40, f"took {r.seconds:.1f}s"
+    assert "worker rank 1 sent nothing for" in r.stderr and "dropped it, the run goes on with 1 worker" in r.stderr
+    summary = read_summary(run)
+    assert summary["lost_workers"] == [1] and summary["test_accuracy"] > 0.5  # chance: 0.1
+    by_rank = {w["rank"]: w for w in summary["per_worker"]}
+    assert by_rank[1]["lost"] and by_rank[2]["steps"] == 2 * (2000 // 32)
+    manifest = json.loads((latest_checkpoint(run) / "manifest.json").read_text())
+    assert manifest["lost_ranks"] == [1] and manifest["rejoin"]["1"]["epoch"] == 2
+    assert not (latest_checkpoint(run) / "rank-00001.pt").exists()
+    time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+    r = train(4, *args, "--epochs", "3", "--resume", "auto", timeout=90)
+    assert r.returncode == 0, r.output
+    summary = read_summary(run)
+    assert summary["lost_workers"] == []
+    by_rank = {w["rank"]: w for w in summary["per_worker"]}
+    assert by_rank[1]["steps"] == 2000 // 32, "the lost worker rejoined for the third epoch"
+    assert by_rank[2]["steps"] == 3 * (2000 // 32)
+    for w in by_rank.values():
+        assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
+
+
+def test_full_disk_on_an_async_worker_ends_the_job_cleanly(tmp_path):
+    """A worker's checkpoint write fails (ENOSPC via /dev/full): it says so in one line, the
+    server removes the incomplete checkpoint once every write is over, and the job ends."""
+    args = ["--algo", "easgd", "--tau", "10", "--out", str(tmp_path), "--run-name", "disk"]
+    assert train(4, *args, "--epochs", "1").returncode == 0
+    ckpts = tmp_path / "disk" / "checkpoints"
+    previous = (ckpts / "latest").read_text()
+    assert previous == "step-000000016"  # 2 workers x (ceil(62 / 10) + 1 flush)
+    upcoming = ckpts / "step-000000030"  # after a second epoch: 2 x (6 + 1 flush) more
+    upcoming.mkdir()
+    (upcoming / ".rank-00001.pt.tmp").symlink_to("/dev/full")
+    r = train(4, *args, "--epochs", "2", "--resume", "auto", timeout=60)
+    assert r.returncode != 0 and r.seconds < 30
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd: error:")]
+    assert len(lines) == 1 and "could not write checkpoint" in lines[0] and "No space left" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert (ckpts / "latest").read_text() == previous
+    assert not upcoming.exists(), "the incomplete checkpoint is removed"

@@ -6,7 +6,9 @@ exchange; control messages carry small int64 arrays on their own tags.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from enum import IntEnum
 
 import numpy as np
@@ -19,6 +21,10 @@ class Tag(IntEnum):
     DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples, stopped early)
     SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples)
     SNAPSHOT = 15  # server -> tester: float32[n] center
+    CONTROL = 16  # server -> worker: int64[CONTROL_LEN] (Command, checkpoint step)
+    SAVED = 17  # worker -> server: int64[SAVED_LEN] (epoch), after its checkpoint file is on disk
+    WAKE = 18  # server's watchdog -> server itself: look at the workers it found silent
+    STATS = 19  # every role -> tester, pickled: its statistics for the run summary
 
 
 class Kind(IntEnum):
@@ -28,8 +34,79 @@ class Kind(IntEnum):
     FINAL = 2  # the final center: evaluate, save, summarise, exit
 
 
+class Command(IntEnum):
+    """First field of a control message from the server to a worker."""
+
+    SAVE = 1  # write your checkpoint file for this step, answer SAVED, then wait
+    RESUME = 2  # the checkpoint is complete: go on
+    END = 3  # the run is over (third field: 1 if it was stopped by a signal)
+    DROPPED = 4  # --on-worker-loss continue: you were silent too long and no longer count
+    HEARTBEAT = 5  # the server is alive (sent every second to ranks that may be waiting on it)
+
+
 DONE_LEN = 4
 META_LEN = 3
+CONTROL_LEN = 3
+SAVED_LEN = 1
+
+
+class Inbox:
+    """A rank's end of the server's commands: one posted receive, re-armed after each.
+
+    Heartbeats only update :attr:`last_heard`; other commands queue up for :meth:`poll`.
+    Both the training thread and the watchdog thread (to learn whether the server is
+    alive, or dropped this rank) look at it, hence the lock.
+    """
+
+    def __init__(self, comm: MPI.Comm, server: int) -> None:
+        self.comm, self.server = comm, server
+        self.dropped = False
+        self.last_heard = time.monotonic()
+        self._buf = np.zeros(CONTROL_LEN, dtype=np.int64)
+        self._queue: deque[tuple[int, int, int]] = deque()
+        self._lock = threading.Lock()
+        self._request: MPI.Request | None = self._post()
+
+    def _post(self) -> MPI.Request:
+        return self.comm.Irecv(self._buf, source=self.server, tag=Tag.CONTROL)
+
+    def pump(self) -> None:
+        """Take in every command that has arrived."""
+        with self._lock:
+            while self._request is not None and self._request.Test():
+                command = tuple(int(v) for v in self._buf)
+                self.last_heard = time.monotonic()
+                if command[0] != Command.HEARTBEAT:
+                    self._queue.append(command)
+                self.dropped = self.dropped or command[0] == Command.DROPPED
+                last = command[0] in (Command.END, Command.DROPPED)
+                self._request = None if last else self._post()
+
+    def poll(self) -> tuple[int, int, int] | None:
+        """The next command, or None if none has arrived."""
+        self.pump()
+        return self._queue.popleft() if self._queue else None
+
+    def wait(self) -> tuple[int, int, int]:
+        """The next command, waiting without spinning."""
+        delay = 1e-4
+        while (command := self.poll()) is None:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return command
+
+    def heard(self) -> float:
+        """When the server last sent anything on this channel (``time.monotonic()``)."""
+        self.pump()
+        return self.last_heard
+
+    def close(self) -> None:
+        """Withdraw the posted receive (a rank that is told nothing more)."""
+        with self._lock:
+            if self._request is not None:
+                self._request.Cancel()
+                self._request.Wait()
+                self._request = None
 
 
 def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.ndarray:
@@ -38,6 +115,10 @@ def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.
 
 def meta_message(kind: Kind, updates: int, samples: int) -> np.ndarray:
     return np.array([int(kind), updates, samples], dtype=np.int64)
+
+
+def control_message(command: Command, step: int = 0, flag: int = 0) -> np.ndarray:
+    return np.array([int(command), step, flag], dtype=np.int64)
 
 
 def wait_politely(requests: list[MPI.Request], deadline: float = float("inf")) -> bool:

@@ -19,11 +19,25 @@ the server never waits for it.
 Every ``test_every`` seconds it hands the tester the current center with a nonblocking
 send, skipping a snapshot while the previous one is still in flight: the server never
 waits for the tester until the final center (and then only up to a timeout).
+
+Checkpoints (every ``--checkpoint-every`` center updates or seconds, and when training
+ends) are coordinated by the server: it sends every worker a SAVE command; each worker
+writes its file at its next step boundary, answers SAVED and waits. When all have answered
+the server saves its own state and commits the checkpoint, then sends RESUME (or END when
+training is over). No exchange is applied between a worker's save and the server's, so the
+files are one consistent state of the whole run.
+
+A worker silent for ``--worker-timeout`` seconds ends the job (``--on-worker-loss
+abort``), or (``continue``) is dropped: its messages are withdrawn, it is told DROPPED in
+case it wakes up, and training, checkpoints and the summary go on without it.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +45,17 @@ from mpi4py import MPI
 
 from mpi_easgd import faults
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import DONE_LEN, Kind, Tag, meta_message, wait_politely
+from mpi_easgd.algorithms.protocol import (
+    DONE_LEN,
+    SAVED_LEN,
+    Command,
+    Kind,
+    Tag,
+    control_message,
+    meta_message,
+    wait_politely,
+)
+from mpi_easgd.control import parse_every
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.watchdog import Watchdog
 
@@ -52,7 +76,7 @@ class BufferPool:
         self._free: list[torch.Tensor] = []
         self._released: dict[int, torch.Tensor] = {}
         self._pending: dict[int, int] = {}
-        self._sends: list[tuple[int, MPI.Request]] = []
+        self._sends: list[tuple[int, int, MPI.Request]] = []  # (buffer id, destination, request)
 
     def take(self) -> torch.Tensor:
         self._reap()
@@ -61,29 +85,41 @@ class BufferPool:
     def send(self, comm: MPI.Comm, buf: torch.Tensor, dest: int, tag: int) -> MPI.Request:
         request = comm.Isend(buf.numpy(), dest=dest, tag=tag)
         self._pending[id(buf)] = self._pending.get(id(buf), 0) + 1
-        self._sends.append((id(buf), request))
+        self._sends.append((id(buf), dest, request))
         return request
+
+    def abandon(self, dest: int) -> None:
+        """Forget the sends to a lost rank; their buffers are never reused (MPI may still
+        read them), a bounded leak of one buffer per lost worker."""
+        self._sends = [s for s in self._sends if s[1] != dest]
 
     def release(self, buf: torch.Tensor) -> None:
         self._released[id(buf)] = buf
 
     def _reap(self) -> None:
         still = []
-        for key, request in self._sends:
+        for key, dest, request in self._sends:
             if request.Test():
                 self._pending[key] -= 1
             else:
-                still.append((key, request))
+                still.append((key, dest, request))
         self._sends = still
         for key in [k for k in self._released if not self._pending.get(k)]:
             self._free.append(self._released.pop(key))
 
     def requests(self) -> list[MPI.Request]:
-        return [r for _, r in self._sends]
+        return [r for _, _, r in self._sends]
+
+
+TRAINING, FINISHED, LOST = "training", "finished", "lost"
 
 
 class Server:
-    """Serve ``worker_ranks`` on ``comm`` until each has sent DONE; see the module docstring."""
+    """Serve ``worker_ranks`` on ``comm`` until each has sent DONE; see the module docstring.
+
+    ``save(step, manifest_extra)`` writes the server's part of checkpoint ``step`` once
+    every worker's file is on disk, commits it and returns its directory.
+    """
 
     def __init__(
         self,
@@ -95,8 +131,11 @@ class Server:
         *,
         test_every: float,
         samples_per_exchange: int,
+        save: Callable[[int, dict], Path],
         audit: bool = False,
         peer_timeout: float = 300.0,
+        on_worker_loss: str = "abort",
+        checkpoint_every: str = "",
     ) -> None:
         self.comm = comm
         self.home = center  # the model's own buffer: holds the center before and after run()
@@ -107,19 +146,36 @@ class Server:
         self.test_every = test_every
         self.peer_timeout = peer_timeout
         self.samples_per_exchange = samples_per_exchange
+        self.save = save
+        self.keep_going = on_worker_loss == "continue"
+        self.every_updates, self.every_seconds = parse_every(checkpoint_every)
         p = len(worker_ranks)
         self.pool = BufferPool(center.numel())
         self.updates = 0
+        self.snapshots = 0  # sent to the tester, which evaluates every one: its checkpoint state
         self.exchanges = np.zeros(p, dtype=np.int64)
         self.last_seen = np.zeros(p, dtype=np.int64)  # self.updates at each worker's last exchange
         self.staleness: list[list[int]] = [[] for _ in range(p)]
         self.done = np.zeros((p, DONE_LEN), dtype=np.int64)
+        self.status = [TRAINING] * p
+        self.epoch = np.zeros((p, SAVED_LEN), dtype=np.int64)  # each worker's epoch at its last save
+        self.rejoin: dict[str, dict] = {}  # lost workers, as resumed runs restart them
         self.audit = [] if audit else None
         self.initial = center.clone() if audit else None
+        self.checkpoint: Path | None = None  # the last committed one
         self._snap_reqs: list[MPI.Request] = []
         self._last_snapshot = 0.0
+        self._awaiting: set[int] = set()  # workers yet to answer SAVED for the checkpoint in progress
+        self._saving = 0  # the step of the checkpoint in progress
+        self._final = False
+        self._last_checkpoint = (0, time.monotonic())
+        self._silent: list[tuple[int, float]] = []  # filled by the watchdog thread
+        self._notices: list[tuple[np.ndarray, MPI.Request]] = []
+        self._beats: list[tuple[np.ndarray, MPI.Request]] = []  # the watchdog thread's own
         self.busy_seconds = 0.0
         self.wall_seconds = 0.0
+
+    # ---- the tester ----------------------------------------------------------------
 
     def _send_snapshot(self, kind: Kind) -> None:
         samples = int(np.maximum(self.exchanges - 1, 0).sum()) * self.samples_per_exchange
@@ -128,6 +184,7 @@ class Server:
             self.comm.Isend(self._meta, dest=self.tester, tag=Tag.SNAPSHOT_META),
             self.pool.send(self.comm, self.center, self.tester, Tag.SNAPSHOT),  # no copy: immutable
         ]
+        self.snapshots += 1
         self._last_snapshot = time.perf_counter()
 
     def _maybe_snapshot(self) -> None:
@@ -137,88 +194,222 @@ class Server:
             return  # the tester is still busy with the previous one: skip, never wait
         self._send_snapshot(Kind.SNAPSHOT)
 
-    def _retire(self, buf: torch.Tensor) -> None:
-        if buf is not self.home:  # the model's buffer is never recycled
-            self.pool.release(buf)
-
-    def run(self) -> None:
-        comm, p = self.comm, len(self.workers)
-        incoming = [self.pool.take() for _ in range(p)]
-        recv = [comm.Irecv(incoming[i].numpy(), source=w, tag=Tag.EXCHANGE) for i, w in enumerate(self.workers)]
-        done = [comm.Irecv(self.done[i], source=w, tag=Tag.DONE) for i, w in enumerate(self.workers)]
-        requests = recv + done
-        watchdog = Watchdog(comm, self.peer_timeout, lambda w: f"worker rank {w}").start()
-        for w in self.workers:
-            watchdog.expect(w)
-        fault = faults.from_env(comm.Get_rank())
-        start = time.perf_counter()
-        self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
-        active = p
-        while active:
-            index = MPI.Request.Waitany(requests)
-            t0 = time.perf_counter()
-            watchdog.expect(self.workers[index % p])  # heard from it: restart its clock
-            if index < p:
-                i = index
-                x = incoming[i]
-                if self.audit is not None:
-                    self.audit.append((i, x.clone()))
-                new, reply = self.rule.apply(self.center, x)
-                # The worker is already waiting in its receive (it is inside Sendrecv), so this
-                # completes at memory speed however slow the worker computes. A nonblocking
-                # reply measured 2.4x slower: MPICH moves a large Isend only inside MPI calls,
-                # and Waitany returns at the next arrival, stalling the reply meanwhile.
-                comm.Send(reply.numpy(), dest=self.workers[i], tag=Tag.REPLY)
-                if self.center is not new:
-                    self._retire(self.center)
-                self.center = new
-                incoming[i] = self.pool.take()
-                requests[i] = comm.Irecv(incoming[i].numpy(), source=self.workers[i], tag=Tag.EXCHANGE)
-                if self.exchanges[i]:
-                    self.staleness[i].append(int(self.updates - self.last_seen[i]))
-                self.updates += 1
-                self.exchanges[i] += 1
-                self.last_seen[i] = self.updates
-                if fault:
-                    fault.at_step(self.updates)
-            else:
-                i = index - p
-                # DONE comes after the worker's last reply arrived: its exchange receive is
-                # still posted and will never match, so withdraw it.
-                requests[i].Cancel()
-                requests[i].Wait()
-                self._retire(incoming[i])
-                watchdog.release(self.workers[i])
-                active -= 1
-            self._maybe_snapshot()
-            self.busy_seconds += time.perf_counter() - t0
-        watchdog.stop()
-        # The tester never held training up; only the final center waits for it, bounded.
-        deadline = time.monotonic() + self.peer_timeout
-        if not wait_politely(self._snap_reqs, deadline):
-            raise PeerLost(self._tester_lost())
-        self._send_snapshot(Kind.FINAL)
-        if not wait_politely(self.pool.requests(), deadline):
-            raise PeerLost(self._tester_lost())
-        if self.center is not self.home:
-            self.home.copy_(self.center)
-            self.center = self.home
-        self.wall_seconds = time.perf_counter() - start
-
     def _tester_lost(self) -> str:
         self.home.copy_(self.center)  # so that center.pt holds the final center
         return (f"tester rank {self.tester} did not take the final center within "
                 f"--worker-timeout {self.peer_timeout:g}s; training finished and the center is "
                 f"saved as center.pt, but the run's summary is not written")
 
+    # ---- checkpoints -----------------------------------------------------------------
+
+    def _tell(self, i: int, command: Command, flag: int = 0) -> None:
+        message = control_message(command, self._saving, flag)
+        self._notices.append((message, self.comm.Isend(message, dest=self.workers[i], tag=Tag.CONTROL)))
+
+    def _checkpoint_due(self) -> bool:
+        if self._awaiting or TRAINING not in self.status:
+            return False
+        last_updates, last_time = self._last_checkpoint
+        if self.updates == last_updates:
+            return False
+        if self.every_updates:
+            return self.updates - last_updates >= self.every_updates
+        return self.every_seconds is not None and time.monotonic() - last_time >= self.every_seconds
+
+    def _begin_checkpoint(self) -> None:
+        self._saving = self.updates
+        self._awaiting = {i for i, s in enumerate(self.status) if s != LOST}
+        for i in self._awaiting:
+            self._tell(i, Command.SAVE)
+            self._watchdog.expect(self.workers[i])  # it must answer, even if it has finished
+        if not self._awaiting:
+            self._complete_checkpoint()
+
+    def _complete_checkpoint(self) -> None:
+        lost = [self.workers[i] for i, s in enumerate(self.status) if s == LOST]
+        if lost:  # where a resumed run restarts them: from the center, at the slowest survivor's epoch
+            alive = [int(self.epoch[i, 0]) for i, s in enumerate(self.status) if s != LOST]
+            for i, s in enumerate(self.status):
+                if s == LOST:
+                    self.rejoin[str(self.workers[i])] = dict(epoch=min(alive, default=0),
+                                                             exchanges=int(self.exchanges[i]))
+        failed = [self.workers[i] for i, s in enumerate(self.status) if s != LOST and self.epoch[i, 0] < 0]
+        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin, failed_ranks=failed))
+        self._last_checkpoint = (self.updates, time.monotonic())
+        stopped = int(self.done[:, 3].any())
+        for i, s in enumerate(self.status):
+            if s != LOST:
+                self._tell(i, Command.END if self._final else Command.RESUME, stopped)
+            if s == TRAINING:
+                self._watchdog.expect(self.workers[i])  # back to training: it must exchange again
+
+    # ---- lost workers ----------------------------------------------------------------
+
+    def _on_silent(self, rank: int, seconds: float) -> bool:
+        """Watchdog thread, ``--on-worker-loss continue``: queue the drop, wake the loop."""
+        self._silent.append((rank, seconds))
+        self.comm.Send(np.zeros(1, dtype=np.int64), dest=self.comm.Get_rank(), tag=Tag.WAKE)
+        return True
+
+    def _wake_up(self) -> None:
+        """The watchdog found silent workers: re-arm its wake-up call and drop them."""
+        self._requests[-1] = self.comm.Irecv(self._wake, source=self.comm.Get_rank(), tag=Tag.WAKE)
+        while self._silent:
+            rank, seconds = self._silent.pop(0)
+            if self.status[self.workers.index(rank)] != LOST:
+                self._drop(self.workers.index(rank), seconds)
+
+    def _heartbeat(self) -> None:
+        """Watchdog thread: tell every rank that may be waiting on this server that it lives
+        (a worker can wait long and rightly: for a slow peer to reach a checkpoint, or to be
+        dropped). The tester is told too once it waits for the run's statistics."""
+        self._beats = [(m, r) for m, r in self._beats if not r.Test()]
+        ranks = [w for w, s in zip(self.workers, self.status) if s != LOST] + [self.tester] * self._final
+        for rank in ranks:
+            message = control_message(Command.HEARTBEAT)
+            self._beats.append((message, self.comm.Isend(message, dest=rank, tag=Tag.CONTROL)))
+
+    def _drop(self, i: int, seconds: float) -> None:
+        p = len(self.workers)
+        for group in range(3):  # its exchange, DONE and SAVED receives: withdraw them
+            request = self._requests[group * p + i]
+            if request:
+                request.Cancel()
+                request.Wait()  # a message that matched meanwhile is discarded with it
+            self._requests[group * p + i] = MPI.REQUEST_NULL
+        if self.status[i] == TRAINING:  # a finished worker's buffer was retired at its DONE
+            self._retire(self._incoming[i])
+        self.pool.abandon(self.workers[i])
+        self.status[i] = LOST
+        self._tell(i, Command.DROPPED)  # in case it wakes up: it then stays idle
+        left = sum(s != LOST for s in self.status)
+        print(f"mpi_easgd: warning: worker rank {self.workers[i]} sent nothing for {seconds:.0f}s "
+              f"(--worker-timeout {self.peer_timeout:g}); dropped it, the run goes on with {left} "
+              f"worker{'s' * (left != 1)} (--on-worker-loss continue)", file=sys.stderr, flush=True)
+        if i in self._awaiting:
+            self._awaiting.discard(i)
+            if not self._awaiting:
+                self._complete_checkpoint()
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _retire(self, buf: torch.Tensor) -> None:
+        if buf is not self.home:  # the model's buffer is never recycled
+            self.pool.release(buf)
+
+    def _exchange(self, i: int) -> None:
+        comm, x = self.comm, self._incoming[i]
+        if self.audit is not None:
+            self.audit.append((i, x.clone()))
+        new, reply = self.rule.apply(self.center, x)
+        sent = self.pool.send(comm, reply, self.workers[i], Tag.REPLY)
+        if self.center is not new:
+            self._retire(self.center)  # recycled only once the reply from it has gone
+        self.center = new
+        self._incoming[i] = self.pool.take()
+        self._requests[i] = comm.Irecv(self._incoming[i].numpy(), source=self.workers[i], tag=Tag.EXCHANGE)
+        if self.exchanges[i]:
+            self.staleness[i].append(int(self.updates - self.last_seen[i]))
+        self.updates += 1
+        self.exchanges[i] += 1
+        self.last_seen[i] = self.updates
+        # The worker is already waiting in its receive (it is inside Sendrecv), so waiting
+        # here completes at memory speed however slow the worker computes. Returning to the
+        # main wait instead measured 2.4x slower: MPICH moves a large send only inside MPI
+        # calls, and Waitany returns at the next arrival, stalling the reply meanwhile. The
+        # wake-up call is waited on too: a worker that hung inside its exchange must not
+        # hold the server here once the watchdog gives up on it.
+        # (``sent`` may be complete and null already: the pool tests its sends when taking a buffer.)
+        while sent and self.status[i] != LOST and MPI.Request.Waitany([sent, self._requests[-1]]) == 1:
+            self._wake_up()
+
+    def _serve(self, until: Callable[[], bool], fault) -> None:
+        """Handle arrivals until ``until()``; see the module docstring."""
+        p = len(self.workers)
+        while not until():
+            index = MPI.Request.Waitany(self._requests)
+            t0 = time.perf_counter()
+            group, i = divmod(index, p)
+            if group == 3:
+                self._wake_up()
+                continue
+            if group < 2:
+                self._watchdog.expect(self.workers[i])  # heard from it: restart its clock
+            if group == 0:
+                self._exchange(i)
+                if fault:
+                    fault.at_step(self.updates)
+            elif group == 1:
+                # DONE comes after the worker's last reply arrived: its exchange receive is
+                # still posted and will never match, so withdraw it.
+                self._requests[i].Cancel()
+                self._requests[i].Wait()
+                self._retire(self._incoming[i])
+                self.status[i] = FINISHED
+                if i not in self._awaiting:
+                    self._watchdog.release(self.workers[i])
+            else:  # SAVED: its file is on disk, and it waits for us until the checkpoint is complete
+                self._watchdog.release(self.workers[i])
+                self._requests[index] = self.comm.Irecv(self.epoch[i], source=self.workers[i], tag=Tag.SAVED)
+                self._awaiting.discard(i)
+                if not self._awaiting:
+                    self._complete_checkpoint()
+            if self._checkpoint_due():
+                self._begin_checkpoint()
+            self._maybe_snapshot()
+            self.busy_seconds += time.perf_counter() - t0
+
+    def run(self) -> None:
+        """Serve until every worker is done or lost, then hand the tester the final center
+        and write the final checkpoint."""
+        comm, p = self.comm, len(self.workers)
+        self._incoming = [self.pool.take() for _ in range(p)]
+        self._wake = np.zeros(1, dtype=np.int64)
+        self._requests = (
+            [comm.Irecv(self._incoming[i].numpy(), source=w, tag=Tag.EXCHANGE) for i, w in enumerate(self.workers)]
+            + [comm.Irecv(self.done[i], source=w, tag=Tag.DONE) for i, w in enumerate(self.workers)]
+            + [comm.Irecv(self.epoch[i], source=w, tag=Tag.SAVED) for i, w in enumerate(self.workers)]
+            + [comm.Irecv(self._wake, source=comm.Get_rank(), tag=Tag.WAKE)]
+        )
+        self._watchdog = Watchdog(comm, self.peer_timeout, lambda w: f"worker rank {w}",
+                                  self._on_silent if self.keep_going else None, tick=self._heartbeat).start()
+        for w in self.workers:
+            self._watchdog.expect(w)
+        fault = faults.from_env(comm.Get_rank())
+        start = time.perf_counter()
+        self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
+        self._serve(lambda: TRAINING not in self.status and not self._awaiting, fault)
+        # The tester never held training up; only the final center waits for it, bounded.
+        deadline = time.monotonic() + self.peer_timeout
+        if not wait_politely(self._snap_reqs, deadline):
+            raise PeerLost(self._tester_lost())
+        self._send_snapshot(Kind.FINAL)
+        self._final = True
+        self._begin_checkpoint()
+        self._serve(lambda: not self._awaiting, fault)
+        self._watchdog.stop()
+        if not wait_politely(self.pool.requests(), deadline):
+            raise PeerLost(self._tester_lost())
+        for request in self._requests:  # the SAVED receives still posted
+            if request:
+                request.Cancel()
+                request.Wait()
+        if self.center is not self.home:
+            self.home.copy_(self.center)
+            self.center = self.home
+        self.wall_seconds = time.perf_counter() - start
+
     def state_dict(self) -> dict:
-        return {"center": self.home, "updates": self.updates, "exchanges": self.exchanges.tolist()}
+        return {"center": self.center, "updates": self.updates, "exchanges": self.exchanges.tolist(),
+                "snapshots": self.snapshots}
 
     def load_state_dict(self, state: dict) -> None:
         self.home.copy_(state["center"])
         self.center = self.home
         self.updates = int(state["updates"])
         self.exchanges[:] = state["exchanges"]
+        self.snapshots = int(state.get("snapshots", 0))
+        self._last_checkpoint = (self.updates, time.monotonic())
 
     def stats(self) -> dict:
         """Per-worker exchange counts and staleness, busy fraction (for the summary)."""
@@ -232,6 +423,7 @@ class Server:
             ))
         return dict(
             updates=self.updates, per_worker=per_worker, server_wall_seconds=self.wall_seconds,
-            stopped=bool(self.done[:, 3].any()),
+            stopped=bool(self.done[:, 3].any()), checkpoint=str(self.checkpoint),
+            lost_workers=[self.workers[i] for i, s in enumerate(self.status) if s == LOST],
             server_busy_fraction=self.busy_seconds / self.wall_seconds if self.wall_seconds else 0.0,
         )

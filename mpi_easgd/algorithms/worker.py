@@ -7,12 +7,17 @@ Per local step ``t`` (the paper's Algorithm 1)::
     x = optimizer step with g
 
 After its last epoch, or at the next step after a stop signal, the worker makes one final
-exchange (so no local progress is lost), then tells the server it is done.
+exchange (so no local progress is lost), then tells the server it is done and follows its
+commands until the run ends. Between steps it checks (one ``Test``) for a command from the
+server: SAVE (write this worker's checkpoint file, answer, wait for RESUME), or DROPPED
+(the server gave up on this worker: stay idle until the job ends).
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,7 +25,7 @@ from mpi4py import MPI
 
 from mpi_easgd import faults
 from mpi_easgd.algorithms.easgd import worker_rule
-from mpi_easgd.algorithms.protocol import Tag, done_message
+from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, done_message
 from mpi_easgd.config import Config
 from mpi_easgd.control import StopRequest
 from mpi_easgd.data import ShardLoader
@@ -34,27 +39,46 @@ class _Stop(Exception):
     """A stop was requested: leave the epoch loop after the current step."""
 
 
+def idle_forever(rank: int) -> None:
+    """A dropped worker cannot leave an MPI job: it waits, off the CPU, to be ended with it."""
+    print(f"mpi_easgd: warning: the server dropped worker rank {rank} after it was silent "
+          f"too long (--on-worker-loss continue); it stays idle until the job ends",
+          file=sys.stderr, flush=True)
+    while True:
+        time.sleep(60)
+
+
 def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardLoader,
-               server: int, device: torch.device, stop: StopRequest,
-               saved: dict | None = None, transfer: str = "auto") -> tuple[dict, dict]:
+               server: int, device: torch.device, stop: StopRequest, save: Callable[[int, dict], bool],
+               saved: dict | None = None, transfer: str = "auto") -> tuple[dict, int, bool]:
     """Train on ``loader`` for ``cfg.epochs`` epochs (or until ``stop``), starting from
-    ``saved`` state if given; returns (statistics, state to checkpoint)."""
+    ``saved`` state if given (a worker lost in the saved run has only a position), and
+    write this worker's checkpoint file with ``save(step, state) -> written`` when the server
+    says so.
+    Returns (statistics, step of the final checkpoint, whether the run was stopped)."""
     model = flat.module
     optimizer = make_optimizer(cfg, model, nesterov=cfg.algo == "eamsgd")
     rule = worker_rule(cfg.algo, flat.data, cfg.alpha)
     position = {"epoch": 0, "step": 0, "t": 0, "samples": 0, "exchanges": 0}
     if saved is not None:
-        model.load_state_dict(saved["model"])  # copies into the flat buffer
-        optimizer.load_state_dict(saved["optimizer"])
-        rule.load_state_dict(saved["rule"])
-        position = saved["position"]
+        if "model" in saved:  # else it rejoins from the center it was given
+            model.load_state_dict(saved["model"])  # copies into the flat buffer
+            optimizer.load_state_dict(saved["optimizer"])
+            rule.load_state_dict(saved["rule"])
+        position = dict(position, **saved["position"])
     send, reply = MPIBuffer(rule.send, transfer), MPIBuffer(rule.reply, transfer)
     forward_backward = supervised_step(model, flat.zero_grad)
     latencies: list[float] = []
     checksums: list[float] = []  # audit: what this worker sent, in order
     t, samples, skipped = position["t"], position["samples"], 0
 
-    watchdog = Watchdog(comm, cfg.worker_timeout, lambda _: f"the server (rank {server})").start()
+    inbox = Inbox(comm, server)
+    # The server's heartbeats count as signs of life: it may rightly keep this worker
+    # waiting (for a slow peer at a checkpoint, or until a hung one is dropped). A worker
+    # the server dropped (it was slow, not dead) may be stuck in an exchange the server
+    # withdrew: then silence is expected, not a reason to abort.
+    watchdog = Watchdog(comm, cfg.worker_timeout, lambda _: f"the server (rank {server})",
+                        on_silent=lambda _key, _seconds: inbox.dropped, heard=lambda _: inbox.heard()).start()
 
     def exchange() -> None:
         rule.prepare()
@@ -86,10 +110,39 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
         samples += len(batch[1])
         return loss
 
+    def state() -> dict:
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), rule=rule.state_dict(),
+                    position=dict(position, t=t, samples=samples, exchanges=position["exchanges"] + len(latencies)))
+
+    def from_server() -> tuple[int, int, int]:
+        watchdog.expect("server")
+        command = inbox.wait()
+        watchdog.release("server")
+        return command
+
+    def obey(command) -> tuple[int, int, int] | None:
+        """Carry out commands until one lets this worker go on; END's message, else None."""
+        while command is not None:
+            kind, step, _ = command
+            if kind == Command.SAVE:
+                written = save(step, state())  # a failure is printed there; the server ends the job
+                comm.Send(np.array([position["epoch"] if written else -1], dtype=np.int64), dest=server,
+                          tag=Tag.SAVED)
+                command = from_server()  # no exchange until the server has saved too
+            elif kind == Command.RESUME:
+                return None
+            elif kind == Command.END:
+                return command
+            else:
+                watchdog.stop()
+                idle_forever(comm.Get_rank())
+        return None
+
     def after_step(i: int, _stats) -> None:
+        position["step"] = i + 1
         if stop.requested:
-            position["step"] = i + 1
             raise _Stop
+        obey(inbox.poll())
 
     step = faults.wrap_step(step, comm.Get_rank())
     start = time.perf_counter()
@@ -107,15 +160,17 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     exchange()  # flush the steps since the last exchange
     exchanges = position["exchanges"] + len(latencies)  # over every segment of a resumed run
     comm.Send(done_message(exchanges, t, samples, preempted), dest=server, tag=Tag.DONE)
+    seconds = time.perf_counter() - start
+    end = None
+    while end is None:  # the server may still ask for this worker's (final) checkpoint file
+        end = obey(from_server())
     watchdog.stop()
     lat = np.asarray(latencies) * 1e3
     stats = dict(
         rank=comm.Get_rank(), exchanges=exchanges, steps=t, samples=samples,
-        wall_seconds=time.perf_counter() - start, nonfinite_skipped=skipped,
+        wall_seconds=seconds, nonfinite_skipped=skipped,
         latency_ms_mean=float(lat.mean()), latency_ms_p50=float(np.percentile(lat, 50)),
         latency_ms_p99=float(np.percentile(lat, 99)),
         **({"audit_checksums": checksums} if cfg.audit else {}),
     )
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), rule=rule.state_dict(),
-                 position=dict(position, t=t, samples=samples, exchanges=exchanges))
-    return stats, state
+    return stats, end[1], bool(end[2])
