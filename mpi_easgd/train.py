@@ -157,9 +157,11 @@ def run(argv: list[str] | None, comm) -> int:
 
 def _end_without(comm, lost: list[int], status: int, what: str) -> None:
     """End a job whose dropped workers are still hanging: MPI cannot let them go another way."""
+    from mpi_easgd.control import abort
+
     print(f"mpi_easgd: {what}; everything is saved in the run directory, ending the job (exit {status})",
           file=sys.stderr, flush=True)
-    comm.Abort(status)
+    abort(comm, status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mpi_easgd.algorithms.server import PeerLost
     from mpi_easgd.checkpoint import CheckpointError, CheckpointFailed
-    from mpi_easgd.control import EXIT_PREEMPTED, Preempted
+    from mpi_easgd.control import EXIT_PREEMPTED, Preempted, abort
     from mpi_easgd.loop import NonFiniteError
 
     comm = MPI.COMM_WORLD
@@ -185,19 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except CheckpointFailed:  # the rank that failed has said why
         if comm.Get_size() > 1:
-            comm.Abort(1)
+            abort(comm, 1)
         return 1
     except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
         sys.stderr.flush()
         if comm.Get_size() > 1:
-            comm.Abort(1)
+            abort(comm, 1)
         return 1
     except BaseException:
-        traceback.print_exc()
+        sys.stderr.write(traceback.format_exc())  # one write: MPI_Abort may cut a piecemeal one short
         sys.stderr.flush()
         if comm.Get_size() > 1:
-            comm.Abort(1)  # end every rank now instead of leaving them in a collective
+            abort(comm, 1)  # end every rank now instead of leaving them in a collective
         return 1
 
 

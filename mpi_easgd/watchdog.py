@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
+from mpi_easgd.control import abort
+
 
 class Watchdog:
     """``expect(key)`` starts (or restarts) a peer's clock, ``release(key)`` stops it."""
@@ -64,4 +66,4 @@ class Watchdog:
                     print(f"mpi_easgd: error: {self.describe(key)} sent nothing for {now - since:.0f}s "
                           f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
                           file=sys.stderr, flush=True)
-                    self.comm.Abort(1)  # MPI cannot drop one rank of a running job: end it loudly
+                    abort(self.comm, 1)  # MPI cannot drop one rank of a running job: end it loudly

@@ -124,6 +124,9 @@ def test_config_precedence_and_types(tmp_path):
     ("alpha = 1.5", r"--alpha must be in \(0, 1\)"),
     ("lr = -1", "--lr must be > 0"),
     ("epochs = [", "not valid TOML"),
+    ('on_worker_loss = "maybe"', "--on-worker-loss must be one of abort, continue; got 'maybe'"),
+    ('algo = "sgd"\non_worker_loss = "continue"', "--on-worker-loss continue needs an asynchronous algorithm"),
+    ('checkpoint_every = "5h"', "--checkpoint-every must be a number of steps"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"
