@@ -175,7 +175,8 @@ def test_a_hung_peer_in_async_ends_the_job(victim, message, tmp_path):
     assert r.returncode != 0
     assert r.seconds < 40, f"took {r.seconds:.1f}s"
     lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd: error:")]
-    assert len(lines) == 1 and message in lines[0], r.stderr
+    # Each worker watches the server: both may say so (the same line) before the job ends.
+    assert len(set(lines)) == 1 and message in lines[0], r.stderr
     if victim == "3":
         assert (tmp_path / marker / "center.pt").exists(), "training finished despite the hung tester"
     time.sleep(0.5)

@@ -204,6 +204,7 @@ class Server:
 
     def _tell(self, i: int, command: Command, flag: int = 0) -> None:
         message = control_message(command, self._saving, flag)
+        self._notices = [(m, r) for m, r in self._notices if not r.Test()]  # keep only those in flight
         self._notices.append((message, self.comm.Isend(message, dest=self.workers[i], tag=Tag.CONTROL)))
 
     def _checkpoint_due(self) -> bool:
