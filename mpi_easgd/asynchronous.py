@@ -172,5 +172,6 @@ def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[di
         train_samples=samples, train_seconds=seconds,
         train_samples_per_second=samples / seconds if seconds else 0.0,
         server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
+        checkpoints=server["checkpoints"], checkpoint_seconds=server["checkpoint_seconds"],
         nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers), lost_workers=lost,
     )

@@ -163,6 +163,7 @@ class Server:
         self.audit = [] if audit else None
         self.initial = center.clone() if audit else None
         self.checkpoint: Path | None = None  # the last committed one
+        self.checkpoints, self.checkpoint_seconds = 0, 0.0  # written, and from SAVE to commit
         self._snap_reqs: list[MPI.Request] = []
         self._last_snapshot = 0.0
         self._awaiting: set[int] = set()  # workers yet to answer SAVED for the checkpoint in progress
@@ -219,6 +220,7 @@ class Server:
 
     def _begin_checkpoint(self) -> None:
         self._saving = self.updates
+        self._save_started = time.perf_counter()
         self._awaiting = {i for i, s in enumerate(self.status) if s != LOST}
         for i in self._awaiting:
             self._tell(i, Command.SAVE)
@@ -237,6 +239,8 @@ class Server:
         failed = [self.workers[i] for i, s in enumerate(self.status) if s != LOST and self.epoch[i, 0] < 0]
         self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin, failed_ranks=failed))
         self._last_checkpoint = (self.updates, time.monotonic())
+        self.checkpoints += 1
+        self.checkpoint_seconds += time.perf_counter() - self._save_started
         stopped = int(self.done[:, 3].any())
         for i, s in enumerate(self.status):
             if s != LOST:
@@ -432,6 +436,7 @@ class Server:
         return dict(
             updates=self.updates, per_worker=per_worker, server_wall_seconds=self.wall_seconds,
             stopped=bool(self.done[:, 3].any()), checkpoint=str(self.checkpoint),
+            checkpoints=self.checkpoints, checkpoint_seconds=self.checkpoint_seconds,
             lost_workers=[self.workers[i] for i, s in enumerate(self.status) if s == LOST],
             server_busy_fraction=self.busy_seconds / self.wall_seconds if self.wall_seconds else 0.0,
         )
