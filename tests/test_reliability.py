@@ -264,3 +264,39 @@ def test_full_disk_on_an_async_worker_ends_the_job_cleanly(tmp_path):
     assert "Traceback" not in r.stderr
     assert (ckpts / "latest").read_text() == previous
     assert not upcoming.exists(), "the incomplete checkpoint is removed"
+
+
+def rank_pid(marker: str, rank: int) -> int:
+    """The pid of ``rank`` in the job whose command line contains ``marker``."""
+    for pid in subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split():
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} in the job {marker}")
+
+
+def test_a_dropped_worker_that_wakes_up_stays_idle(tmp_path):
+    """A worker stopped (SIGSTOP) long enough to be dropped, then continued (SIGCONT), as a
+    swapping or briefly frozen node would be: it learns it was dropped and stays idle; the
+    run finishes with the other worker and exit 3."""
+    marker = f"wakes-{os.getpid()}"
+    proc = launch(4, "-m", "mpi_easgd.train", "--no-progress", "--epochs", "12", "--tau", "1",
+                  "--worker-timeout", "2", "--on-worker-loss", "continue", "--out", str(tmp_path),
+                  "--run-name", marker,  # the other worker trains for ~9 s: past the SIGCONT
+                  env={"MPI_EASGD_FAULT": "rank=2,action=sleep,seconds=0.01"})
+    metrics = tmp_path / marker / "metrics.csv"
+    deadline = time.monotonic() + 60
+    while not metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = rank_pid(marker, 1)
+    os.kill(victim, signal.SIGSTOP)
+    time.sleep(4)  # dropped after 2-3 s
+    os.kill(victim, signal.SIGCONT)
+    _, err = finish(proc, 90, "the job with a dropped worker")
+    assert proc.returncode == 3, err
+    assert "dropped it, the run goes on with 1 worker" in err
+    assert "the server dropped worker rank 1" in err and "stays idle" in err
+    assert read_summary(tmp_path / marker)["lost_workers"] == [1]

@@ -39,11 +39,15 @@ class _Stop(Exception):
     """A stop was requested: leave the epoch loop after the current step."""
 
 
-def idle_forever(rank: int) -> None:
-    """A dropped worker cannot leave an MPI job: it waits, off the CPU, to be ended with it."""
+def say_dropped(rank: int) -> None:
     print(f"mpi_easgd: warning: the server dropped worker rank {rank} after it was silent "
           f"too long (--on-worker-loss continue); it stays idle until the job ends",
           file=sys.stderr, flush=True)
+
+
+def idle_forever(rank: int) -> None:
+    """A dropped worker cannot leave an MPI job: it waits, off the CPU, to be ended with it."""
+    say_dropped(rank)
     while True:
         time.sleep(60)
 
@@ -77,8 +81,13 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     # waiting (for a slow peer at a checkpoint, or until a hung one is dropped). A worker
     # the server dropped (it was slow, not dead) may be stuck in an exchange the server
     # withdrew: then silence is expected, not a reason to abort.
+    def dropped_while_waiting(_key, _seconds) -> bool:
+        if inbox.dropped:  # stuck in an exchange the server withdrew; the job's end ends it
+            say_dropped(comm.Get_rank())
+        return inbox.dropped
+
     watchdog = Watchdog(comm, cfg.worker_timeout, lambda _: f"the server (rank {server})",
-                        on_silent=lambda _key, _seconds: inbox.dropped, heard=lambda _: inbox.heard()).start()
+                        on_silent=dropped_while_waiting, heard=lambda _: inbox.heard()).start()
 
     def exchange() -> None:
         rule.prepare()
