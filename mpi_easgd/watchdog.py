@@ -31,7 +31,7 @@ class Watchdog:
         self.timeout = timeout
         self.describe = describe  # key -> "worker rank 2", "the server (rank 0)", ...
         # All three run on the watchdog thread:
-        self.on_silent = on_silent  # (key, seconds) -> True if handled (stop watching it), else abort
+        self.on_silent = on_silent  # (key, seconds) -> True if handled, else the job is aborted
         self.heard = heard  # key -> time.monotonic() of its last sign of life outside the watched wait
         self.tick = tick  # called every interval (e.g. to send heartbeats)
         self._since: dict[object, float] = {}
@@ -61,8 +61,7 @@ class Watchdog:
                     since = max(since, self.heard(key))
                 if now - since > self.timeout:
                     if self.on_silent is not None and self.on_silent(key, now - since):
-                        self.release(key)
-                        continue
+                        continue  # handled: the handler releases the key if it is done with it
                     print(f"mpi_easgd: error: {self.describe(key)} sent nothing for {now - since:.0f}s "
                           f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
                           file=sys.stderr, flush=True)

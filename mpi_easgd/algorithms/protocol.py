@@ -95,6 +95,15 @@ class Inbox:
             delay = min(delay * 2, 0.02)
         return command
 
+    def settle(self, seconds: float) -> None:
+        """Keep taking in commands for ``seconds``: before concluding that the server is
+        silent, give messages that have arrived but are not yet matched (after this rank
+        was stopped, or starved of CPU) a chance to be."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not self.dropped:
+            self.pump()
+            time.sleep(0.01)
+
     def heard(self) -> float:
         """When the server last sent anything on this channel (``time.monotonic()``)."""
         self.pump()

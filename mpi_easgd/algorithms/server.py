@@ -171,6 +171,8 @@ class Server:
         self._final = False
         self._last_checkpoint = (0, time.monotonic())
         self._silent: list[tuple[int, float]] = []  # filled by the watchdog thread
+        self._replying: int | None = None  # the worker whose reply the server waits on
+        self._clock = [time.monotonic()] * p  # when the server last heard from each worker
         self._notices: list[tuple[np.ndarray, MPI.Request]] = []
         self._beats: list[tuple[np.ndarray, MPI.Request]] = []  # the watchdog thread's own
         self.busy_seconds = 0.0
@@ -224,7 +226,7 @@ class Server:
         self._awaiting = {i for i, s in enumerate(self.status) if s != LOST}
         for i in self._awaiting:
             self._tell(i, Command.SAVE)
-            self._watchdog.expect(self.workers[i])  # it must answer, even if it has finished
+            self._expect(i)  # it must answer, even if it has finished
         if not self._awaiting:
             self._complete_checkpoint()
 
@@ -246,14 +248,28 @@ class Server:
             if s != LOST:
                 self._tell(i, Command.END if self._final else Command.RESUME, stopped)
             if s == TRAINING:
-                self._watchdog.expect(self.workers[i])  # back to training: it must exchange again
+                self._expect(i)  # back to training: it must exchange again
 
     # ---- lost workers ----------------------------------------------------------------
 
+    def _expect(self, i: int) -> None:
+        """(Re)start worker ``i``'s clock: the server now waits for it."""
+        self._clock[i] = time.monotonic()
+        self._watchdog.expect(self.workers[i])
+
+    def _heard(self, rank: int) -> float:
+        """Watchdog thread: while the server is stuck replying to one worker, the others'
+        messages wait unread; that silence is the server's, not theirs."""
+        replying = self._replying
+        if replying is not None and self.workers[replying] != rank:
+            return time.monotonic()
+        return 0.0
+
     def _on_silent(self, rank: int, seconds: float) -> bool:
         """Watchdog thread, ``--on-worker-loss continue``: queue the drop, wake the loop."""
-        self._silent.append((rank, seconds))
-        self.comm.Send(np.zeros(1, dtype=np.int64), dest=self.comm.Get_rank(), tag=Tag.WAKE)
+        if all(r != rank for r, _ in self._silent):
+            self._silent.append((rank, seconds))
+            self.comm.Send(np.zeros(1, dtype=np.int64), dest=self.comm.Get_rank(), tag=Tag.WAKE)
         return True
 
     def _wake_up(self) -> None:
@@ -264,8 +280,13 @@ class Server:
     def _drop_silent(self) -> None:
         while self._silent:
             rank, seconds = self._silent.pop(0)
-            if self.status[self.workers.index(rank)] != LOST:
-                self._drop(self.workers.index(rank), seconds)
+            i = self.workers.index(rank)
+            if self.status[i] == LOST:
+                continue
+            if time.monotonic() - self._clock[i] < self.peer_timeout:
+                self._expect(i)  # heard from since the watchdog looked (or just restarted): not lost
+                continue
+            self._drop(i, seconds)
 
     def _heartbeat(self) -> None:
         """Watchdog thread: tell every rank that may be waiting on this server that it lives
@@ -288,6 +309,7 @@ class Server:
         if self.status[i] == TRAINING:  # a finished worker's buffer was retired at its DONE
             self._retire(self._incoming[i])
         self.pool.abandon(self.workers[i])
+        self._watchdog.release(self.workers[i])
         self.status[i] = LOST
         self._tell(i, Command.DROPPED)  # in case it wakes up: it then stays idle
         left = sum(s != LOST for s in self.status)
@@ -328,12 +350,18 @@ class Server:
         # Test in a loop, not Wait: a worker that hung inside its exchange must not hold the
         # server here once the watchdog gives up on it (Waitany on the send and the wake-up
         # call measured 4x slower than this loop).
+        self._replying, started = i, time.monotonic()
         while not sent.Test():
             os.sched_yield()
             if self._silent:
                 self._drop_silent()
                 if self.status[i] == LOST:
-                    return
+                    break
+        self._replying = None
+        if time.monotonic() - started > self.peer_timeout / 10:  # the others waited on the server
+            for j, status in enumerate(self.status):
+                if j != i and status == TRAINING:
+                    self._expect(j)
 
     def _serve(self, until: Callable[[], bool], fault) -> None:
         """Handle arrivals until ``until()``; see the module docstring."""
@@ -346,7 +374,7 @@ class Server:
                 self._wake_up()
                 continue
             if group < 2:
-                self._watchdog.expect(self.workers[i])  # heard from it: restart its clock
+                self._expect(i)  # heard from it: restart its clock
             if group == 0:
                 self._exchange(i)
                 if fault:
@@ -384,9 +412,10 @@ class Server:
             + [comm.Irecv(self._wake, source=comm.Get_rank(), tag=Tag.WAKE)]
         )
         self._watchdog = Watchdog(comm, self.peer_timeout, lambda w: f"worker rank {w}",
-                                  self._on_silent if self.keep_going else None, tick=self._heartbeat).start()
+                                  self._on_silent if self.keep_going else None, heard=self._heard,
+                                  tick=self._heartbeat).start()
         for w in self.workers:
-            self._watchdog.expect(w)
+            self._expect(self.workers.index(w))
         fault = faults.from_env(comm.Get_rank())
         start = time.perf_counter()
         self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start

@@ -81,13 +81,16 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     # waiting (for a slow peer at a checkpoint, or until a hung one is dropped). A worker
     # the server dropped (it was slow, not dead) may be stuck in an exchange the server
     # withdrew: then silence is expected, not a reason to abort.
-    def dropped_while_waiting(_key, _seconds) -> bool:
+    def server_silent(key, _seconds) -> bool:
+        inbox.settle(1.0)
         if inbox.dropped:  # stuck in an exchange the server withdrew; the job's end ends it
+            watchdog.release(key)
             say_dropped(comm.Get_rank())
-        return inbox.dropped
+            return True
+        return time.monotonic() - inbox.last_heard < cfg.worker_timeout  # a late heartbeat: alive
 
     watchdog = Watchdog(comm, cfg.worker_timeout, lambda _: f"the server (rank {server})",
-                        on_silent=dropped_while_waiting, heard=lambda _: inbox.heard()).start()
+                        on_silent=server_silent, heard=lambda _: inbox.heard()).start()
 
     def exchange() -> None:
         rule.prepare()
