@@ -1,6 +1,7 @@
 """Fault injection for testing failure paths under a real launcher.
 
-Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` where ``A`` is
+Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` (several separated by
+``;``, one per rank) where ``A`` is
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
@@ -64,12 +65,13 @@ def wrap_step(step, rank: int, environ=os.environ):
 
 def from_env(rank: int, environ=os.environ) -> Fault | None:
     """The fault for ``rank`` from ``$MPI_EASGD_FAULT``, or None."""
-    spec = environ.get(ENV, "")
-    if not spec:
-        return None
-    fields = dict(item.split("=", 1) for item in spec.split(","))
-    if int(fields.get("rank", -1)) != rank:
-        return None
-    if fields.get("action") not in ACTIONS:
-        raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
-    return Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)))
+    for spec in environ.get(ENV, "").split(";"):
+        if not spec:
+            continue
+        fields = dict(item.split("=", 1) for item in spec.split(","))
+        if int(fields.get("rank", -1)) != rank:
+            continue
+        if fields.get("action") not in ACTIONS:
+            raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
+        return Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)))
+    return None

@@ -279,21 +279,20 @@ def rank_pid(marker: str, rank: int) -> int:
 
 
 def test_a_dropped_worker_that_wakes_up_stays_idle(tmp_path):
-    """A worker stopped (SIGSTOP) long enough to be dropped, then continued (SIGCONT), as a
-    swapping or briefly frozen node would be: it learns it was dropped and stays idle; the
-    run finishes with the other worker and exit 3."""
+    """A worker stopped (SIGSTOP, at a step boundary) long enough to be dropped, then
+    continued (SIGCONT), as a swapping or briefly frozen node would be: it learns it was
+    dropped and stays idle; the run finishes with the other worker and exit 3."""
     marker = f"wakes-{os.getpid()}"
-    proc = launch(4, "-m", "mpi_easgd.train", "--no-progress", "--epochs", "12", "--tau", "1",
-                  "--worker-timeout", "2", "--on-worker-loss", "continue", "--out", str(tmp_path),
-                  "--run-name", marker,  # the other worker trains for ~9 s: past the SIGCONT
-                  env={"MPI_EASGD_FAULT": "rank=2,action=sleep,seconds=0.01"})
+    proc = launch(4, "-m", "mpi_easgd.train", "--no-progress", "--epochs", "14", "--tau", "1",
+                  "--worker-timeout", "4", "--on-worker-loss", "continue", "--out", str(tmp_path),
+                  "--run-name", marker,  # the other worker trains for ~12 s: past the SIGCONT
+                  env={"MPI_EASGD_FAULT": "rank=1,action=stop,step=5;rank=2,action=sleep,seconds=0.01"})
     metrics = tmp_path / marker / "metrics.csv"
     deadline = time.monotonic() + 60
     while not metrics.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     victim = rank_pid(marker, 1)
-    os.kill(victim, signal.SIGSTOP)
-    time.sleep(4)  # dropped after 2-3 s
+    time.sleep(6.5)  # it stops itself at its step 5 and is dropped 4-5 s later
     woken = subprocess.run(["kill", "-CONT", str(victim)]).returncode == 0  # False: the job already ended
     _, err = finish(proc, 90, "the job with a dropped worker")
     assert woken, f"the job ended before the dropped worker was continued:\n{err}"
