@@ -191,8 +191,8 @@ class Server:
         self._last_snapshot = time.perf_counter()
 
     def _maybe_snapshot(self) -> None:
-        if time.perf_counter() - self._last_snapshot < self.test_every:
-            return
+        if self._final or time.perf_counter() - self._last_snapshot < self.test_every:
+            return  # (after the final center, the tester takes nothing more)
         if self._snap_reqs and not MPI.Request.Testall(self._snap_reqs):
             return  # the tester is still busy with the previous one: skip, never wait
         self._send_snapshot(Kind.SNAPSHOT)
