@@ -36,7 +36,7 @@ def ours(comm, n: int, exchanges: int) -> float:
     start = time.perf_counter()
     if rank == 0:
         Server(comm, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
-               samples_per_exchange=1, save=lambda step, extra: None).run()  # no files
+               samples_per_exchange=1, save=lambda step, extra, written: None).run()  # no files
     elif rank == tester:  # takes snapshots until the final one, like the real tester
         meta = np.zeros(META_LEN, np.int64)
         while meta[0] != Kind.FINAL:

@@ -52,9 +52,9 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         return checkpoint.try_save_rank(checkpoint.step_dir(run_dir, step), topo.rank, state)
 
     if topo.role == "server":
-        def commit(step: int, extra: dict) -> Path:
+        def commit(step: int, extra: dict, workers_written: bool) -> Path:
             ckpt = checkpoint.step_dir(run_dir, step)
-            if extra.pop("failed_ranks") or not save_rank(step, server.state_dict()):
+            if not workers_written or not save_rank(step, server.state_dict()):
                 checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
                 raise checkpoint.CheckpointFailed(ckpt)
             # The tester's only state is how many snapshots it has been sent (it evaluates each).

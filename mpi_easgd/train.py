@@ -150,12 +150,12 @@ def run(argv: list[str] | None, comm) -> int:
         summary["run_dir"] = str(run_dir)
         log.write_summary(summary)
         if summary.get("lost_workers"):
-            _end_without(comm, summary["lost_workers"], EXIT_WORKERS_LOST,
+            _end_without(comm, EXIT_WORKERS_LOST,
                          f"finished without worker rank(s) {summary['lost_workers']}, which were dropped")
     return 0
 
 
-def _end_without(comm, lost: list[int], status: int, what: str) -> None:
+def _end_without(comm, status: int, what: str) -> None:
     """End a job whose dropped workers are still hanging: MPI cannot let them go another way."""
     from mpi_easgd.control import abort
 
@@ -182,25 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(f"mpi_easgd: {exc}; continue with --resume auto (exit {EXIT_PREEMPTED})", file=sys.stderr)
         if exc.lost:
-            _end_without(comm, exc.lost, EXIT_PREEMPTED, f"stopped; worker rank(s) {exc.lost} were dropped "
-                                                          f"and rejoin from the center on resume")
+            _end_without(comm, EXIT_PREEMPTED, f"stopped; worker rank(s) {exc.lost} were dropped "
+                                               f"and rejoin from the center on resume")
         return EXIT_PREEMPTED
     except CheckpointFailed:  # the rank that failed has said why
-        if comm.Get_size() > 1:
-            abort(comm, 1)
-        return 1
+        pass
     except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
-        sys.stderr.flush()
-        if comm.Get_size() > 1:
-            abort(comm, 1)
-        return 1
     except BaseException:
         sys.stderr.write(traceback.format_exc())  # one write: MPI_Abort may cut a piecemeal one short
-        sys.stderr.flush()
-        if comm.Get_size() > 1:
-            abort(comm, 1)  # end every rank now instead of leaving them in a collective
-        return 1
+    if comm.Get_size() > 1:
+        abort(comm, 1)  # end every rank now instead of leaving them in a collective
+    return 1
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ class Watchdog:
     def release(self, key) -> None:
         self._since.pop(key, None)
 
+    def silence(self, key) -> float:
+        """Seconds since ``key``'s clock was (re)started; 0 when it is not watched."""
+        since = self._since.get(key)
+        return 0.0 if since is None else time.monotonic() - since
+
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             if self.tick is not None:

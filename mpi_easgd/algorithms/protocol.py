@@ -89,11 +89,12 @@ class Inbox:
 
     def wait(self) -> tuple[int, int, int]:
         """The next command, waiting without spinning."""
-        delay = 1e-4
-        while (command := self.poll()) is None:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        return command
+        def arrived() -> bool:
+            self.pump()
+            return bool(self._queue)
+
+        sleep_until(arrived)
+        return self._queue.popleft()
 
     def settle(self, seconds: float) -> None:
         """Keep taking in commands for ``seconds``: before concluding that the server is
@@ -130,14 +131,19 @@ def control_message(command: Command, step: int = 0, flag: int = 0) -> np.ndarra
     return np.array([int(command), step, flag], dtype=np.int64)
 
 
-def wait_politely(requests: list[MPI.Request], deadline: float = float("inf")) -> bool:
-    """Wait for ``requests`` without spinning (test, then sleep with a growing back-off up
-    to 20 ms, so a waiting rank leaves the CPU to ranks that compute) until the
-    ``time.monotonic()`` deadline; True if they completed."""
+def sleep_until(done, deadline: float = float("inf")) -> bool:
+    """Call ``done()`` until it is true, sleeping in between with a growing back-off up to
+    20 ms (a waiting rank leaves the CPU to ranks that compute), or until the
+    ``time.monotonic()`` deadline; True if ``done()`` became true."""
     delay = 1e-4
-    while not MPI.Request.Testall(requests):
+    while not done():
         if time.monotonic() > deadline:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
     return True
+
+
+def wait_politely(requests: list[MPI.Request], deadline: float = float("inf")) -> bool:
+    """Wait for ``requests`` without spinning (see :func:`sleep_until`); True if they completed."""
+    return sleep_until(lambda: MPI.Request.Testall(requests), deadline)

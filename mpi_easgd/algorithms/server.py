@@ -112,13 +112,15 @@ class BufferPool:
 
 
 TRAINING, FINISHED, LOST = "training", "finished", "lost"
+_HEARTBEAT = control_message(Command.HEARTBEAT)
 
 
 class Server:
     """Serve ``worker_ranks`` on ``comm`` until each has sent DONE; see the module docstring.
 
-    ``save(step, manifest_extra)`` writes the server's part of checkpoint ``step`` once
-    every worker's file is on disk, commits it and returns its directory.
+    ``save(step, manifest_extra, workers_written)`` is called once every worker has
+    answered SAVE: it writes the server's part of checkpoint ``step`` and commits it,
+    returning its directory (or, if a worker's write failed, removes it and raises).
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class Server:
         *,
         test_every: float,
         samples_per_exchange: int,
-        save: Callable[[int, dict], Path],
+        save: Callable[[int, dict, bool], Path],
         audit: bool = False,
         peer_timeout: float = 300.0,
         on_worker_loss: str = "abort",
@@ -158,7 +160,7 @@ class Server:
         self.staleness: list[list[int]] = [[] for _ in range(p)]
         self.done = np.zeros((p, DONE_LEN), dtype=np.int64)
         self.status = [TRAINING] * p
-        self.epoch = np.zeros((p, SAVED_LEN), dtype=np.int64)  # each worker's epoch at its last save
+        self.epoch = np.zeros((p, SAVED_LEN), dtype=np.int64)  # each worker's epoch at its last save (-1: failed)
         self.rejoin: dict[str, dict] = {}  # lost workers, as resumed runs restart them
         self.audit = [] if audit else None
         self.initial = center.clone() if audit else None
@@ -172,9 +174,8 @@ class Server:
         self._last_checkpoint = (0, time.monotonic())
         self._silent: list[tuple[int, float]] = []  # filled by the watchdog thread
         self._replying: int | None = None  # the worker whose reply the server waits on
-        self._clock = [time.monotonic()] * p  # when the server last heard from each worker
         self._notices: list[tuple[np.ndarray, MPI.Request]] = []
-        self._beats: list[tuple[np.ndarray, MPI.Request]] = []  # the watchdog thread's own
+        self._beats: list[MPI.Request] = []  # the watchdog thread's own
         self.busy_seconds = 0.0
         self.wall_seconds = 0.0
 
@@ -238,8 +239,8 @@ class Server:
                 if s == LOST:
                     self.rejoin[str(self.workers[i])] = dict(epoch=min(alive, default=0),
                                                              exchanges=int(self.exchanges[i]))
-        failed = [self.workers[i] for i, s in enumerate(self.status) if s != LOST and self.epoch[i, 0] < 0]
-        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin, failed_ranks=failed))
+        written = all(self.epoch[i, 0] >= 0 for i, s in enumerate(self.status) if s != LOST)
+        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin), written)
         self._last_checkpoint = (self.updates, time.monotonic())
         self.checkpoints += 1
         self.checkpoint_seconds += time.perf_counter() - self._save_started
@@ -254,7 +255,6 @@ class Server:
 
     def _expect(self, i: int) -> None:
         """(Re)start worker ``i``'s clock: the server now waits for it."""
-        self._clock[i] = time.monotonic()
         self._watchdog.expect(self.workers[i])
 
     def _heard(self, rank: int) -> float:
@@ -283,20 +283,18 @@ class Server:
             i = self.workers.index(rank)
             if self.status[i] == LOST:
                 continue
-            if time.monotonic() - self._clock[i] < self.peer_timeout:
-                self._expect(i)  # heard from since the watchdog looked (or just restarted): not lost
-                continue
+            if self._watchdog.silence(rank) < self.peer_timeout:
+                continue  # heard from (or released) since the watchdog looked: not lost
             self._drop(i, seconds)
 
     def _heartbeat(self) -> None:
         """Watchdog thread: tell every rank that may be waiting on this server that it lives
         (a worker can wait long and rightly: for a slow peer to reach a checkpoint, or to be
         dropped). The tester is told too once it waits for the run's statistics."""
-        self._beats = [(m, r) for m, r in self._beats if not r.Test()]
+        self._beats = [r for r in self._beats if not r.Test()]
         ranks = [w for w, s in zip(self.workers, self.status) if s != LOST] + [self.tester] * self._final
-        for rank in ranks:
-            message = control_message(Command.HEARTBEAT)
-            self._beats.append((message, self.comm.Isend(message, dest=rank, tag=Tag.CONTROL)))
+        for rank in ranks:  # one read-only buffer serves every heartbeat
+            self._beats.append(self.comm.Isend(_HEARTBEAT, dest=rank, tag=Tag.CONTROL))
 
     def _drop(self, i: int, seconds: float) -> None:
         p = len(self.workers)
@@ -414,8 +412,8 @@ class Server:
         self._watchdog = Watchdog(comm, self.peer_timeout, lambda w: f"worker rank {w}",
                                   self._on_silent if self.keep_going else None, heard=self._heard,
                                   tick=self._heartbeat).start()
-        for w in self.workers:
-            self._expect(self.workers.index(w))
+        for i in range(p):
+            self._expect(i)
         fault = faults.from_env(comm.Get_rank())
         start = time.perf_counter()
         self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
