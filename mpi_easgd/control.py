@@ -8,9 +8,11 @@ the same step even though the signal reached them at different moments.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -25,10 +27,15 @@ ABORT_GRACE = 0.3  # seconds for the launcher to forward this rank's last lines
 def abort(comm: MPI.Comm, status: int) -> None:
     """End every rank of the job with ``status`` (``MPI_Abort``), after making sure the
     line that says why reaches the user: Hydra kills the job on abort without always
-    forwarding what the aborting rank wrote just before (1 run in 20 lost it here)."""
+    forwarding what the aborting rank wrote just before (1 run in 20 lost it here).
+
+    Off the main thread MPI is called only where the library allows it
+    (``THREAD_MULTIPLE``); otherwise the process exits, and the launcher ends the job."""
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)
+    if threading.current_thread() is not threading.main_thread() and MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        os._exit(status)
     comm.Abort(status)
 
 

@@ -45,10 +45,12 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
                         augment=cfg.augment, prefetch=cfg.prefetch)
     test = ShardLoader(info, "test", rank, size, batch_size=512, shuffle=False, even=False)
     steps = max(steps_per_epoch(info.sizes["train"], size, cfg.batch_size, even))
+    # A rank that hangs or dies mid-collective ends the job after --worker-timeout.
+    guard = dict(transfer=transfer, timeout=cfg.worker_timeout, on_timeout="abort")
     if cfg.algo == "sgd":
-        algo = AllReduceSGD(comm, transfer=transfer)
+        algo = AllReduceSGD(comm, **guard)
     else:
-        algo = AllReduceEA(comm, cfg.tau, cfg.alpha, transfer=transfer)
+        algo = AllReduceEA(comm, cfg.tau, cfg.alpha, **guard)
     algo.synchronize_parameters(model)
     flat = algo.flat(model)
     forward_backward = supervised_step(model, flat.zero_grad)

@@ -70,6 +70,16 @@ def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None,
     return Result(proc.returncode, out, err, time.perf_counter() - start)
 
 
+def spmd(ranks: int, *files: str, timeout: float = 240) -> Result:
+    """Run the SPMD test ``files`` on ``ranks`` ranks (``python -m mpi4py -m pytest``: a
+    failure on one rank aborts the job instead of hanging it); every rank must pass."""
+    result = mpirun(ranks, "-m", "mpi4py", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+                    timeout=timeout)
+    assert result.returncode == 0, result.output
+    assert result.output.count(" passed") == ranks and " failed" not in result.output, result.output
+    return result
+
+
 def train(n: int, *flags: str, timeout: float = 180, env: dict | None = None) -> Result:
     """``mpiexec -n n python -m mpi_easgd.train FLAGS``."""
     return mpirun(n, "-m", "mpi_easgd.train", "--no-progress", *flags, timeout=timeout, env=env)

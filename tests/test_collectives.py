@@ -1,14 +1,16 @@
-"""Launch the SPMD collective tests under real mpiexec with 1, 2 and 4 ranks."""
+"""Launch the SPMD collective tests under real mpiexec: the collective tests with 1, 2 and
+4 ranks, DistLearn's ported uneven-ending tests with 2, 4 and 8."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import mpirun
+from conftest import spmd
+
+COLLECTIVES = "tests/mpi/spmd_collectives.py"
+SEED = "tests/mpi/spmd_seed.py"
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_spmd_collectives(ranks):
-    result = mpirun(ranks, "-m", "mpi4py", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                    "tests/mpi/spmd_collectives.py", timeout=240)
-    assert result.returncode == 0, result.output
-    assert result.output.count(" passed") == ranks, result.output
+@pytest.mark.parametrize(("ranks", "files"), [(1, [COLLECTIVES]), (2, [COLLECTIVES, SEED]),
+                                              (4, [COLLECTIVES, SEED]), (8, [SEED])])
+def test_spmd(ranks, files):
+    spmd(ranks, *files)

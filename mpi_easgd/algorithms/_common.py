@@ -1,7 +1,10 @@
-"""Pieces shared by the synchronous algorithms: flattening once and broadcasting."""
+"""Pieces shared by the synchronous algorithms: flattening once, broadcasting, and a
+guard that turns a mismatch of collectives across ranks into a message instead of a
+silent hang."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import numpy as np
@@ -45,19 +48,83 @@ def bcast_tensor(comm: MPI.Comm, tensor: torch.Tensor, root: int, transfer: str 
     buf.after_recv()
 
 
-def bcast_module_state(
-    comm: MPI.Comm, model: nn.Module, data: MPIBuffer, root: int
-) -> None:
-    """Broadcast the flat parameters and every buffer (e.g. BatchNorm statistics) from root."""
+def bcast_module_state(comm: MPI.Comm, model: nn.Module, data: MPIBuffer, root: int) -> None:
+    """Broadcast the whole state of ``model`` from ``root``: the flat (trainable)
+    parameters in one call, then every frozen parameter (``requires_grad=False``, outside
+    the flat buffer) and every buffer (e.g. BatchNorm statistics), with the same transfer
+    mode as the flat buffer."""
     data.before_send()
     comm.Bcast(data.mpi, root=root)
     data.after_recv()
-    for b in model.buffers():
-        if b.is_contiguous() and b.numel():
-            bcast_tensor(comm, b, root)
+    frozen = [p.data for p in model.parameters() if not p.requires_grad]
+    for t in (*frozen, *model.buffers()):
+        if t.numel():
+            if not t.is_contiguous():
+                raise ValueError("a frozen parameter or buffer of the model is not contiguous; "
+                                 "call .contiguous() on it before training")
+            bcast_tensor(comm, t, root, data.mode)
 
 
 def argmax_rank(comm: MPI.Comm, value: int) -> int:
     """The rank with the largest ``value``; ties go to the lowest rank."""
     values = np.asarray(comm.allgather(int(value)))
     return int(np.argmax(values))
+
+
+class CollectiveGuard:
+    """``with guard("call"):`` around a public call that runs collectives.
+
+    A :class:`~mpi_easgd.watchdog.Watchdog` thread (no MPI call but ``MPI_Abort``) watches
+    the call a rank is in. When it has waited ``timeout`` seconds for the other ranks, one
+    line names it; with ``on_timeout="abort"`` the job then ends. The usual cause is a
+    mismatch (a rank that exited, hung, or makes another call), which MPI would otherwise
+    wait on forever. ``timeout=None``: no watching. Costs two dict operations a call.
+    """
+
+    def __init__(self, comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str) -> None:
+        self.watchdog = _watchdog(comm, owner, timeout, on_timeout)
+        self.call = ""
+
+    def __call__(self, call: str) -> CollectiveGuard:
+        self.call = call
+        return self
+
+    def __enter__(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.expect(self.call)
+
+    def __exit__(self, *exc) -> None:
+        if self.watchdog is not None:
+            self.watchdog.release(self.call)
+
+    def __del__(self) -> None:
+        if getattr(self, "watchdog", None) is not None:  # not when __init__ refused its arguments
+            self.watchdog.stop()  # its thread ends within a second
+
+
+def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str):
+    if on_timeout not in ("warn", "abort"):
+        raise ValueError(f"on_timeout must be 'warn' or 'abort'; got {on_timeout!r}")
+    if timeout is None:
+        return None
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds or None; got {timeout!r}")
+    from mpi_easgd.control import abort
+    from mpi_easgd.watchdog import Watchdog
+
+    rank = comm.Get_rank()
+    watchdog: Watchdog
+
+    def on_silent(call: str, seconds: float) -> bool:
+        what = "ending the job" if on_timeout == "abort" else "still waiting"
+        print(f"mpi_easgd: rank {rank} has waited {seconds:.0f}s in {owner}.{call} for the other ranks: "
+              f"one of them has exited, hung, or is making a different call (every rank must make the "
+              f"same calls in the same order; a rank out of data calls synchronize when its epoch "
+              f"ends); {what}", file=sys.stderr, flush=True)
+        if on_timeout == "abort":
+            abort(comm, 1)
+        watchdog.release(call)  # said once per call
+        return True
+
+    watchdog = Watchdog(comm, timeout, lambda call: f"{owner}.{call} on rank {rank}", on_silent=on_silent)
+    return watchdog.start()

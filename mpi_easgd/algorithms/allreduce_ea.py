@@ -5,8 +5,12 @@ Every rank keeps an identical copy of the center ``c``. Every ``tau``-th call of
 
     d_i = alpha * (x_i - c);  x_i -= d_i;  D = Allreduce_SUM(d_i);  c += D
 
-A rank that has run out of data keeps calling ``average_parameters`` (without stepping)
-until every rank is out, so the Allreduces stay matched.
+Uneven endings follow the seed's contract: :meth:`AllReduceEA.synchronize_center`, called
+by every rank after its epoch, finishes the epoch itself. A rank that arrives there keeps
+taking part in the elastic rounds of the ranks still stepping (sending its real ``d_i``
+and moving toward the center) until a round in which no rank is still stepping; a flag in
+one extra slot of the same Allreduce says which ranks still step. Then rank 0's center is
+broadcast and the step counter reset.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import FlatCache, bcast_module_state, bcast_tensor
+from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, bcast_module_state, bcast_tensor
 from mpi_easgd.algorithms.elastic import ea_local_move
-from mpi_easgd.flat import FlatParameters, MPIBuffer, flat_like
+from mpi_easgd.flat import FlatParameters, MPIBuffer, flat_buffer, flat_like
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:
@@ -29,26 +33,36 @@ def check_tau_alpha(tau: int, alpha: float) -> None:
 
 
 class AllReduceEA:
-    """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``."""
+    """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``.
 
-    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, transfer: str = "auto"):
+    ``transfer``, ``timeout`` and ``on_timeout`` as for
+    :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
+    """
+
+    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, transfer: str = "auto",
+                 timeout: float | None = 300.0, on_timeout: str = "warn"):
         check_tau_alpha(tau, alpha)
         self.comm = comm
         self.tau = tau
         self.alpha = float(alpha)
-        self.calls = 0
+        self.calls = 0  # local steps since the last synchronize_parameters / synchronize_center
         self.rounds = 0
         self.center: torch.Tensor | None = None
         self._cache = FlatCache(transfer=transfer)
+        self._guard = CollectiveGuard(comm, "AllReduceEA", timeout, on_timeout)
 
     def synchronize_parameters(self, model: nn.Module) -> None:
-        """Broadcast rank 0's parameters; every rank's center becomes those parameters."""
-        flat = self._cache.get(model)
-        flat.check_views()
-        bcast_module_state(self.comm, model, self._cache.data, root=0)
+        """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
+        center becomes those parameters."""
+        with self._guard("synchronize_parameters"):
+            flat = self._cache.get(model)
+            flat.check_views()
+            bcast_module_state(self.comm, model, self._cache.data, root=0)
         self.center = flat_like(flat.data).copy_(flat.data)
-        self._diff = flat_like(flat.data)
-        self._diff_buf = MPIBuffer(self._diff, self._cache.transfer)
+        # d_i and, in one extra slot of the same Allreduce, whether this rank still steps
+        self._round_buffer = flat_buffer(flat.numel + 1, flat.device)
+        self._diff = self._round_buffer[: flat.numel]
+        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
         self.calls = 0
 
     def average_parameters(self, model: nn.Module) -> bool:
@@ -61,20 +75,37 @@ class AllReduceEA:
         self.calls += 1
         if self.calls % self.tau:
             return False
-        flat = self._cache.get(model)
-        ea_local_move(flat.data, self.center, self.alpha, self._diff)
-        self._diff_buf.before_send()
-        self.comm.Allreduce(MPI.IN_PLACE, self._diff_buf.mpi, op=MPI.SUM)
-        self._diff_buf.after_recv()
-        self.center.add_(self._diff)
-        self.rounds += 1
+        with self._guard("average_parameters"):
+            self._round(self._cache.get(model), stepping=True)
         return True
 
     def synchronize_center(self, model: nn.Module) -> None:
-        """Make every copy of the center bitwise equal to rank 0's (floating-point drift)."""
+        """Finish the epoch, then make every copy of the center bitwise equal to rank 0's
+        (floating-point drift) and reset the step counter.
+
+        Finishing the epoch: take part in elastic rounds (this rank's real ``d_i``; it
+        moves toward the center too) until one in which no rank is still stepping.
+        """
         if self.center is None:
             raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
-        bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
+        with self._guard("synchronize_center"):
+            flat = self._cache.get(model)
+            while self._round(flat, stepping=False):
+                pass
+            bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
+        self.calls = 0
+
+    def _round(self, flat: FlatParameters, stepping: bool) -> int:
+        """One elastic round; returns how many ranks are still stepping."""
+        ea_local_move(flat.data, self.center, self.alpha, self._diff)
+        buf = self._round_mpi
+        buf.before_send()
+        buf.mpi[-1] = 1.0 if stepping else 0.0
+        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+        buf.after_recv()
+        self.center.add_(self._diff)
+        self.rounds += 1
+        return int(buf.mpi[-1])
 
     def flat(self, model: nn.Module) -> FlatParameters:
         """The flat parameter/gradient buffers of ``model`` (built on first use)."""

@@ -4,15 +4,19 @@ Usage (the seed's API in snake_case)::
 
     sgd = AllReduceSGD(comm)
     sgd.synchronize_parameters(model)       # everyone starts from rank 0's model
-    for batch in shard:
-        loss_fn(model(x), y).backward()
-        sgd.sum_and_normalize_gradients(model)
-        optimizer.step()
-    sgd.synchronize_parameters(model)       # before validating
+    for epoch in range(epochs):
+        for batch in my_shard:              # shards may have different numbers of batches
+            loss_fn(model(x), y).backward()
+            sgd.sum_and_normalize_gradients(model)
+            optimizer.step()
+        sgd.synchronize_parameters(model)   # finishes the epoch; before validating
 
 The contributor count rides in one extra float32 slot after the gradients, inside the
-same Allreduce: a rank that has run out of data calls with ``has_data=False`` (zeros and a
-count of 0) until every rank is out (the call then returns 0).
+same Allreduce. Uneven endings follow the seed's contract: a rank that reaches
+``synchronize_parameters`` while others still step keeps joining their Allreduces with
+zeros and a count of 0 until a round in which every rank has arrived (count 0); then the
+parameters of the rank that took the most steps are given to every rank. An explicit
+``has_data=False`` call (returns 0 once every rank is out) is an optional extra.
 """
 
 from __future__ import annotations
@@ -21,35 +25,67 @@ import numpy as np
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.flat import FlatParameters
 
 
 class AllReduceSGD:
-    """Sum (and average) gradients across ``comm`` with one in-place Allreduce per step."""
+    """Sum (and average) gradients across ``comm`` with one in-place Allreduce per step.
 
-    def __init__(self, comm: MPI.Comm, *, transfer: str = "auto") -> None:
-        """``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`)."""
+    ``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`).
+    ``timeout``: seconds a call may wait for the other ranks before one line says which call
+    and that the ranks' calls do not match (``None``: never); ``on_timeout="abort"`` then
+    also ends the job (the command line does), ``"warn"`` keeps waiting.
+    """
+
+    def __init__(self, comm: MPI.Comm, *, transfer: str = "auto", timeout: float | None = 300.0,
+                 on_timeout: str = "warn") -> None:
         self.comm = comm
         self.steps = 0  # steps with data since the last synchronize_parameters
         self._cache = FlatCache(grad_extra=1, transfer=transfer)
+        self._guard = CollectiveGuard(comm, "AllReduceSGD", timeout, on_timeout)
 
     def synchronize_parameters(self, model: nn.Module) -> int:
-        """Give every rank the parameters of the rank that took the most steps with data
-        since the last call (rank 0 before training; ties go to the lowest rank).
+        """Finish the epoch, then give every rank the parameters (frozen ones included) and
+        buffers of the rank that took the most steps with data since the last call (rank 0
+        before training; ties go to the lowest rank); reset the step counter.
 
+        Finishing the epoch: until every rank has arrived here, join the gradient
+        Allreduces of the ranks still stepping, with zeros and a count of 0.
         Returns the rank whose parameters were kept.
         """
-        flat = self._cache.get(model)
-        flat.check_views()
-        root = argmax_rank(self.comm, self.steps)
-        bcast_module_state(self.comm, model, self._cache.data, root)
-        self.steps = 0
-        return root
+        with self._guard("synchronize_parameters"):
+            flat = self._cache.get(model)
+            flat.check_views()
+            while self._allreduce(flat, has_data=False):
+                pass
+            root = argmax_rank(self.comm, self.steps)
+            bcast_module_state(self.comm, model, self._cache.data, root)
+            self.steps = 0
+            return root
 
     def sum_gradients(self, model: nn.Module, has_data: bool = True) -> int:
         """Sum every rank's gradients in place; returns how many ranks contributed."""
-        flat = self._cache.get(model)
+        with self._guard("sum_gradients"):
+            return self._allreduce(self._cache.get(model), has_data)
+
+    def sum_and_normalize_gradients(self, model: nn.Module, has_data: bool = True) -> int:
+        """Average gradients over the ranks that contributed data this round.
+
+        Returns that count; 0 means every rank is out of data (the gradients are zero).
+        """
+        with self._guard("sum_and_normalize_gradients"):
+            count = self._allreduce(self._cache.get(model), has_data)
+        if count > 1:
+            grad = self._cache.flat.grad
+            if self._cache.grad.mode == "direct" and grad.device.type == "cpu":  # numpy skips ~5 us of torch dispatch
+                np.multiply(self._cache.grad.mpi, 1.0 / count, out=self._cache.grad.mpi)
+            else:
+                grad.mul_(1.0 / count)
+        return count
+
+    def _allreduce(self, flat: FlatParameters, has_data: bool) -> int:
+        """One round: this rank's gradients (zeros without data) and its count, summed."""
         buf = self._cache.grad
         if has_data:
             flat.gather_grads()
@@ -62,20 +98,6 @@ class AllReduceSGD:
         if has_data:
             self.steps += 1
         return int(buf.mpi[-1])
-
-    def sum_and_normalize_gradients(self, model: nn.Module, has_data: bool = True) -> int:
-        """Average gradients over the ranks that contributed data this round.
-
-        Returns that count; 0 means every rank is out of data (the gradients are zero).
-        """
-        count = self.sum_gradients(model, has_data)
-        if count > 1:
-            grad = self._cache.flat.grad
-            if self._cache.grad.mode == "direct" and grad.device.type == "cpu":  # numpy skips ~5 us of torch dispatch
-                np.multiply(self._cache.grad.mpi, 1.0 / count, out=self._cache.grad.mpi)
-            else:
-                grad.mul_(1.0 / count)
-        return count
 
     def flat(self, model: nn.Module) -> FlatParameters:
         """The flat parameter/gradient buffers of ``model`` (built on first use)."""
