@@ -2,8 +2,14 @@
 
     mpiexec -n 4 python -m mpi4py examples/own_script.py          # AllReduceSGD
     mpiexec -n 4 python -m mpi4py examples/own_script.py --ea     # AllReduceEA
+    mpiexec -n 4 python -m mpi4py examples/own_script.py --uneven # ranks take different numbers of steps
+
+With ``--uneven`` rank r uses only the first (r + 1) / ranks of its batches, as when the
+ranks' data differ in size: the loop stays the same, because ``synchronize_parameters`` and
+``synchronize_center`` let every rank finish the epoch.
 """
 
+import itertools
 import sys
 
 import torch
@@ -18,6 +24,7 @@ torch.set_num_threads(1)
 info = read_info(resolve_dataset("mnist5k"))
 train = ShardLoader(info, "train", comm.rank, comm.size, batch_size=32, seed=0)
 test = ShardLoader(info, "test", batch_size=1000, shuffle=False)
+my_steps = train.steps * (comm.rank + 1) // comm.size if "--uneven" in sys.argv else train.steps
 
 model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -26,7 +33,7 @@ algo = AllReduceEA(comm, tau=10, alpha=0.9 / comm.size) if use_ea else AllReduce
 algo.synchronize_parameters(model)  # every rank starts from rank 0's parameters
 
 for epoch in range(5):
-    for x, y in train.epoch(epoch):
+    for x, y in itertools.islice(train.epoch(epoch), my_steps):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         if use_ea:
@@ -35,6 +42,8 @@ for epoch in range(5):
         else:
             algo.sum_and_normalize_gradients(model)  # one Allreduce
             optimizer.step()
+    # Finishes the epoch (a rank that is done joins the others' rounds until all are done), then
+    # gives every rank the same parameters (SGD) or the same center (EA).
     if use_ea:
         algo.synchronize_center(model)
     else:

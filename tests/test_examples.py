@@ -1,4 +1,4 @@
-"""The README's own-script example runs as documented and learns."""
+"""The README's own-script example runs as documented, learns, and ends on uneven shards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import mpirun
 
 
-@pytest.mark.parametrize("flags", [[], ["--ea"]], ids=["AllReduceSGD", "AllReduceEA"])
+@pytest.mark.parametrize("flags", [["--uneven"], ["--ea", "--uneven"]], ids=["AllReduceSGD", "AllReduceEA"])
 def test_own_script_example(flags):
     r = mpirun(2, "-m", "mpi4py", "examples/own_script.py", *flags, timeout=120)
     assert r.returncode == 0, r.output
