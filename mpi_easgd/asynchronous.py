@@ -35,13 +35,15 @@ from mpi_easgd.watchdog import Watchdog
 
 def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, device: torch.device,
               log, run_dir: Path, stop: StopRequest, resume: Path | None,
-              transfer: str = "auto") -> dict | None:
+              transfer: str = "auto", started: float | None = None) -> dict | None:
     """Run this rank's role; returns the run summary on the tester, None elsewhere.
+    ``started``: the ``time.perf_counter()`` origin of the run's wall clock (saved in checkpoints).
 
     The server coordinates checkpoints (periodic, and when training ends). When a stop
     signal ended training early, :class:`Preempted` is raised on every rank still in the
     run once the checkpoint is complete.
     """
+    started = time.perf_counter() if started is None else started
     torch.manual_seed(cfg.seed)
     flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
     saved = _saved_state(resume, topo.rank) if resume else None
@@ -60,7 +62,8 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
             # The tester's only state is how many snapshots it has been sent (it evaluates each).
             checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
             checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
-                                                  updates=server.updates, **extra))
+                                                  updates=server.updates, wall_seconds=time.perf_counter() - started,
+                                                  **extra))
             return ckpt
 
         server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,

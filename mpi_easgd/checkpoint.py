@@ -16,12 +16,13 @@ the resolved configuration, the world size and the loop position.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+from mpi_easgd.fileio import write_atomic
 
 FORMAT_VERSION = 1
 KEEP = 2  # complete checkpoints kept per run
@@ -45,28 +46,20 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return root(run_dir) / f"step-{step:09d}"
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint directory was written at (sync: global step; async: center updates)."""
+    return int(Path(ckpt).name.split("-", 1)[1])
+
+
 def rank_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"rank-{rank:05d}.pt"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_rank(ckpt: Path, rank: int, state: dict) -> None:
     """Write this rank's state into checkpoint directory ``ckpt`` (atomically)."""
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
-        _atomic_write(rank_file(ckpt, rank), lambda fh: torch.save(state, fh))
+        write_atomic(rank_file(ckpt, rank), lambda fh: torch.save(state, fh))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         previous = latest(ckpt.parent.parent)
         raise CheckpointError(
@@ -95,8 +88,8 @@ def discard(ckpt: Path) -> None:
 def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:
     """Mark ``ckpt`` complete (call after every rank saved) and make it the latest."""
     manifest = dict(manifest, format_version=FORMAT_VERSION)
-    _atomic_write(ckpt / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
-    _atomic_write(root(run_dir) / "latest", lambda fh: fh.write(ckpt.name.encode()))
+    write_atomic(ckpt / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
+    write_atomic(root(run_dir) / "latest", lambda fh: fh.write(ckpt.name.encode()))
     complete = sorted(p for p in root(run_dir).glob("step-*") if (p / "manifest.json").exists())
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
@@ -148,20 +141,42 @@ def read_manifest(ckpt: Path) -> dict:
     return manifest
 
 
+# Settings that change what training computes: a resume must keep them (the others, such as
+# --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
+TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "lr", "momentum", "weight_decay", "tau", "alpha",
+                 "seed", "uneven", "augment")
+
+
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
-    """Refuse a checkpoint from another algorithm, model, dataset or world size."""
+    """Refuse a checkpoint whose run differs from this one in a setting that changes
+    training (:data:`TRAINING_KEYS`, resolved values), in the world size, or that has gone
+    past this run's ``--epochs``; the message names each difference and the way on."""
     saved = manifest["config"]
-    for key in ("algo", "model", "dataset"):
-        if saved[key] != config[key]:
-            raise CheckpointError(
-                f"checkpoint {ckpt} is from --{key} {saved[key]}, this run has --{key} "
-                f"{config[key]}; resume with --{key} {saved[key]} or start a new run"
-            )
     if manifest["world_size"] != world_size:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
             f"{world_size}; resume with mpirun -np {manifest['world_size']}"
         )
+    unused = ("tau", "alpha") if saved["algo"] == "sgd" else ()
+    differ = [k for k in TRAINING_KEYS if k in saved and k not in unused and saved[k] != config[k]]
+    if differ:
+        def flags(values: dict) -> str:
+            return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ)
+
+        raise CheckpointError(
+            f"checkpoint {ckpt} is from {flags(saved)}, this run has {flags(config)}; resume with "
+            f"{flags(saved)} or start a new run (another --run-name, or no --resume)"
+        )
+    reached = manifest.get("epoch", 0) + bool(manifest.get("step"))  # sync: the epoch it is in
+    if not manifest.get("finished") and reached > config["epochs"]:
+        raise CheckpointError(f"checkpoint {ckpt} is in epoch {reached}, past --epochs {config['epochs']}; "
+                              f"resume with --epochs {reached} or more")
+
+
+def finished(manifest: dict, epochs: int) -> bool:
+    """Whether the checkpoint ends a run that already trained ``epochs`` epochs or more
+    (resuming it would only rewrite its results)."""
+    return bool(manifest.get("finished")) and manifest["config"]["epochs"] >= epochs
 
 
 def load_rank(ckpt: Path, rank: int) -> dict:

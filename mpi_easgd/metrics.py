@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mpi_easgd.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 METRIC_FIELDS = ("wall_time", "epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy")
 
@@ -29,27 +30,18 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON via a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 
     def __init__(self, run_dir: Path, config: dict, progress: bool = True, tensorboard: bool = False,
-                 append: bool = False):
-        """``append``: a resumed run adds rows to the existing metrics.csv, its wall time
-        continuing from the last row."""
+                 started: float | None = None, resumed_at: int | None = None):
+        """``started``: the run's ``time.perf_counter()`` origin (a resumed run's clock goes
+        on from its checkpoint's). ``resumed_at``: the step of the checkpoint a resumed run
+        continues from; metrics.csv keeps its rows up to that step and the run appends to
+        them (rows past it were logged by a segment whose later work is being redone)."""
         self.run_dir = Path(run_dir)
         metrics = self.run_dir / "metrics.csv"
-        offset = 0.0
-        if append and metrics.is_file():
-            rows = list(csv.DictReader(metrics.open()))
-            offset = float(rows[-1]["wall_time"]) if rows else 0.0
-        self.start = time.perf_counter() - offset
+        self.start = time.perf_counter() if started is None else started
         self.show_progress = progress
         self._tb = None
         if tensorboard:
@@ -57,13 +49,17 @@ class RunLog:
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(config.items()) if v is not None]
-        (self.run_dir / "config.toml").write_text("\n".join(lines) + "\n")
-        appending = append and metrics.is_file()
-        self._csv_file = open(metrics, "a" if appending else "w", newline="")  # noqa: SIM115
+        write_text_atomic(self.run_dir / "config.toml", "\n".join(lines) + "\n")
+        rows = []
+        if resumed_at is not None and metrics.is_file():
+            with metrics.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= resumed_at]
+        with atomic_path(metrics) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)
+        self._csv_file = open(metrics, "a", newline="")  # noqa: SIM115
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS)
-        if not appending:
-            self._csv.writeheader()
-        self._csv_file.flush()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -9,6 +9,7 @@ the saved step with the same batches and ends bitwise equal to an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,11 @@ from mpi_easgd.models import build_model
 
 
 def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.device, log,
-             run_dir: Path, control: Control, resume: Path | None, transfer: str = "auto") -> dict:
-    """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank)."""
+             run_dir: Path, control: Control, resume: Path | None, transfer: str = "auto",
+             started: float | None = None) -> dict:
+    """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank).
+    ``started``: the ``time.perf_counter()`` origin of the run's wall clock (saved in checkpoints)."""
+    started = time.perf_counter() if started is None else started
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, info.shape, info.num_classes).to(device)
@@ -94,6 +98,7 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     position = {"epoch": 0, "step": 0, "stats": EpochStats(), "totals": [0.0, 0.0]}
     if resume is not None:
         position = _restore(checkpoint.load_rank(resume, rank), model, optimizer, algo)
+        skipped = position["skipped"]
         log.info(f"resumed from {resume} at epoch {position['epoch'] + 1}, step {position['step']}")
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({flat.numel:,} parameters), "
@@ -103,11 +108,11 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     totals = np.array(position["totals"])  # train samples (all ranks), train seconds
     last = {}
 
-    def save(epoch: int, next_step: int, stats: EpochStats) -> Path:
+    def save(epoch: int, next_step: int, stats: EpochStats, finished: bool = False) -> Path:
         ckpt = checkpoint.step_dir(run_dir, epoch * steps + next_step)
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                      algorithm=algo.state_dict(), epoch=epoch, step=next_step,
-                     stats=dataclasses.asdict(stats), totals=totals.tolist(),
+                     stats=dataclasses.asdict(stats), totals=totals.tolist(), skipped=skipped,
                      torch_rng=torch.get_rng_state())
         written = checkpoint.try_save_rank(ckpt, rank, state)
         # Every rank's file is on disk before the checkpoint is marked complete; if one is
@@ -119,7 +124,8 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
             raise checkpoint.CheckpointFailed(ckpt)
         if rank == 0:
             checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=size,
-                                                  epoch=epoch, step=next_step))
+                                                  epoch=epoch, step=next_step, finished=finished,
+                                                  wall_seconds=time.perf_counter() - started))
         return ckpt
 
     for epoch in range(position["epoch"], cfg.epochs):
@@ -150,7 +156,7 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
         )
         log.log_eval(**last)
     if position["epoch"] < cfg.epochs:  # not when resumed from the final checkpoint itself
-        save(cfg.epochs, 0, EpochStats())  # the final state, resumable with more --epochs
+        save(cfg.epochs, 0, EpochStats(), finished=True)  # the final state, resumable with more --epochs
     skipped = comm.allreduce(skipped)
     if skipped:
         log.info(f"warning: {skipped} steps skipped for a non-finite loss or gradient")
@@ -171,7 +177,7 @@ def _restore(state: dict, model, optimizer, algo) -> dict:
     algo.load_state_dict(state["algorithm"])
     torch.set_rng_state(state["torch_rng"])
     return dict(epoch=state["epoch"], step=state["step"], stats=EpochStats(**state["stats"]),
-                totals=state["totals"])
+                totals=state["totals"], skipped=state.get("skipped", 0))
 
 
 def _evaluate(model, flat, params, test: ShardLoader, device):

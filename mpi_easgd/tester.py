@@ -9,7 +9,6 @@ snapshot it evaluates and returns.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from mpi_easgd import faults
 from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.data import ShardLoader
+from mpi_easgd.fileio import write_atomic
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.loop import evaluate
 
@@ -44,13 +44,8 @@ def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: in
 
 
 def save_model(model: nn.Module, path: Path) -> None:
-    """``torch.save`` the state dict atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(model.state_dict(), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` the state dict atomically (:mod:`mpi_easgd.fileio`)."""
+    write_atomic(path, lambda fh: torch.save(model.state_dict(), fh))
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,

@@ -53,7 +53,7 @@ def _validate(argv, rank: int, size: int):
 
         if not torch.cuda.is_available():
             raise DataError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    resume = None
+    resume, manifest = None, {}
     if cfg.resume:
         import dataclasses
 
@@ -67,7 +67,9 @@ def _validate(argv, rank: int, size: int):
             if not rejoins and not checkpoint.rank_file(resume, rank).is_file():
                 raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, rank)} is missing; "
                                                  f"use an earlier checkpoint")
-    return cfg, topo, info, resume
+            if checkpoint.finished(manifest, cfg.epochs) and not rejoins:
+                checkpoint.load_rank(resume, rank)  # a damaged file is reported, even with nothing to do
+    return cfg, topo, info, resume, manifest
 
 
 def _make_run_dir(cfg) -> Path:
@@ -88,7 +90,7 @@ def run(argv: list[str] | None, comm) -> int:
     """Run one training job on ``comm``; returns the process exit status."""
     from mpi4py import MPI
 
-    from mpi_easgd.checkpoint import CheckpointError
+    from mpi_easgd.checkpoint import CheckpointError, checkpoint_step, finished
     from mpi_easgd.config import ConfigError
     from mpi_easgd.control import Control, StopRequest
     from mpi_easgd.data import DataError
@@ -97,10 +99,11 @@ def run(argv: list[str] | None, comm) -> int:
 
     stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1 mean "checkpoint and stop"
     rank, size = comm.Get_rank(), comm.Get_size()
-    error, run_dir = None, None
+    error, run_dir, done = None, None, False
     try:
-        cfg, topo, info, resume = _validate(argv, rank, size)
-        if rank == 0:
+        cfg, topo, info, resume, manifest = _validate(argv, rank, size)
+        done = resume is not None and finished(manifest, cfg.epochs)
+        if rank == 0 and not done:
             run_dir = resume.parent.parent if resume else _make_run_dir(cfg)
     except (ConfigError, DataError, ModelError, CheckpointError, OSError) as exc:
         error = str(exc)
@@ -112,6 +115,12 @@ def run(argv: list[str] | None, comm) -> int:
             where = "" if len(failed) == size else f" (on rank {', '.join(str(r) for r, _ in failed)})"
             print(f"mpi_easgd: error: {failed[0][1]}{where}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if done:  # a requeue or resubmission of a finished run: leave it exactly as it is
+        if rank == 0:
+            print(f"mpi_easgd: {resume.parent.parent} already finished its {manifest['config']['epochs']} epochs; "
+                  f"nothing to do (pass a larger --epochs to train on, or another --run-name for a new run)",
+                  flush=True)
+        return 0
     run_dir = reports[0][1]
 
     import torch
@@ -127,24 +136,26 @@ def run(argv: list[str] | None, comm) -> int:
     device = torch.device(placement.device)
     aware, why = cuda_aware(cfg.cuda_aware)
     transfer = "direct" if device.type == "cpu" or aware else "staged"
-    log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, append=resume is not None)
+    # The run's clock goes on from the checkpoint's, like its training time and samples.
+    started = time.perf_counter() - manifest.get("wall_seconds", 0.0)
+    log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=started,
+                  resumed_at=checkpoint_step(resume) if resume else None)
            if topo.logs else NullRunLog())
     if cfg.device != "cpu":
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
                  f"{'straight to MPI (CUDA-aware)' if aware else 'staged through pinned host memory'} "
                  f"({why}){'; ' + placement.note if placement.note else ''}")
     control = Control(comm, stop, cfg.checkpoint_every)
-    start = time.perf_counter()
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async
 
-        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer)
+        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
     else:
         from mpi_easgd.sync import run_peer
 
-        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume, transfer)
+        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume, transfer, started)
     if topo.logs:
-        summary["wall_seconds"] = time.perf_counter() - start
+        summary["wall_seconds"] = time.perf_counter() - started
         summary["device"] = str(device)
         summary["transfer"] = f"{transfer} ({why})" if device.type != "cpu" else "direct (CPU)"
         summary["run_dir"] = str(run_dir)

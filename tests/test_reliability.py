@@ -41,6 +41,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(algo, blobs, tmp_path)
             assert torch.equal(a["algorithm"]["center"], b["algorithm"]["center"])
     full, cut = read_summary(tmp_path / "full"), read_summary(tmp_path / "cut")
     assert full["test_accuracy"] == cut["test_accuracy"] and full["test_loss"] == cut["test_loss"]
+    # Statistics go on across segments: the run's wall clock covers its training time.
+    assert cut["train_seconds"] <= cut["wall_seconds"], cut
+    assert cut["train_samples"] == full["train_samples"]
+    epochs = [row.split(",")[1] for row in (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"], "rows past the checkpoint are redone, not repeated"
 
 
 def signal_mid_run(ranks, args, metrics, env, rows=2):
@@ -79,12 +84,19 @@ def test_async_stop_signal_checkpoints_every_role_and_resumes(tmp_path):
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "manifest.json", "rank-00000.pt", "rank-00001.pt", "rank-00002.pt", "rank-00003.pt"]
+    saved = {r: torch.load(ckpt / f"rank-{r:05d}.pt", weights_only=True)["position"] for r in (1, 2)}
     r = train(4, *args, "--resume", "auto")
     assert r.returncode == 0, r.output
     summary = read_summary(run)
     for w in summary["per_worker"]:
         assert w["steps"] == 4 * (2000 // 32), "every worker finished all its epochs across the stop"
         assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
+        # Statistics over both segments: staleness counts only the others' updates between two
+        # exchanges (2 workers, about 1, not the whole first segment's count), and the time
+        # behind the samples includes the first segment's.
+        assert w["staleness_max"] < 30, w
+        assert w["wall_seconds"] > saved[w["rank"]]["seconds"] > 0, w
+    assert summary["train_seconds"] <= summary["wall_seconds"]
     assert summary["test_accuracy"] > 0.9
 
 
@@ -131,6 +143,8 @@ def test_bad_checkpoints_are_refused_with_one_line(blobs, tmp_path):
         (2, str(tmp_path / "incomplete" / "checkpoints" / latest.name), [], "is incomplete (no manifest.json"),
         (2, "good", ["--algo", "ea"], "is from --algo sgd, this run has --algo ea; resume with --algo sgd"),
         (3, "good", [], "was written by 2 ranks, this run has 3; resume with mpirun -np 2"),
+        (2, "good", ["--lr", "0.05", "--batch-size", "8"],
+         "is from --batch-size 16 --lr 0.1, this run has --batch-size 8 --lr 0.05; resume with --batch-size 16"),
     ]
     for ranks, where, extra, message in cases:
         resume = where if where.startswith("/") else str(tmp_path / where)
@@ -300,3 +314,25 @@ def test_a_dropped_worker_that_wakes_up_stays_idle(tmp_path):
     assert "dropped it, the run goes on with 1 worker" in err
     assert "the server dropped worker rank 1" in err and "stays idle" in err
     assert read_summary(tmp_path / marker)["lost_workers"] == [1]
+
+
+def tree(run_dir):
+    """Every file of a run directory with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("algo,ranks", [("sgd", 2), ("easgd", 4)])
+def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, blobs, tmp_path):
+    """What every SLURM requeue or resubmission does (--resume auto): a finished run says
+    so in one line and exits 0, and not one byte of it changes. More --epochs train on."""
+    args = [*base(blobs, tmp_path, "done", algo), "--epochs", "2", "--resume", "auto", "--test-every", "0.2"]
+    assert train(ranks, *args).returncode == 0
+    before = tree(tmp_path / "done")
+    r = train(ranks, *args, timeout=60)
+    assert r.returncode == 0, r.output
+    assert r.stdout.count("already finished its 2 epochs; nothing to do") == 1, r.output
+    assert tree(tmp_path / "done") == before, "a finished run must stay exactly as it was"
+    r = train(ranks, *args[:-4], "--epochs", "3", "--resume", "auto", timeout=90)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.output
+    summary = read_summary(tmp_path / "done")
+    assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.5

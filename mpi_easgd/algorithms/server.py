@@ -157,7 +157,9 @@ class Server:
         self.snapshots = 0  # sent to the tester, which evaluates every one: its checkpoint state
         self.exchanges = np.zeros(p, dtype=np.int64)
         self.last_seen = np.zeros(p, dtype=np.int64)  # self.updates at each worker's last exchange
-        self.staleness: list[list[int]] = [[] for _ in range(p)]
+        # Staleness (center updates by others between two of a worker's exchanges), over
+        # every segment of a resumed run: count, sum and max per worker.
+        self.staleness = np.zeros((p, 3), dtype=np.int64)
         self.done = np.zeros((p, DONE_LEN), dtype=np.int64)
         self.status = [TRAINING] * p
         self.epoch = np.zeros((p, SAVED_LEN), dtype=np.int64)  # each worker's epoch at its last save (-1: failed)
@@ -240,11 +242,13 @@ class Server:
                     self.rejoin[str(self.workers[i])] = dict(epoch=min(alive, default=0),
                                                              exchanges=int(self.exchanges[i]))
         written = all(self.epoch[i, 0] >= 0 for i, s in enumerate(self.status) if s != LOST)
-        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin), written)
+        stopped = int(self.done[:, 3].any())
+        finished = self._final and not stopped and not lost  # a resume would have nothing to do
+        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin, finished=finished),
+                                    written)
         self._last_checkpoint = (self.updates, time.monotonic())
         self.checkpoints += 1
         self.checkpoint_seconds += time.perf_counter() - self._save_started
-        stopped = int(self.done[:, 3].any())
         for i, s in enumerate(self.status):
             if s != LOST:
                 self._tell(i, Command.END if self._final else Command.RESUME, stopped)
@@ -337,7 +341,9 @@ class Server:
         self._incoming[i] = self.pool.take()
         self._requests[i] = comm.Irecv(self._incoming[i].numpy(), source=self.workers[i], tag=Tag.EXCHANGE)
         if self.exchanges[i]:
-            self.staleness[i].append(int(self.updates - self.last_seen[i]))
+            stale = self.updates - self.last_seen[i]
+            self.staleness[i, :2] += (1, stale)
+            self.staleness[i, 2] = max(self.staleness[i, 2], stale)
         self.updates += 1
         self.exchanges[i] += 1
         self.last_seen[i] = self.updates
@@ -440,7 +446,8 @@ class Server:
 
     def state_dict(self) -> dict:
         return {"center": self.center, "updates": self.updates, "exchanges": self.exchanges.tolist(),
-                "snapshots": self.snapshots}
+                "snapshots": self.snapshots, "last_seen": self.last_seen.tolist(),
+                "staleness": self.staleness.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.home.copy_(state["center"])
@@ -448,16 +455,19 @@ class Server:
         self.updates = int(state["updates"])
         self.exchanges[:] = state["exchanges"]
         self.snapshots = int(state.get("snapshots", 0))
+        self.last_seen[:] = state.get("last_seen", self.updates)
+        if "staleness" in state:
+            self.staleness[:] = state["staleness"]
         self._last_checkpoint = (self.updates, time.monotonic())
 
     def stats(self) -> dict:
         """Per-worker exchange counts and staleness, busy fraction (for the summary)."""
         per_worker = []
         for i, rank in enumerate(self.workers):
-            s = np.asarray(self.staleness[i] or [0])
+            count, total, most = (int(v) for v in self.staleness[i])
             per_worker.append(dict(
                 rank=rank, server_exchanges=int(self.exchanges[i]),
-                staleness_mean=float(s.mean()), staleness_max=int(s.max()),
+                staleness_mean=total / count if count else 0.0, staleness_max=most,
                 reported_exchanges=int(self.done[i][0]),
             ))
         return dict(

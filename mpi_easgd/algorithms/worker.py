@@ -63,7 +63,8 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     model = flat.module
     optimizer = make_optimizer(cfg, model, nesterov=cfg.algo == "eamsgd")
     rule = worker_rule(cfg.algo, flat.data, cfg.alpha)
-    position = {"epoch": 0, "step": 0, "t": 0, "samples": 0, "exchanges": 0}
+    # Where this worker is, and its totals over every segment of a resumed run.
+    position = {"epoch": 0, "step": 0, "t": 0, "samples": 0, "exchanges": 0, "seconds": 0.0, "skipped": 0}
     if saved is not None:
         if "model" in saved:  # else it rejoins from the center it was given
             model.load_state_dict(saved["model"])  # copies into the flat buffer
@@ -74,7 +75,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     forward_backward = supervised_step(model, flat.zero_grad)
     latencies: list[float] = []
     checksums: list[float] = []  # audit: what this worker sent, in order
-    t, samples, skipped = position["t"], position["samples"], 0
+    t, samples, skipped = position["t"], position["samples"], position["skipped"]
 
     inbox = Inbox(comm, server)
     # The server's heartbeats count as signs of life: it may rightly keep this worker
@@ -124,7 +125,8 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
 
     def state() -> dict:
         return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), rule=rule.state_dict(),
-                    position=dict(position, t=t, samples=samples, exchanges=position["exchanges"] + len(latencies)))
+                    position=dict(position, t=t, samples=samples, exchanges=position["exchanges"] + len(latencies),
+                                  seconds=position["seconds"] + time.perf_counter() - start, skipped=skipped))
 
     def from_server() -> tuple[int, int, int]:
         watchdog.expect("server")
@@ -172,7 +174,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     exchange()  # flush the steps since the last exchange
     exchanges = position["exchanges"] + len(latencies)  # over every segment of a resumed run
     comm.Send(done_message(exchanges, t, samples, preempted), dest=server, tag=Tag.DONE)
-    seconds = time.perf_counter() - start
+    seconds = position["seconds"] + time.perf_counter() - start
     end = None
     while end is None:  # the server may still ask for this worker's (final) checkpoint file
         end = obey(from_server())

@@ -14,13 +14,13 @@ Images are normalised on the fly: ``(x / 255 - mean) / std`` for uint8.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from mpi_easgd.fileio import atomic_path
 
 FORMAT = "mpi_easgd-dataset"
 VERSION = 1
@@ -113,22 +113,12 @@ def write_dataset(
     scaled = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
     mean = scaled.mean(axis=(0, 2, 3)).astype(np.float32)
     std = scaled.std(axis=(0, 2, 3)).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(format=FORMAT, version=VERSION, name=name, num_classes=num_classes,
-                           mean=mean, std=std)
-            for split, (x, y) in zip(SPLITS, (train, test)):
-                chunk = (max(1, min(len(x), 256)), *x.shape[1:])  # ~ the loader's batch reads
-                f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None)
-                f.create_dataset(f"{split}/labels", data=y.astype(np.int64))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, unique=True) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, version=VERSION, name=name, num_classes=num_classes, mean=mean, std=std)
+        for split, (x, y) in zip(SPLITS, (train, test)):
+            chunk = (max(1, min(len(x), 256)), *x.shape[1:])  # ~ the loader's batch reads
+            f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None)
+            f.create_dataset(f"{split}/labels", data=y.astype(np.int64))
     return path
 
 
