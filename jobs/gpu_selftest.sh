@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RANKS=${RANKS:-2}
 MPIEXEC=${MPIEXEC:-mpiexec}
+if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_selftest: no CUDA device is visible to torch here; run it on a GPU node (srun --gpus-per-task=1 ...)" >&2
+  exit 2
+fi
 $MPIEXEC -n "$RANKS" python -m mpi4py jobs/gpu_selftest.py
 OUT=$(mktemp -d)
 for algo in sgd ea; do

@@ -27,6 +27,7 @@ from mpi_easgd.config import Config
 from mpi_easgd.control import Preempted, StopRequest
 from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.loop import nonfinite_note
 from mpi_easgd.models import build_model
 from mpi_easgd.tester import run_tester, save_model
 from mpi_easgd.topology import Topology
@@ -121,7 +122,11 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
     if topo.role != "tester":
         return None
     everything[topo.tester_rank] = final
-    return _summary(cfg, topo, info, everything)
+    summary = _summary(cfg, topo, info, everything)
+    note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
+    if note:
+        log.warn(note)
+    return summary
 
 
 def _saved_state(resume: Path, rank: int) -> dict:

@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +129,7 @@ class Config:
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
             (self.worker_timeout > 0, f"--worker-timeout must be > 0 seconds; got {self.worker_timeout}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32); got {self.seed}"),
             ("/" not in self.run_name, f"--run-name must be a plain name, not a path; got '{self.run_name}'"),
         ]
         for f in dataclasses.fields(self):  # TOML values bypass argparse's choices
@@ -136,6 +137,10 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
                                   f"got '{getattr(self, f.name)}'")
+        for name in ("lr", "momentum", "weight_decay", "alpha", "test_every", "worker_timeout"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number; got {value}")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -161,14 +166,32 @@ class Config:
         if cfg.momentum is None:
             cfg.momentum = 0.9 if cfg.algo == "eamsgd" else 0.0
         if cfg.alpha is None:
-            cfg.alpha = min(0.9 / workers, 0.5)  # beta = p * alpha = 0.9 (the paper's choice)
-        if cfg.algo in ("ea", "easgd", "eamsgd") and workers * cfg.alpha >= 1:
-            warnings.warn(
-                f"beta = workers * alpha = {workers * cfg.alpha:.3g} >= 1: elastic averaging "
-                f"may be unstable; the paper uses beta = 0.9 (alpha = {0.9 / workers:.3g})",
-                stacklevel=2,
-            )
+            # beta = p * alpha = 0.9 (the paper's choice); one worker gets 0.5, so that neither
+            # the worker nor the center is pulled 90% of the way to the other at each exchange.
+            cfg.alpha = min(0.9 / workers, 0.5)
         return cfg
+
+    def advice(self, workers: int, shard: int, shape: tuple[int, ...], dataset: str) -> list[str]:
+        """Warnings about a resolved configuration that is valid but likely not what was
+        meant, for ``workers`` training ranks with ``shard`` training samples each, on
+        images of ``shape`` from ``dataset`` (pure: said once by the job, kept in the summary)."""
+        notes = []
+        if self.algo in ("ea", "easgd", "eamsgd") and workers * self.alpha >= 1:
+            notes.append(f"beta = workers * alpha = {workers * self.alpha:.3g} >= 1: elastic averaging may be "
+                         f"unstable; the paper uses beta = 0.9 (--alpha {0.9 / workers:.3g})")
+        steps = shard // self.batch_size if not self.uneven else -(-shard // self.batch_size)
+        unused = 0 if self.uneven else shard - steps * self.batch_size
+        if unused > 0.1 * shard:
+            notes.append(f"--batch-size {self.batch_size} leaves {unused} of each rank's {shard} training samples "
+                         f"({unused / shard:.0%}) unused every epoch; pass --uneven to use them, or a batch size "
+                         f"that divides {shard}")
+        if self.algo == "ea" and self.tau > steps:
+            notes.append(f"--tau {self.tau} exceeds the {steps} steps per epoch: the only elastic rounds are "
+                         f"those that finish each epoch; lower --tau to average within epochs")
+        if self.augment and (shape[0] == 1 or any(k in dataset.lower() for k in ("mnist", "digit"))):
+            notes.append("--augment flips images left to right and shifts them, which changes digits and text "
+                         "(a mirrored 2 is no digit); it suits natural images such as CIFAR")
+        return notes
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

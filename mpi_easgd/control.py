@@ -49,9 +49,10 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Remembers that SIGTERM or SIGUSR1 arrived (the handler does nothing else)."""
+    """Remembers that SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) arrived (the handler does nothing
+    else). A second Ctrl-C ends the process at once, without a checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -62,6 +63,9 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            sys.stderr.write("mpi_easgd: interrupted twice; ending now, without a checkpoint\n")
+            os._exit(130)
         self.signum = signum
 
     @property

@@ -102,6 +102,18 @@ def finite(loss: torch.Tensor, grad: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss) & torch.isfinite(grad.sum()))
 
 
+def nonfinite_note(skipped: int, steps: int) -> str | None:
+    """What to tell the user when ``skipped`` of ``steps`` training steps had a NaN/Inf
+    loss or gradient (None when none had)."""
+    if not skipped:
+        return None
+    what = f"{skipped} of {steps} training steps were skipped for a non-finite loss or gradient"
+    if skipped >= steps / 2:
+        return (f"the run diverged: {what}, so its results mean nothing; lower --lr, or check the data with "
+                f"python -m mpi_easgd.data verify")
+    return f"{what} (--on-nonfinite skip)"
+
+
 def supervised_step(model: nn.Module, zero_grad: Callable[[], None]) -> Callable[[Batch], torch.Tensor]:
     """Forward and backward of one batch with cross-entropy; returns the loss."""
 

@@ -34,12 +34,13 @@ class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 
     def __init__(self, run_dir: Path, config: dict, progress: bool = True, tensorboard: bool = False,
-                 started: float | None = None, resumed_at: int | None = None):
+                 started: float | None = None, resumed_at: int | None = None, warnings: list[str] = ()):
         """``started``: the run's ``time.perf_counter()`` origin (a resumed run's clock goes
         on from its checkpoint's). ``resumed_at``: the step of the checkpoint a resumed run
         continues from; metrics.csv keeps its rows up to that step and the run appends to
         them (rows past it were logged by a segment whose later work is being redone)."""
         self.run_dir = Path(run_dir)
+        self.warnings = list(warnings)  # said already; kept in the summary
         metrics = self.run_dir / "metrics.csv"
         self.start = time.perf_counter() if started is None else started
         self.show_progress = progress
@@ -68,6 +69,11 @@ class RunLog:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
 
+    def warn(self, message: str) -> None:
+        """Say something the user must not miss (on stderr), and keep it in the summary."""
+        self.warnings.append(message)
+        tqdm.write(f"mpi_easgd: warning: {message}", file=sys.stderr)
+
     def log_eval(self, **row) -> None:
         """Append one evaluation row (``wall_time`` is filled in when missing)."""
         row.setdefault("wall_time", round(self.elapsed(), 3))
@@ -92,7 +98,7 @@ class RunLog:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        write_json_atomic(self.run_dir / "summary.json", dict(summary, warnings=self.warnings))
         self.info(format_summary(summary))
         self.info(f"run directory: {self.run_dir}")
 
@@ -110,6 +116,7 @@ class NullRunLog:
         return 0.0
 
     def info(self, message: str) -> None: ...
+    def warn(self, message: str) -> None: ...
     def log_eval(self, **row) -> None: ...
     def write_summary(self, summary: dict) -> None: ...
 

@@ -28,6 +28,7 @@ from mpi_easgd.loop import (
     evaluate,
     finite,
     make_optimizer,
+    nonfinite_note,
     run_epoch,
     supervised_step,
 )
@@ -158,8 +159,9 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     if position["epoch"] < cfg.epochs:  # not when resumed from the final checkpoint itself
         save(cfg.epochs, 0, EpochStats(), finished=True)  # the final state, resumable with more --epochs
     skipped = comm.allreduce(skipped)
-    if skipped:
-        log.info(f"warning: {skipped} steps skipped for a non-finite loss or gradient")
+    note = nonfinite_note(skipped, cfg.epochs * steps * size)
+    if note:
+        log.warn(note)
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=size, workers=size,
         epochs=cfg.epochs, test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -26,16 +25,15 @@ EXIT_WORKERS_LOST = 3  # async, --on-worker-loss continue: results saved, some w
 
 
 def _validate(argv, rank: int, size: int):
-    """Everything that can be checked locally; returns (cfg, topology, dataset info)."""
-    from mpi_easgd.config import parse_args
+    """Everything that can be checked locally; returns (cfg, topology, dataset info,
+    checkpoint to resume or None, its manifest, warnings for the user)."""
+    from mpi_easgd.config import ConfigError, parse_args
     from mpi_easgd.data import DataError, read_info, resolve_dataset, shard_range
     from mpi_easgd.models import check_model, check_model_name
     from mpi_easgd.topology import Topology
 
     cfg = parse_args(argv)
     topo = Topology.build(size, rank, cfg.algo)
-    if rank != 0:
-        warnings.filterwarnings("ignore", module="mpi_easgd")  # said once, by rank 0
     cfg = cfg.resolve(topo.num_workers)
     check_model_name(cfg.model)
     info = read_info(resolve_dataset(cfg.dataset))
@@ -47,6 +45,15 @@ def _validate(argv, rank: int, size: int):
             f"{info.sizes['train']} training samples over {p} training ranks leave {stop - start} "
             f"per rank, fewer than --batch-size {cfg.batch_size}; lower the batch size or the ranks"
         )
+    steps = (stop - start) // cfg.batch_size  # per epoch, on the smallest shard
+    if topo.is_async and cfg.tau > cfg.epochs * steps:
+        raise ConfigError(f"--tau {cfg.tau} is more than the {cfg.epochs * steps} steps each worker takes in "
+                          f"this run ({cfg.epochs} epochs x {steps}): workers would exchange with the server "
+                          f"only at the start and the end; lower --tau or raise --epochs")
+    if cfg.on_worker_loss == "continue" and p < 2:
+        raise ConfigError(f"--on-worker-loss continue needs at least 2 workers, this run has {p}: without "
+                          f"its only worker a run cannot go on; use --on-worker-loss abort, or more ranks")
+    notes = cfg.advice(p, stop - start, info.shape, info.name)
     shard_range(info.sizes["test"], 0, 1 if topo.is_async else p)
     if cfg.device == "cuda":
         import torch
@@ -69,7 +76,7 @@ def _validate(argv, rank: int, size: int):
                                                  f"use an earlier checkpoint")
             if checkpoint.finished(manifest, cfg.epochs) and not rejoins:
                 checkpoint.load_rank(resume, rank)  # a damaged file is reported, even with nothing to do
-    return cfg, topo, info, resume, manifest
+    return cfg, topo, info, resume, manifest, notes
 
 
 def _make_run_dir(cfg) -> Path:
@@ -101,7 +108,7 @@ def run(argv: list[str] | None, comm) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     error, run_dir, done = None, None, False
     try:
-        cfg, topo, info, resume, manifest = _validate(argv, rank, size)
+        cfg, topo, info, resume, manifest, notes = _validate(argv, rank, size)
         done = resume is not None and finished(manifest, cfg.epochs)
         if rank == 0 and not done:
             run_dir = resume.parent.parent if resume else _make_run_dir(cfg)
@@ -115,6 +122,9 @@ def run(argv: list[str] | None, comm) -> int:
             where = "" if len(failed) == size else f" (on rank {', '.join(str(r) for r, _ in failed)})"
             print(f"mpi_easgd: error: {failed[0][1]}{where}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if rank == 0:
+        for note in notes:  # the same on every rank: said once
+            print(f"mpi_easgd: warning: {note}", file=sys.stderr, flush=True)
     if done:  # a requeue or resubmission of a finished run: leave it exactly as it is
         if rank == 0:
             print(f"mpi_easgd: {resume.parent.parent} already finished its {manifest['config']['epochs']} epochs; "
@@ -139,7 +149,7 @@ def run(argv: list[str] | None, comm) -> int:
     # The run's clock goes on from the checkpoint's, like its training time and samples.
     started = time.perf_counter() - manifest.get("wall_seconds", 0.0)
     log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=started,
-                  resumed_at=checkpoint_step(resume) if resume else None)
+                  resumed_at=checkpoint_step(resume) if resume else None, warnings=notes)
            if topo.logs else NullRunLog())
     if cfg.device != "cpu":
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
@@ -189,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv, comm)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler was installed (while starting)
+        print("mpi_easgd: interrupted while starting; nothing was trained", file=sys.stderr)
+        return 130
     except Preempted as exc:  # raised on every rank at the same step, after the checkpoint
         if comm.Get_rank() == 0:
             print(f"mpi_easgd: {exc}; continue with --resume auto (exit {EXIT_PREEMPTED})", file=sys.stderr)

@@ -130,7 +130,14 @@ def _bad_cases(tmp_path):
     make_folder(tmp_path / "unreadable", per_class=1)
     (tmp_path / "unreadable" / "train" / "cat" / "bad.png").write_bytes(b"not a png")
     (tmp_path / "nofolders").mkdir()
+    make_folder(tmp_path / "stray", per_class=1)
+    (tmp_path / "stray" / "test" / "dgo").mkdir()  # a typo: no train folder of that name
+    x = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "cut.npz", x_train=x, y_train=np.zeros(4), x_test=x, y_test=np.zeros(4))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:300])
     return [
+        ("test class without a train folder", "stray", "class folders ['dgo'] have no folder in"),
+        ("truncated npz", "cut.npz", "not a readable .npz, truncated or damaged"),
         ("truncated IDX", "truncated", "truncated or padded IDX data"),
         ("wrong magic", "magic", "not an IDX file (bad magic number"),
         ("mismatched counts", "counts", "train has 30 images but 29 labels"),

@@ -148,8 +148,9 @@ def test_resolve_defaults_and_beta_warning():
     cfg = Config(algo="easgd").resolve(workers=3)
     assert cfg.alpha == pytest.approx(0.3) and cfg.momentum == 0.0
     assert Config(algo="eamsgd").resolve(2).momentum == 0.9
-    with pytest.warns(UserWarning, match="beta = workers . alpha = 1.2"):
-        Config(algo="ea", alpha=0.4).resolve(workers=3)
+    notes = Config(algo="ea", alpha=0.4).resolve(workers=3).advice(3, 1000, (3, 32, 32), "cifar10")
+    assert len(notes) == 1 and "beta = workers * alpha = 1.2 >= 1" in notes[0]
+    assert Config(algo="easgd").resolve(workers=1).alpha == 0.5, "one worker: alpha 0.5 (README)"
 
 
 def test_topology_roles():

@@ -336,3 +336,28 @@ def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, blobs,
     assert r.returncode == 0 and "resumed from" in r.stdout, r.output
     summary = read_summary(tmp_path / "done")
     assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.5
+
+
+def test_a_diverged_async_run_says_so(blobs, tmp_path):
+    """Nearly every step non-finite (a learning rate far too large): the run still ends, but
+    says that it diverged, and the summary keeps the warning."""
+    r = train(4, *base(blobs, tmp_path, "nan", "easgd"), "--epochs", "1", "--lr", "1e12", "--test-every", "0.2")
+    assert r.returncode == 0, r.output
+    assert r.stderr.count("mpi_easgd: warning: the run diverged:") == 1, r.stderr
+    summary = read_summary(tmp_path / "nan")
+    assert summary["nonfinite_skipped"] > 0.5 * sum(w["steps"] for w in summary["per_worker"])
+    assert any("the run diverged" in w for w in summary["warnings"])
+
+
+def test_a_hung_rank_in_sync_training_ends_the_job(blobs, tmp_path):
+    """A SIGSTOPped rank would hold the others in their Allreduce forever; after
+    --worker-timeout they end the job with a line naming the call they wait in."""
+    marker = f"hung-sync-{os.getpid()}"
+    r = train(2, *base(blobs, tmp_path, marker), "--epochs", "50", "--worker-timeout", "2", timeout=60,
+              env={"MPI_EASGD_FAULT": "rank=1,action=stop,step=5"})
+    assert r.returncode != 0 and r.seconds < 30, (r.seconds, r.output)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpi_easgd:")]
+    assert len(lines) == 1 and "rank 0 has waited" in lines[0] and "AllReduceSGD.sum_and_normalize_gradients" \
+        in lines[0] and "ending the job" in lines[0], r.stderr
+    time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()

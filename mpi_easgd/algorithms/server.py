@@ -315,6 +315,10 @@ class Server:
         self.status[i] = LOST
         self._tell(i, Command.DROPPED)  # in case it wakes up: it then stays idle
         left = sum(s != LOST for s in self.status)
+        if not left:
+            raise PeerLost(f"worker rank {self.workers[i]} sent nothing for {seconds:.0f}s (--worker-timeout "
+                           f"{self.peer_timeout:g}) and no other worker is left; ending the job"
+                           + (f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""))
         print(f"mpi_easgd: warning: worker rank {self.workers[i]} sent nothing for {seconds:.0f}s "
               f"(--worker-timeout {self.peer_timeout:g}); dropped it, the run goes on with {left} "
               f"worker{'s' * (left != 1)} (--on-worker-loss continue)", file=sys.stderr, flush=True)

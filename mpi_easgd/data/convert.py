@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,16 +135,20 @@ def to_nchw(x: np.ndarray, where: str) -> np.ndarray:
 
 
 def read_npz(src: Path) -> tuple[Arrays, Arrays, int]:
+    # A truncated or damaged archive fails on opening or on reading a member, in several ways.
+    damaged = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         data = np.load(src, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{src}: not a readable .npz ({exc})") from None
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
+        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}
+    except damaged as exc:
+        raise DataError(f"{src}: not a readable .npz, truncated or damaged ({type(exc).__name__}: {exc}); "
+                        f"write it again with numpy.savez") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays)
     if missing:
         raise DataError(f"{src}: missing arrays {sorted(missing)} (need x_train, y_train, x_test, y_test)")
     out = []
     for split in ("train", "test"):
-        x, y = to_nchw(data[f"x_{split}"], f"{src} x_{split}"), data[f"y_{split}"].reshape(-1)
+        x, y = to_nchw(arrays[f"x_{split}"], f"{src} x_{split}"), arrays[f"y_{split}"].reshape(-1)
         if len(x) != len(y):
             raise DataError(f"{src}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
         if x.dtype != np.uint8:
@@ -163,6 +169,12 @@ def read_folder(src: Path) -> tuple[Arrays, Arrays, int]:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
     if not classes:
         raise DataError(f"{src}: expected class subfolders in {train_dir} (ROOT/train/CLASS/image.png)")
+    test_dir = src / "test"
+    strays = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes) \
+        if test_dir.is_dir() else []
+    if strays:
+        raise DataError(f"{test_dir}: class folders {strays} have no folder in {train_dir} (a typo?); the classes "
+                        f"are the train folders {classes}: rename or remove them")
 
     def split(name: str) -> Arrays:
         files = [(f, c) for c, cls in enumerate(classes) for f in sorted((src / name / cls).glob("*"))

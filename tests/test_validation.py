@@ -1,0 +1,55 @@
+"""What every rank checks before any traffic, in-process: bad values are one-line errors,
+dubious ones are warnings said once and kept in the summary. (The launched CLI tests show
+that such an error ends every rank with one line and exit status 2.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from mpi_easgd.config import Config, ConfigError
+from mpi_easgd.data import DataError
+from mpi_easgd.train import _validate
+
+
+def validate(size, *flags, blobs):
+    return _validate(["--algo", "sgd", "--dataset", str(blobs), "--model", "mlp", *flags], 0, size)
+
+
+@pytest.mark.parametrize("size,flags,error,message", [
+    (2, ["--seed", "-1"], ConfigError, "--seed must be in [0, 2**32); got -1"),
+    (2, ["--seed", str(2**32)], ConfigError, "--seed must be in [0, 2**32)"),
+    (2, ["--lr", "inf"], ConfigError, "--lr must be a finite number; got inf"),
+    (2, ["--lr", "nan"], ConfigError, "--lr must be a finite number"),
+    (2, ["--momentum", "nan"], ConfigError, "--momentum must be a finite number"),
+    (4, ["--algo", "easgd", "--tau", "1000", "--epochs", "2"], ConfigError,
+     "--tau 1000 is more than the 16 steps each worker takes in this run (2 epochs x 8)"),
+    (3, ["--algo", "easgd", "--on-worker-loss", "continue"], ConfigError,
+     "--on-worker-loss continue needs at least 2 workers, this run has 1"),
+])
+def test_values_that_would_fail_or_mislead_later_are_refused(size, flags, error, message, blobs):
+    with pytest.raises(error) as info:
+        validate(size, *flags, blobs=blobs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_dataset_directory_is_named_as_such(tmp_path, blobs):
+    with pytest.raises(DataError, match="is a directory; pass the HDF5 file itself"):
+        _validate(["--algo", "sgd", "--dataset", str(blobs.parent)], 0, 2)
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--batch-size", "100"], "--batch-size 100 leaves 56 of each rank's 256 training samples (22%) unused"),
+    (["--augment"], "--augment flips images left to right"),
+    (["--algo", "ea", "--tau", "40", "--batch-size", "16"],
+     "--tau 40 exceeds the 16 steps per epoch: the only elastic rounds are those that finish each epoch"),
+    (["--algo", "ea", "--alpha", "0.6", "--tau", "2"], "beta = workers * alpha = 1.2 >= 1"),
+])
+def test_dubious_settings_are_warned_about(flags, warning, blobs):
+    *_, notes = validate(2, *flags, blobs=blobs)
+    assert len(notes) == 1 and warning in notes[0], notes
+
+
+def test_sound_settings_draw_no_warning(blobs):
+    *_, notes = validate(2, "--batch-size", "16", blobs=blobs)
+    assert notes == []
+    assert Config(algo="sgd", batch_size=32).resolve(4).advice(4, 1000, (3, 32, 32), "cifar10") == []
