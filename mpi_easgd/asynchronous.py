@@ -29,7 +29,7 @@ from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.loop import nonfinite_note
 from mpi_easgd.models import build_model
-from mpi_easgd.tester import run_tester, save_model
+from mpi_easgd.tester import run_tester
 from mpi_easgd.topology import Topology
 from mpi_easgd.watchdog import Watchdog
 
@@ -90,7 +90,7 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         try:
             server.run()
         finally:  # the server owns the center: keep it even if a peer was lost at the end
-            save_model(flat.module, run_dir / "center.pt")
+            checkpoint.save_model(flat.module, run_dir / "center.pt")
         stats = server.stats()
         if cfg.audit:
             order = np.array([i for i, _ in server.audit], dtype=np.int64)

@@ -179,6 +179,12 @@ def finished(manifest: dict, epochs: int) -> bool:
     return bool(manifest.get("finished")) and manifest["config"]["epochs"] >= epochs
 
 
+def save_model(model: torch.nn.Module, path: Path) -> None:
+    """The trained model of a run (``model.pt``, or ``center.pt`` for async): its state dict,
+    written atomically; load it with ``model.load_state_dict(torch.load(path))``."""
+    write_atomic(path, lambda fh: torch.save(model.state_dict(), fh))
+
+
 def load_rank(ckpt: Path, rank: int) -> dict:
     """This rank's saved state; a clear error for a missing, truncated or corrupted file."""
     path = rank_file(ckpt, rank)

@@ -38,7 +38,7 @@ class Config:
 
     algo: str = _opt("easgd", "algorithm: " + ", ".join(ALGOS), choices=ALGOS)
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
-    model: str = _opt("lenet", "model name (lenet, cifarnet, resnet20, or torchvision:NAME)")
+    model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, or torchvision:NAME)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
     batch_size: int = _opt(32, "mini-batch size per rank")
     lr: float | None = _opt(None, "learning rate, never scaled by the number of ranks "
@@ -46,7 +46,7 @@ class Config:
     momentum: float | None = _opt(None, "momentum (default: 0.9 for eamsgd, else 0)")
     weight_decay: float = _opt(0.0, "L2 weight decay")
     tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
-    alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers)")
+    alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers, at most 0.5)")
     seed: int = _opt(0, "seed for initialisation and data order")
     device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
     cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
@@ -60,12 +60,12 @@ class Config:
     worker_timeout: float = _opt(300.0, "async: end the job when a worker, the server, or (at the end) "
                                         "the tester is silent this many seconds")
     out: str = _opt("runs", "parent directory of the run directory")
-    run_name: str = _opt("", "run directory name (default: algo-model-npN-timestamp)")
+    run_name: str = _opt("", "run directory name (default: ALGO-MODEL-YYYYmmdd-HHMMSS)")
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(False, "also write TensorBoard scalars to RUN_DIR/tensorboard")
     audit: bool = _opt(False, "async: log every exchange to verify the center (small models)")
     checkpoint_every: str = _opt("", "checkpoint every N steps (500; async: center updates) or "
-                                     "minutes/seconds (10m, 30s)")
+                                     "a time (1h, 10m, 30s)")
     resume: str = _opt("", "resume from a checkpoint: RUN_DIR, RUN_DIR/checkpoints/step-N, or auto")
     on_worker_loss: str = _opt("abort", "async: a worker silent for --worker-timeout ends the job (abort), "
                                         "or is dropped while the others go on (continue; exit status 3)",
@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML file with any of the keys below")
     for f, typ in zip(dataclasses.fields(Config), Config.field_types().values()):
         flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f"{f.metadata['help']} (default: {f.default})", "default": None}
+        # A default of None is resolved later and stated in the help text itself.
+        shown = "" if f.default is None else f" (default: {f.default})"
+        kw = {"help": f"{f.metadata['help']}{shown}", "default": None}
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:

@@ -73,18 +73,21 @@ class StopRequest:
         return self.signum is not None
 
 
+SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
 def parse_every(text: str) -> tuple[int | None, float | None]:
-    """``"500"`` -> every 500 steps; ``"10m"`` / ``"30s"`` -> every 600 / 30 seconds."""
+    """``"500"`` -> every 500 steps; ``"1h"`` / ``"10m"`` / ``"30s"`` -> every 3600 / 600 / 30 seconds."""
     if not text:
         return None, None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([ms]?)\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([hms]?)\s*", text)
     if not m or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
-        raise ValueError(f"--checkpoint-every must be a number of steps (500) or a time (10m, 30s); "
+        raise ValueError(f"--checkpoint-every must be a number of steps (500) or a time (1h, 10m, 30s); "
                          f"got '{text}'")
     value, unit = float(m.group(1)), m.group(2)
     if not unit:
         return int(value), None
-    return None, value * (60 if unit == "m" else 1)
+    return None, value * SECONDS[unit]
 
 
 class Control:

@@ -8,6 +8,7 @@ the saved step with the same batches and ends bitwise equal to an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -158,6 +159,9 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
         log.log_eval(**last)
     if position["epoch"] < cfg.epochs:  # not when resumed from the final checkpoint itself
         save(cfg.epochs, 0, EpochStats(), finished=True)  # the final state, resumable with more --epochs
+        if rank == 0:  # the model that was evaluated last (ea: the center), for use outside a checkpoint
+            with swapped_in(flat, getattr(algo, "center", None)):
+                checkpoint.save_model(model, run_dir / "model.pt")
     skipped = comm.allreduce(skipped)
     note = nonfinite_note(skipped, cfg.epochs * steps * size)
     if note:
@@ -182,13 +186,21 @@ def _restore(state: dict, model, optimizer, algo) -> dict:
                 totals=state["totals"], skipped=state.get("skipped", 0))
 
 
-def _evaluate(model, flat, params, test: ShardLoader, device):
-    """Evaluate ``model`` with ``params`` swapped in (if given), then restore its own."""
+@contextlib.contextmanager
+def swapped_in(flat, params: torch.Tensor | None):
+    """The model holds ``params`` (if given) inside the block, its own parameters after it."""
     if params is None:
-        return evaluate(model, test.epoch(0), device)
+        yield
+        return
     own = flat.data.clone()
     flat.data.copy_(params)
     try:
-        return evaluate(model, test.epoch(0), device)
+        yield
     finally:
         flat.data.copy_(own)
+
+
+def _evaluate(model, flat, params, test: ShardLoader, device):
+    """Evaluate ``model`` with ``params`` swapped in (if given)."""
+    with swapped_in(flat, params):
+        return evaluate(model, test.epoch(0), device)

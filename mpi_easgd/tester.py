@@ -3,13 +3,15 @@
 It polls for the next snapshot with a short sleep between polls (it must not busy-wait on
 a CPU that workers need), evaluates it on the test set and logs one metrics row per
 snapshot. BatchNorm statistics are not part of the center, so before each evaluation they
-are re-estimated on a few training batches (as for any averaged model). On the FINAL
-snapshot it evaluates and returns.
+are re-estimated on a few training batches (as for any averaged model). ``train_loss`` is
+the center's loss on a fixed slice of the training set (the first 1,024 samples): the
+workers' own losses belong to their own parameters, not to the model being tested. On the
+FINAL snapshot it evaluates and returns.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 
 import numpy as np
 import torch
@@ -19,7 +21,6 @@ from torch import nn
 from mpi_easgd import faults
 from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.data import ShardLoader
-from mpi_easgd.fileio import write_atomic
 from mpi_easgd.flat import FlatParameters, MPIBuffer
 from mpi_easgd.loop import evaluate
 
@@ -43,11 +44,6 @@ def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: in
         m.momentum = momentum
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """``torch.save`` the state dict atomically (:mod:`mpi_easgd.fileio`)."""
-    write_atomic(path, lambda fh: torch.save(model.state_dict(), fh))
-
-
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
                server: int, device: torch.device, log, transfer: str = "auto", evaluations: int = 0) -> dict:
     """Evaluate every snapshot until the final one (counting on from ``evaluations``, for
@@ -57,6 +53,7 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
     center = MPIBuffer(flat.data, transfer)  # snapshots land straight in the model's parameters
     fault = faults.from_env(comm.Get_rank())
     train_size = train.info.sizes["train"]
+    probe = ShardLoader(train.info, "train", batch_size=512, shuffle=False, even=False, prefetch=0)
     while True:
         wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
         comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way
@@ -66,9 +63,10 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
         kind, updates, samples = (int(v) for v in meta)
         refresh_batchnorm(model, train.epoch(evaluations), device)
         loss, correct, count = evaluate(model, test.epoch(0), device)
+        train_loss, _, train_count = evaluate(model, itertools.islice(probe.epoch(0), 2), device)
         evaluations += 1
         row = dict(epoch=round(samples / train_size, 3), step=updates, samples=samples,
-                   test_loss=loss / count, test_accuracy=correct / count)
+                   train_loss=train_loss / train_count, test_loss=loss / count, test_accuracy=correct / count)
         log.log_eval(**row)
         if kind == Kind.FINAL:
             return dict(row, evaluations=evaluations)

@@ -52,6 +52,8 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, tmp_path):
         assert w["staleness_mean"] >= 0
     assert 0 < summary["server_busy_fraction"] < 1
     check_audit(tmp_path / "run", summary, tau)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert all(float(row.split(",")[4]) > 0 for row in rows[1:]), "every row has the center's train_loss"
     assert "run summary" in r.stdout and "latency_ms_p99" in r.stdout
 
 

@@ -26,6 +26,16 @@ def test_sync_run_writes_a_complete_run_directory(algo, blobs, tmp_path):
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert int(rows[-1]["samples"]) == 3 * 2 * (256 // 16) * 16
     assert 'algo = "' + algo + '"' in (run / "config.toml").read_text()
+    import torch
+
+    from mpi_easgd.models import build_model
+
+    final = torch.load(run / "model.pt", weights_only=True)  # the evaluated model (ea: the center)
+    build_model("mlp", (1, 8, 8), 4).load_state_dict(final)
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    state = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+    if algo == "sgd":
+        assert all(torch.equal(final[k], state["model"][k]) for k in final)
     assert f"run directory: {run}" in r.stdout
     assert r.stdout.count("run summary") == 1, "only one rank prints"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,10 +20,14 @@ def test_single_process_without_a_launcher(blobs, tmp_path):
 
 def test_help_lists_every_flag():
     r = subprocess.run([sys.executable, "-m", "mpi_easgd.train", "--help"], capture_output=True,
-                       text=True, timeout=60)
+                       env={**os.environ, "COLUMNS": "250"}, text=True, timeout=60)
     assert r.returncode == 0
     for flag in ("--algo", "--tau", "--alpha", "--batch-size", "--config", "--tensorboard", "--augment"):
         assert flag in r.stdout
+    text = " ".join(r.stdout.split())
+    assert "(default: None)" not in text, "one default per flag, stated in its help"
+    assert "(mlp, lenet, cifarnet, resnet20" in text and "ALGO-MODEL-YYYYmmdd-HHMMSS" in text
+    assert "0.9 / workers, at most 0.5" in text
 
 
 def test_benchmark_scripts_run():

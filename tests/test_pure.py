@@ -126,7 +126,7 @@ def test_config_precedence_and_types(tmp_path):
     ("epochs = [", "not valid TOML"),
     ('on_worker_loss = "maybe"', "--on-worker-loss must be one of abort, continue; got 'maybe'"),
     ('algo = "sgd"\non_worker_loss = "continue"', "--on-worker-loss continue needs an asynchronous algorithm"),
-    ('checkpoint_every = "5h"', "--checkpoint-every must be a number of steps"),
+    ('checkpoint_every = "5d"', "--checkpoint-every must be a number of steps"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"
@@ -200,3 +200,48 @@ def test_config_round_trips_through_written_toml(tmp_path):
     again = Config.from_toml(tmp_path / "config.toml")
     assert again == cfg
     assert np.isclose(again.alpha, 0.45)
+
+
+def test_checkpoint_schedules_take_hours_minutes_seconds_and_steps():
+    from mpi_easgd.control import parse_every
+
+    assert parse_every("1h") == (None, 3600) and parse_every("10m") == (None, 600)
+    assert parse_every("30s") == (None, 30) and parse_every("500") == (500, None)
+    with pytest.raises(ValueError, match="1h, 10m, 30s"):
+        parse_every("1d")
+
+
+def test_plot_labels_tell_runs_apart(tmp_path):
+    """Two easgd runs, and an unfinished one, each get their own label: the run directory,
+    then algorithm, workers (not ranks) and tau."""
+    import json
+
+    from mpi_easgd.plot import load_run, main
+
+    for name, summary in (("a", {"algo": "easgd", "workers": 2, "world_size": 4}), ("b", {"algo": "easgd",
+                          "workers": 2, "world_size": 4}), ("cut", None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.toml").write_text('algo = "easgd"\ntau = 10\n')
+        (run / "metrics.csv").write_text("wall_time,epoch,step,samples,train_loss,test_loss,test_accuracy\n"
+                                         "1.0,1,10,320,0.5,0.4,0.9\n2.0,2,20,640,0.3,0.2,0.98\n")
+        if summary:
+            (run / "summary.json").write_text(json.dumps(summary))
+    labels = [load_run(tmp_path / n)[0] for n in ("a", "b", "cut")]
+    assert labels == ["a (easgd, 2 workers, tau 10)", "b (easgd, 2 workers, tau 10)", "cut (easgd, tau 10, unfinished)"]
+    assert main([str(tmp_path / n) for n in ("a", "b", "cut")] + ["-o", str(tmp_path / "p.png")]) == 0
+
+
+def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path, blobs):
+    import os
+    import stat
+
+    from mpi_easgd.data import write_dataset
+
+    old = os.umask(0o022)
+    try:
+        x = np.zeros((4, 1, 8, 8), np.uint8)
+        path = write_dataset(tmp_path / "d.h5", (x, np.zeros(4)), (x, np.zeros(4)), num_classes=2, name="d")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
