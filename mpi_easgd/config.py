@@ -107,6 +107,9 @@ class Config:
                 values = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; check the path given to --config") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise ConfigError(f"config file {path} cannot be read ({exc.strerror}); pass a TOML file to "
+                              f"--config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         return cls.from_mapping(values, str(path), base)

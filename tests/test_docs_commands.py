@@ -52,3 +52,14 @@ def test_async_benchmark_scripts_run(tmp_path):
     rows = (tmp_path / "time_to_accuracy.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("algo,tau")  # header + sgd + 4 at tau 10
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
+
+
+def test_gpu_selftest_without_a_gpu_says_so_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU node the self-test runs for real (jobs/gpu_selftest.sh)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "jobs/gpu_selftest.sh"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no CUDA device is visible" in r.stderr and "Traceback" not in r.stderr

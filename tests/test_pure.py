@@ -245,3 +245,21 @@ def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path, blob
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_ctrl_c_asks_for_a_checkpoint_instead_of_raising():
+    """SIGINT (Ctrl-C on a laptop) is a stop request like SIGTERM: no KeyboardInterrupt
+    unwinds the ranks; the loop checkpoints and the job exits 75."""
+    import os
+    import signal
+
+    from mpi_easgd.control import StopRequest
+
+    previous = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    try:
+        stop = StopRequest().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -33,8 +33,10 @@ def test_values_that_would_fail_or_mislead_later_are_refused(size, flags, error,
 
 
 def test_a_dataset_directory_is_named_as_such(tmp_path, blobs):
-    with pytest.raises(DataError, match="is a directory; pass the HDF5 file itself"):
+    with pytest.raises(DataError, match="is a directory; pass the HDF5 dataset file itself"):
         _validate(["--algo", "sgd", "--dataset", str(blobs.parent)], 0, 2)
+    with pytest.raises(ConfigError, match=r"config file .* cannot be read \(Is a directory\); pass a TOML file"):
+        _validate(["--config", str(tmp_path)], 0, 2)
 
 
 @pytest.mark.parametrize("flags,warning", [

@@ -50,7 +50,7 @@ def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
     hint = "convert your data with 'python -m mpi_easgd.data convert' or use --dataset mnist5k"
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.h5"))
-        raise DataError(f"--dataset {path} is a directory; pass the HDF5 file itself"
+        raise DataError(f"{path} is a directory; pass the HDF5 dataset file itself"
                         + (f" ({', '.join(found[:5])} are there)" if found else
                            f", or convert the directory first with 'python -m mpi_easgd.data convert {path} OUT.h5'"))
     if not path.is_file():
