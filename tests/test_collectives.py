@@ -1,5 +1,7 @@
 """Launch the SPMD collective tests under real mpiexec: the collective tests with 1, 2 and
-4 ranks, DistLearn's ported uneven-ending tests with 2, 4 and 8."""
+4 ranks, DistLearn's ported uneven-ending tests with 2, 4 and 8. The 4- and 8-rank runs use
+a sub-communicator with the ranks in reverse order (tests/mpi/comm.py), so nothing may
+assume COMM_WORLD."""
 
 from __future__ import annotations
 
@@ -13,4 +15,4 @@ SEED = "tests/mpi/spmd_seed.py"
 @pytest.mark.parametrize(("ranks", "files"), [(1, [COLLECTIVES]), (2, [COLLECTIVES, SEED]),
                                               (4, [COLLECTIVES, SEED]), (8, [SEED])])
 def test_spmd(ranks, files):
-    spmd(ranks, *files)
+    spmd(ranks, *files, env={"MPI_EASGD_TEST_COMM": "reversed"} if ranks >= 4 else None)

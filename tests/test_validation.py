@@ -8,6 +8,7 @@ import pytest
 
 from mpi_easgd.config import Config, ConfigError
 from mpi_easgd.data import DataError
+from mpi_easgd.models import ModelError
 from mpi_easgd.train import _validate
 
 
@@ -15,7 +16,20 @@ def validate(size, *flags, blobs):
     return _validate(["--algo", "sgd", "--dataset", str(blobs), "--model", "mlp", *flags], 0, size)
 
 
+def test_a_bad_input_leaves_nothing_written(tmp_path, blobs):
+    """Validation writes nothing: the run directory is made only after every rank agreed."""
+    with pytest.raises(ConfigError):
+        validate(2, "--tau", "0", "--out", str(tmp_path / "runs"), blobs=blobs)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("size,flags,error,message", [
+    (2, ["--colour", "red"], ConfigError, "unrecognized arguments: --colour red"),
+    (2, ["--algo", "easgd"], ConfigError, "async easgd needs at least 3 ranks (server, tester, 1+ worker); got 2"),
+    (2, ["--tau", "0"], ConfigError, "--tau must be an integer >= 1"),
+    (2, ["--model", "vgg"], ModelError, "unknown model 'vgg'"),
+    (2, ["--model", "lenet"], ModelError, "model lenet cannot take images of shape (1, 8, 8)"),
+    (2, ["--batch-size", "5000"], DataError, "fewer than --batch-size 5000"),
     (2, ["--seed", "-1"], ConfigError, "--seed must be in [0, 2**32); got -1"),
     (2, ["--seed", str(2**32)], ConfigError, "--seed must be in [0, 2**32)"),
     (2, ["--lr", "inf"], ConfigError, "--lr must be a finite number; got inf"),

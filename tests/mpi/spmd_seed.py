@@ -8,15 +8,20 @@ every rank finish. Run under ``mpiexec -n K python -m mpi4py -m pytest`` for K =
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd import AllReduceEA, AllReduceSGD
 
-COMM = MPI.COMM_WORLD
+sys.path.insert(0, os.path.dirname(__file__))
+from comm import comm_under_test  # noqa: E402
+
+COMM = comm_under_test()
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
 torch.set_num_threads(1)
 
