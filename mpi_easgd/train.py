@@ -54,6 +54,13 @@ def _validate(argv, rank: int, size: int):
         raise ConfigError(f"--on-worker-loss continue needs at least 2 workers, this run has {p}: without "
                           f"its only worker a run cannot go on; use --on-worker-loss abort, or more ranks")
     notes = cfg.advice(p, stop - start, info.shape, info.name)
+    if topo.is_async:
+        from mpi_easgd.watchdog import require_thread_multiple
+
+        try:
+            require_thread_multiple(f"async {cfg.algo}")
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
     shard_range(info.sizes["test"], 0, 1 if topo.is_async else p)
     if cfg.device == "cuda":
         import torch

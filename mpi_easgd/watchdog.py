@@ -6,6 +6,12 @@ watchdog thread checks once a second how long each expected peer has been silent
 rank cannot be removed from a running MPI job, so by default the job is ended with
 ``MPI_Abort`` and a line naming the peer, instead of waiting forever. A role that can go on
 without the peer (the server under ``--on-worker-loss continue``) passes ``on_silent``.
+
+Threads: the callbacks of the async roles make MPI calls from this thread (heartbeats,
+the server's wake-up message, testing a posted receive), so those roles run only where MPI
+provides ``MPI_THREAD_MULTIPLE`` (checked before any traffic, see
+:func:`require_thread_multiple`). An exception in this thread ends the job with one line:
+liveness that stopped silently would let the peers blame a healthy rank.
 """
 
 from __future__ import annotations
@@ -57,6 +63,14 @@ class Watchdog:
         return 0.0 if since is None else time.monotonic() - since
 
     def _watch(self) -> None:
+        try:
+            self._watch_until_stopped()
+        except BaseException as exc:  # noqa: BLE001 - a silent end would stop liveness (and heartbeats)
+            print(f"mpi_easgd: error: the liveness thread failed ({type(exc).__name__}: {exc}); ending the job",
+                  file=sys.stderr, flush=True)
+            abort(self.comm, 1)
+
+    def _watch_until_stopped(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             if self.tick is not None:
                 self.tick()
@@ -71,3 +85,14 @@ class Watchdog:
                           f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
                           file=sys.stderr, flush=True)
                     abort(self.comm, 1)  # MPI cannot drop one rank of a running job: end it loudly
+
+
+def require_thread_multiple(what: str) -> None:
+    """Raise a one-line error unless MPI allows calls from several threads at once."""
+    provided = MPI.Query_thread()
+    if provided != MPI.THREAD_MULTIPLE:
+        names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
+        raise RuntimeError(f"{what} needs an MPI library initialised with MPI_THREAD_MULTIPLE (its liveness thread "
+                           f"sends heartbeats while training goes on); this one provides MPI_THREAD_"
+                           f"{names.get(provided, provided)}: leave mpi4py.rc.thread_level at 'multiple', or use "
+                           f"an MPI built with thread support")

@@ -263,3 +263,21 @@ def test_ctrl_c_asks_for_a_checkpoint_instead_of_raising():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_a_failing_liveness_thread_ends_the_job_with_one_line(monkeypatch, capsys):
+    """An exception in the watchdog thread must not end liveness silently (the peers would
+    then blame a healthy rank): it ends the job, saying why."""
+    import mpi_easgd.watchdog as watchdog
+
+    ended = []
+    monkeypatch.setattr(watchdog, "abort", lambda comm, status: ended.append(status))
+
+    def broken_tick():
+        raise ValueError("boom")
+
+    dog = watchdog.Watchdog(None, 0.04, str, tick=broken_tick).start()
+    dog._thread.join(5)
+    assert ended == [1]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the liveness thread failed (ValueError: boom); ending the job" in err
