@@ -5,7 +5,7 @@ Runs ``mpiexec -n RANKS python -m mpi_easgd.train`` for sgd, ea, easgd, eamsgd a
 samples to reach the target test accuracy, final accuracy) and ``time_to_accuracy.png``
 (test accuracy against wall time and samples, one line per run) into OUT. Run::
 
-    python benchmarks/time_to_accuracy.py [--ranks 4] [--taus 10 64] [--target 0.95] [--out tta]
+    python benchmarks/time_to_accuracy.py [--ranks 4] [--taus 10 64] [--target 0.95] [--out tta] [--algos sgd easgd]
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("tta"))
+    parser.add_argument("--algos", nargs="+", default=["sgd", "ea", "easgd", "eamsgd", "downpour"])
     args = parser.parse_args()
-    runs = [("sgd", None)] + [(a, t) for t in args.taus for a in ("ea", "easgd", "eamsgd", "downpour")]
+    runs = [("sgd", None)] * ("sgd" in args.algos) + [(a, t) for t in args.taus for a in args.algos if a != "sgd"]
     rows, dirs = [], []
     for algo, tau in runs:
         name = f"{algo}" + (f"-tau{tau}" if tau else "")

@@ -16,8 +16,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd import AllReduceEA, AllReduceSGD
-from mpi_easgd.flat import MPIBuffer
-from mpi_easgd.transfer import cuda_aware, place
+from mpi_easgd.transfer import MPIBuffer, cuda_aware, place
 
 comm = MPI.COMM_WORLD
 local = comm.Split_type(MPI.COMM_TYPE_SHARED)

@@ -26,11 +26,13 @@ from mpi_easgd.algorithms.worker import run_worker
 from mpi_easgd.config import Config
 from mpi_easgd.control import Preempted, StopRequest
 from mpi_easgd.data import DatasetInfo, ShardLoader
-from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.flat import FlatParameters
 from mpi_easgd.loop import nonfinite_note
+from mpi_easgd.metrics import run_summary
 from mpi_easgd.models import build_model
 from mpi_easgd.tester import run_tester
 from mpi_easgd.topology import Topology
+from mpi_easgd.transfer import MPIBuffer
 from mpi_easgd.watchdog import Watchdog
 
 
@@ -171,15 +173,10 @@ def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[di
     workers = [everything[r] for r in topo.worker_ranks if r not in lost]
     samples = sum(w["samples"] for w in workers)
     seconds = max((w["wall_seconds"] for w in workers), default=0.0)
-    return dict(
-        algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=topo.world_size,
-        workers=topo.num_workers, epochs=cfg.epochs, tau=cfg.tau, alpha=cfg.alpha,
-        beta=cfg.alpha * topo.num_workers, lr=cfg.lr, momentum=cfg.momentum,
-        test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
+    return run_summary(
+        cfg, info.name, topo.world_size, topo.num_workers, test=final, train_samples=samples, train_seconds=seconds,
+        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers),
         evaluations=final["evaluations"], exchanges=server["updates"],
-        train_samples=samples, train_seconds=seconds,
-        train_samples_per_second=samples / seconds if seconds else 0.0,
         server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
-        checkpoints=server["checkpoints"], checkpoint_seconds=server["checkpoint_seconds"],
-        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers), lost_workers=lost,
+        checkpoints=server["checkpoints"], checkpoint_seconds=server["checkpoint_seconds"], lost_workers=lost,
     )

@@ -147,7 +147,7 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from mpi_easgd.control import parse_every
+        from mpi_easgd.algorithms.barrier import parse_every
 
         try:
             parse_every(self.checkpoint_every)

@@ -9,7 +9,6 @@ the same step even though the signal reached them at different moments.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import threading
@@ -17,6 +16,8 @@ import time
 
 import numpy as np
 from mpi4py import MPI
+
+from mpi_easgd.algorithms.barrier import Schedule
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; rerun with --resume auto
 
@@ -73,45 +74,27 @@ class StopRequest:
         return self.signum is not None
 
 
-SECONDS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_every(text: str) -> tuple[int | None, float | None]:
-    """``"500"`` -> every 500 steps; ``"1h"`` / ``"10m"`` / ``"30s"`` -> every 3600 / 600 / 30 seconds."""
-    if not text:
-        return None, None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([hms]?)\s*", text)
-    if not m or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
-        raise ValueError(f"--checkpoint-every must be a number of steps (500) or a time (1h, 10m, 30s); "
-                         f"got '{text}'")
-    value, unit = float(m.group(1)), m.group(2)
-    if not unit:
-        return int(value), None
-    return None, value * SECONDS[unit]
-
-
 class Control:
     """Tells the training loop, in agreement across ``comm``, when to checkpoint and stop."""
 
     def __init__(self, comm: MPI.Comm, stop: StopRequest, every: str = "", check_every: int = 10):
         self.comm = comm
         self.stop = stop
-        self.every_steps, self.every_seconds = parse_every(every)
+        self.schedule = Schedule(every)
         self.check_every = check_every
-        self._last = time.monotonic()
         self._flags = np.zeros(2, dtype=np.int32)
 
     def poll(self, step: int) -> tuple[bool, bool]:
         """``(checkpoint now, stop now)`` after global step ``step`` (1-based)."""
-        checkpoint = bool(self.every_steps) and step % self.every_steps == 0
-        if step % self.check_every:
-            return checkpoint, False
-        self._flags[0] = self.stop.requested
-        self._flags[1] = (self.every_seconds is not None and self.comm.Get_rank() == 0
-                          and time.monotonic() - self._last >= self.every_seconds)
-        self.comm.Allreduce(MPI.IN_PLACE, self._flags, op=MPI.MAX)
-        stop = bool(self._flags[0])
-        checkpoint = checkpoint or bool(self._flags[1]) or stop
+        now = time.monotonic()
+        # Counted in steps, the schedule gives the same answer on every rank; in seconds,
+        # rank 0's clock decides, at the steps where the ranks compare notes anyway.
+        checkpoint = bool(self.schedule.every_steps) and self.schedule.due(step, now)
+        if step % self.check_every == 0:
+            self._flags[0] = self.stop.requested
+            self._flags[1] = self.comm.Get_rank() == 0 and self.schedule.due(step, now)
+            self.comm.Allreduce(MPI.IN_PLACE, self._flags, op=MPI.MAX)
+            checkpoint = checkpoint or bool(self._flags[1]) or bool(self._flags[0])
         if checkpoint:
-            self._last = time.monotonic()
-        return checkpoint, stop
+            self.schedule.mark(step, now)
+        return checkpoint, step % self.check_every == 0 and bool(self._flags[0])

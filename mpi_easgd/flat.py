@@ -2,12 +2,8 @@
 
 After ``FlatParameters(model)`` every ``param.data`` is a view into ``flat.data`` and every
 ``param.grad`` a view into ``flat.grad``, so an exchange of the whole model is one MPI call
-on one buffer with no per-step copy or allocation.
-
-MPI sees these buffers through :class:`MPIBuffer`: a zero-copy numpy view for CPU tensors
-(mpi4py's numpy path costs ~5 us a call against ~20 us through DLPack), the device tensor
-itself when the MPI library is CUDA-aware, or a pinned host copy allocated once when it is
-not (host staging).
+on one buffer with no per-step copy or allocation. MPI sees these buffers through
+:class:`mpi_easgd.transfer.MPIBuffer`.
 """
 
 from __future__ import annotations
@@ -126,44 +122,3 @@ class FlatParameters:
                     ".to() after it was flattened?); move the model before building the "
                     "algorithm"
                 )
-
-
-class MPIBuffer:
-    """What MPI reads and writes for a tensor, and the copies around the call.
-
-    ``buf.mpi`` is handed to mpi4py. Call ``buf.before_send()`` before MPI reads it and
-    ``buf.after_recv()`` after MPI wrote into it. ``mode`` (see :mod:`mpi_easgd.transfer`):
-    ``direct`` hands MPI the tensor's memory (no copies); ``staged`` goes through a host
-    buffer allocated once (pinned for GPU tensors), on any device, so the staged logic runs
-    on CPU-only machines too.
-    """
-
-    def __init__(self, tensor: torch.Tensor, mode: str = "auto") -> None:
-        from mpi_easgd.transfer import resolve_mode
-
-        if not tensor.is_contiguous():
-            # MPI would read the storage in memory order, not the logical order.
-            raise ValueError("MPI buffers must be contiguous tensors")
-        self.tensor = tensor
-        self.on_gpu = tensor.device.type != "cpu"
-        self.mode = resolve_mode(mode, tensor.device.type)
-        if self.mode == "staged":
-            if self.on_gpu:
-                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            else:
-                self._host = flat_buffer(tensor.numel()).view(tensor.shape).to(tensor.dtype)
-            self.mpi = self._host.numpy()
-        elif self.on_gpu:
-            self.mpi = tensor.detach()  # a CUDA-aware MPI reads device memory itself
-        else:
-            self.mpi = tensor.detach().numpy()
-
-    def before_send(self) -> None:
-        if self.mode == "staged":
-            self._host.copy_(self.tensor)  # synchronous: the data is on the host after this
-        elif self.on_gpu:
-            torch.cuda.current_stream(self.tensor.device).synchronize()  # mpi4py will not
-
-    def after_recv(self) -> None:
-        if self.mode == "staged":
-            self.tensor.copy_(self._host)

@@ -30,6 +30,22 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
+def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict, train_samples: int,
+                train_seconds: float, nonfinite_skipped: int, **specific) -> dict:
+    """The summary every run writes (``summary.json``): the same keys for every algorithm,
+    then ``specific`` ones (async: exchanges, per-worker rows...). ``test``: the final
+    evaluation's ``test_accuracy`` and ``test_loss`` (None when there was none)."""
+    elastic = {"tau": cfg.tau, "alpha": cfg.alpha, "beta": cfg.alpha * workers} if cfg.algo != "sgd" else {}
+    return dict(
+        algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
+        epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, **elastic,
+        test_accuracy=test.get("test_accuracy"), test_loss=test.get("test_loss"),
+        train_samples=train_samples, train_seconds=train_seconds,
+        train_samples_per_second=train_samples / train_seconds if train_seconds else 0.0,
+        nonfinite_skipped=nonfinite_skipped, **specific,
+    )
+
+
 class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 

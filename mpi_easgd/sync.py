@@ -33,6 +33,7 @@ from mpi_easgd.loop import (
     run_epoch,
     supervised_step,
 )
+from mpi_easgd.metrics import run_summary
 from mpi_easgd.models import build_model
 
 
@@ -101,6 +102,7 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     if resume is not None:
         position = _restore(checkpoint.load_rank(resume, rank), model, optimizer, algo)
         skipped = position["skipped"]
+        control.schedule.mark(position["epoch"] * steps + position["step"], time.monotonic())
         log.info(f"resumed from {resume} at epoch {position['epoch'] + 1}, step {position['step']}")
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({flat.numel:,} parameters), "
@@ -166,15 +168,9 @@ def run_peer(cfg: Config, comm: MPI.Comm, info: DatasetInfo, device: torch.devic
     note = nonfinite_note(skipped, cfg.epochs * steps * size)
     if note:
         log.warn(note)
-    return dict(
-        algo=cfg.algo, model=cfg.model, dataset=info.name, world_size=size, workers=size,
-        epochs=cfg.epochs, test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"),
-        train_samples=int(totals[0]), train_seconds=totals[1],
-        train_samples_per_second=totals[0] / totals[1] if totals[1] else 0.0,
-        nonfinite_skipped=skipped, resumed_from=str(resume) if resume else None,
-        **({"tau": cfg.tau, "alpha": cfg.alpha, "beta": cfg.alpha * size, "rounds": algo.rounds}
-           if cfg.algo == "ea" else {}),
-    )
+    return run_summary(cfg, info.name, size, size, test=last, train_samples=int(totals[0]), train_seconds=totals[1],
+                       nonfinite_skipped=skipped, resumed_from=str(resume) if resume else None,
+                       **({"rounds": algo.rounds} if cfg.algo == "ea" else {}))
 
 
 def _restore(state: dict, model, optimizer, algo) -> dict:

@@ -21,8 +21,9 @@ from torch import nn
 from mpi_easgd import faults
 from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.data import ShardLoader
-from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.flat import FlatParameters
 from mpi_easgd.loop import evaluate
+from mpi_easgd.transfer import MPIBuffer
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ from torch import nn
 from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, ServerRule
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.config import Config, ConfigError, parse_args
-from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.flat import FlatParameters
 from mpi_easgd.models import ModelError, build_model, check_model_name
 from mpi_easgd.topology import Topology
+from mpi_easgd.transfer import MPIBuffer
 
 
 def small_model():
@@ -203,7 +204,7 @@ def test_config_round_trips_through_written_toml(tmp_path):
 
 
 def test_checkpoint_schedules_take_hours_minutes_seconds_and_steps():
-    from mpi_easgd.control import parse_every
+    from mpi_easgd.algorithms.barrier import parse_every
 
     assert parse_every("1h") == (None, 3600) and parse_every("10m") == (None, 600)
     assert parse_every("30s") == (None, 30) and parse_every("500") == (500, None)
@@ -281,3 +282,37 @@ def test_a_failing_liveness_thread_ends_the_job_with_one_line(monkeypatch, capsy
     assert ended == [1]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the liveness thread failed (ValueError: boom); ending the job" in err
+
+
+def test_checkpoint_barrier_completes_when_every_member_answered_or_was_lost():
+    from mpi_easgd.algorithms.barrier import CheckpointBarrier, Phase
+
+    b = CheckpointBarrier()
+    assert b.begin(40, {0, 1, 2}) == {0, 1, 2} and b.phase is Phase.SAVING
+    with pytest.raises(RuntimeError, match="already in progress"):
+        b.begin(41, {0})
+    assert not b.saved(0, ok=True) and not b.lost(2)
+    with pytest.raises(RuntimeError, match="not complete"):
+        b.finish()
+    assert b.saved(1, ok=True)
+    step, written, _ = b.finish()
+    assert (step, written, b.phase) == (40, True, Phase.IDLE)
+    b.begin(80, {0, 1})  # a failed write makes the checkpoint incomplete
+    b.saved(0, ok=False)
+    assert b.saved(1, ok=True) and b.finish()[:2] == (80, False)
+    b.begin(90, set())  # nobody left to ask: complete at once
+    assert b.complete
+    with pytest.raises(RuntimeError, match="no checkpoint it was asked for"):
+        CheckpointBarrier().saved(3, ok=True)
+
+
+def test_checkpoint_schedule_counts_from_the_last_checkpoint():
+    from mpi_easgd.algorithms.barrier import Schedule
+
+    steps = Schedule("5", step=20, now=0.0)
+    assert [s for s in range(20, 31) if steps.due(s, 0.0)] == [25, 26, 27, 28, 29, 30]
+    steps.mark(25, 0.0)
+    assert not steps.due(29, 0.0) and steps.due(30, 0.0)
+    clock = Schedule("30s", now=100.0)
+    assert not clock.due(1, 129.0) and clock.due(1, 130.0) and not clock.due(0, 500.0)
+    assert not Schedule("").due(10**6, 10**9)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpi_easgd.flat import MPIBuffer
-from mpi_easgd.transfer import cuda_aware, loaded_mpi_library, place, query_cuda_support, resolve_mode
+from mpi_easgd.transfer import MPIBuffer, cuda_aware, loaded_mpi_library, place, query_cuda_support, resolve_mode
 
 
 @pytest.mark.parametrize("kind,role,local_rank,local_size,gpus,device,note", [

@@ -12,7 +12,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.flat import FlatParameters
+from mpi_easgd.transfer import MPIBuffer
 
 
 class FlatCache:

@@ -21,7 +21,8 @@ from torch import nn
 
 from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, bcast_module_state, bcast_tensor
 from mpi_easgd.algorithms.elastic import ea_local_move
-from mpi_easgd.flat import FlatParameters, MPIBuffer, flat_buffer, flat_like
+from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
+from mpi_easgd.transfer import MPIBuffer
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:

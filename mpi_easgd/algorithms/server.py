@@ -33,6 +33,7 @@ case it wakes up, and training, checkpoints and the summary go on without it.
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import time
@@ -44,6 +45,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd import faults
+from mpi_easgd.algorithms.barrier import CheckpointBarrier, Phase, Schedule
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import (
     DONE_LEN,
@@ -55,7 +57,6 @@ from mpi_easgd.algorithms.protocol import (
     meta_message,
     wait_politely,
 )
-from mpi_easgd.control import parse_every
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.watchdog import Watchdog
 
@@ -111,7 +112,15 @@ class BufferPool:
         return [r for _, _, r in self._sends]
 
 
-TRAINING, FINISHED, LOST = "training", "finished", "lost"
+class WorkerState(enum.Enum):
+    """Where each worker is, as the server sees it."""
+
+    TRAINING = "training"  # exchanging; expected to be heard from
+    FINISHED = "finished"  # sent DONE; still answers checkpoint commands
+    LOST = "lost"  # dropped (--on-worker-loss continue): its receives are withdrawn
+
+
+TRAINING, FINISHED, LOST = WorkerState.TRAINING, WorkerState.FINISHED, WorkerState.LOST
 _HEARTBEAT = control_message(Command.HEARTBEAT)
 
 
@@ -150,7 +159,8 @@ class Server:
         self.samples_per_exchange = samples_per_exchange
         self.save = save
         self.keep_going = on_worker_loss == "continue"
-        self.every_updates, self.every_seconds = parse_every(checkpoint_every)
+        self.schedule = Schedule(checkpoint_every)
+        self.barrier = CheckpointBarrier()
         p = len(worker_ranks)
         self.pool = BufferPool(center.numel())
         self.updates = 0
@@ -170,10 +180,7 @@ class Server:
         self.checkpoints, self.checkpoint_seconds = 0, 0.0  # written, and from SAVE to commit
         self._snap_reqs: list[MPI.Request] = []
         self._last_snapshot = 0.0
-        self._awaiting: set[int] = set()  # workers yet to answer SAVED for the checkpoint in progress
-        self._saving = 0  # the step of the checkpoint in progress
         self._final = False
-        self._last_checkpoint = (0, time.monotonic())
         self._silent: list[tuple[int, float]] = []  # filled by the watchdog thread
         self._replying: int | None = None  # the worker whose reply the server waits on
         self._notices: list[tuple[np.ndarray, MPI.Request]] = []
@@ -209,28 +216,20 @@ class Server:
     # ---- checkpoints -----------------------------------------------------------------
 
     def _tell(self, i: int, command: Command, flag: int = 0) -> None:
-        message = control_message(command, self._saving, flag)
+        message = control_message(command, self.barrier.step, flag)
         self._notices = [(m, r) for m, r in self._notices if not r.Test()]  # keep only those in flight
         self._notices.append((message, self.comm.Isend(message, dest=self.workers[i], tag=Tag.CONTROL)))
 
     def _checkpoint_due(self) -> bool:
-        if self._awaiting or TRAINING not in self.status:
+        if self.barrier.phase is not Phase.IDLE or TRAINING not in self.status:
             return False
-        last_updates, last_time = self._last_checkpoint
-        if self.updates == last_updates:
-            return False
-        if self.every_updates:
-            return self.updates - last_updates >= self.every_updates
-        return self.every_seconds is not None and time.monotonic() - last_time >= self.every_seconds
+        return self.schedule.due(self.updates, time.monotonic())
 
     def _begin_checkpoint(self) -> None:
-        self._saving = self.updates
-        self._save_started = time.perf_counter()
-        self._awaiting = {i for i, s in enumerate(self.status) if s != LOST}
-        for i in self._awaiting:
+        for i in self.barrier.begin(self.updates, {i for i, s in enumerate(self.status) if s != LOST}):
             self._tell(i, Command.SAVE)
             self._expect(i)  # it must answer, even if it has finished
-        if not self._awaiting:
+        if self.barrier.complete:
             self._complete_checkpoint()
 
     def _complete_checkpoint(self) -> None:
@@ -241,14 +240,13 @@ class Server:
                 if s == LOST:
                     self.rejoin[str(self.workers[i])] = dict(epoch=min(alive, default=0),
                                                              exchanges=int(self.exchanges[i]))
-        written = all(self.epoch[i, 0] >= 0 for i, s in enumerate(self.status) if s != LOST)
+        step, written, seconds = self.barrier.finish()
         stopped = int(self.done[:, 3].any())
         finished = self._final and not stopped and not lost  # a resume would have nothing to do
-        self.checkpoint = self.save(self._saving, dict(lost_ranks=lost, rejoin=self.rejoin, finished=finished),
-                                    written)
-        self._last_checkpoint = (self.updates, time.monotonic())
+        self.checkpoint = self.save(step, dict(lost_ranks=lost, rejoin=self.rejoin, finished=finished), written)
+        self.schedule.mark(self.updates, time.monotonic())
         self.checkpoints += 1
-        self.checkpoint_seconds += time.perf_counter() - self._save_started
+        self.checkpoint_seconds += seconds
         for i, s in enumerate(self.status):
             if s != LOST:
                 self._tell(i, Command.END if self._final else Command.RESUME, stopped)
@@ -322,10 +320,8 @@ class Server:
         print(f"mpi_easgd: warning: worker rank {self.workers[i]} sent nothing for {seconds:.0f}s "
               f"(--worker-timeout {self.peer_timeout:g}); dropped it, the run goes on with {left} "
               f"worker{'s' * (left != 1)} (--on-worker-loss continue)", file=sys.stderr, flush=True)
-        if i in self._awaiting:
-            self._awaiting.discard(i)
-            if not self._awaiting:
-                self._complete_checkpoint()
+        if i in self.barrier.awaiting and self.barrier.lost(i):
+            self._complete_checkpoint()
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -394,13 +390,12 @@ class Server:
                 self._requests[i].Wait()
                 self._retire(self._incoming[i])
                 self.status[i] = FINISHED
-                if i not in self._awaiting:
+                if i not in self.barrier.awaiting:
                     self._watchdog.release(self.workers[i])
             else:  # SAVED: its file is on disk, and it waits for us until the checkpoint is complete
                 self._watchdog.release(self.workers[i])
                 self._requests[index] = self.comm.Irecv(self.epoch[i], source=self.workers[i], tag=Tag.SAVED)
-                self._awaiting.discard(i)
-                if not self._awaiting:
+                if self.barrier.saved(i, ok=self.epoch[i, 0] >= 0):
                     self._complete_checkpoint()
             if self._checkpoint_due():
                 self._begin_checkpoint()
@@ -427,7 +422,7 @@ class Server:
         fault = faults.from_env(comm.Get_rank())
         start = time.perf_counter()
         self._last_snapshot = -float("inf")  # the first update is snapshot at once: the curve's start
-        self._serve(lambda: TRAINING not in self.status and not self._awaiting, fault)
+        self._serve(lambda: TRAINING not in self.status and self.barrier.phase is Phase.IDLE, fault)
         # The tester never held training up; only the final center waits for it, bounded.
         deadline = time.monotonic() + self.peer_timeout
         if not wait_politely(self._snap_reqs, deadline):
@@ -435,7 +430,7 @@ class Server:
         self._send_snapshot(Kind.FINAL)
         self._final = True
         self._begin_checkpoint()
-        self._serve(lambda: not self._awaiting, fault)
+        self._serve(lambda: self.barrier.phase is Phase.IDLE, fault)
         self._watchdog.stop()
         if not wait_politely(self.pool.requests(), deadline):
             raise PeerLost(self._tester_lost())
@@ -462,7 +457,7 @@ class Server:
         self.last_seen[:] = state.get("last_seen", self.updates)
         if "staleness" in state:
             self.staleness[:] = state["staleness"]
-        self._last_checkpoint = (self.updates, time.monotonic())
+        self.schedule.mark(self.updates, time.monotonic())
 
     def stats(self) -> dict:
         """Per-worker exchange counts and staleness, busy fraction (for the summary)."""

@@ -29,9 +29,10 @@ from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, done_message
 from mpi_easgd.config import Config
 from mpi_easgd.control import StopRequest
 from mpi_easgd.data import ShardLoader
-from mpi_easgd.flat import FlatParameters, MPIBuffer
+from mpi_easgd.flat import FlatParameters
 from mpi_easgd.loop import NonFiniteError, finite, make_optimizer, run_epoch, supervised_step
 from mpi_easgd.metrics import NullRunLog
+from mpi_easgd.transfer import MPIBuffer
 from mpi_easgd.watchdog import Watchdog
 
 
