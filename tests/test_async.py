@@ -65,14 +65,13 @@ def _worker_rates(tmp_path, name, env=None):
 
 
 def test_a_slow_worker_does_not_stall_the_others(tmp_path):
-    base = _worker_rates(tmp_path, "base")
     slow = _worker_rates(tmp_path, "slow", env={"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.1"})
     assert slow[1]["wall_seconds"] > 4 * max(slow[r]["wall_seconds"] for r in (2, 3))
+    slow_rate = slow[1]["exchanges"] / slow[1]["wall_seconds"]
     for rank in (2, 3):
         rate = slow[rank]["exchanges"] / slow[rank]["wall_seconds"]
-        base_rate = base[rank]["exchanges"] / base[rank]["wall_seconds"]
         # A server that served workers in turn would cut this rate to the slow worker's.
-        assert rate > 0.4 * base_rate, (rate, base_rate)
+        assert rate > 4 * slow_rate, (rate, slow_rate)
 
 
 @pytest.mark.parametrize("victim", ["1", "3"], ids=["worker", "tester"])

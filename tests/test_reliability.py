@@ -356,7 +356,7 @@ def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, blobs,
 def test_a_diverged_async_run_says_so(blobs, tmp_path):
     """Nearly every step non-finite (a learning rate far too large): the run still ends, but
     says that it diverged, and the summary keeps the warning."""
-    r = train(4, *base(blobs, tmp_path, "nan", "easgd"), "--epochs", "1", "--lr", "1e12", "--test-every", "0.2")
+    r = train(3, *base(blobs, tmp_path, "nan", "easgd"), "--epochs", "1", "--lr", "1e12", "--test-every", "0.2")
     assert r.returncode == 0, r.output
     assert r.stderr.count("mpi_easgd: warning: the run diverged:") == 1, r.stderr
     summary = read_summary(tmp_path / "nan")
