@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import META_LEN, Command, Inbox, Kind, Tag, done_message
+from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
 from mpi_easgd.algorithms.server import Server
 from mpi_easgd.flat import flat_buffer
 
@@ -42,14 +42,13 @@ def ours(comm, n: int, exchanges: int) -> float:
         while meta[0] != Kind.FINAL:
             comm.Recv(meta, source=0, tag=Tag.SNAPSHOT_META)
             comm.Recv(buf.numpy(), source=0, tag=Tag.SNAPSHOT)
-    else:
+    else:  # a worker that only exchanges, through the workers' own endpoint
+        endpoint = WorkerEndpoint(comm, 0)
         for _ in range(exchanges):
-            comm.Sendrecv(buf.numpy(), dest=0, sendtag=Tag.EXCHANGE, recvbuf=reply.numpy(), source=0,
-                          recvtag=Tag.REPLY)
-        comm.Send(done_message(exchanges, 0, 0, False), dest=0, tag=Tag.DONE)
-        inbox = Inbox(comm, 0)
-        while inbox.wait()[0] != Command.END:  # the final checkpoint: nothing to save
-            comm.Send(np.zeros(1, np.int64), dest=0, tag=Tag.SAVED)
+            endpoint.exchange(buf.numpy(), reply.numpy())
+        endpoint.done(exchanges, 0, 0, False)
+        while endpoint.inbox.wait()[0] != Command.END:  # the final checkpoint: nothing to save
+            endpoint.saved(0)
     comm.Barrier()
     return time.perf_counter() - start
 

@@ -81,12 +81,3 @@ def test_a_raising_worker_or_tester_ends_the_job(victim, tmp_path):
     assert r.returncode != 0
     assert "InjectedFault" in r.stderr
     assert r.seconds < 30
-
-
-def test_no_snapshot_follows_the_final_center(tmp_path):
-    """With snapshots due all the time, none may be sent during the final checkpoint, after
-    the final center: the tester would never take it and the server would wait for it."""
-    r = train(4, "--algo", "easgd", "--epochs", "1", "--test-every", "0.001", "--checkpoint-every", "10",
-              "--out", str(tmp_path), "--run-name", "run", timeout=60)
-    assert r.returncode == 0, r.output
-    assert read_summary(tmp_path / "run")["checkpoints"] >= 2

@@ -119,6 +119,29 @@ class Inbox:
                 self._request = None
 
 
+class WorkerEndpoint:
+    """A worker's end of the protocol with the server (see :mod:`.server`): the exchange,
+    DONE, SAVED, and the inbox of the server's commands. Buffers are whatever mpi4py takes
+    (numpy views of the flat buffers); the caller times and watches the calls."""
+
+    def __init__(self, comm: MPI.Comm, server: int) -> None:
+        self.comm, self.server = comm, server
+        self.inbox = Inbox(comm, server)
+
+    def exchange(self, send, reply) -> None:
+        """Send this worker's message (parameters, or DOWNPOUR's update) and receive the reply."""
+        self.comm.Sendrecv(send, dest=self.server, sendtag=Tag.EXCHANGE, recvbuf=reply, source=self.server,
+                           recvtag=Tag.REPLY)
+
+    def done(self, exchanges: int, steps: int, samples: int, stopped: bool) -> None:
+        """Training is over for this worker (after its last exchange): its totals."""
+        self.comm.Send(done_message(exchanges, steps, samples, stopped), dest=self.server, tag=Tag.DONE)
+
+    def saved(self, epoch: int) -> None:
+        """This worker's checkpoint file is on disk (``epoch`` it is in), or not (-1)."""
+        self.comm.Send(np.array([epoch], dtype=np.int64), dest=self.server, tag=Tag.SAVED)
+
+
 def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.ndarray:
     return np.array([exchanges, steps, samples, int(stopped)], dtype=np.int64)
 

@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 from mpi_easgd import faults
 from mpi_easgd.algorithms.easgd import worker_rule
-from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, done_message
+from mpi_easgd.algorithms.protocol import Command, WorkerEndpoint
 from mpi_easgd.config import Config
 from mpi_easgd.control import StopRequest
 from mpi_easgd.data import ShardLoader
@@ -78,7 +78,8 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
     checksums: list[float] = []  # audit: what this worker sent, in order
     t, samples, skipped = position["t"], position["samples"], position["skipped"]
 
-    inbox = Inbox(comm, server)
+    endpoint = WorkerEndpoint(comm, server)
+    inbox = endpoint.inbox
     # The server's heartbeats count as signs of life: it may rightly keep this worker
     # waiting (for a slow peer at a checkpoint, or until a hung one is dropped). A worker
     # the server dropped (it was slow, not dead) may be stuck in an exchange the server
@@ -101,8 +102,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
             checksums.append(float(rule.send.double().sum()))
         t0 = time.perf_counter()
         watchdog.expect("server")
-        comm.Sendrecv(send.mpi, dest=server, sendtag=Tag.EXCHANGE,
-                      recvbuf=reply.mpi, source=server, recvtag=Tag.REPLY)
+        endpoint.exchange(send.mpi, reply.mpi)
         watchdog.release("server")
         latencies.append(time.perf_counter() - t0)
         reply.after_recv()
@@ -141,8 +141,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
             kind, step, _ = command
             if kind == Command.SAVE:
                 written = save(step, state())  # a failure is printed there; the server ends the job
-                comm.Send(np.array([position["epoch"] if written else -1], dtype=np.int64), dest=server,
-                          tag=Tag.SAVED)
+                endpoint.saved(position["epoch"] if written else -1)
                 command = from_server()  # no exchange until the server has saved too
             elif kind == Command.RESUME:
                 return None
@@ -174,7 +173,7 @@ def run_worker(cfg: Config, comm: MPI.Comm, flat: FlatParameters, loader: ShardL
         preempted = True
     exchange()  # flush the steps since the last exchange
     exchanges = position["exchanges"] + len(latencies)  # over every segment of a resumed run
-    comm.Send(done_message(exchanges, t, samples, preempted), dest=server, tag=Tag.DONE)
+    endpoint.done(exchanges, t, samples, preempted)
     seconds = position["seconds"] + time.perf_counter() - start
     end = None
     while end is None:  # the server may still ask for this worker's (final) checkpoint file

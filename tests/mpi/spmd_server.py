@@ -1,0 +1,189 @@
+"""The real parameter server against scripted workers and a scripted tester, in one job.
+
+Run under ``mpiexec -n 4 python -m mpi4py -m pytest tests/mpi/spmd_server.py``: rank 0 runs
+:class:`Server`, ranks 1 and 2 script a worker's messages through :class:`WorkerEndpoint`
+(exchange, DONE, SAVED, the command inbox), rank 3 takes snapshots as the tester does.
+Each test checks one protocol path in seconds, without training: exchanges then DONE ->
+END, a periodic checkpoint SAVE -> SAVED -> RESUME, a silent worker -> DROPPED, and that no
+snapshot follows the final center.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpi_easgd.algorithms.easgd import ServerRule
+from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
+from mpi_easgd.algorithms.server import Server
+from mpi_easgd.flat import flat_buffer
+
+WORLD = MPI.COMM_WORLD
+RANK = WORLD.Get_rank()
+N, WORKERS, TESTER = 16, [1, 2], 3
+pytestmark = pytest.mark.skipif(WORLD.Get_size() != 4, reason="server, 2 workers, tester: 4 ranks")
+
+
+@pytest.fixture
+def comm():
+    """A communicator of its own per test: nothing one test leaves unread reaches the next."""
+    comm = WORLD.Dup()
+    yield comm
+    comm.Barrier()
+
+
+def one_side_fails_all(test):
+    """The ranks play different parts: a failure on one must end the job (with its
+    traceback), not leave the others waiting for it."""
+    @functools.wraps(test)
+    def run(comm):
+        try:
+            test(comm)
+        except BaseException:
+            os.write(2, f"rank {RANK}: {traceback.format_exc()}".encode())  # past pytest's capture
+            time.sleep(0.3)  # the launcher may drop a line written just before the abort
+            WORLD.Abort(1)
+    return run
+
+
+def serve(comm, saves: list, **options) -> Server:
+    center = flat_buffer(N)
+    center.copy_(torch.arange(N, dtype=torch.float32))
+
+    def save(step: int, extra: dict, written: bool) -> Path:
+        saves.append((step, extra, written))
+        return Path(f"step-{step}")
+
+    server = Server(comm, center, ServerRule("easgd", 0.25), WORKERS, TESTER, samples_per_exchange=1, save=save,
+                    **{"test_every": 1e9, **options})
+    server.run()
+    return server
+
+
+def take_snapshots(comm, quiet_after: float = 0.0) -> list[int]:
+    """The tester's side: every snapshot's kind until the final center; then, for
+    ``quiet_after`` seconds, check that nothing more comes."""
+    meta, center, kinds = np.zeros(META_LEN, np.int64), np.zeros(N, np.float32), []
+    while not kinds or kinds[-1] != Kind.FINAL:
+        comm.Recv(meta, source=0, tag=Tag.SNAPSHOT_META)
+        comm.Recv(center, source=0, tag=Tag.SNAPSHOT)
+        kinds.append(int(meta[0]))
+    end = time.monotonic() + quiet_after
+    while time.monotonic() < end:
+        assert not comm.Iprobe(source=0, tag=Tag.SNAPSHOT_META), "a snapshot after the final center"
+        time.sleep(0.01)
+    return kinds
+
+
+def exchange(endpoint, times: int, pause: float = 0.0) -> None:
+    x, reply = np.full(N, float(RANK), np.float32), np.zeros(N, np.float32)
+    for _ in range(times):
+        endpoint.exchange(x, reply)
+        time.sleep(pause)
+
+
+def finish(endpoint) -> None:
+    """After DONE: take part in checkpoints (periodic ones may come before the final) until END."""
+    while (command := endpoint.inbox.wait()[0]) != Command.END:
+        assert command in (Command.SAVE, Command.RESUME), command
+        if command == Command.SAVE:
+            endpoint.saved(1)
+
+
+def answer(endpoint, *expected: Command) -> list[tuple[int, int, int]]:
+    """Receive the expected commands in order, answering each SAVE with SAVED."""
+    got = []
+    for want in expected:
+        command = endpoint.inbox.wait()
+        assert command[0] == want, (command, want)
+        got.append(command)
+        if want == Command.SAVE:
+            endpoint.saved(1)
+    return got
+
+
+@one_side_fails_all
+def test_exchanges_then_done_end_with_the_final_checkpoint(comm):
+    if RANK == 0:
+        saves = []
+        server = serve(comm, saves, audit=True)
+        assert server.updates == 6 and server.exchanges.tolist() == [3, 3]
+        center = server.initial.clone()
+        for _, x in server.audit:  # the log replays to the center, bit for bit
+            center, _ = ServerRule("easgd", 0.25).apply(center, x.clone())
+        assert torch.equal(center, server.center)
+        assert [(step, written, extra["finished"]) for step, extra, written in saves] == [(6, True, True)]
+    elif RANK in WORKERS:
+        endpoint = WorkerEndpoint(comm, 0)
+        exchange(endpoint, 3)
+        endpoint.done(3, 3, 3, False)
+        (save, end) = answer(endpoint, Command.SAVE, Command.END)
+        assert save[1] == 6 and end[2] == 0  # the final checkpoint's step; not stopped by a signal
+    else:
+        assert take_snapshots(comm) == [Kind.SNAPSHOT, Kind.FINAL]  # the first update, then the final
+
+
+@one_side_fails_all
+def test_periodic_checkpoint_pauses_every_worker_then_resumes(comm):
+    if RANK == 0:
+        saves = []
+        serve(comm, saves, checkpoint_every="2")
+        steps = [(step, written, extra["finished"]) for step, extra, written in saves]
+        assert steps[0] == (2, True, False) and steps[-1] == (4, True, True), steps
+    elif RANK in WORKERS:
+        endpoint = WorkerEndpoint(comm, 0)
+        exchange(endpoint, 1)
+        save, _ = answer(endpoint, Command.SAVE, Command.RESUME)  # no exchange is served in between
+        assert save[1] == 2
+        exchange(endpoint, 1)
+        endpoint.done(2, 2, 2, False)
+        finish(endpoint)
+    else:
+        take_snapshots(comm)
+
+
+@one_side_fails_all
+def test_a_silent_worker_is_dropped_and_told_so(comm):
+    if RANK == 0:
+        saves = []
+        server = serve(comm, saves, peer_timeout=1.0, on_worker_loss="continue")
+        assert server.stats()["lost_workers"] == [2]
+        step, extra, written = saves[-1]
+        assert extra["lost_ranks"] == [2] and not extra["finished"] and written
+    elif RANK == 1:
+        endpoint = WorkerEndpoint(comm, 0)
+        exchange(endpoint, 6, pause=0.4)  # heard from every 0.4 s, for longer than the timeout
+        endpoint.done(6, 6, 6, False)
+        answer(endpoint, Command.SAVE, Command.END)
+    elif RANK == 2:  # says nothing: hung, as far as the server can tell
+        endpoint = WorkerEndpoint(comm, 0)
+        started = time.monotonic()
+        answer(endpoint, Command.DROPPED)
+        assert 1.0 <= time.monotonic() - started < 5.0
+        assert time.monotonic() - endpoint.inbox.last_heard < 0.1  # heartbeats came while it waited
+    else:
+        take_snapshots(comm)
+
+
+@one_side_fails_all
+def test_no_snapshot_follows_the_final_center(comm):
+    """With snapshots due all the time, none may be sent after the final center, during the
+    final checkpoint: the tester would never take it and the server would wait for it."""
+    if RANK == 0:
+        serve(comm, [], test_every=0.0001, checkpoint_every="3")
+    elif RANK in WORKERS:
+        endpoint = WorkerEndpoint(comm, 0)
+        exchange(endpoint, 4, pause=0.01)
+        endpoint.done(4, 4, 4, False)
+        finish(endpoint)
+    else:
+        kinds = take_snapshots(comm, quiet_after=0.5)
+        assert kinds.count(Kind.FINAL) == 1 and len(kinds) > 2
