@@ -3,23 +3,34 @@ convert the python batches, train with the shipped configs, plot the two runs.""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 from conftest import ROOT, mpirun, read_summary
 from PIL import Image
 from test_convert import make_cifar
 
+from mpi_easgd.data.__main__ import main as data_main
+from mpi_easgd.plot import main as plot_main
 
-def run(*args, cwd):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+def run(module, *args, cwd, capsys):
+    """``python -m module ARGS`` in this process (the commands' main functions; the
+    launched training is the real command line)."""
+    import os
+
+    main = {"mpi_easgd.data": data_main, "mpi_easgd.plot": plot_main}[module]
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(list(args))
+    finally:
+        os.chdir(here)
+    return code, capsys.readouterr().err
 
 
-def test_cifar10_batches_to_training_to_plot(tmp_path):
+def test_cifar10_batches_to_training_to_plot(tmp_path, capsys):
     make_cifar(tmp_path / "cifar-10-batches-py")
-    r = run("-m", "mpi_easgd.data", "convert", "cifar-10-batches-py", "data/cifar10.h5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, err = run("mpi_easgd.data", "convert", "cifar-10-batches-py", "data/cifar10.h5", cwd=tmp_path, capsys=capsys)
+    assert code == 0, err
     runs = []
     for algo, ranks in (("easgd", 4), ("sgd", 2)):
         config = ROOT / "jobs" / "configs" / f"cifar10_{algo}.toml"
@@ -30,11 +41,11 @@ def test_cifar10_batches_to_training_to_plot(tmp_path):
         summary = read_summary(tmp_path / "runs" / algo)
         assert (summary["algo"], summary["model"]) == (algo, "cifarnet")
         runs.append(f"runs/{algo}")
-    r = run("-m", "mpi_easgd.plot", *runs, "-o", "compare.png", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, err = run("mpi_easgd.plot", *runs, "-o", "compare.png", cwd=tmp_path, capsys=capsys)
+    assert code == 0, err
     with Image.open(tmp_path / "compare.png") as im:
         assert im.size[0] > 800 and im.size[1] > 600
         colours = np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)
         assert len(colours) > 50, "the plot has lines, not a blank page"
-    bad = run("-m", "mpi_easgd.plot", "no_such_run", "-o", "x.png", cwd=tmp_path)
-    assert bad.returncode == 2 and "no metrics.csv" in bad.stderr and not (tmp_path / "x.png").exists()
+    code, err = run("mpi_easgd.plot", "no_such_run", "-o", "x.png", cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "no metrics.csv" in err and not (tmp_path / "x.png").exists()
