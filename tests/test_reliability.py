@@ -198,7 +198,8 @@ def test_a_hung_peer_in_async_ends_the_job(victim, message, tmp_path):
     workers'; a SIGSTOPped tester never holds training up, and only the hand-off of the
     final center times out."""
     marker = f"hung-{victim}-{os.getpid()}"
-    r = train(4, "--epochs", "3", "--worker-timeout", "3", "--test-every", "0.3", "--out", str(tmp_path),
+    epochs = "3" if victim == "3" else "1"  # the tester must be stopped before training ends
+    r = train(4, "--epochs", epochs, "--worker-timeout", "3", "--test-every", "0.3", "--out", str(tmp_path),
               "--run-name", marker, timeout=90, env={"MPI_EASGD_FAULT": f"rank={victim},action=stop,step=1"})
     assert r.returncode != 0
     assert r.seconds < 40, f"took {r.seconds:.1f}s"
@@ -335,7 +336,7 @@ def tree(run_dir):
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("algo,ranks", [("sgd", 2), ("easgd", 4)])
+@pytest.mark.parametrize("algo,ranks", [("sgd", 2), ("easgd", 3)])
 def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, blobs, tmp_path):
     """What every SLURM requeue or resubmission does (--resume auto): a finished run says
     so in one line and exits 0, and not one byte of it changes. More --epochs train on."""
