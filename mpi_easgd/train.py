@@ -129,15 +129,15 @@ def run(argv: list[str] | None, comm) -> int:
             where = "" if len(failed) == size else f" (on rank {', '.join(str(r) for r, _ in failed)})"
             print(f"mpi_easgd: error: {failed[0][1]}{where}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if rank == 0:
-        for note in notes:  # the same on every rank: said once
-            print(f"mpi_easgd: warning: {note}", file=sys.stderr, flush=True)
     if done:  # a requeue or resubmission of a finished run: leave it exactly as it is
         if rank == 0:
             print(f"mpi_easgd: {resume.parent.parent} already finished its {manifest['config']['epochs']} epochs; "
                   f"nothing to do (pass a larger --epochs to train on, or another --run-name for a new run)",
                   flush=True)
         return 0
+    if rank == 0:
+        for note in notes:  # the same on every rank: said once
+            print(f"mpi_easgd: warning: {note}", file=sys.stderr, flush=True)
     run_dir = reports[0][1]
 
     import torch
