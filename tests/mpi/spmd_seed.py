@@ -115,17 +115,17 @@ def test_frozen_parameters_and_buffers_come_from_rank_zero(algo):
     torch.testing.assert_close(m[0].weight, rank0[0].weight, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(SIZE < 2, reason="needs a second rank")
+@pytest.mark.skipif(not 2 <= SIZE <= 4, reason="needs a second rank; 8 ranks add nothing here")
 def test_a_call_that_waits_for_a_missing_rank_says_so(capsys):
-    """A rank whose peers do not come (here: rank 1 arrives 2.5 s late) is told which call
+    """A rank whose peers do not come (here: rank 1 arrives 1.2 s late) is told which call
     waits and why, instead of waiting silently."""
     import time
 
     m = Vector()
-    sgd = AllReduceSGD(COMM, timeout=0.5)
+    sgd = AllReduceSGD(COMM, timeout=0.3)
     sgd.synchronize_parameters(m)
     if RANK == 1:
-        time.sleep(2.5)
+        time.sleep(1.2)
     sgd.synchronize_parameters(m)
     err = capsys.readouterr().err
     if RANK == 0:
