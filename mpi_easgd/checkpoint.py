@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mpi_easgd.fileio import write_atomic
+from mpi_easgd.fileio import write_atomic, write_json_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 KEEP = 2  # complete checkpoints kept per run
@@ -88,8 +88,8 @@ def discard(ckpt: Path) -> None:
 def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:
     """Mark ``ckpt`` complete (call after every rank saved) and make it the latest."""
     manifest = dict(manifest, format_version=FORMAT_VERSION)
-    write_atomic(ckpt / "manifest.json", lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
-    write_atomic(root(run_dir) / "latest", lambda fh: fh.write(ckpt.name.encode()))
+    write_json_atomic(ckpt / "manifest.json", manifest)
+    write_text_atomic(root(run_dir) / "latest", ckpt.name)
     complete = sorted(p for p in root(run_dir).glob("step-*") if (p / "manifest.json").exists())
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
