@@ -182,7 +182,9 @@ class Config:
         if self.algo in ("ea", "easgd", "eamsgd") and workers * self.alpha >= 1:
             notes.append(f"beta = workers * alpha = {workers * self.alpha:.3g} >= 1: elastic averaging may be "
                          f"unstable; the paper uses beta = 0.9 (--alpha {0.9 / workers:.3g})")
-        steps = shard // self.batch_size if not self.uneven else -(-shard // self.batch_size)
+        from mpi_easgd.data.sharding import num_batches
+
+        steps = num_batches(shard, self.batch_size, drop_last=not self.uneven)
         unused = 0 if self.uneven else shard - steps * self.batch_size
         if unused > 0.1 * shard:
             notes.append(f"--batch-size {self.batch_size} leaves {unused} of each rank's {shard} training samples "

@@ -29,6 +29,7 @@ def _validate(argv, rank: int, size: int):
     checkpoint to resume or None, its manifest, warnings for the user)."""
     from mpi_easgd.config import ConfigError, parse_args
     from mpi_easgd.data import DataError, read_info, resolve_dataset, shard_range
+    from mpi_easgd.data.sharding import num_batches
     from mpi_easgd.models import check_model, check_model_name
     from mpi_easgd.topology import Topology
 
@@ -45,7 +46,7 @@ def _validate(argv, rank: int, size: int):
             f"{info.sizes['train']} training samples over {p} training ranks leave {stop - start} "
             f"per rank, fewer than --batch-size {cfg.batch_size}; lower the batch size or the ranks"
         )
-    steps = (stop - start) // cfg.batch_size  # per epoch, on the smallest shard
+    steps = num_batches(stop - start, cfg.batch_size, drop_last=True)  # per epoch, at the least
     if topo.is_async and cfg.tau > cfg.epochs * steps:
         raise ConfigError(f"--tau {cfg.tau} is more than the {cfg.epochs * steps} steps each worker takes in "
                           f"this run ({cfg.epochs} epochs x {steps}): workers would exchange with the server "
