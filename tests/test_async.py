@@ -65,7 +65,7 @@ def _worker_rates(tmp_path, name, env=None):
 
 
 def test_a_slow_worker_does_not_stall_the_others(tmp_path):
-    slow = _worker_rates(tmp_path, "slow", env={"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"})
+    slow = _worker_rates(tmp_path, "slow", env={"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.1"})
     assert slow[1]["wall_seconds"] > 4 * max(slow[r]["wall_seconds"] for r in (2, 3))
     slow_rate = slow[1]["exchanges"] / slow[1]["wall_seconds"]
     for rank in (2, 3):
