@@ -28,14 +28,14 @@ from mpi_easgd.flat import flat_buffer
 RAW = 99
 
 
-def ours(comm, n: int, exchanges: int) -> float:
+def ours(comm, n: int, exchanges: int, live) -> float:
     rank, size = comm.rank, comm.size
     workers, tester = list(range(1, size - 1)), size - 1
     buf, reply = flat_buffer(n), flat_buffer(n)
     comm.Barrier()
     start = time.perf_counter()
     if rank == 0:
-        Server(comm, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
+        Server(comm, live, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
                samples_per_exchange=1, save=lambda step, extra, written: None).run()  # no files
     elif rank == tester:  # takes snapshots until the final one, like the real tester
         meta = np.zeros(META_LEN, np.int64)
@@ -43,7 +43,7 @@ def ours(comm, n: int, exchanges: int) -> float:
             comm.Recv(meta, source=0, tag=Tag.SNAPSHOT_META)
             comm.Recv(buf.numpy(), source=0, tag=Tag.SNAPSHOT)
     else:  # a worker that only exchanges, through the workers' own endpoint
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm, live, 0)
         for _ in range(exchanges):
             endpoint.exchange(buf.numpy(), reply.numpy())
         endpoint.done(exchanges, 0, 0, False)
@@ -53,7 +53,7 @@ def ours(comm, n: int, exchanges: int) -> float:
     return time.perf_counter() - start
 
 
-def raw(comm, n: int, exchanges: int) -> float:
+def raw(comm, n: int, exchanges: int, live=None) -> float:
     rank, size = comm.rank, comm.size
     buf, reply = flat_buffer(n), flat_buffer(n)
     comm.Barrier()
@@ -80,6 +80,7 @@ def main() -> None:
     if comm.size < 3:
         raise SystemExit("run with 4+ ranks: server, workers, tester")
     workers = comm.size - 2
+    live = comm.Dup()  # the server's liveness traffic
     if comm.rank == 0:
         print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} pairs)")
         print(f"{'parameters':>12}{'ours':>10}{'raw':>10}{'ratio':>8}   ratios")
@@ -89,7 +90,7 @@ def main() -> None:
         ratios, rates = [], {"ours": [], "raw": []}
         for pair in range(args.pairs + 1):  # the first pair warms up
             order = [("ours", ours), ("raw", raw)][:: 1 if pair % 2 else -1]
-            seconds = {name: fn(comm, n, k) for name, fn in order}
+            seconds = {name: fn(comm, n, k, live) for name, fn in order}
             if pair:
                 for name in rates:
                     rates[name].append(k * workers / seconds[name])

@@ -1,7 +1,9 @@
 """Asynchronous EASGD / EAMSGD / DOWNPOUR: the server, worker and tester roles together.
 
 Every rank builds the same model; the server's initial parameters become the center and
-every worker's starting point (one broadcast). Each role then runs its own loop; at the
+every worker's starting point (one broadcast). Each role then runs its own loop (the
+server :meth:`Server.run`, a worker the training loop with :class:`AsyncWorker`, the
+tester :func:`run_tester`); at the
 end every role still in the run sends its statistics to the tester, which writes the
 summary. There is no collective after the start, so a worker dropped under
 ``--on-worker-loss continue`` holds nothing up; the tester then ends the job (and the
@@ -20,15 +22,16 @@ from mpi4py import MPI
 
 from mpi_easgd import checkpoint
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import Inbox, Tag, wait_politely
+from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, wait_politely
 from mpi_easgd.algorithms.server import PeerLost, Server
-from mpi_easgd.algorithms.worker import run_worker
+from mpi_easgd.algorithms.worker import AsyncWorker
 from mpi_easgd.config import Config
-from mpi_easgd.control import Preempted, StopRequest
+from mpi_easgd.context import RunContext
+from mpi_easgd.control import Preempted
 from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.loop import nonfinite_note
-from mpi_easgd.metrics import run_summary
+from mpi_easgd.loop import nonfinite_note, train
+from mpi_easgd.metrics import NullRunLog, run_summary
 from mpi_easgd.models import build_model
 from mpi_easgd.tester import run_tester
 from mpi_easgd.topology import Topology
@@ -36,20 +39,18 @@ from mpi_easgd.transfer import MPIBuffer
 from mpi_easgd.watchdog import Watchdog
 
 
-def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, device: torch.device,
-              log, run_dir: Path, stop: StopRequest, resume: Path | None,
-              transfer: str = "auto", started: float | None = None) -> dict | None:
+def run_async(ctx: RunContext) -> dict | None:
     """Run this rank's role; returns the run summary on the tester, None elsewhere.
-    ``started``: the ``time.perf_counter()`` origin of the run's wall clock (saved in checkpoints).
 
     The server coordinates checkpoints (periodic, and when training ends). When a stop
     signal ended training early, :class:`Preempted` is raised on every rank still in the
     run once the checkpoint is complete.
     """
-    started = time.perf_counter() if started is None else started
+    cfg, comm, topo, info, log, run_dir = ctx.cfg, ctx.comm, ctx.topo, ctx.info, ctx.log, ctx.run_dir
+    live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
     torch.manual_seed(cfg.seed)
-    flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
-    saved = _saved_state(resume, topo.rank) if resume else None
+    flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(ctx.device))
+    saved = _saved_state(ctx.resume, topo.rank) if ctx.resume else None
     p = topo.num_workers
     server, lost = None, []
 
@@ -65,23 +66,23 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
             # The tester's only state is how many snapshots it has been sent (it evaluates each).
             checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
             checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
-                                                  updates=server.updates, wall_seconds=time.perf_counter() - started,
-                                                  **extra))
+                                                  updates=server.updates,
+                                                  wall_seconds=time.perf_counter() - ctx.started, **extra))
             return ckpt
 
-        server = Server(comm, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
+        server = Server(comm, live, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
                         topo.tester_rank, test_every=cfg.test_every, save=commit,
                         samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
                         peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
                         checkpoint_every=cfg.checkpoint_every)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
-    start = MPIBuffer(flat.data, transfer)
+    start = MPIBuffer(flat.data, ctx.transfer)
     start.before_send()
     comm.Bcast(start.mpi, root=topo.server_rank)
     start.after_recv()
-    if resume is not None:
-        log.info(f"resumed from {resume}")
+    if ctx.resume is not None:
+        log.info(f"resumed from {ctx.resume}")
     log.info(
         f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
         f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
@@ -106,16 +107,19 @@ def run_async(cfg: Config, comm: MPI.Comm, topo: Topology, info: DatasetInfo, de
         loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
                              prefetch=cfg.prefetch)
-        stats, step, stopped = run_worker(cfg, comm, flat, loader, topo.server_rank, device, stop, save_rank,
-                                          saved, transfer)
+        worker = AsyncWorker(ctx, flat, WorkerEndpoint(comm, live, topo.server_rank), save_rank, saved)
+        pos = worker.position
+        stopped = train(worker, loader, pos, cfg, steps=loader.steps, rank=topo.rank, device=ctx.device,
+                        log=NullRunLog())
+        stats, step, stopped = worker.finish(pos, stopped)
         _send_stats(comm, stats, topo.tester_rank, cfg.worker_timeout)
         ckpt = checkpoint.step_dir(run_dir, step)
     else:
         test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
-        train = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        final = run_tester(comm, flat, test, train, topo.server_rank, device, log, transfer,
+        train_data = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+        final = run_tester(comm, flat, test, train_data, topo.server_rank, ctx.device, log, ctx.transfer,
                            evaluations=saved["evaluations"] if saved else 0)
-        everything = _gather_stats(comm, topo, cfg.worker_timeout)
+        everything = _gather_stats(comm, live, topo, cfg.worker_timeout)
         server_stats = everything[topo.server_rank]
         stopped, ckpt = server_stats["stopped"], Path(server_stats["checkpoint"])
         lost = server_stats["lost_workers"]
@@ -147,10 +151,10 @@ def _send_stats(comm: MPI.Comm, stats: dict, tester: int, timeout: float) -> Non
                        f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
 
 
-def _gather_stats(comm: MPI.Comm, topo: Topology, timeout: float) -> dict[int, dict]:
+def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo: Topology, timeout: float) -> dict[int, dict]:
     """Every role's statistics, on the tester: the server's first (it says which workers
     were lost), then each remaining worker's."""
-    inbox = Inbox(comm, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
+    inbox = Inbox(live, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
     guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
                      heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
     everything = {}

@@ -43,24 +43,13 @@ class Fault:
         elif step == self.step and self.action in ("kill", "stop"):
             os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
 
-
-def wrap_step(step, rank: int, environ=os.environ):
-    """``step`` with ``rank``'s injected fault applied before each call (``step`` itself
-    when no fault is set for this rank)."""
-    fault = from_env(rank, environ)
-    if fault is None:
-        return step
-    count = 0
-
-    def faulty_step(batch):
-        nonlocal count
-        fault.at_step(count)
-        if fault.action == "nan" and count == fault.step and batch is not None:
+    def before_step(self, step: int, batch):
+        """The training loop's hook: :meth:`at_step`, and the batch to train on (all NaN
+        at ``action=nan``'s step)."""
+        self.at_step(step)
+        if self.action == "nan" and step == self.step and batch is not None:
             batch = (torch.full_like(batch[0], float("nan")), batch[1])
-        count += 1
-        return step(batch)
-
-    return faulty_step
+        return batch
 
 
 def from_env(rank: int, environ=os.environ) -> Fault | None:

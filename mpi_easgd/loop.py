@@ -1,24 +1,38 @@
-"""The training loop shared by every algorithm, and evaluation.
+"""The one training loop, shared by every role that trains, and evaluation.
 
-An algorithm supplies a *step function* ``step(batch) -> loss tensor | None`` (``batch`` is
-``None`` on a rank that has run out of data but must keep its collectives matched); the
-loop feeds it this epoch's batches and counts losses and samples.
+:func:`train` reads top to bottom: for each epoch, for each step, the batch goes through
+forward and backward, a non-finite loss or gradient is handled (skipped or an error), the
+algorithm communicates and updates (:meth:`Algorithm.step`), and at the step boundary the
+algorithm answers with an :class:`Action` (save, stop, both or neither). An algorithm is
+any object with the five methods of :class:`Algorithm`: ``sync.Peer`` adapts the seed's
+``AllReduceSGD`` / ``AllReduceEA``, ``algorithms.worker.AsyncWorker`` talks to the
+parameter server. Injected faults (``$MPI_EASGD_FAULT``) apply here, once, for every role.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from mpi_easgd import faults
 from mpi_easgd.config import Config
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-StepFn = Callable[[Batch | None], torch.Tensor | None]
+
+
+class Action(enum.Flag):
+    """What an algorithm wants at a step boundary."""
+
+    NONE = 0
+    SAVE = enum.auto()  # write a checkpoint now
+    STOP = enum.auto()  # leave the loop (after the checkpoint, if SAVE too)
 
 
 @dataclass
@@ -33,39 +47,118 @@ class EpochStats:
         return self.loss_sum / self.batches if self.batches else math.nan
 
 
-def run_epoch(step: StepFn, batches: Iterator[Batch], steps: int, bar, device: torch.device, *,
-              start: int = 0, stats: EpochStats | None = None,
-              after_step: Callable[[int, EpochStats], None] | None = None) -> EpochStats:
-    """Call ``step`` for steps ``start .. steps-1``: with this rank's batches, then with
-    ``None``. ``stats`` carries a resumed epoch's totals; ``after_step(i, stats)`` runs
-    after each step (checkpoints, stop requests)."""
-    stats = stats or EpochStats()
-    loss_sum = torch.full((), stats.loss_sum, device=device)  # summed on the device: no sync
-    t0 = time.perf_counter() - stats.seconds
-    try:
-        for i in range(start, steps):
-            batch = next(batches, None)
-            if batch is not None:
-                batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
-            loss = step(batch)
-            if loss is not None:
-                loss_sum += loss.detach()
-                stats.batches += 1
-                stats.samples += len(batch[1])
-            bar.update(1)
-            if i % 20 == 19 and stats.batches:
-                bar.set_postfix(loss=f"{loss_sum.item() / stats.batches:.4f}", refresh=False)
-            if after_step is not None:
-                stats.loss_sum = float(loss_sum)
-                stats.seconds = time.perf_counter() - t0
-                after_step(i, stats)
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # stop a prefetch thread now, also when a stop or an error ends the epoch early
-    stats.loss_sum = float(loss_sum)
-    stats.seconds = time.perf_counter() - t0
-    return stats
+@dataclass
+class Position:
+    """Where a rank is in its run, and its totals over every segment of a resumed run."""
+
+    epoch: int = 0
+    step: int = 0  # the next step within the epoch
+    t: int = 0  # local steps taken
+    samples: int = 0  # local samples trained on
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    seconds: float = 0.0  # training time before this segment
+    stats: EpochStats = field(default_factory=EpochStats)  # the current epoch's so far
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Position:
+        """From :meth:`state_dict`; keys it lacks keep their defaults (an async worker lost
+        in the saved run has only ``epoch`` and ``exchanges``, extra keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in state.items() if k in known}
+        if isinstance(values.get("stats"), dict):
+            values["stats"] = EpochStats(**values["stats"])
+        return cls(**values)
+
+
+class Algorithm(Protocol):
+    """What :func:`train` needs from an algorithm (the set-up is its constructor)."""
+
+    model: nn.Module
+    flat: Any  # FlatParameters: ``grad`` is checked for non-finite values, ``zero_grad``
+
+    def step(self, pos: Position, has_grad: bool) -> None:
+        """After backward: communicate, and take the optimizer step if ``has_grad``."""
+
+    def boundary(self, pos: Position) -> Action:
+        """After step ``pos.step - 1``: save, stop, both or neither."""
+
+    def save(self, pos: Position) -> None:
+        """Write this rank's part of a checkpoint at ``pos``."""
+
+    def end_epoch(self, pos: Position) -> None:
+        """After the last step of epoch ``pos.epoch`` (synchronize, evaluate, log)."""
+
+    def state_dict(self, pos: Position) -> dict:
+        """This rank's checkpoint state at ``pos``."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf loss or gradient with ``--on-nonfinite stop``."""
+
+
+def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, rank: int,
+          device: torch.device, log) -> bool:
+    """Train from ``pos`` to the end of epoch ``cfg.epochs`` (``steps`` per epoch; a rank
+    out of data steps with no batch), or until the algorithm says stop: returns whether it
+    did. ``pos`` is updated as it goes."""
+    forward_backward = supervised_step(algo.model, algo.flat.zero_grad)
+    fault = faults.from_env(rank)
+    local = 0  # steps taken by this process: what injected faults count
+    start = time.perf_counter() - pos.seconds
+    for epoch in range(pos.epoch, cfg.epochs):
+        pos.epoch = epoch
+        bar = log.progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar.update(pos.step)
+        batches = loader.epoch(epoch, pos.step)
+        loss_sum = torch.full((), pos.stats.loss_sum, device=device)  # summed on the device: no sync
+        epoch_start = time.perf_counter() - pos.stats.seconds
+        try:
+            while pos.step < steps:
+                batch = next(batches, None)
+                if fault:
+                    batch = fault.before_step(local, batch)
+                local += 1
+                loss = None
+                if batch is not None:
+                    batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+                    loss = forward_backward(batch)
+                    if not finite(loss, algo.flat.grad):
+                        if cfg.on_nonfinite == "stop":
+                            raise NonFiniteError(f"non-finite loss or gradient on rank {rank}; lower --lr or "
+                                                 f"run with --on-nonfinite skip")
+                        pos.skipped, loss = pos.skipped + 1, None  # no NaN reaches another rank
+                algo.step(pos, loss is not None)
+                pos.step, pos.t = pos.step + 1, pos.t + 1
+                if batch is not None:
+                    pos.samples += len(batch[1])
+                if loss is not None:
+                    loss_sum += loss.detach()
+                    pos.stats.batches += 1
+                    pos.stats.samples += len(batch[1])
+                bar.update(1)
+                if pos.step % 20 == 0 and pos.stats.batches:
+                    bar.set_postfix(loss=f"{loss_sum.item() / pos.stats.batches:.4f}", refresh=False)
+                action = algo.boundary(pos)
+                if action:
+                    pos.stats.loss_sum, pos.stats.seconds = float(loss_sum), time.perf_counter() - epoch_start
+                    pos.seconds = time.perf_counter() - start
+                if Action.SAVE in action:
+                    algo.save(pos)
+                if Action.STOP in action:
+                    return True
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stop a prefetch thread now, also when a stop or an error ends the epoch early
+            bar.close()
+        pos.stats.loss_sum, pos.stats.seconds = float(loss_sum), time.perf_counter() - epoch_start
+        pos.seconds = time.perf_counter() - start
+        algo.end_epoch(pos)
+        pos.epoch, pos.step, pos.stats = epoch + 1, 0, EpochStats()
+    return False
 
 
 @torch.no_grad()
@@ -90,10 +183,6 @@ def make_optimizer(cfg: Config, model: nn.Module, nesterov: bool = False) -> tor
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=nesterov and cfg.momentum > 0,
     )
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf loss or gradient with ``--on-nonfinite stop``."""
 
 
 def finite(loss: torch.Tensor, grad: torch.Tensor) -> bool:

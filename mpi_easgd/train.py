@@ -107,7 +107,8 @@ def run(argv: list[str] | None, comm) -> int:
 
     from mpi_easgd.checkpoint import CheckpointError, checkpoint_step, finished
     from mpi_easgd.config import ConfigError
-    from mpi_easgd.control import Control, StopRequest
+    from mpi_easgd.context import RunContext
+    from mpi_easgd.control import StopRequest
     from mpi_easgd.data import DataError
     from mpi_easgd.metrics import NullRunLog, RunLog
     from mpi_easgd.models import ModelError
@@ -163,15 +164,15 @@ def run(argv: list[str] | None, comm) -> int:
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
                  f"{'straight to MPI (CUDA-aware)' if aware else 'staged through pinned host memory'} "
                  f"({why}){'; ' + placement.note if placement.note else ''}")
-    control = Control(comm, stop, cfg.checkpoint_every)
+    ctx = RunContext(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async
 
-        summary = run_async(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
+        summary = run_async(ctx)
     else:
         from mpi_easgd.sync import run_peer
 
-        summary = run_peer(cfg, comm, info, device, log, run_dir, control, resume, transfer, started)
+        summary = run_peer(ctx)
     if topo.logs:
         summary["wall_seconds"] = time.perf_counter() - started
         summary["device"] = str(device)

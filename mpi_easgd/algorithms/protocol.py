@@ -1,12 +1,14 @@
-"""Message tags and small control-message layouts between server, workers and tester.
+"""Message tags, small control-message layouts, and the worker's end of the protocol.
 
 Parameters always travel as raw float32 buffers (never pickled), one message each way per
-exchange; control messages carry small int64 arrays on their own tags.
+exchange; control messages carry small int64 arrays on their own tags. Two communicators
+carry them: the run's own for training traffic (exchanges, DONE, SAVE/SAVED, snapshots),
+and a duplicate of it for liveness (heartbeats, DROPPED, the server's wake-up call), the
+only traffic that a helper thread sends or tests (see :mod:`.liveness`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from enum import IntEnum
@@ -21,9 +23,9 @@ class Tag(IntEnum):
     DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples, stopped early)
     SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples)
     SNAPSHOT = 15  # server -> tester: float32[n] center
-    CONTROL = 16  # server -> worker: int64[CONTROL_LEN] (Command, checkpoint step)
+    CONTROL = 16  # server -> worker: int64[CONTROL_LEN] (Command, checkpoint step); liveness: HEARTBEAT, DROPPED
     SAVED = 17  # worker -> server: int64[SAVED_LEN] (epoch), after its checkpoint file is on disk
-    WAKE = 18  # server's watchdog -> server itself: look at the workers it found silent
+    WAKE = 18  # (liveness) server's watchdog thread -> server itself: look at the workers it found silent
     STATS = 19  # every role -> tester, pickled: its statistics for the run summary
 
 
@@ -35,13 +37,13 @@ class Kind(IntEnum):
 
 
 class Command(IntEnum):
-    """First field of a control message from the server to a worker."""
+    """First field of a control message from the server to a worker (and the tester)."""
 
     SAVE = 1  # write your checkpoint file for this step, answer SAVED, then wait
     RESUME = 2  # the checkpoint is complete: go on
     END = 3  # the run is over (third field: 1 if it was stopped by a signal)
-    DROPPED = 4  # --on-worker-loss continue: you were silent too long and no longer count
-    HEARTBEAT = 5  # the server is alive (sent every second to ranks that may be waiting on it)
+    DROPPED = 4  # (liveness) --on-worker-loss continue: you were silent too long and no longer count
+    HEARTBEAT = 5  # (liveness) the server is alive (sent every second to ranks that may wait on it)
 
 
 DONE_LEN = 4
@@ -51,12 +53,11 @@ SAVED_LEN = 1
 
 
 class Inbox:
-    """A rank's end of the server's commands: one posted receive, re-armed after each.
-
-    Heartbeats only update :attr:`last_heard`; other commands queue up for :meth:`poll`.
-    Both the training thread and the watchdog thread (to learn whether the server is
-    alive, or dropped this rank) look at it, hence the lock.
-    """
+    """A rank's end of one channel of the server's commands: one posted receive, re-armed
+    after each message. Heartbeats only update :attr:`last_heard`; other commands queue up
+    for :meth:`poll`. Each inbox is used by one thread: the training inbox by the main
+    thread, the liveness inbox by the liveness thread (the main thread only reads
+    :attr:`dropped`)."""
 
     def __init__(self, comm: MPI.Comm, server: int) -> None:
         self.comm, self.server = comm, server
@@ -64,7 +65,6 @@ class Inbox:
         self.last_heard = time.monotonic()
         self._buf = np.zeros(CONTROL_LEN, dtype=np.int64)
         self._queue: deque[tuple[int, int, int]] = deque()
-        self._lock = threading.Lock()
         self._request: MPI.Request | None = self._post()
 
     def _post(self) -> MPI.Request:
@@ -72,28 +72,28 @@ class Inbox:
 
     def pump(self) -> None:
         """Take in every command that has arrived."""
-        with self._lock:
-            while self._request is not None and self._request.Test():
-                command = tuple(int(v) for v in self._buf)
-                self.last_heard = time.monotonic()
-                if command[0] != Command.HEARTBEAT:
-                    self._queue.append(command)
-                self.dropped = self.dropped or command[0] == Command.DROPPED
-                last = command[0] in (Command.END, Command.DROPPED)
-                self._request = None if last else self._post()
+        while self._request is not None and self._request.Test():
+            command = tuple(int(v) for v in self._buf)
+            self.last_heard = time.monotonic()
+            if command[0] != Command.HEARTBEAT:
+                self._queue.append(command)
+            self.dropped = self.dropped or command[0] == Command.DROPPED
+            last = command[0] in (Command.END, Command.DROPPED)
+            self._request = None if last else self._post()
 
     def poll(self) -> tuple[int, int, int] | None:
         """The next command, or None if none has arrived."""
         self.pump()
         return self._queue.popleft() if self._queue else None
 
+    def ready(self) -> bool:
+        """Whether a command is waiting to be polled."""
+        self.pump()
+        return bool(self._queue)
+
     def wait(self) -> tuple[int, int, int]:
         """The next command, waiting without spinning."""
-        def arrived() -> bool:
-            self.pump()
-            return bool(self._queue)
-
-        sleep_until(arrived)
+        sleep_until(self.ready)
         return self._queue.popleft()
 
     def settle(self, seconds: float) -> None:
@@ -112,21 +112,23 @@ class Inbox:
 
     def close(self) -> None:
         """Withdraw the posted receive (a rank that is told nothing more)."""
-        with self._lock:
-            if self._request is not None:
-                self._request.Cancel()
-                self._request.Wait()
-                self._request = None
+        if self._request is not None:
+            self._request.Cancel()
+            self._request.Wait()
+            self._request = None
 
 
 class WorkerEndpoint:
     """A worker's end of the protocol with the server (see :mod:`.server`): the exchange,
-    DONE, SAVED, and the inbox of the server's commands. Buffers are whatever mpi4py takes
-    (numpy views of the flat buffers); the caller times and watches the calls."""
+    DONE, SAVED, and two inboxes of the server's commands: :attr:`inbox` (SAVE, RESUME,
+    END; main thread) on ``comm``, :attr:`liveness` (heartbeats, DROPPED; the liveness
+    thread) on ``live``. Buffers are whatever mpi4py takes (numpy views of the flat
+    buffers); the caller times and watches the calls."""
 
-    def __init__(self, comm: MPI.Comm, server: int) -> None:
+    def __init__(self, comm: MPI.Comm, live: MPI.Comm, server: int) -> None:
         self.comm, self.server = comm, server
         self.inbox = Inbox(comm, server)
+        self.liveness = Inbox(live, server)
 
     def exchange(self, send, reply) -> None:
         """Send this worker's message (parameters, or DOWNPOUR's update) and receive the reply."""
@@ -141,6 +143,12 @@ class WorkerEndpoint:
         """This worker's checkpoint file is on disk (``epoch`` it is in), or not (-1)."""
         self.comm.Send(np.array([epoch], dtype=np.int64), dest=self.server, tag=Tag.SAVED)
 
+    def command(self) -> tuple[int, int, int]:
+        """Wait for the server's next command; DROPPED if the liveness thread learnt that
+        the server gave up on this worker."""
+        sleep_until(lambda: self.inbox.ready() or self.liveness.dropped)
+        return control_tuple(Command.DROPPED) if self.liveness.dropped else self.inbox.poll()
+
 
 def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.ndarray:
     return np.array([exchanges, steps, samples, int(stopped)], dtype=np.int64)
@@ -151,7 +159,11 @@ def meta_message(kind: Kind, updates: int, samples: int) -> np.ndarray:
 
 
 def control_message(command: Command, step: int = 0, flag: int = 0) -> np.ndarray:
-    return np.array([int(command), step, flag], dtype=np.int64)
+    return np.array(control_tuple(command, step, flag), dtype=np.int64)
+
+
+def control_tuple(command: Command, step: int = 0, flag: int = 0) -> tuple[int, int, int]:
+    return int(command), step, flag
 
 
 def sleep_until(done, deadline: float = float("inf")) -> bool:

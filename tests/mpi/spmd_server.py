@@ -4,8 +4,9 @@ Run under ``mpiexec -n 4 python -m mpi4py -m pytest tests/mpi/spmd_server.py``: 
 :class:`Server`, ranks 1 and 2 script a worker's messages through :class:`WorkerEndpoint`
 (exchange, DONE, SAVED, the command inbox), rank 3 takes snapshots as the tester does.
 Each test checks one protocol path in seconds, without training: exchanges then DONE ->
-END, a periodic checkpoint SAVE -> SAVED -> RESUME, a silent worker -> DROPPED, and that no
-snapshot follows the final center.
+END, a periodic checkpoint SAVE -> SAVED -> RESUME, a silent worker -> DROPPED (on the
+liveness channel, with heartbeats), that no snapshot follows the final center, and that a
+slow worker does not hold the others to its pace.
 """
 
 from __future__ import annotations
@@ -32,12 +33,23 @@ N, WORKERS, TESTER = 16, [1, 2], 3
 pytestmark = pytest.mark.skipif(WORLD.Get_size() != 4, reason="server, 2 workers, tester: 4 ranks")
 
 
+class Comms:
+    """A communicator of its own per test and its liveness duplicate: nothing one test
+    leaves unread reaches the next."""
+
+    def __init__(self) -> None:
+        self.comm = WORLD.Dup()
+        self.live = self.comm.Dup()
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
 @pytest.fixture
 def comm():
-    """A communicator of its own per test: nothing one test leaves unread reaches the next."""
-    comm = WORLD.Dup()
-    yield comm
-    comm.Barrier()
+    comms = Comms()
+    yield comms
+    comms.Barrier()
 
 
 def one_side_fails_all(test):
@@ -62,8 +74,8 @@ def serve(comm, saves: list, **options) -> Server:
         saves.append((step, extra, written))
         return Path(f"step-{step}")
 
-    server = Server(comm, center, ServerRule("easgd", 0.25), WORKERS, TESTER, samples_per_exchange=1, save=save,
-                    **{"test_every": 1e9, **options})
+    server = Server(comm.comm, comm.live, center, ServerRule("easgd", 0.25), WORKERS, TESTER,
+                    samples_per_exchange=1, save=save, **{"test_every": 1e9, **options})
     server.run()
     return server
 
@@ -122,7 +134,7 @@ def test_exchanges_then_done_end_with_the_final_checkpoint(comm):
         assert torch.equal(center, server.center)
         assert [(step, written, extra["finished"]) for step, extra, written in saves] == [(6, True, True)]
     elif RANK in WORKERS:
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
         exchange(endpoint, 3)
         endpoint.done(3, 3, 3, False)
         (save, end) = answer(endpoint, Command.SAVE, Command.END)
@@ -139,7 +151,7 @@ def test_periodic_checkpoint_pauses_every_worker_then_resumes(comm):
         steps = [(step, written, extra["finished"]) for step, extra, written in saves]
         assert steps[0] == (2, True, False) and steps[-1] == (4, True, True), steps
     elif RANK in WORKERS:
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
         exchange(endpoint, 1)
         save, _ = answer(endpoint, Command.SAVE, Command.RESUME)  # no exchange is served in between
         assert save[1] == 2
@@ -159,16 +171,16 @@ def test_a_silent_worker_is_dropped_and_told_so(comm):
         step, extra, written = saves[-1]
         assert extra["lost_ranks"] == [2] and not extra["finished"] and written
     elif RANK == 1:
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
         exchange(endpoint, 6, pause=0.4)  # heard from every 0.4 s, for longer than the timeout
         endpoint.done(6, 6, 6, False)
         answer(endpoint, Command.SAVE, Command.END)
     elif RANK == 2:  # says nothing: hung, as far as the server can tell
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
         started = time.monotonic()
-        answer(endpoint, Command.DROPPED)
+        assert endpoint.liveness.wait()[0] == Command.DROPPED  # on the liveness channel
         assert 1.0 <= time.monotonic() - started < 5.0
-        assert time.monotonic() - endpoint.inbox.last_heard < 0.1  # heartbeats came while it waited
+        assert time.monotonic() - endpoint.liveness.last_heard < 0.1  # heartbeats came while it waited
     else:
         take_snapshots(comm)
 
@@ -180,10 +192,30 @@ def test_no_snapshot_follows_the_final_center(comm):
     if RANK == 0:
         serve(comm, [], test_every=0.0001, checkpoint_every="3")
     elif RANK in WORKERS:
-        endpoint = WorkerEndpoint(comm, 0)
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
         exchange(endpoint, 4, pause=0.01)
         endpoint.done(4, 4, 4, False)
         finish(endpoint)
     else:
         kinds = take_snapshots(comm, quiet_after=0.5)
         assert kinds.count(Kind.FINAL) == 1 and len(kinds) > 2
+
+
+@one_side_fails_all
+def test_a_slow_worker_does_not_stall_the_others(comm):
+    """Worker 1 exchanges at most 10 times a second; worker 2, meanwhile, far faster: a
+    server that served its workers in turn would hold it to worker 1's pace."""
+    if RANK == 0:
+        serve(comm, [])
+    elif RANK in WORKERS:
+        endpoint = WorkerEndpoint(comm.comm, comm.live, 0)
+        times, pause = (5, 0.1) if RANK == 1 else (200, 0.0)
+        started = time.perf_counter()
+        exchange(endpoint, times, pause)
+        if RANK == 2:
+            rate = times / (time.perf_counter() - started)
+            assert rate > 4 * (1 / 0.1), f"{rate:.0f} exchanges/s"
+        endpoint.done(times, times, times, False)
+        finish(endpoint)
+    else:
+        take_snapshots(comm)

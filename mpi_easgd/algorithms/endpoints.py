@@ -1,0 +1,109 @@
+"""The server's posted receives, as named groups that yield typed events.
+
+For every worker the server keeps three receives posted (its next exchange, DONE and
+SAVED), plus the liveness thread's wake-up call; :meth:`Endpoints.wait` completes whichever
+arrives first with ``Waitany``, a blocking wait (no spinning on ``Test``, which would steal
+the CPU from workers sharing the node), and returns it as an :class:`Event`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpi_easgd.algorithms.protocol import DONE_LEN, SAVED_LEN, Tag
+
+
+class Kind(enum.Enum):
+    EXCHANGE = "exchange"  # a worker's parameters (or update) arrived: apply and reply
+    DONE = "done"  # a worker finished training: its totals
+    SAVED = "saved"  # a worker's checkpoint file is on disk (or failed)
+    WAKE = "wake"  # the liveness thread found silent workers
+
+
+class Event(NamedTuple):
+    kind: Kind
+    worker: int  # index into the server's workers (-1 for WAKE)
+    data: object  # EXCHANGE: the buffer it arrived in; DONE: int64[DONE_LEN]; SAVED: epoch (-1: failed)
+
+
+class Endpoints:
+    """Posted receives on ``comm`` for ``workers``, and ``wake`` (a request on the liveness
+    communicator, re-armed by calling ``rearm_wake``). Exchange buffers come from
+    ``take()``; after an EXCHANGE event the caller owns the buffer and posts a fresh one
+    with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are re-armed here."""
+
+    def __init__(self, comm: MPI.Comm, workers: list[int], take, wake) -> None:
+        self.comm, self.workers = comm, workers
+        p = len(workers)
+        self._done = np.zeros((p, DONE_LEN), dtype=np.int64)
+        self._saved = np.zeros((p, SAVED_LEN), dtype=np.int64)
+        self._incoming: list[torch.Tensor | None] = [None] * p
+        self._wake = wake
+        self._slots: list[tuple[Kind, int]] = [(kind, i) for kind in (Kind.EXCHANGE, Kind.DONE, Kind.SAVED)
+                                               for i in range(p)] + [(Kind.WAKE, -1)]
+        self._index = {slot: n for n, slot in enumerate(self._slots)}
+        self._requests: list[MPI.Request] = [MPI.REQUEST_NULL] * len(self._slots)
+        for i in range(p):
+            self.post_exchange(i, take())
+            self._post(Kind.DONE, i)
+            self._post(Kind.SAVED, i)
+        self._requests[-1] = wake()
+
+    def _post(self, kind: Kind, i: int) -> None:
+        rank = self.workers[i]
+        if kind is Kind.DONE:
+            request = self.comm.Irecv(self._done[i], source=rank, tag=Tag.DONE)
+        elif kind is Kind.SAVED:
+            request = self.comm.Irecv(self._saved[i], source=rank, tag=Tag.SAVED)
+        else:
+            request = self.comm.Irecv(self._incoming[i].numpy(), source=rank, tag=Tag.EXCHANGE)
+        self._requests[self._index[kind, i]] = request
+
+    def post_exchange(self, i: int, buf: torch.Tensor) -> None:
+        """Receive worker ``i``'s next message into ``buf``."""
+        self._incoming[i] = buf
+        self._post(Kind.EXCHANGE, i)
+
+    def wait(self) -> Event:
+        """The next message to arrive, from any worker, or the wake-up call."""
+        n = MPI.Request.Waitany(self._requests)
+        kind, i = self._slots[n]
+        if kind is Kind.EXCHANGE:
+            buf, self._incoming[i] = self._incoming[i], None
+            return Event(kind, i, buf)
+        if kind is Kind.DONE:
+            return Event(kind, i, self._done[i].copy())
+        if kind is Kind.SAVED:
+            epoch = int(self._saved[i, 0])
+            self._post(Kind.SAVED, i)  # it may be asked to save again
+            return Event(kind, i, epoch)
+        self._requests[n] = self._wake()
+        return Event(kind, i, None)
+
+    def withdraw(self, i: int, *kinds: Kind) -> torch.Tensor | None:
+        """Cancel worker ``i``'s receives of ``kinds`` (all three if none given); returns the
+        exchange buffer if that receive was withdrawn. A message that matched meanwhile is
+        discarded with it."""
+        buf = None
+        for kind in kinds or (Kind.EXCHANGE, Kind.DONE, Kind.SAVED):
+            n = self._index[kind, i]
+            if self._requests[n]:
+                self._requests[n].Cancel()
+                self._requests[n].Wait()
+                if kind is Kind.EXCHANGE:
+                    buf, self._incoming[i] = self._incoming[i], None
+            self._requests[n] = MPI.REQUEST_NULL
+        return buf
+
+    def close(self) -> None:
+        """Withdraw every receive still posted (at the end of the run)."""
+        for request in self._requests:
+            if request:
+                request.Cancel()
+                request.Wait()
+        self._requests = [MPI.REQUEST_NULL] * len(self._slots)
