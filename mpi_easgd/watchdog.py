@@ -8,10 +8,12 @@ rank cannot be removed from a running MPI job, so by default the job is ended wi
 without the peer (the server under ``--on-worker-loss continue``) passes ``on_silent``.
 
 Threads: the callbacks of the async roles make MPI calls from this thread (heartbeats,
-the server's wake-up message, testing a posted receive), so those roles run only where MPI
-provides ``MPI_THREAD_MULTIPLE`` (checked before any traffic, see
-:func:`require_thread_multiple`). An exception in this thread ends the job with one line:
-liveness that stopped silently would let the peers blame a healthy rank.
+the server's wake-up message, testing a posted receive), all on a communicator of their
+own (:mod:`mpi_easgd.algorithms.liveness`), so those roles run only where MPI provides
+``MPI_THREAD_MULTIPLE`` (checked before any traffic, see :func:`require_thread_multiple`).
+The synchronous algorithms' guard makes no MPI call here but ``MPI_Abort``. An exception
+in this thread ends the job with one line: liveness that stopped silently would let the
+peers blame a healthy rank.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """Stop watching; returns once the thread has made its last call (so the caller may
+        then close what the callbacks use), or after 5 s."""
         self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
     def expect(self, key) -> None:
         self._since[key] = time.monotonic()

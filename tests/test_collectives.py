@@ -1,8 +1,9 @@
-"""Launch the SPMD collective tests under real mpiexec: the collective tests with 1, 2 and
-4 ranks, DistLearn's ported uneven-ending tests with 2, 4 and 8, and the async server's
-protocol against scripted workers with 4. The 4- and 8-rank runs use
-a sub-communicator with the ranks in reverse order (tests/mpi/comm.py), so nothing may
-assume COMM_WORLD."""
+"""Launch the SPMD tests under real mpiexec: the collective tests with 1, 2 and 4 ranks,
+DistLearn's ported uneven-ending tests with 2, 4 and 8, the async server's protocol
+against scripted workers with 4, and whole training runs of 2 to 5 ranks in one job of 5
+(tests/mpi/spmd_runs.py). The 4- and 8-rank runs use a sub-communicator with the ranks in
+reverse order (tests/mpi/comm.py), so nothing may assume COMM_WORLD; the training runs
+each get a Split of their own."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from conftest import spmd
 COLLECTIVES = "tests/mpi/spmd_collectives.py"
 SEED = "tests/mpi/spmd_seed.py"
 SERVER = "tests/mpi/spmd_server.py"  # the parameter server against scripted workers: 4 ranks exactly
+RUNS = "tests/mpi/spmd_runs.py"  # whole runs through mpi_easgd.train.run, without a launch each: 5 ranks exactly
 
 
 @pytest.mark.parametrize(("ranks", "files"), [(1, [COLLECTIVES]), (2, [COLLECTIVES, SEED]),
-                                              (4, [COLLECTIVES, SEED, SERVER]), (8, [SEED])])
+                                              (4, [COLLECTIVES, SEED, SERVER]), (5, [RUNS]), (8, [SEED])])
 def test_spmd(ranks, files):
     spmd(ranks, *files, env={"MPI_EASGD_TEST_COMM": "reversed"} if ranks >= 4 else None)

@@ -322,29 +322,6 @@ def test_full_disk_on_an_async_worker_ends_the_job_cleanly(tmp_path):
     assert not upcoming.exists(), "the incomplete checkpoint is removed"
 
 
-def tree(run_dir):
-    """Every file of a run directory with its bytes and modification time."""
-    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("algo,ranks", [("sgd", 2), ("easgd", 3)])
-def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, blobs, tmp_path):
-    """What every SLURM requeue or resubmission does (--resume auto): a finished run says
-    so in one line and exits 0, and not one byte of it changes. More --epochs train on."""
-    args = [*base(blobs, tmp_path, "done", algo), "--epochs", "2", "--resume", "auto", "--test-every", "0.2"]
-    assert train(ranks, *args).returncode == 0
-    before = tree(tmp_path / "done")
-    r = train(ranks, *args, timeout=60)
-    assert r.returncode == 0, r.output
-    assert r.stdout.count("already finished its 2 epochs; nothing to do") == 1, r.output
-    assert tree(tmp_path / "done") == before, "a finished run must stay exactly as it was"
-    if algo == "sgd":  # training on with more epochs: the same path for every algorithm
-        r = train(ranks, *args[:-4], "--epochs", "3", "--resume", "auto", timeout=90)
-        assert r.returncode == 0 and "resumed from" in r.stdout, r.output
-        summary = read_summary(tmp_path / "done")
-        assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.5
-
-
 def test_a_diverged_async_run_says_so(blobs, tmp_path):
     """Nearly every step non-finite (a learning rate far too large): the run still ends, but
     says that it diverged, and the summary keeps the warning."""

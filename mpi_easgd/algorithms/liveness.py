@@ -23,7 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, control_message
-from mpi_easgd.watchdog import Watchdog
+from mpi_easgd.watchdog import Watchdog, require_thread_multiple
 
 _HEARTBEAT = control_message(Command.HEARTBEAT)  # read-only: one buffer serves every heartbeat
 
@@ -48,6 +48,7 @@ class ServerLiveness:
                                  heard=self._heard, tick=self._heartbeat)
 
     def start(self) -> ServerLiveness:
+        require_thread_multiple("the async server")
         for i in range(len(self.workers)):
             self.expect(i)
         self.watchdog.start()
@@ -127,6 +128,8 @@ def watch_server(comm: MPI.Comm, inbox: Inbox, timeout: float) -> Watchdog:
     for a slow peer at a checkpoint or until a hung one is dropped). A worker the server
     dropped (it was slow, not dead) may be stuck in an exchange the server withdrew: then
     silence is expected, not a reason to end the job."""
+
+    require_thread_multiple("an async worker")
 
     def server_silent(key, _seconds) -> bool:
         inbox.settle(1.0)

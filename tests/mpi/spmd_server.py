@@ -11,15 +11,13 @@ slow worker does not hold the others to its pace.
 
 from __future__ import annotations
 
-import functools
-import os
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from comm import one_side_fails_all  # tests/mpi: on sys.path, as the test file's folder
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
@@ -50,20 +48,6 @@ def comm():
     comms = Comms()
     yield comms
     comms.Barrier()
-
-
-def one_side_fails_all(test):
-    """The ranks play different parts: a failure on one must end the job (with its
-    traceback), not leave the others waiting for it."""
-    @functools.wraps(test)
-    def run(comm):
-        try:
-            test(comm)
-        except BaseException:
-            os.write(2, f"rank {RANK}: {traceback.format_exc()}".encode())  # past pytest's capture
-            time.sleep(0.3)  # the launcher may drop a line written just before the abort
-            WORLD.Abort(1)
-    return run
 
 
 def serve(comm, saves: list, **options) -> Server:

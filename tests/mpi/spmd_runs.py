@@ -1,0 +1,186 @@
+"""Whole training runs, several in one job: each through ``mpi_easgd.train.run`` (the
+command line's own function) on a sub-communicator of the first N ranks, so that a run
+costs no process launch. Run with 5 ranks; ranks outside a run's communicator wait.
+
+Every audited async run checks: every worker's exchange count is what its steps imply and
+what the server counted (nothing lost); replaying the server's log of arrivals through the
+pure update rule reproduces the final center bitwise (nothing applied twice or skipped);
+the payloads the server logged per worker are, in order, what that worker sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comm import one_side_fails_all
+from mpi4py import MPI
+
+from mpi_easgd.algorithms.easgd import ServerRule
+from mpi_easgd.train import run
+
+WORLD = MPI.COMM_WORLD
+pytestmark = pytest.mark.skipif(WORLD.Get_size() != 5, reason="runs of 2 to 5 ranks: 5 ranks")
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """A folder every rank sees (rank 0's temporary folder) with a small dataset in it."""
+    folder = WORLD.bcast(tempfile.mkdtemp() if WORLD.rank == 0 else None)
+    if WORLD.rank == 0:
+        from conftest import make_blobs
+
+        make_blobs(Path(folder) / "blobs.h5")
+    WORLD.Barrier()
+    yield Path(folder)
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(folder)
+
+
+def train(ranks: int, *flags: str, capsys=None) -> tuple[int | None, str]:
+    """``mpiexec -n ranks python -m mpi_easgd.train --no-progress FLAGS`` on the first
+    ``ranks`` ranks: (exit status, what every rank of the run printed to stdout), on the
+    run's rank 0; (None, "") elsewhere."""
+    comm = WORLD.Split(0 if WORLD.rank < ranks else MPI.UNDEFINED, WORLD.rank)
+    status, out = None, ""
+    if comm != MPI.COMM_NULL:
+        status = run(["--no-progress", *flags], comm)
+        printed = comm.gather(capsys.readouterr().out if capsys else "")
+        out = "".join(printed) if comm.rank == 0 else ""
+        comm.Free()
+    WORLD.Barrier()
+    return (status, out) if WORLD.rank == 0 else (None, "")
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def check_audit(run, summary, tau):
+    audit = np.load(run / "audit.npz")
+    workers = summary["per_worker"]
+    for w in workers:
+        assert w["exchanges"] == math.ceil(w["steps"] / tau) + 1  # every tau steps + the flush
+        assert w["server_exchanges"] == w["exchanges"] == w["reported_exchanges"]
+    assert summary["exchanges"] == sum(w["exchanges"] for w in workers) == len(audit["order"])
+    rule = ServerRule(str(audit["algo"]), float(audit["alpha"]))
+    center = torch.from_numpy(audit["initial"]).clone()
+    for payload in audit["payloads"]:
+        center, _ = rule.apply(center, torch.from_numpy(payload.copy()))
+    assert torch.equal(center, torch.from_numpy(audit["final"])), "replay differs from the center"
+    for i, w in enumerate(workers):
+        received = audit["payloads"][audit["order"] == i].astype(np.float64).sum(axis=1)
+        np.testing.assert_allclose(received, w["audit_checksums"], rtol=1e-9)
+    saved = torch.load(run / "center.pt")  # lenet: parameters only, no buffers
+    flat = torch.cat([v.reshape(-1) for v in saved.values()])
+    assert torch.equal(flat, torch.from_numpy(audit["final"])), "center.pt is not the final center"
+
+
+@pytest.mark.parametrize("algo,ranks,tau", [("easgd", 4, 4), ("eamsgd", 5, 8), ("downpour", 4, 4)])
+@one_side_fails_all
+def test_async_run_learns_and_loses_no_update(algo, ranks, tau, shared, capsys):
+    out = shared / f"async-{algo}"
+    status, stdout = train(ranks, "--algo", algo, "--epochs", "3", "--tau", str(tau), "--audit", "--test-every",
+                           "0.5", "--out", str(out), "--run-name", "run", capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    summary = read_summary(out / "run")
+    assert summary["workers"] == ranks - 2
+    assert summary["beta"] == pytest.approx(summary["alpha"] * (ranks - 2))
+    assert summary["test_accuracy"] > 0.8, "mnist5k must be learnt well above chance (0.1)"
+    for w in summary["per_worker"]:
+        assert w["latency_ms_p50"] <= w["latency_ms_p99"]
+        assert w["staleness_mean"] >= 0
+    assert 0 < summary["server_busy_fraction"] < 1
+    check_audit(out / "run", summary, tau)
+    rows = (out / "run" / "metrics.csv").read_text().splitlines()
+    assert all(float(row.split(",")[4]) > 0 for row in rows[1:]), "every row has the center's train_loss"
+    assert "run summary" in stdout and "latency_ms_p99" in stdout
+
+
+SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
+                "wall_seconds", "train_samples_per_second"}
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea"])
+@one_side_fails_all
+def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
+    out = shared / f"sync-{algo}"
+    status, stdout = train(2, "--algo", algo, "--dataset", str(shared / "blobs.h5"), "--model", "mlp", "--epochs",
+                           "3", "--batch-size", "16", "--tau", "2", "--out", str(out), "--run-name", "run",
+                           capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    run_dir = out / "run"
+    summary = read_summary(run_dir)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert (summary["algo"], summary["world_size"], summary["epochs"]) == (algo, 2, 3)
+    assert summary["test_accuracy"] > 0.6, "4 well-separated classes must be learnt"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert int(rows[-1]["samples"]) == 3 * 2 * (256 // 16) * 16
+    assert 'algo = "' + algo + '"' in (run_dir / "config.toml").read_text()
+    from mpi_easgd.models import build_model
+
+    final = torch.load(run_dir / "model.pt", weights_only=True)  # the evaluated model (ea: the center)
+    build_model("mlp", (1, 8, 8), 4).load_state_dict(final)
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    state = torch.load(ckpt / "rank-00000.pt", weights_only=True)
+    if algo == "sgd":
+        assert all(torch.equal(final[k], state["model"][k]) for k in final)
+    assert f"run directory: {run_dir}" in stdout
+    assert stdout.count("run summary") == 1, "only one rank prints"
+
+
+@one_side_fails_all
+def test_uneven_shards_run_to_the_end(shared):
+    if WORLD.rank == 0:
+        from conftest import make_blobs
+
+        make_blobs(shared / "odd.h5", n_train=61, n_test=20)
+    WORLD.Barrier()
+    status, _ = train(3, "--algo", "sgd", "--dataset", str(shared / "odd.h5"), "--model", "mlp", "--uneven",
+                      "--batch-size", "10", "--epochs", "2", "--out", str(shared), "--run-name", "u")
+    if WORLD.rank == 0:
+        assert status == 0
+        assert read_summary(shared / "u")["train_samples"] == 2 * 61  # shards 20/20/21, all used
+
+
+def tree(run_dir):
+    """Every file of a run directory with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("algo,ranks", [("sgd", 2), ("easgd", 3)])
+@one_side_fails_all
+def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, shared, capsys):
+    """What every SLURM requeue or resubmission does (--resume auto): a finished run says
+    so in one line and exits 0, and not one byte of it changes. More --epochs train on."""
+    out = shared / f"done-{algo}"
+    args = ["--algo", algo, "--dataset", str(shared / "blobs.h5"), "--model", "mlp", "--batch-size", "16",
+            "--momentum", "0.9", "--tau", "3", "--out", str(out), "--run-name", "done",
+            "--epochs", "2", "--resume", "auto", "--test-every", "0.2"]
+    status, _ = train(ranks, *args, capsys=capsys)
+    assert WORLD.rank or status == 0
+    before = tree(out / "done") if WORLD.rank == 0 else None
+    status, stdout = train(ranks, *args, capsys=capsys)
+    if WORLD.rank == 0:
+        assert status == 0
+        assert stdout.count("already finished its 2 epochs; nothing to do") == 1, stdout
+        assert tree(out / "done") == before, "a finished run must stay exactly as it was"
+    if algo == "sgd":  # training on with more epochs: the same path for every algorithm
+        status, stdout = train(ranks, *args[:-4], "--epochs", "3", "--resume", "auto", capsys=capsys)
+        if WORLD.rank == 0:
+            assert status == 0 and "resumed from" in stdout, stdout
+            summary = read_summary(out / "done")
+            assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.5
