@@ -44,9 +44,7 @@ def test_benchmark_scripts_run():
 
 
 def test_async_benchmark_scripts_run(tmp_path):
-    r = mpirun(4, "-m", "mpi4py", "benchmarks/server_throughput.py", "--sizes", "1e5", "--pairs", "1",
-               "--exchanges", "5", timeout=120)
-    assert r.returncode == 0 and "100,000" in r.stdout and "ratio" in r.stdout, r.output
+    # (benchmarks/server_throughput.py runs in tests/mpi/spmd_server.py, in the server's job)
     r = subprocess.run([sys.executable, "benchmarks/time_to_accuracy.py", "--taus", "10", "--epochs", "1",
                         "--target", "0.5", "--algos", "easgd", "--ranks", "3", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -6,11 +6,13 @@ Run under ``mpiexec -n 4 python -m mpi4py -m pytest tests/mpi/spmd_server.py``: 
 Each test checks one protocol path in seconds, without training: exchanges then DONE ->
 END, a periodic checkpoint SAVE -> SAVED -> RESUME, a silent worker -> DROPPED (on the
 liveness channel, with heartbeats), that no snapshot follows the final center, and that a
-slow worker does not hold the others to its pace.
+slow worker does not hold the others to its pace; and the server benchmark's smoke run.
 """
 
 from __future__ import annotations
 
+import runpy
+import sys
 import time
 from pathlib import Path
 
@@ -203,3 +205,14 @@ def test_a_slow_worker_does_not_stall_the_others(comm):
         finish(endpoint)
     else:
         take_snapshots(comm)
+
+
+@one_side_fails_all
+def test_the_server_benchmark_runs(capsys, monkeypatch):
+    """``benchmarks/server_throughput.py`` as documented (it drives this server through
+    WorkerEndpoint), at a tiny size: in this job rather than a launch of its own."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "server_throughput.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--sizes", "1e5", "--pairs", "1", "--exchanges", "5"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert RANK or ("100,000" in out and "ratio" in out), out
