@@ -45,15 +45,16 @@ def shared():
         shutil.rmtree(folder)
 
 
-def train(ranks: int, *flags: str, capsys=None) -> tuple[int | None, str]:
+def train(ranks: int, *flags: str, capsys=None, stderr: bool = False) -> tuple[int | None, str]:
     """``mpiexec -n ranks python -m mpi_easgd.train --no-progress FLAGS`` on the first
-    ``ranks`` ranks: (exit status, what every rank of the run printed to stdout), on the
-    run's rank 0; (None, "") elsewhere."""
+    ``ranks`` ranks: (exit status, what every rank of the run printed to stdout, or to
+    stderr), on the run's rank 0; (None, "") elsewhere."""
     comm = WORLD.Split(0 if WORLD.rank < ranks else MPI.UNDEFINED, WORLD.rank)
     status, out = None, ""
     if comm != MPI.COMM_NULL:
         status = run(["--no-progress", *flags], comm)
-        printed = comm.gather(capsys.readouterr().out if capsys else "")
+        printed = capsys.readouterr() if capsys else None
+        printed = comm.gather((printed.err if stderr else printed.out) if printed else "")
         out = "".join(printed) if comm.rank == 0 else ""
         comm.Free()
     WORLD.Barrier()
@@ -184,3 +185,21 @@ def test_resuming_a_finished_run_leaves_it_exactly_as_it_was(algo, ranks, shared
             assert status == 0 and "resumed from" in stdout, stdout
             summary = read_summary(out / "done")
             assert summary["epochs"] == 3 and summary["test_accuracy"] > 0.5
+
+
+@one_side_fails_all
+def test_a_diverged_async_run_says_so(shared, capsys):
+    """Nearly every step non-finite (a learning rate far too large): the run still ends, but
+    says that it diverged, and the summary keeps the warning."""
+    out = shared / "diverged"
+    status, stderr = train(3, "--algo", "easgd", "--dataset", str(shared / "blobs.h5"), "--model", "mlp",
+                           "--batch-size", "16", "--momentum", "0.9", "--tau", "3", "--out", str(out),
+                           "--run-name", "nan", "--epochs", "1", "--lr", "1e12", "--test-every", "0.2",
+                           capsys=capsys, stderr=True)
+    if WORLD.rank:
+        return
+    assert status == 0
+    assert stderr.count("mpi_easgd: warning: the run diverged:") == 1, stderr
+    summary = read_summary(out / "nan")
+    assert summary["nonfinite_skipped"] > 0.5 * sum(w["steps"] for w in summary["per_worker"])
+    assert any("the run diverged" in w for w in summary["warnings"])
