@@ -46,87 +46,104 @@ def run_async(ctx: RunContext) -> dict | None:
     signal ended training early, :class:`Preempted` is raised on every rank still in the
     run once the checkpoint is complete.
     """
-    cfg, comm, topo, info, log, run_dir = ctx.cfg, ctx.comm, ctx.topo, ctx.info, ctx.log, ctx.run_dir
+    cfg, comm, topo, info = ctx.cfg, ctx.comm, ctx.topo, ctx.info
     live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
     torch.manual_seed(cfg.seed)
     flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(ctx.device))
     saved = _saved_state(ctx.resume, topo.rank) if ctx.resume else None
-    p = topo.num_workers
-    server, lost = None, []
-
-    def save_rank(step: int, state: dict) -> bool:
-        return checkpoint.try_save_rank(checkpoint.step_dir(run_dir, step), topo.rank, state)
-
-    if topo.role == "server":
-        def commit(step: int, extra: dict, workers_written: bool) -> Path:
-            ckpt = checkpoint.step_dir(run_dir, step)
-            if not workers_written or not save_rank(step, server.state_dict()):
-                checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
-                raise checkpoint.CheckpointFailed(ckpt)
-            # The tester's only state is how many snapshots it has been sent (it evaluates each).
-            checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
-            checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
-                                                  updates=server.updates,
-                                                  wall_seconds=time.perf_counter() - ctx.started, **extra))
-            return ckpt
-
-        server = Server(comm, live, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
-                        topo.tester_rank, test_every=cfg.test_every, save=commit,
-                        samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
-                        peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
-                        checkpoint_every=cfg.checkpoint_every)
-        if saved is not None:
-            server.load_state_dict(saved)  # the center is the starting point again
-    start = MPIBuffer(flat.data, ctx.transfer)
+    server = _make_server(ctx, live, flat, saved) if topo.role == "server" else None
+    start = MPIBuffer(flat.data, ctx.transfer)  # the server's parameters: everyone's starting point
     start.before_send()
     comm.Bcast(start.mpi, root=topo.server_rank)
     start.after_recv()
     if ctx.resume is not None:
-        log.info(f"resumed from {ctx.resume}")
-    log.info(
+        ctx.log.info(f"resumed from {ctx.resume}")
+    p = topo.num_workers
+    ctx.log.info(
         f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
         f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
         f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
         f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g}), lr {cfg.lr}, momentum {cfg.momentum}"
     )
     if server is not None:
-        try:
-            server.run()
-        finally:  # the server owns the center: keep it even if a peer was lost at the end
-            checkpoint.save_model(flat.module, run_dir / "center.pt")
-        stats = server.stats()
-        if cfg.audit:
-            order = np.array([i for i, _ in server.audit], dtype=np.int64)
-            payloads = torch.stack([x for _, x in server.audit]).numpy()
-            np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
-                     order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
-        # Sent once everything is on disk: the tester may end the job after its summary.
-        _send_stats(comm, stats, topo.tester_rank, cfg.worker_timeout)
-        stopped, ckpt = stats["stopped"], Path(stats["checkpoint"])
-    elif topo.role == "worker":
-        loader = ShardLoader(info, "train", topo.worker_index, p, batch_size=cfg.batch_size,
-                             seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment,
-                             prefetch=cfg.prefetch)
-        worker = AsyncWorker(ctx, flat, WorkerEndpoint(comm, live, topo.server_rank), save_rank, saved)
-        pos = worker.position
-        stopped = train(worker, loader, pos, cfg, steps=loader.steps, rank=topo.rank, device=ctx.device,
-                        log=NullRunLog())
-        stats, step, stopped = worker.finish(pos, stopped)
-        _send_stats(comm, stats, topo.tester_rank, cfg.worker_timeout)
+        return _serve(ctx, server, flat)
+    if topo.role == "worker":
+        return _work(ctx, live, flat, saved)
+    return _test(ctx, live, flat, saved)
+
+
+def _save_rank(ctx: RunContext, step: int, state: dict) -> bool:
+    """Write this rank's file of checkpoint ``step``; False (and said why) if it failed."""
+    return checkpoint.try_save_rank(checkpoint.step_dir(ctx.run_dir, step), ctx.topo.rank, state)
+
+
+def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None) -> Server:
+    cfg, topo, run_dir = ctx.cfg, ctx.topo, ctx.run_dir
+
+    def commit(step: int, extra: dict, workers_written: bool) -> Path:
         ckpt = checkpoint.step_dir(run_dir, step)
-    else:
-        test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
-        train_data = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        final = run_tester(comm, flat, test, train_data, topo.server_rank, ctx.device, log, ctx.transfer,
-                           evaluations=saved["evaluations"] if saved else 0)
-        everything = _gather_stats(comm, live, topo, cfg.worker_timeout)
-        server_stats = everything[topo.server_rank]
-        stopped, ckpt = server_stats["stopped"], Path(server_stats["checkpoint"])
-        lost = server_stats["lost_workers"]
+        if not workers_written or not _save_rank(ctx, step, server.state_dict()):
+            checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
+            raise checkpoint.CheckpointFailed(ckpt)
+        # The tester's only state is how many snapshots it has been sent (it evaluates each).
+        checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
+        checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
+                                              updates=server.updates,
+                                              wall_seconds=time.perf_counter() - ctx.started, **extra))
+        return ckpt
+
+    server = Server(ctx.comm, live, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
+                    topo.tester_rank, test_every=cfg.test_every, save=commit,
+                    samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
+                    peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
+                    checkpoint_every=cfg.checkpoint_every)
+    if saved is not None:
+        server.load_state_dict(saved)  # the center is the starting point again
+    return server
+
+
+def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    try:
+        server.run()
+    finally:  # the server owns the center: keep it even if a peer was lost at the end
+        checkpoint.save_model(flat.module, run_dir / "center.pt")
+    stats = server.stats()
+    if cfg.audit:
+        order = np.array([i for i, _ in server.audit], dtype=np.int64)
+        payloads = torch.stack([x for _, x in server.audit]).numpy()
+        np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
+                 order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
+    # Sent once everything is on disk: the tester may end the job after its summary.
+    _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
+    if stats["stopped"]:
+        raise Preempted(Path(stats["checkpoint"]))
+
+
+def _work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None) -> None:
+    cfg, topo = ctx.cfg, ctx.topo
+    loader = ShardLoader(ctx.info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
+                         seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
+    endpoint = WorkerEndpoint(ctx.comm, live, topo.server_rank)
+    worker = AsyncWorker(ctx, flat, endpoint, lambda step, state: _save_rank(ctx, step, state), saved)
+    stopped = train(worker, loader, worker.position, cfg, steps=loader.steps, rank=topo.rank, device=ctx.device,
+                    log=NullRunLog())
+    stats, step, stopped = worker.finish(worker.position, stopped)
+    _send_stats(ctx.comm, stats, topo.tester_rank, cfg.worker_timeout)
     if stopped:
-        raise Preempted(ckpt, lost)
-    if topo.role != "tester":
-        return None
+        raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
+
+
+def _test(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None) -> dict:
+    cfg, topo, info, log = ctx.cfg, ctx.topo, ctx.info, ctx.log
+    test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
+    train_data = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+    final = run_tester(ctx.comm, flat, test, train_data, topo.server_rank, ctx.device, log, ctx.transfer,
+                       evaluations=saved["evaluations"] if saved else 0)
+    everything = _gather_stats(ctx.comm, live, topo, cfg.worker_timeout)
+    server = everything[topo.server_rank]
+    if server["stopped"]:
+        raise Preempted(Path(server["checkpoint"]), server["lost_workers"])
     everything[topo.tester_rank] = final
     summary = _summary(cfg, topo, info, everything)
     note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
