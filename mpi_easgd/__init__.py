@@ -2,10 +2,12 @@
 
 Public API::
 
-    from mpi_easgd import AllReduceSGD, AllReduceEA, FlatParameters
+    from mpi_easgd import AllReduceSGD, AllReduceEA, AllReduceDiLoCo, FlatParameters
 
 ``AllReduceSGD(comm)`` averages gradients with one ``Allreduce`` per step;
-``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging. The asynchronous
+``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging;
+``AllReduceDiLoCo(comm, tau, outer_lr, outer_momentum)`` runs DiLoCo (an outer Nesterov
+step on the averaged pseudo-gradient every ``tau`` local steps). The asynchronous
 family (EASGD, EAMSGD, DOWNPOUR with a parameter-server rank) runs from the command line:
 ``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
 """
@@ -14,9 +16,10 @@ from mpi_easgd import _mpienv
 
 _mpienv.prepare()  # must run before mpi4py initialises MPI
 
+from mpi_easgd.algorithms.allreduce_diloco import AllReduceDiLoCo  # noqa: E402
 from mpi_easgd.algorithms.allreduce_ea import AllReduceEA  # noqa: E402
 from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD  # noqa: E402
 from mpi_easgd.flat import FlatParameters  # noqa: E402
 
-__all__ = ["AllReduceEA", "AllReduceSGD", "FlatParameters"]
+__all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "FlatParameters"]
 __version__ = "0.1.0"

@@ -143,8 +143,9 @@ def read_manifest(ckpt: Path) -> dict:
 
 # Settings that change what training computes: a resume must keep them (the others, such as
 # --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
-TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "lr", "momentum", "weight_decay", "tau", "alpha",
-                 "seed", "uneven", "augment")
+TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
+                 "alpha", "outer_lr", "outer_momentum", "seed", "uneven", "augment")
+UNUSED_KEYS = {"sgd": ("tau", "alpha", "outer_lr", "outer_momentum"), "diloco": ("alpha",)}  # else: outer_*
 
 
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
@@ -157,7 +158,7 @@ def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> Non
             f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
             f"{world_size}; resume with mpirun -np {manifest['world_size']}"
         )
-    unused = ("tau", "alpha") if saved["algo"] == "sgd" else ()
+    unused = UNUSED_KEYS.get(saved["algo"], ("outer_lr", "outer_momentum"))
     differ = [k for k in TRAINING_KEYS if k in saved and k not in unused and saved[k] != config[k]]
     if differ:
         def flags(values: dict) -> str:

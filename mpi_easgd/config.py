@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomllib
 
-SYNC_ALGOS = ("sgd", "ea")
+SYNC_ALGOS = ("sgd", "ea", "diloco")
 ASYNC_ALGOS = ("easgd", "eamsgd", "downpour")
 ALGOS = SYNC_ALGOS + ASYNC_ALGOS
 DEVICES = ("cpu", "cuda", "auto")
@@ -41,12 +41,17 @@ class Config:
     model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, or torchvision:NAME)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
     batch_size: int = _opt(32, "mini-batch size per rank")
-    lr: float | None = _opt(None, "learning rate, never scaled by the number of ranks "
-                            "(default: 0.1; 0.01 for eamsgd, whose momentum multiplies the step)")
+    lr: float | None = _opt(None, "learning rate (of the inner optimizer for diloco), never scaled by the "
+                            "number of ranks (default: 0.1; 0.01 for eamsgd, whose momentum multiplies the "
+                            "step; 0.001 with --optimizer adamw)")
     momentum: float | None = _opt(None, "momentum (default: 0.9 for eamsgd, else 0)")
-    weight_decay: float = _opt(0.0, "L2 weight decay")
+    weight_decay: float = _opt(0.0, "L2 weight decay (decoupled, for adamw)")
+    optimizer: str = _opt("sgd", "the local optimizer of every rank: sgd (with --momentum; Nesterov for eamsgd) "
+                                 "or adamw", choices=("sgd", "adamw"))
     tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
     alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers, at most 0.5)")
+    outer_lr: float = _opt(0.7, "diloco: learning rate of the outer Nesterov step on the center")
+    outer_momentum: float = _opt(0.9, "diloco: momentum of the outer Nesterov step")
     seed: int = _opt(0, "seed for initialisation and data order")
     device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
     cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
@@ -128,6 +133,8 @@ class Config:
             (self.tau >= 1, f"--tau must be an integer >= 1 (local steps between exchanges); got {self.tau}"),
             (self.alpha is None or 0 < self.alpha < 1,
              f"--alpha must be in (0, 1) (the elastic coefficient per worker); got {self.alpha}"),
+            (self.outer_lr > 0, f"--outer-lr must be > 0; got {self.outer_lr}"),
+            (0 <= self.outer_momentum < 1, f"--outer-momentum must be in [0, 1); got {self.outer_momentum}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -140,7 +147,8 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
                                   f"got '{getattr(self, f.name)}'")
-        for name in ("lr", "momentum", "weight_decay", "alpha", "test_every", "worker_timeout"):
+        for name in ("lr", "momentum", "weight_decay", "alpha", "outer_lr", "outer_momentum", "test_every",
+                     "worker_timeout"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number; got {value}")
@@ -165,7 +173,7 @@ class Config:
         """Fill the defaults that depend on the algorithm and the number of workers."""
         cfg = dataclasses.replace(self)
         if cfg.lr is None:
-            cfg.lr = 0.01 if cfg.algo == "eamsgd" else 0.1
+            cfg.lr = 0.001 if cfg.optimizer == "adamw" else 0.01 if cfg.algo == "eamsgd" else 0.1
         if cfg.momentum is None:
             cfg.momentum = 0.9 if cfg.algo == "eamsgd" else 0.0
         if cfg.alpha is None:
@@ -190,9 +198,12 @@ class Config:
             notes.append(f"--batch-size {self.batch_size} leaves {unused} of each rank's {shard} training samples "
                          f"({unused / shard:.0%}) unused every epoch; pass --uneven to use them, or a batch size "
                          f"that divides {shard}")
-        if self.algo == "ea" and self.tau > steps:
-            notes.append(f"--tau {self.tau} exceeds the {steps} steps per epoch: the only elastic rounds are "
+        if self.algo in ("ea", "diloco") and self.tau > steps:
+            kind = "elastic" if self.algo == "ea" else "outer"
+            notes.append(f"--tau {self.tau} exceeds the {steps} steps per epoch: the only {kind} rounds are "
                          f"those that finish each epoch; lower --tau to average within epochs")
+        if self.optimizer == "adamw" and self.momentum:
+            notes.append(f"--momentum {self.momentum} is not used by --optimizer adamw (its betas are 0.9, 0.999)")
         if self.augment and (shape[0] == 1 or any(k in dataset.lower() for k in ("mnist", "digit"))):
             notes.append("--augment flips images left to right and shifts them, which changes digits and text "
                          "(a mirrored 2 is no digit); it suits natural images such as CIFAR")

@@ -178,7 +178,10 @@ def evaluate(model: nn.Module, batches: Iterator[Batch], device: torch.device) -
 
 
 def make_optimizer(cfg: Config, model: nn.Module, nesterov: bool = False) -> torch.optim.Optimizer:
-    """Plain SGD with the configured momentum and weight decay (Nesterov for EAMSGD)."""
+    """The local optimizer: plain SGD with the configured momentum and weight decay
+    (Nesterov for EAMSGD), or AdamW (``--optimizer adamw``, decoupled weight decay)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=nesterov and cfg.momentum > 0,

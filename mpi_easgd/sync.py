@@ -1,8 +1,9 @@
-"""The ``peer`` role: synchronous training with AllReduceSGD or AllReduceEA on every rank.
+"""The ``peer`` role: synchronous training with AllReduceSGD, AllReduceEA or AllReduceDiLoCo.
 
 :class:`Peer` adapts the seed's API to the training loop (:func:`mpi_easgd.loop.train`):
-each step is one ``sum_and_normalize_gradients`` (sgd) or ``average_parameters`` (ea),
-each epoch ends with ``synchronize_parameters`` / ``synchronize_center`` and an evaluation.
+each step is one ``sum_and_normalize_gradients`` (sgd) or ``average_parameters`` (ea,
+diloco), each epoch ends with ``synchronize_parameters`` / ``synchronize_center`` and an
+evaluation (ea, diloco: of the center).
 Every rank evaluates its own slice of the test set; the sums are Allreduced, so every rank
 knows the metrics and one rank logs them. Checkpoints hold every rank's own state (EA
 ranks differ); a resumed run continues from the saved step with the same batches and ends
@@ -21,6 +22,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd import checkpoint
+from mpi_easgd.algorithms.allreduce_diloco import AllReduceDiLoCo
 from mpi_easgd.algorithms.allreduce_ea import AllReduceEA
 from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD
 from mpi_easgd.context import RunContext
@@ -44,6 +46,8 @@ class Peer:
         guard = dict(transfer=ctx.transfer, timeout=cfg.worker_timeout, on_timeout="abort")
         if cfg.algo == "sgd":
             self.algo = AllReduceSGD(comm, **guard)
+        elif cfg.algo == "diloco":
+            self.algo = AllReduceDiLoCo(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum, **guard)
         else:
             self.algo = AllReduceEA(comm, cfg.tau, cfg.alpha, **guard)
         self.algo.synchronize_parameters(self.model)
@@ -164,7 +168,7 @@ def run_peer(ctx: RunContext) -> dict:
     return run_summary(cfg, info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
-                       **({"rounds": peer.algo.rounds} if cfg.algo == "ea" else {}))
+                       **({"rounds": peer.algo.rounds} if cfg.algo != "sgd" else {}))
 
 
 @contextlib.contextmanager

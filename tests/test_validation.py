@@ -35,6 +35,9 @@ def test_a_bad_input_leaves_nothing_written(tmp_path, blobs):
     (2, ["--lr", "inf"], ConfigError, "--lr must be a finite number; got inf"),
     (2, ["--lr", "nan"], ConfigError, "--lr must be a finite number"),
     (2, ["--momentum", "nan"], ConfigError, "--momentum must be a finite number"),
+    (2, ["--algo", "diloco", "--outer-lr", "0"], ConfigError, "--outer-lr must be > 0; got 0.0"),
+    (2, ["--algo", "diloco", "--outer-momentum", "1"], ConfigError, "--outer-momentum must be in [0, 1); got 1.0"),
+    (2, ["--optimizer", "adam"], ConfigError, "argument --optimizer: invalid choice: 'adam'"),
     (4, ["--algo", "easgd", "--tau", "1000", "--epochs", "2"], ConfigError,
      "--tau 1000 is more than the 16 steps each worker takes in this run (2 epochs x 8)"),
     (3, ["--algo", "easgd", "--on-worker-loss", "continue"], ConfigError,
@@ -59,6 +62,10 @@ def test_a_dataset_directory_is_named_as_such(tmp_path, blobs):
     (["--algo", "ea", "--tau", "40", "--batch-size", "16"],
      "--tau 40 exceeds the 16 steps per epoch: the only elastic rounds are those that finish each epoch"),
     (["--algo", "ea", "--alpha", "0.6", "--tau", "2"], "beta = workers * alpha = 1.2 >= 1"),
+    (["--algo", "diloco", "--tau", "40", "--batch-size", "16"],
+     "--tau 40 exceeds the 16 steps per epoch: the only outer rounds are those that finish each epoch"),
+    (["--optimizer", "adamw", "--momentum", "0.9", "--batch-size", "16"],
+     "--momentum 0.9 is not used by --optimizer adamw"),
 ])
 def test_dubious_settings_are_warned_about(flags, warning, blobs):
     *_, notes = validate(2, *flags, blobs=blobs)

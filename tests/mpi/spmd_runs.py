@@ -203,3 +203,35 @@ def test_a_diverged_async_run_says_so(shared, capsys):
     summary = read_summary(out / "nan")
     assert summary["nonfinite_skipped"] > 0.5 * sum(w["steps"] for w in summary["per_worker"])
     assert any("the run diverged" in w for w in summary["warnings"])
+
+
+@one_side_fails_all
+def test_diloco_reaches_095_on_mnist5k_with_its_defaults(shared, capsys):
+    """--algo diloco as documented (tau 10, outer SGD lr 0.7 with Nesterov momentum 0.9,
+    inner SGD lr 0.1), 4 ranks: 31 steps per epoch, so 4 outer rounds per epoch (the last
+    one for the step after the third period)."""
+    out = shared / "diloco"
+    status, _ = train(4, "--algo", "diloco", "--epochs", "6", "--out", str(out), "--run-name", "run", capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    summary = read_summary(out / "run")
+    assert summary["test_accuracy"] >= 0.95, summary["test_accuracy"]
+    assert (summary["tau"], summary["outer_lr"], summary["outer_momentum"]) == (10, 0.7, 0.9)
+    assert summary["rounds"] == 6 * 4 and "alpha" not in summary
+
+
+@one_side_fails_all
+def test_adamw_as_the_local_optimizer(shared, capsys):
+    out = shared / "adamw"
+    status, _ = train(2, "--algo", "sgd", "--optimizer", "adamw", "--dataset", str(shared / "blobs.h5"), "--model",
+                      "mlp", "--epochs", "3", "--batch-size", "16", "--out", str(out), "--run-name", "run",
+                      capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    summary = read_summary(out / "run")
+    assert (summary["optimizer"], summary["lr"]) == ("adamw", 0.001) and summary["test_accuracy"] > 0.6
+    ckpt = sorted((out / "run" / "checkpoints").glob("step-*"))[-1]
+    state = torch.load(ckpt / "rank-00000.pt", weights_only=True)["optimizer"]["state"]
+    assert "exp_avg" in state[0], "the checkpoint holds AdamW's moments"

@@ -1,0 +1,144 @@
+"""AllReduceDiLoCo: DiLoCo (Douillard et al. 2023), elastic averaging's modern descendant.
+
+Every rank keeps an identical copy of the center ``c``. Every ``tau``-th call of
+:meth:`AllReduceDiLoCo.average_parameters` (after the local, *inner* optimizer step)::
+
+    delta = c - Allreduce_SUM(x_i) / p       # the pseudo-gradient: one reduction
+    c     = one step of SGD(lr=outer_lr, momentum=outer_momentum, nesterov=True) with grad delta
+    x_i   = c                                # every rank restarts from the new center
+
+Uneven endings follow the seed's contract, as for :class:`~.allreduce_ea.AllReduceEA`:
+:meth:`AllReduceDiLoCo.synchronize_center`, called by every rank after its epoch, joins
+the rounds of the ranks still stepping (a rank that has arrived contributes its own ``x_i``)
+until a round in which no rank is still stepping; a flag in an extra slot of the same
+Allreduce says which. A round is an outer step whenever some rank made local steps since
+the previous one (a second extra slot counts them), so the steps after the last full
+period are not lost, and a round that brings nothing moves nothing (momentum alone would).
+Then rank 0's center and outer momentum are broadcast (bitwise equal everywhere) and every
+``x_i`` set to the center.
+"""
+
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, bcast_module_state, bcast_tensor
+from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
+from mpi_easgd.transfer import MPIBuffer
+
+
+def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
+    """Reject a communication period or outer optimizer setting outside its range."""
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an integer >= 1 (local steps between outer steps); got {tau!r}")
+    if not float(outer_lr) > 0:
+        raise ValueError(f"outer_lr must be > 0; got {outer_lr!r}")
+    if not 0.0 <= float(outer_momentum) < 1.0:
+        raise ValueError(f"outer_momentum must be in [0, 1); got {outer_momentum!r}")
+
+
+class AllReduceDiLoCo:
+    """DiLoCo over ``comm``: an outer Nesterov step on the center every ``tau`` local steps.
+
+    ``transfer``, ``timeout`` and ``on_timeout`` as for
+    :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
+    """
+
+    def __init__(self, comm: MPI.Comm, tau: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,
+                 transfer: str = "auto", timeout: float | None = 300.0, on_timeout: str = "warn"):
+        check_outer(tau, outer_lr, outer_momentum)
+        self.comm = comm
+        self.tau = tau
+        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
+        self.calls = 0  # local steps since the last synchronize_parameters / synchronize_center
+        self.rounds = 0  # outer steps taken
+        self._since = 0  # local steps since this rank's last round
+        self.center: torch.Tensor | None = None
+        self._cache = FlatCache(transfer=transfer)
+        self._guard = CollectiveGuard(comm, "AllReduceDiLoCo", timeout, on_timeout)
+
+    def synchronize_parameters(self, model: nn.Module) -> None:
+        """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
+        center becomes those parameters and the outer momentum starts at zero."""
+        with self._guard("synchronize_parameters"):
+            flat = self._cache.get(model)
+            flat.check_views()
+            bcast_module_state(self.comm, model, self._cache.data, root=0)
+        self.center = flat_like(flat.data).copy_(flat.data)
+        self._outer_param = nn.Parameter(self.center, requires_grad=False)  # shares the center's storage
+        self._outer_param.grad = flat_like(flat.data)  # the pseudo-gradient
+        self._outer = torch.optim.SGD([self._outer_param], lr=self.outer_lr, momentum=self.outer_momentum,
+                                      nesterov=self.outer_momentum > 0)
+        # sum of x_i and, in two extra slots of the same Allreduce, how many ranks still step
+        # and how many made local steps since the last round
+        self._round_buffer = flat_buffer(flat.numel + 2, flat.device)
+        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
+        self.calls = self._since = 0
+
+    def average_parameters(self, model: nn.Module) -> bool:
+        """Count one local step; every ``tau``-th call run one outer round. Returns True
+        when a round ran."""
+        if self.center is None:
+            raise RuntimeError("call synchronize_parameters(model) before average_parameters")
+        self.calls += 1
+        self._since += 1
+        if self.calls % self.tau:
+            return False
+        with self._guard("average_parameters"):
+            self._round(self._cache.get(model), stepping=True)
+        return True
+
+    def synchronize_center(self, model: nn.Module) -> None:
+        """Finish the epoch (outer rounds until no rank is still stepping), then make every
+        copy of the center and outer momentum bitwise equal to rank 0's, every ``x_i`` the
+        center, and reset the step counter."""
+        if self.center is None:
+            raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
+        with self._guard("synchronize_center"):
+            flat = self._cache.get(model)
+            while self._round(flat, stepping=False):
+                pass
+            bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
+            momentum = self._outer.state[self._outer_param].get("momentum_buffer")
+            if momentum is not None:
+                bcast_tensor(self.comm, momentum, root=0, transfer=self._cache.transfer)
+        flat.data.copy_(self.center)
+        self.calls = 0
+
+    def _round(self, flat: FlatParameters, stepping: bool) -> int:
+        """One outer round; returns how many ranks were still stepping."""
+        n = flat.numel
+        buf = self._round_mpi
+        self._round_buffer[:n].copy_(flat.data)
+        buf.before_send()
+        buf.mpi[n] = 1.0 if stepping else 0.0
+        buf.mpi[n + 1] = 1.0 if self._since else 0.0
+        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+        buf.after_recv()
+        stepping_ranks, fresh_ranks = int(buf.mpi[n]), int(buf.mpi[n + 1])
+        if fresh_ranks:
+            # delta = c - sum / p, then the outer step; x_i restarts from the new center.
+            torch.sub(self.center, self._round_buffer[:n], alpha=1.0 / self.comm.Get_size(),
+                      out=self._outer_param.grad)
+            self._outer.step()
+            flat.data.copy_(self.center)
+            self.rounds += 1
+        self._since = 0
+        return stepping_ranks
+
+    def flat(self, model: nn.Module) -> FlatParameters:
+        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
+        return self._cache.get(model)
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "rounds": self.rounds, "since": self._since, "center": self.center,
+                "outer": self._outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        self._since = int(state["since"])
+        self.rounds = int(state["rounds"])
+        self.center.copy_(state["center"])
+        self._outer.load_state_dict(state["outer"])
