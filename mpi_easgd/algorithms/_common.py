@@ -66,6 +66,47 @@ def bcast_module_state(comm: MPI.Comm, model: nn.Module, data: MPIBuffer, root: 
             bcast_tensor(comm, t, root, data.mode)
 
 
+class PeriodicRounds:
+    """The calls shared by the algorithms that keep a center and run a collective round
+    every ``tau`` local steps (AllReduceEA, AllReduceDiLoCo). A subclass sets ``comm``,
+    ``tau``, ``center`` (None until ``synchronize_parameters``), ``_cache`` and ``_guard``,
+    and provides ``_round(flat, stepping) -> ranks still stepping`` and ``_agree(flat)``
+    (make every rank's copy bitwise equal to rank 0's after the epoch)."""
+
+    calls = 0  # local steps since the last synchronize_parameters / synchronize_center
+    _since = 0  # local steps since this rank's last round
+
+    def average_parameters(self, model: nn.Module) -> bool:
+        """Count one local step (after the optimizer step); every ``tau``-th call run one
+        round. Returns True when a round ran."""
+        if self.center is None:
+            raise RuntimeError("call synchronize_parameters(model) before average_parameters")
+        self.calls += 1
+        self._since += 1
+        if self.calls % self.tau:
+            return False
+        with self._guard("average_parameters"):
+            self._round(self._cache.get(model), stepping=True)
+        return True
+
+    def synchronize_center(self, model: nn.Module) -> None:
+        """Finish the epoch: take part in rounds (with this rank's real state) until one in
+        which no rank is still stepping; then make every rank's copy of the center bitwise
+        equal to rank 0's (floating-point drift) and reset the step counter."""
+        if self.center is None:
+            raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
+        with self._guard("synchronize_center"):
+            flat = self._cache.get(model)
+            while self._round(flat, stepping=False):
+                pass
+            self._agree(flat)
+        self.calls = 0
+
+    def flat(self, model: nn.Module) -> FlatParameters:
+        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
+        return self._cache.get(model)
+
+
 def argmax_rank(comm: MPI.Comm, value: int) -> int:
     """The rank with the largest ``value``; ties go to the lowest rank."""
     values = np.asarray(comm.allgather(int(value)))

@@ -24,7 +24,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, bcast_module_state, bcast_tensor
+from mpi_easgd.algorithms._common import (
+    CollectiveGuard,
+    FlatCache,
+    PeriodicRounds,
+    bcast_module_state,
+    bcast_tensor,
+)
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.transfer import MPIBuffer
 
@@ -39,7 +45,7 @@ def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
         raise ValueError(f"outer_momentum must be in [0, 1); got {outer_momentum!r}")
 
 
-class AllReduceDiLoCo:
+class AllReduceDiLoCo(PeriodicRounds):
     """DiLoCo over ``comm``: an outer Nesterov step on the center every ``tau`` local steps.
 
     ``transfer``, ``timeout`` and ``on_timeout`` as for
@@ -52,9 +58,7 @@ class AllReduceDiLoCo:
         self.comm = comm
         self.tau = tau
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
-        self.calls = 0  # local steps since the last synchronize_parameters / synchronize_center
         self.rounds = 0  # outer steps taken
-        self._since = 0  # local steps since this rank's last round
         self.center: torch.Tensor | None = None
         self._cache = FlatCache(transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceDiLoCo", timeout, on_timeout)
@@ -77,35 +81,13 @@ class AllReduceDiLoCo:
         self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
         self.calls = self._since = 0
 
-    def average_parameters(self, model: nn.Module) -> bool:
-        """Count one local step; every ``tau``-th call run one outer round. Returns True
-        when a round ran."""
-        if self.center is None:
-            raise RuntimeError("call synchronize_parameters(model) before average_parameters")
-        self.calls += 1
-        self._since += 1
-        if self.calls % self.tau:
-            return False
-        with self._guard("average_parameters"):
-            self._round(self._cache.get(model), stepping=True)
-        return True
-
-    def synchronize_center(self, model: nn.Module) -> None:
-        """Finish the epoch (outer rounds until no rank is still stepping), then make every
-        copy of the center and outer momentum bitwise equal to rank 0's, every ``x_i`` the
-        center, and reset the step counter."""
-        if self.center is None:
-            raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
-        with self._guard("synchronize_center"):
-            flat = self._cache.get(model)
-            while self._round(flat, stepping=False):
-                pass
-            bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
-            momentum = self._outer.state[self._outer_param].get("momentum_buffer")
-            if momentum is not None:
-                bcast_tensor(self.comm, momentum, root=0, transfer=self._cache.transfer)
+    def _agree(self, flat: FlatParameters) -> None:
+        """The center and the outer momentum as on rank 0; every ``x_i`` the center."""
+        bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
+        momentum = self._outer.state[self._outer_param].get("momentum_buffer")
+        if momentum is not None:
+            bcast_tensor(self.comm, momentum, root=0, transfer=self._cache.transfer)
         flat.data.copy_(self.center)
-        self.calls = 0
 
     def _round(self, flat: FlatParameters, stepping: bool) -> int:
         """One outer round; returns how many ranks were still stepping."""
@@ -127,10 +109,6 @@ class AllReduceDiLoCo:
             self.rounds += 1
         self._since = 0
         return stepping_ranks
-
-    def flat(self, model: nn.Module) -> FlatParameters:
-        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
-        return self._cache.get(model)
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "rounds": self.rounds, "since": self._since, "center": self.center,

@@ -19,7 +19,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, bcast_module_state, bcast_tensor
+from mpi_easgd.algorithms._common import (
+    CollectiveGuard,
+    FlatCache,
+    PeriodicRounds,
+    bcast_module_state,
+    bcast_tensor,
+)
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.transfer import MPIBuffer
@@ -33,7 +39,7 @@ def check_tau_alpha(tau: int, alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1) (the elastic coefficient); got {alpha!r}")
 
 
-class AllReduceEA:
+class AllReduceEA(PeriodicRounds):
     """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``.
 
     ``transfer``, ``timeout`` and ``on_timeout`` as for
@@ -66,35 +72,8 @@ class AllReduceEA:
         self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
         self.calls = 0
 
-    def average_parameters(self, model: nn.Module) -> bool:
-        """Count one local step; every ``tau``-th call run one elastic round.
-
-        Returns True when a round ran.
-        """
-        if self.center is None:
-            raise RuntimeError("call synchronize_parameters(model) before average_parameters")
-        self.calls += 1
-        if self.calls % self.tau:
-            return False
-        with self._guard("average_parameters"):
-            self._round(self._cache.get(model), stepping=True)
-        return True
-
-    def synchronize_center(self, model: nn.Module) -> None:
-        """Finish the epoch, then make every copy of the center bitwise equal to rank 0's
-        (floating-point drift) and reset the step counter.
-
-        Finishing the epoch: take part in elastic rounds (this rank's real ``d_i``; it
-        moves toward the center too) until one in which no rank is still stepping.
-        """
-        if self.center is None:
-            raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
-        with self._guard("synchronize_center"):
-            flat = self._cache.get(model)
-            while self._round(flat, stepping=False):
-                pass
-            bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
-        self.calls = 0
+    def _agree(self, flat: FlatParameters) -> None:
+        bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
 
     def _round(self, flat: FlatParameters, stepping: bool) -> int:
         """One elastic round; returns how many ranks are still stepping."""
@@ -107,10 +86,6 @@ class AllReduceEA:
         self.center.add_(self._diff)
         self.rounds += 1
         return int(buf.mpi[-1])
-
-    def flat(self, model: nn.Module) -> FlatParameters:
-        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
-        return self._cache.get(model)
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "rounds": self.rounds, "center": self.center}
