@@ -124,7 +124,9 @@ class Peer:
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["torch_rng"])
         self.totals[:] = state["totals"]
-        pos = Position.from_state(state["position"])
+        # (checkpoints of earlier versions kept the position's fields at the top level)
+        pos = Position.from_state(state.get("position") or {k: state[k] for k in ("epoch", "step", "stats", "skipped")
+                                                            if k in state})
         self.control.schedule.mark(self.global_step(pos), time.monotonic())
         return pos
 

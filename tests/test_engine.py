@@ -1,6 +1,7 @@
 """The training loop and the async engine's parts, in this process: the loop with a
 recording algorithm, and the server's endpoints, liveness and center versions on
-``MPI.COMM_SELF`` (this rank plays the worker too, by sending to itself)."""
+``MPI.COMM_SELF`` (this rank plays the worker too, by sending to itself); and that a sync
+checkpoint of the earlier layout still resumes."""
 
 from __future__ import annotations
 
@@ -186,3 +187,24 @@ def test_center_versions_are_never_written_while_a_send_may_read_them():
     assert versions.take() is x, "reused once its send completed"
     versions.settle()
     assert versions.current is center and center.tolist() == [2, 2, 2]
+
+
+def test_a_sync_checkpoint_of_the_earlier_layout_still_resumes(blobs, tmp_path):
+    """Checkpoints written before the one loop kept the position's fields (epoch, step,
+    stats, skipped) at the top level of each rank's file; they must resume the same."""
+    from mpi_easgd.context import RunContext
+    from mpi_easgd.control import StopRequest
+    from mpi_easgd.data import read_info
+    from mpi_easgd.loop import EpochStats
+    from mpi_easgd.sync import Peer
+    from mpi_easgd.topology import Topology
+
+    cfg = Config(algo="sgd", model="mlp", dataset=str(blobs)).resolve(1)
+    ctx = RunContext(cfg, SELF, Topology.build(1, 0, "sgd"), read_info(blobs), torch.device("cpu"), NullRunLog(),
+                     tmp_path, StopRequest(), None)
+    pos = Position(epoch=1, step=4, t=20, skipped=2, stats=EpochStats(loss_sum=1.5, batches=4, samples=64))
+    state = Peer(ctx, steps=16).state_dict(pos)
+    old = {k: v for k, v in state.items() if k != "position"}
+    old.update(epoch=1, step=4, stats=vars(pos.stats), skipped=2)
+    resumed = Peer(ctx, steps=16).load_state_dict(old)
+    assert (resumed.epoch, resumed.step, resumed.skipped, resumed.stats) == (1, 4, 2, pos.stats)
