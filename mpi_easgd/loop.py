@@ -56,7 +56,7 @@ class Position:
     t: int = 0  # local steps taken
     samples: int = 0  # local samples trained on
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
-    seconds: float = 0.0  # training time before this segment
+    seconds: float = 0.0  # async worker: training time before this segment (it keeps the clock)
     stats: EpochStats = field(default_factory=EpochStats)  # the current epoch's so far
 
     def state_dict(self) -> dict:
@@ -107,7 +107,6 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
     forward_backward = supervised_step(algo.model, algo.flat.zero_grad)
     fault = faults.from_env(rank)
     local = 0  # steps taken by this process: what injected faults count
-    start = time.perf_counter() - pos.seconds
     for epoch in range(pos.epoch, cfg.epochs):
         pos.epoch = epoch
         bar = log.progress(steps, f"epoch {epoch + 1}/{cfg.epochs}")
@@ -144,7 +143,6 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
                 action = algo.boundary(pos)
                 if action:
                     pos.stats.loss_sum, pos.stats.seconds = float(loss_sum), time.perf_counter() - epoch_start
-                    pos.seconds = time.perf_counter() - start
                 if Action.SAVE in action:
                     algo.save(pos)
                 if Action.STOP in action:
@@ -155,7 +153,6 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
                 close()  # stop a prefetch thread now, also when a stop or an error ends the epoch early
             bar.close()
         pos.stats.loss_sum, pos.stats.seconds = float(loss_sum), time.perf_counter() - epoch_start
-        pos.seconds = time.perf_counter() - start
         algo.end_epoch(pos)
         pos.epoch, pos.step, pos.stats = epoch + 1, 0, EpochStats()
     return False

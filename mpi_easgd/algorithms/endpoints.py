@@ -32,8 +32,8 @@ class Event(NamedTuple):
 
 
 class Endpoints:
-    """Posted receives on ``comm`` for ``workers``, and ``wake`` (a request on the liveness
-    communicator, re-armed by calling ``rearm_wake``). Exchange buffers come from
+    """Posted receives on ``comm`` for ``workers``, and the wake-up call (``wake()`` posts
+    it, on the liveness communicator; called again after each). Exchange buffers come from
     ``take()``; after an EXCHANGE event the caller owns the buffer and posts a fresh one
     with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are re-armed here."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.center import CenterVersions
@@ -33,22 +32,22 @@ class TesterFeed:
             return  # (after the final center, the tester takes nothing more)
         if self._requests and not MPI.Request.Testall(self._requests):
             return  # the tester is still busy with the previous one: skip, never wait
-        self._send(Kind.SNAPSHOT, self.center.current, updates, samples)
+        self._send(Kind.SNAPSHOT, updates, samples)
 
     def send_final(self, updates: int, samples: int, deadline: float) -> bool:
         """Hand over the final center once the previous snapshot has gone (False if it did
         not by ``deadline``: the tester is hung or lost)."""
         if not wait_politely(self._requests, deadline):
             return False
-        self._send(Kind.FINAL, self.center.current, updates, samples)
+        self._send(Kind.FINAL, updates, samples)
         self.final = True
         return True
 
-    def _send(self, kind: Kind, center: torch.Tensor, updates: int, samples: int) -> None:
+    def _send(self, kind: Kind, updates: int, samples: int) -> None:
         self._meta = meta_message(kind, updates, samples)
         self._requests = [
             self.comm.Isend(self._meta, dest=self.tester, tag=Tag.SNAPSHOT_META),
-            self.center.send(self.comm, center, self.tester, Tag.SNAPSHOT),  # no copy: immutable
+            self.center.send(self.comm, self.center.current, self.tester, Tag.SNAPSHOT),  # no copy: immutable
         ]
         self.snapshots += 1
         self._last = time.perf_counter()

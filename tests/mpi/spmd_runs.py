@@ -11,7 +11,6 @@ the payloads the server logged per worker are, in order, what that worker sent.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from comm import one_side_fails_all
+from conftest import make_blobs, read_summary
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
@@ -35,8 +35,6 @@ def shared():
     """A folder every rank sees (rank 0's temporary folder) with a small dataset in it."""
     folder = WORLD.bcast(tempfile.mkdtemp() if WORLD.rank == 0 else None)
     if WORLD.rank == 0:
-        from conftest import make_blobs
-
         make_blobs(Path(folder) / "blobs.h5")
     WORLD.Barrier()
     yield Path(folder)
@@ -59,10 +57,6 @@ def train(ranks: int, *flags: str, capsys=None, stderr: bool = False) -> tuple[i
         comm.Free()
     WORLD.Barrier()
     return (status, out) if WORLD.rank == 0 else (None, "")
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def check_audit(run, summary, tau):
@@ -146,8 +140,6 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
 @one_side_fails_all
 def test_uneven_shards_run_to_the_end(shared):
     if WORLD.rank == 0:
-        from conftest import make_blobs
-
         make_blobs(shared / "odd.h5", n_train=61, n_test=20)
     WORLD.Barrier()
     status, _ = train(3, "--algo", "sgd", "--dataset", str(shared / "odd.h5"), "--model", "mlp", "--uneven",
