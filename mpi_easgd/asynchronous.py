@@ -16,11 +16,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpi_easgd import checkpoint
+from mpi_easgd.algorithms import audit
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, wait_politely
 from mpi_easgd.algorithms.server import PeerLost, Server
@@ -63,7 +63,9 @@ def run_async(ctx: RunContext) -> dict | None:
         f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
         f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
         f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
-        f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g}), lr {cfg.lr}, momentum {cfg.momentum}"
+        + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
+           if cfg.algo == "async-diloco" else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
+        + f", {cfg.optimizer} lr {cfg.lr}, momentum {cfg.momentum}"
     )
     if server is not None:
         return _serve(ctx, server, flat)
@@ -92,7 +94,8 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
                                               wall_seconds=time.perf_counter() - ctx.started, **extra))
         return ckpt
 
-    server = Server(ctx.comm, live, flat.data, ServerRule(cfg.algo, cfg.alpha), topo.worker_ranks,
+    rule = ServerRule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
+    server = Server(ctx.comm, live, flat.data, rule, topo.worker_ranks,
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
                     peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
@@ -110,10 +113,7 @@ def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
         checkpoint.save_model(flat.module, run_dir / "center.pt")
     stats = server.stats()
     if cfg.audit:
-        order = np.array([i for i, _ in server.audit], dtype=np.int64)
-        payloads = torch.stack([x for _, x in server.audit]).numpy()
-        np.savez(run_dir / "audit.npz", initial=server.initial.numpy(), final=flat.data.numpy(),
-                 order=order, payloads=payloads, alpha=cfg.alpha, algo=cfg.algo)
+        audit.write(run_dir / "audit.npz", server.versions.rule, server.initial, server.audit, flat.data)
     # Sent once everything is on disk: the tester may end the job after its summary.
     _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
     if stats["stopped"]:

@@ -144,8 +144,10 @@ def read_manifest(ckpt: Path) -> dict:
 # Settings that change what training computes: a resume must keep them (the others, such as
 # --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
 TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
-                 "alpha", "outer_lr", "outer_momentum", "seed", "uneven", "augment")
-UNUSED_KEYS = {"sgd": ("tau", "alpha", "outer_lr", "outer_momentum"), "diloco": ("alpha",)}  # else: outer_*
+                 "alpha", "outer_lr", "outer_momentum", "outer_delay", "seed", "uneven", "augment")
+OUTER = ("outer_lr", "outer_momentum", "outer_delay")
+UNUSED_KEYS = {"sgd": ("tau", "alpha", *OUTER), "diloco": ("alpha", "outer_delay"),
+               "async-diloco": ("alpha",)}  # else: outer_*
 
 
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
@@ -158,7 +160,7 @@ def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> Non
             f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
             f"{world_size}; resume with mpirun -np {manifest['world_size']}"
         )
-    unused = UNUSED_KEYS.get(saved["algo"], ("outer_lr", "outer_momentum"))
+    unused = UNUSED_KEYS.get(saved["algo"], OUTER)
     differ = [k for k in TRAINING_KEYS if k in saved and k not in unused and saved[k] != config[k]]
     if differ:
         def flags(values: dict) -> str:

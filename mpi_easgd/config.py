@@ -19,7 +19,7 @@ from pathlib import Path
 import tomllib
 
 SYNC_ALGOS = ("sgd", "ea", "diloco")
-ASYNC_ALGOS = ("easgd", "eamsgd", "downpour")
+ASYNC_ALGOS = ("easgd", "eamsgd", "downpour", "async-diloco")
 ALGOS = SYNC_ALGOS + ASYNC_ALGOS
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -50,8 +50,10 @@ class Config:
                                  "or adamw", choices=("sgd", "adamw"))
     tau: int = _opt(10, "local steps between elastic/parameter-server exchanges")
     alpha: float | None = _opt(None, "elastic coefficient per worker (default: 0.9 / workers, at most 0.5)")
-    outer_lr: float = _opt(0.7, "diloco: learning rate of the outer Nesterov step on the center")
-    outer_momentum: float = _opt(0.9, "diloco: momentum of the outer Nesterov step")
+    outer_lr: float = _opt(0.7, "diloco, async-diloco: learning rate of the outer Nesterov step on the center")
+    outer_momentum: float = _opt(0.9, "diloco, async-diloco: momentum of the outer Nesterov step")
+    outer_delay: int | None = _opt(None, "async-diloco: pushes between two momentum steps of the delayed "
+                                         "Nesterov outer optimizer (default: the number of workers)")
     seed: int = _opt(0, "seed for initialisation and data order")
     device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
     cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
@@ -135,6 +137,8 @@ class Config:
              f"--alpha must be in (0, 1) (the elastic coefficient per worker); got {self.alpha}"),
             (self.outer_lr > 0, f"--outer-lr must be > 0; got {self.outer_lr}"),
             (0 <= self.outer_momentum < 1, f"--outer-momentum must be in [0, 1); got {self.outer_momentum}"),
+            (self.outer_delay is None or self.outer_delay >= 1,
+             f"--outer-delay must be an integer >= 1 (pushes per momentum step); got {self.outer_delay}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -180,6 +184,9 @@ class Config:
             # beta = p * alpha = 0.9 (the paper's choice); one worker gets 0.5, so that neither
             # the worker nor the center is pulled 90% of the way to the other at each exchange.
             cfg.alpha = min(0.9 / workers, 0.5)
+        if cfg.outer_delay is None and cfg.algo == "async-diloco":
+            # one momentum step per round of pushes: with equal workers, sync DiLoCo's step
+            cfg.outer_delay = workers
         return cfg
 
     def advice(self, workers: int, shard: int, shape: tuple[int, ...], dataset: str) -> list[str]:

@@ -36,8 +36,9 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
     then ``specific`` ones (async: exchanges, per-worker rows...). ``test``: the final
     evaluation's ``test_accuracy`` and ``test_loss`` (None when there was none)."""
     elastic = {"tau": cfg.tau, "alpha": cfg.alpha, "beta": cfg.alpha * workers} if cfg.algo != "sgd" else {}
-    if cfg.algo == "diloco":
-        elastic = {"tau": cfg.tau, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum}
+    if cfg.algo in ("diloco", "async-diloco"):
+        elastic = {"tau": cfg.tau, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
+                   **({"outer_delay": cfg.outer_delay} if cfg.algo == "async-diloco" else {})}
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
         epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, **elastic,

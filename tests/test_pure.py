@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, ServerRule
+from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, OuterWorker, ServerRule
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.config import Config, ConfigError, parse_args
 from mpi_easgd.flat import FlatParameters
@@ -100,6 +100,64 @@ def test_downpour_round_trip():
     worker.reply.copy_(reply)
     worker.absorb()
     assert torch.equal(x, new) and torch.equal(worker.anchor, new)
+
+
+def outer_pushes(rule, center, grads):
+    for g in grads:
+        center, reply = rule.apply(center, g.clone())
+        assert reply is center
+    return center
+
+
+def test_delayed_nesterov_with_delay_1_is_torchs_nesterov_sgd():
+    torch.manual_seed(0)
+    grads = [torch.randn(6) for _ in range(5)]
+    p = nn.Parameter(torch.randn(6))
+    start = p.detach().clone()
+    opt = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    got = outer_pushes(ServerRule("async-diloco", 0.0, 0.7, 0.9, 1), start, grads)
+    torch.testing.assert_close(got, p.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_delayed_nesterov_moves_by_one_nesterov_step_on_the_mean_every_delay_pushes():
+    torch.manual_seed(1)
+    rounds = [[torch.randn(4) for _ in range(3)] for _ in range(3)]  # delay 3: three pushes per momentum step
+    c = torch.randn(4)
+    ref = nn.Parameter(c.clone())
+    opt = torch.optim.SGD([ref], lr=0.5, momentum=0.8, nesterov=True)
+    rule = ServerRule("async-diloco", 0.0, 0.5, 0.8, 3)
+    for grads in rounds:
+        first = outer_pushes(rule, c, grads[:1])
+        torch.testing.assert_close(first, c - 0.5 * grads[0] / 3)  # between milestones: no momentum
+        c = outer_pushes(rule, first, grads[1:])
+        ref.grad = torch.stack(grads).mean(0)
+        opt.step()
+        torch.testing.assert_close(c, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_delayed_nesterov_state_resumes_exactly():
+    torch.manual_seed(2)
+    grads = [torch.randn(5) for _ in range(7)]
+    whole = outer_pushes(ServerRule("async-diloco", 0.0, 0.7, 0.9, 3), torch.zeros(5), grads)
+    first = ServerRule("async-diloco", 0.0, 0.7, 0.9, 3)
+    c = outer_pushes(first, torch.zeros(5), grads[:4])  # stops between two momentum steps
+    second = ServerRule(**first.params())
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(outer_pushes(second, c, grads[4:]), whole)
+
+
+def test_outer_worker_sends_its_pseudo_gradient_and_restarts_from_the_center():
+    x = torch.ones(3)
+    worker = OuterWorker(x)
+    x.sub_(0.25)  # local steps
+    worker.prepare()
+    assert torch.equal(worker.send, torch.full((3,), 0.25))  # start - x
+    worker.reply.fill_(2.0)
+    worker.absorb()
+    assert torch.equal(x, torch.full((3,), 2.0)) and torch.equal(worker.anchor, x)
 
 
 def test_ea_local_move():

@@ -1,4 +1,4 @@
-"""What differs between EASGD, EAMSGD and DOWNPOUR: one small rule object each side.
+"""What differs between EASGD, EAMSGD, DOWNPOUR and async DiLoCo: one small rule object each side.
 
 The server loop (:mod:`.server`) and the worker loop (:mod:`.worker`) are shared; they ask
 a :class:`ServerRule` how to apply one exchange to the center, and a worker-side rule what
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from mpi_easgd.algorithms.elastic import (
+    delayed_nesterov_update,
     downpour_server_update,
     easgd_server_update,
     easgd_worker_update,
@@ -24,20 +25,51 @@ from mpi_easgd.flat import flat_like
 
 
 class ServerRule:
-    """Apply one exchange to the center; see :meth:`apply`."""
+    """Apply one exchange to the center; see :meth:`apply`. Async DiLoCo's outer optimizer
+    state (momentum, the pseudo-gradients pending since the last momentum step, the push
+    count) is the rule's own and is saved with the server's checkpoint."""
 
-    def __init__(self, algo: str, alpha: float) -> None:
+    def __init__(self, algo: str, alpha: float, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 outer_delay: int = 1) -> None:
         self.algo = algo
         self.alpha = alpha
+        self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
+        self.pushes = 0
+        self.momentum: torch.Tensor | None = None  # async-diloco: allocated at the first push
+        self.pending: torch.Tensor | None = None
+
+    def params(self) -> dict:
+        """The constructor's arguments (an audit log keeps them to replay the run)."""
+        return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
+                    outer_delay=self.outer_delay)
 
     def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new center, reply)`` for a worker's message ``incoming``, which is overwritten
-        with the new center. EASGD replies with the old ``center``, DOWNPOUR with the new one.
-        ``center`` is never written: it may still be in flight to another worker."""
+        with the new center. EASGD replies with the old ``center``, DOWNPOUR and async
+        DiLoCo with the new one. ``center`` is never written: it may still be in flight to
+        another worker."""
         if self.algo == "downpour":
             new = downpour_server_update(center, incoming)
             return new, new
+        if self.algo == "async-diloco":
+            if self.momentum is None:
+                self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
+            self.pushes += 1
+            new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
+                                          self.pushes % self.outer_delay == 0, self.outer_lr,
+                                          self.outer_momentum, self.outer_delay)
+            return new, new
         return easgd_server_update(center, incoming, self.alpha), center
+
+    def state_dict(self) -> dict:
+        if self.momentum is None:
+            return {"pushes": self.pushes}
+        return {"pushes": self.pushes, "momentum": self.momentum.clone(), "pending": self.pending.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pushes = int(state.get("pushes", 0))
+        if "momentum" in state:
+            self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
 
 
 class ElasticWorker:
@@ -86,5 +118,15 @@ class DownpourWorker:
         self.anchor.copy_(self.reply)
 
 
+class OuterWorker(DownpourWorker):
+    """Async DiLoCo worker side: send the pseudo-gradient ``anchor - x``; on reply ``c``:
+    ``x = anchor = c``."""
+
+    def prepare(self) -> None:
+        torch.sub(self.anchor, self.x, out=self.send)
+
+
 def worker_rule(algo: str, x: torch.Tensor, alpha: float) -> ElasticWorker | DownpourWorker:
-    return DownpourWorker(x) if algo == "downpour" else ElasticWorker(x, alpha)
+    if algo == "downpour":
+        return DownpourWorker(x)
+    return OuterWorker(x) if algo == "async-diloco" else ElasticWorker(x, alpha)

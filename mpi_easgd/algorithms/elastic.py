@@ -41,3 +41,27 @@ def downpour_server_update(center: torch.Tensor, delta: torch.Tensor) -> torch.T
     """DOWNPOUR, server side: the new center ``c + delta`` is written over ``delta`` and
     returned (it is also the reply); ``center`` is not written."""
     return delta.add_(center)
+
+
+def delayed_nesterov_update(center: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor,
+                            pending: torch.Tensor, milestone: bool, lr: float, beta: float,
+                            delay: int) -> torch.Tensor:
+    """Async DiLoCo, server side: one push of the pseudo-gradient ``g`` through the delayed
+    Nesterov outer optimizer (Liu et al. 2024, Algorithm 3 with c = 0)::
+
+        pending += g
+        if milestone (every delay-th push):  momentum = beta * momentum + pending / delay;  pending = 0
+        new center = center - lr * g / delay  [- lr * beta * momentum  at a milestone]
+
+    Over ``delay`` pushes the center moves by ``-lr (mean g + beta * momentum)``: one
+    Nesterov step (torch's form) on the mean pseudo-gradient, while every push still moves
+    the center at once. ``delay = 1`` is plain Nesterov SGD on every push. The new center
+    is written over ``g`` and returned; ``center`` is not written."""
+    pending.add_(g)
+    if milestone:
+        momentum.mul_(beta).add_(pending, alpha=1.0 / delay)
+        pending.zero_()
+    new = g.mul_(-lr / delay).add_(center)
+    if milestone:
+        new.add_(momentum, alpha=-lr * beta)
+    return new

@@ -112,7 +112,7 @@ class Server:
         self.epoch = np.zeros(p, dtype=np.int64)  # each worker's epoch at its last save (-1: failed)
         self.rejoin: dict[str, dict] = {}  # lost workers, as resumed runs restart them
         self.audit = [] if audit else None
-        self.initial = center.clone() if audit else None
+        self.initial: tuple[torch.Tensor, dict] | None = None  # audit: center and rule state at the start
         self.checkpoint: Path | None = None  # the last committed one
         self.checkpoints, self.checkpoint_seconds = 0, 0.0  # written, and from SAVE to commit
         self.busy_seconds = self.wall_seconds = 0.0
@@ -129,6 +129,8 @@ class Server:
     def run(self) -> None:
         """Serve until every worker is done or lost, then hand the tester the final center
         and write the final checkpoint."""
+        if self.audit is not None:
+            self.initial = (self.center.clone(), self.versions.rule.state_dict())
         self.endpoints = Endpoints(self.comm, self.workers, self.versions.take, self.liveness.wake_receive)
         self.liveness.start()
         start = time.perf_counter()
@@ -298,7 +300,7 @@ class Server:
     def state_dict(self) -> dict:
         return {"center": self.center, "updates": self.updates, "exchanges": self.exchanges.tolist(),
                 "snapshots": self.snapshots, "last_seen": self.last_seen.tolist(),
-                "staleness": self.staleness.tolist()}
+                "staleness": self.staleness.tolist(), "rule": self.versions.rule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.versions.load(state["center"])
@@ -308,6 +310,7 @@ class Server:
         self.last_seen[:] = state.get("last_seen", self.updates)
         if "staleness" in state:
             self.staleness[:] = state["staleness"]
+        self.versions.rule.load_state_dict(state.get("rule", {}))
         self.schedule.mark(self.updates, time.monotonic())
 
     def stats(self) -> dict:
