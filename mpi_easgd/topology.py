@@ -1,7 +1,7 @@
 """Who does what: each rank's role, computed once from (world size, rank, algorithm).
 
-Synchronous algorithms (sgd, ea): every rank is a ``peer``. Asynchronous ones (easgd,
-eamsgd, downpour): rank 0 is the ``server`` (it owns the center), the last rank is the
+Synchronous algorithms (sgd, ea, diloco): every rank is a ``peer``. Asynchronous ones
+(easgd, eamsgd, downpour, async-diloco): rank 0 is the ``server`` (it owns the center), the last rank is the
 ``tester``, ranks 1..n-2 are ``worker`` s, sharded by worker index (rank - 1).
 :meth:`Topology.build` is pure and validates before any MPI traffic.
 """
