@@ -35,7 +35,7 @@ from mpi_easgd.metrics import NullRunLog, run_summary
 from mpi_easgd.models import build_model
 from mpi_easgd.tester import run_tester
 from mpi_easgd.topology import Topology
-from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 from mpi_easgd.watchdog import Watchdog
 
 
@@ -99,7 +99,7 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
                     peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
-                    checkpoint_every=cfg.checkpoint_every)
+                    checkpoint_every=cfg.checkpoint_every, wire=exchange_dtype(cfg.exchange_dtype))
     if saved is not None:
         server.load_state_dict(saved)  # the center is the starting point again
     return server

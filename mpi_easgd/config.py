@@ -54,6 +54,9 @@ class Config:
     outer_momentum: float = _opt(0.9, "diloco, async-diloco: momentum of the outer Nesterov step")
     outer_delay: int | None = _opt(None, "async-diloco: pushes between two momentum steps of the delayed "
                                          "Nesterov outer optimizer (default: the number of workers)")
+    exchange_dtype: str = _opt("float32", "ea, diloco and async: the floating type parameters, differences "
+                                          "and pseudo-gradients travel in (center and sums stay float32)",
+                               choices=("float32", "float16", "bfloat16"))
     seed: int = _opt(0, "seed for initialisation and data order")
     device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
     cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
@@ -170,6 +173,9 @@ class Config:
                 f"--on-worker-loss continue needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
                 f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort"
             )
+        if self.exchange_dtype != "float32" and self.algo == "sgd":
+            raise ConfigError(f"--exchange-dtype {self.exchange_dtype} applies to ea, diloco and the async "
+                              f"algorithms; sgd sums its gradients in float32 (use --exchange-dtype float32)")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 

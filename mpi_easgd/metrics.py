@@ -39,6 +39,8 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
     if cfg.algo in ("diloco", "async-diloco"):
         elastic = {"tau": cfg.tau, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
                    **({"outer_delay": cfg.outer_delay} if cfg.algo == "async-diloco" else {})}
+    if cfg.algo != "sgd":
+        elastic["exchange_dtype"] = cfg.exchange_dtype
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
         epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, **elastic,

@@ -47,9 +47,10 @@ class Peer:
         if cfg.algo == "sgd":
             self.algo = AllReduceSGD(comm, **guard)
         elif cfg.algo == "diloco":
-            self.algo = AllReduceDiLoCo(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum, **guard)
+            self.algo = AllReduceDiLoCo(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum,
+                                        exchange_dtype=cfg.exchange_dtype, **guard)
         else:
-            self.algo = AllReduceEA(comm, cfg.tau, cfg.alpha, **guard)
+            self.algo = AllReduceEA(comm, cfg.tau, cfg.alpha, exchange_dtype=cfg.exchange_dtype, **guard)
         self.algo.synchronize_parameters(self.model)
         self.flat = self.algo.flat(self.model)
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)

@@ -9,6 +9,10 @@
   a zero-copy numpy view for CPU tensors (mpi4py's numpy path costs ~5 us a call against
   ~20 us through DLPack), the device tensor itself when the MPI library is CUDA-aware, or
   a pinned host copy allocated once when it is not.
+- **Exchange dtype.** A buffer may travel in a narrower floating type than it is kept in
+  (``wire``: float16 or bfloat16 for float32 tensors): it is then staged through a host
+  buffer of that type (the cast is the copy), and reductions use :func:`sum_op`, which adds
+  in float32 and rounds once (MPICH has no bfloat16 sum; Open MPI's returns garbage).
 - **Placement.** One GPU per rank by node-local rank (from a shared-memory split of the
   communicator), modulo the GPUs visible to the process (``CUDA_VISIBLE_DEVICES`` is
   honoured by torch). The async server stays on the CPU.
@@ -21,11 +25,47 @@ import os
 from dataclasses import dataclass
 
 import torch
+from mpi4py import MPI
 
 from mpi_easgd.flat import flat_buffer
 
 ENV_CUDA_AWARE = "MPI_EASGD_CUDA_AWARE"
 MODES = ("auto", "direct", "staged")
+EXCHANGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def exchange_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for ``float32``/``float16``/``bfloat16`` (or that dtype itself)."""
+    dtype = EXCHANGE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in EXCHANGE_DTYPES.values():
+        raise ValueError(f"exchange_dtype must be one of {', '.join(EXCHANGE_DTYPES)}; got {name!r}")
+    return dtype
+
+
+def mpi_view(tensor: torch.Tensor):
+    """A CPU tensor as mpi4py takes it: a numpy view; 16-bit floats as int16 (numpy has no
+    bfloat16, and MPI only moves their bytes: :func:`sum_op` does the arithmetic)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
+
+
+_SUM_OPS: dict[torch.dtype, MPI.Op] = {}
+
+
+def sum_op(dtype: torch.dtype) -> MPI.Op:
+    """``MPI.SUM``, or for a 16-bit float buffer (handed to MPI as int16, :func:`mpi_view`)
+    a user-defined sum that adds in float32 and rounds once to ``dtype`` (torch's CPU
+    kernels for half types compute in float32)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return MPI.SUM
+    if dtype not in _SUM_OPS:
+        def add(inbuf, inoutbuf, datatype) -> None:
+            if len(inbuf):
+                torch.frombuffer(inoutbuf, dtype=dtype).add_(torch.frombuffer(inbuf, dtype=dtype))
+
+        _SUM_OPS[dtype] = MPI.Op.Create(add, commute=True)
+    return _SUM_OPS[dtype]
 
 
 def loaded_mpi_library() -> str | None:
@@ -101,30 +141,36 @@ def place(kind: str, role: str, local_rank: int, local_size: int, gpus: int) -> 
 class MPIBuffer:
     """What MPI reads and writes for a tensor, and the copies around the call.
 
-    ``buf.mpi`` is handed to mpi4py. Call ``buf.before_send()`` before MPI reads it and
-    ``buf.after_recv()`` after MPI wrote into it. ``mode`` (see :mod:`mpi_easgd.transfer`):
-    ``direct`` hands MPI the tensor's memory (no copies); ``staged`` goes through a host
-    buffer allocated once (pinned for GPU tensors), on any device, so the staged logic runs
-    on CPU-only machines too.
+    ``buf.mpi`` is handed to mpi4py, with ``buf.op`` for reductions. Call
+    ``buf.before_send()`` before MPI reads it and ``buf.after_recv()`` after MPI wrote into
+    it. ``mode`` (see :mod:`mpi_easgd.transfer`): ``direct`` hands MPI the tensor's memory
+    (no copies); ``staged`` goes through a host buffer allocated once (pinned for GPU
+    tensors), on any device, so the staged logic runs on CPU-only machines too. ``wire``: the
+    floating type on the wire (default: the tensor's); a narrower one is always staged, the
+    cast being the copy, and :attr:`sent` is what MPI reads.
     """
 
-    def __init__(self, tensor: torch.Tensor, mode: str = "auto") -> None:
+    def __init__(self, tensor: torch.Tensor, mode: str = "auto", wire: torch.dtype | None = None) -> None:
         if not tensor.is_contiguous():
             # MPI would read the storage in memory order, not the logical order.
             raise ValueError("MPI buffers must be contiguous tensors")
         self.tensor = tensor
         self.on_gpu = tensor.device.type != "cpu"
-        self.mode = resolve_mode(mode, tensor.device.type)
+        self.wire = tensor.dtype if wire is None else wire
+        self.mode = "staged" if self.wire != tensor.dtype else resolve_mode(mode, tensor.device.type)
+        self.op = sum_op(self.wire)
         if self.mode == "staged":
             if self.on_gpu:
-                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._host = torch.empty(tensor.shape, dtype=self.wire, pin_memory=True)
             else:
-                self._host = flat_buffer(tensor.numel()).view(tensor.shape).to(tensor.dtype)
-            self.mpi = self._host.numpy()
+                self._host = flat_buffer(tensor.numel()).view(tensor.shape).to(self.wire)
+            self.sent = self._host
+            self.mpi = mpi_view(self._host)
         elif self.on_gpu:
-            self.mpi = tensor.detach()  # a CUDA-aware MPI reads device memory itself
+            self.sent = self.mpi = tensor.detach()  # a CUDA-aware MPI reads device memory itself
         else:
-            self.mpi = tensor.detach().numpy()
+            self.sent = tensor.detach()
+            self.mpi = mpi_view(self.sent)
 
     def before_send(self) -> None:
         if self.mode == "staged":

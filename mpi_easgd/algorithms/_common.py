@@ -70,7 +70,7 @@ class PeriodicRounds:
     """The calls shared by the algorithms that keep a center and run a collective round
     every ``tau`` local steps (AllReduceEA, AllReduceDiLoCo). A subclass sets ``comm``,
     ``tau``, ``center`` (None until ``synchronize_parameters``), ``_cache`` and ``_guard``,
-    and provides ``_round(flat, stepping) -> ranks still stepping`` and ``_agree(flat)``
+    and provides ``_round(flat, stepping) -> 1 if some rank still steps, else 0`` and ``_agree(flat)``
     (make every rank's copy bitwise equal to rank 0's after the epoch)."""
 
     calls = 0  # local steps since the last synchronize_parameters / synchronize_center

@@ -3,7 +3,7 @@
 Every rank keeps an identical copy of the center ``c``. Every ``tau``-th call of
 :meth:`AllReduceDiLoCo.average_parameters` (after the local, *inner* optimizer step)::
 
-    delta = c - Allreduce_SUM(x_i) / p       # the pseudo-gradient: one reduction
+    delta = Allreduce_SUM(c - x_i) / p       # the pseudo-gradient c - mean(x): one reduction
     c     = one step of SGD(lr=outer_lr, momentum=outer_momentum, nesterov=True) with grad delta
     x_i   = c                                # every rank restarts from the new center
 
@@ -16,6 +16,10 @@ the previous one (a second extra slot counts them), so the steps after the last 
 period are not lost, and a round that brings nothing moves nothing (momentum alone would).
 Then rank 0's center and outer momentum are broadcast (bitwise equal everywhere) and every
 ``x_i`` set to the center.
+
+Each rank sends its own pseudo-gradient ``c - x_i`` (small, unlike ``x_i``), so that
+``exchange_dtype="float16"`` or ``"bfloat16"`` halves the bytes at a rounding error relative to
+the pseudo-gradient, not to the parameters; the center and momentum stay float32.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mpi_easgd.algorithms._common import (
 )
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
 def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
@@ -48,13 +53,16 @@ def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
 class AllReduceDiLoCo(PeriodicRounds):
     """DiLoCo over ``comm``: an outer Nesterov step on the center every ``tau`` local steps.
 
+    ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,
-                 transfer: str = "auto", timeout: float | None = 300.0, on_timeout: str = "warn"):
+                 exchange_dtype: str = "float32", transfer: str = "auto", timeout: float | None = 300.0,
+                 on_timeout: str = "warn"):
         check_outer(tau, outer_lr, outer_momentum)
+        self.wire = exchange_dtype_of(exchange_dtype)
         self.comm = comm
         self.tau = tau
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
@@ -75,10 +83,10 @@ class AllReduceDiLoCo(PeriodicRounds):
         self._outer_param.grad = flat_like(flat.data)  # the pseudo-gradient
         self._outer = torch.optim.SGD([self._outer_param], lr=self.outer_lr, momentum=self.outer_momentum,
                                       nesterov=self.outer_momentum > 0)
-        # sum of x_i and, in two extra slots of the same Allreduce, how many ranks still step
+        # sum of c - x_i and, in two extra slots of the same Allreduce, how many ranks still step
         # and how many made local steps since the last round
         self._round_buffer = flat_buffer(flat.numel + 2, flat.device)
-        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
+        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
         self.calls = self._since = 0
 
     def _agree(self, flat: FlatParameters) -> None:
@@ -90,20 +98,20 @@ class AllReduceDiLoCo(PeriodicRounds):
         flat.data.copy_(self.center)
 
     def _round(self, flat: FlatParameters, stepping: bool) -> int:
-        """One outer round; returns how many ranks were still stepping."""
+        """One outer round; returns 1 if some rank is still stepping, else 0."""
         n = flat.numel
         buf = self._round_mpi
-        self._round_buffer[:n].copy_(flat.data)
+        torch.sub(self.center, flat.data, out=self._round_buffer[:n])
+        self._round_buffer[n] = 1.0 if stepping else 0.0
+        self._round_buffer[n + 1] = 1.0 if self._since else 0.0
         buf.before_send()
-        buf.mpi[n] = 1.0 if stepping else 0.0
-        buf.mpi[n + 1] = 1.0 if self._since else 0.0
-        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=buf.op)
         buf.after_recv()
-        stepping_ranks, fresh_ranks = int(buf.mpi[n]), int(buf.mpi[n + 1])
+        # > 0, not the count: a 16-bit sum of many ones may be inexact
+        stepping_ranks, fresh_ranks = int(self._round_buffer[n] > 0), bool(self._round_buffer[n + 1] > 0)
         if fresh_ranks:
-            # delta = c - sum / p, then the outer step; x_i restarts from the new center.
-            torch.sub(self.center, self._round_buffer[:n], alpha=1.0 / self.comm.Get_size(),
-                      out=self._outer_param.grad)
+            # delta = sum / p, then the outer step; x_i restarts from the new center.
+            torch.mul(self._round_buffer[:n], 1.0 / self.comm.Get_size(), out=self._outer_param.grad)
             self._outer.step()
             flat.data.copy_(self.center)
             self.rounds += 1

@@ -11,6 +11,11 @@ taking part in the elastic rounds of the ranks still stepping (sending its real 
 and moving toward the center) until a round in which no rank is still stepping; a flag in
 one extra slot of the same Allreduce says which ranks still step. Then rank 0's center is
 broadcast and the step counter reset.
+
+``exchange_dtype="float16"`` or ``"bfloat16"`` sends ``d_i`` in that type (half the bytes);
+``x_i`` and ``c`` stay float32 and each rank moves by its own exact ``d_i``, while ``c``
+takes the sum as it arrived (added in float32 at every step of the reduction, rounded once
+each time).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mpi_easgd.algorithms._common import (
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:
@@ -42,13 +48,15 @@ def check_tau_alpha(tau: int, alpha: float) -> None:
 class AllReduceEA(PeriodicRounds):
     """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``.
 
+    ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
     """
 
-    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, transfer: str = "auto",
-                 timeout: float | None = 300.0, on_timeout: str = "warn"):
+    def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, exchange_dtype: str = "float32",
+                 transfer: str = "auto", timeout: float | None = 300.0, on_timeout: str = "warn"):
         check_tau_alpha(tau, alpha)
+        self.wire = exchange_dtype_of(exchange_dtype)
         self.comm = comm
         self.tau = tau
         self.alpha = float(alpha)
@@ -69,23 +77,23 @@ class AllReduceEA(PeriodicRounds):
         # d_i and, in one extra slot of the same Allreduce, whether this rank still steps
         self._round_buffer = flat_buffer(flat.numel + 1, flat.device)
         self._diff = self._round_buffer[: flat.numel]
-        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer)
+        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
         self.calls = 0
 
     def _agree(self, flat: FlatParameters) -> None:
         bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
 
     def _round(self, flat: FlatParameters, stepping: bool) -> int:
-        """One elastic round; returns how many ranks are still stepping."""
+        """One elastic round; returns 1 if some rank is still stepping, else 0."""
         ea_local_move(flat.data, self.center, self.alpha, self._diff)
+        self._round_buffer[-1] = 1.0 if stepping else 0.0
         buf = self._round_mpi
         buf.before_send()
-        buf.mpi[-1] = 1.0 if stepping else 0.0
-        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=buf.op)
         buf.after_recv()
         self.center.add_(self._diff)
         self.rounds += 1
-        return int(buf.mpi[-1])
+        return int(self._round_buffer[-1] > 0)  # > 0: a 16-bit sum of many ones may be inexact
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "rounds": self.rounds, "center": self.center}

@@ -5,6 +5,11 @@ fused pass, :class:`~.easgd.ServerRule`) and the reply goes out straight from th
 version (EASGD) or the new one (DOWNPOUR), with no copy. A buffer is reused only when no
 send from it is in flight, so a slow receiver never sees a changing buffer and the server
 never waits for it.
+
+With a narrower exchange dtype (``--exchange-dtype float16|bfloat16``) messages arrive in,
+and replies leave from, buffers of that type (a pool of their own); the center and every
+update stay float32: an arriving message is cast up before the rule applies it, a reply is
+cast down into a fresh wire buffer.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.transfer import mpi_view
 
 
 class BufferPool:
@@ -23,8 +29,8 @@ class BufferPool:
     to the free list once every send from it has completed.
     """
 
-    def __init__(self, numel: int) -> None:
-        self.numel = numel
+    def __init__(self, numel: int, dtype: torch.dtype = torch.float32) -> None:
+        self.numel, self.dtype = numel, dtype
         self._free: list[torch.Tensor] = []
         self._released: dict[int, torch.Tensor] = {}
         self._pending: dict[int, int] = {}
@@ -32,10 +38,12 @@ class BufferPool:
 
     def take(self) -> torch.Tensor:
         self._reap()
-        return self._free.pop() if self._free else flat_buffer(self.numel)
+        if self._free:
+            return self._free.pop()
+        return flat_buffer(self.numel) if self.dtype == torch.float32 else torch.empty(self.numel, dtype=self.dtype)
 
     def send(self, comm: MPI.Comm, buf: torch.Tensor, dest: int, tag: int) -> MPI.Request:
-        request = comm.Isend(buf.numpy(), dest=dest, tag=tag)
+        request = comm.Isend(mpi_view(buf), dest=dest, tag=tag)
         self._pending[id(buf)] = self._pending.get(id(buf), 0) + 1
         self._sends.append((id(buf), dest, request))
         return request
@@ -67,34 +75,51 @@ class CenterVersions:
     """The current center (:attr:`current`, never written in place) and its buffers.
 
     ``home`` is the model's own flat buffer: it holds the center before the server runs and,
-    after :meth:`settle`, when it has finished; it is never recycled."""
+    after :meth:`settle`, when it has finished; it is never recycled. ``wire``: the dtype
+    of the workers' messages and of the replies (module docstring)."""
 
-    def __init__(self, home: torch.Tensor, rule: ServerRule) -> None:
+    def __init__(self, home: torch.Tensor, rule: ServerRule, wire: torch.dtype = torch.float32) -> None:
         self.home = home
         self.current = home
         self.rule = rule
         self.pool = BufferPool(home.numel())
+        self.wire_pool = self.pool if wire == torch.float32 else BufferPool(home.numel(), wire)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Apply one worker's message ``x`` (a buffer from :meth:`take`, now the pool's);
-        returns the buffer to reply from."""
+        returns the buffer to reply from (of the wire dtype)."""
+        if self.wire_pool is not self.pool:
+            wire, x = x, self.pool.take().copy_(x)  # cast up
+            self.wire_pool.release(wire)  # no send from it: free again
         new, reply = self.rule.apply(self.current, x)
         if new is not self.current:
             self.retire_after_sends(self.current)  # the reply may still be read from it
         self.current = new
+        if self.wire_pool is not self.pool:
+            reply = self.wire_pool.take().copy_(reply)  # cast down, reused once sent
+            self.wire_pool.release(reply)
         return reply
 
     def take(self) -> torch.Tensor:
         """A buffer to receive a worker's next message into."""
-        return self.pool.take()
+        return self.wire_pool.take()
 
     def retire_after_sends(self, buf: torch.Tensor | None) -> None:
         """``buf`` is no longer needed: reuse it once no send from it is in flight."""
         if buf is not None and buf is not self.home:
-            self.pool.release(buf)
+            (self.pool if buf.dtype == torch.float32 else self.wire_pool).release(buf)
 
     def send(self, comm: MPI.Comm, buf: torch.Tensor, dest: int, tag: int) -> MPI.Request:
-        return self.pool.send(comm, buf, dest, tag)
+        return (self.pool if buf.dtype == torch.float32 else self.wire_pool).send(comm, buf, dest, tag)
+
+    def abandon(self, dest: int) -> None:
+        """Forget the sends to a lost rank (:meth:`BufferPool.abandon`)."""
+        for pool in {id(p): p for p in (self.pool, self.wire_pool)}.values():
+            pool.abandon(dest)
+
+    def requests(self) -> list[MPI.Request]:
+        """Every send still in flight."""
+        return self.pool.requests() + (self.wire_pool.requests() if self.wire_pool is not self.pool else [])
 
     def settle(self) -> None:
         """Make ``home`` hold the current center again."""

@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.protocol import DONE_LEN, SAVED_LEN, Tag
+from mpi_easgd.transfer import mpi_view
 
 
 class Kind(enum.Enum):
@@ -61,7 +62,7 @@ class Endpoints:
         elif kind is Kind.SAVED:
             request = self.comm.Irecv(self._saved[i], source=rank, tag=Tag.SAVED)
         else:
-            request = self.comm.Irecv(self._incoming[i].numpy(), source=rank, tag=Tag.EXCHANGE)
+            request = self.comm.Irecv(mpi_view(self._incoming[i]), source=rank, tag=Tag.EXCHANGE)
         self._requests[self._index[kind, i]] = request
 
     def post_exchange(self, i: int, buf: torch.Tensor) -> None:

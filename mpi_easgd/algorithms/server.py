@@ -90,9 +90,10 @@ class Server:
         peer_timeout: float = 300.0,
         on_worker_loss: str = "abort",
         checkpoint_every: str = "",
+        wire: torch.dtype = torch.float32,
     ) -> None:
         self.comm, self.workers, self.tester = comm, worker_ranks, tester_rank
-        self.versions = CenterVersions(center, rule)
+        self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
         self.feed = TesterFeed(comm, self.versions, tester_rank, test_every)
         self.liveness = ServerLiveness(comm, live, worker_ranks, peer_timeout, on_worker_loss == "continue")
         self.schedule = Schedule(checkpoint_every)
@@ -143,7 +144,7 @@ class Server:
         self._begin_checkpoint()
         self._serve(lambda: self.barrier.phase is Phase.IDLE)
         self.liveness.stop()
-        if not wait_politely(self.versions.pool.requests(), deadline):
+        if not wait_politely(self.versions.requests(), deadline):
             raise PeerLost(self._tester_lost())
         self.endpoints.close()
         self.versions.settle()
@@ -180,7 +181,7 @@ class Server:
 
     def _exchange(self, i: int, x: torch.Tensor) -> None:
         if self.audit is not None:
-            self.audit.append((i, x.clone()))
+            self.audit.append((i, x.to(torch.float32, copy=True)))  # as the rule gets it
         reply = self.versions.apply(x)
         sent = self.versions.send(self.comm, reply, self.workers[i], Tag.REPLY)
         self.endpoints.post_exchange(i, self.versions.take())
@@ -231,7 +232,7 @@ class Server:
         if self.status[i] is LOST:
             return
         self.versions.retire_after_sends(self.endpoints.withdraw(i))  # (None if it had finished)
-        self.versions.pool.abandon(self.workers[i])
+        self.versions.abandon(self.workers[i])
         self.status[i] = LOST
         self.liveness.dropped(i)  # in case it wakes up: it then stays idle
         left = sum(s is not LOST for s in self.status)

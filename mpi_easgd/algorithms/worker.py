@@ -26,7 +26,7 @@ from mpi_easgd.algorithms.protocol import Command, WorkerEndpoint
 from mpi_easgd.context import RunContext
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.loop import Action, Position, make_optimizer
-from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 
 
 def idle_forever(rank: int) -> None:
@@ -58,7 +58,9 @@ class AsyncWorker:
                 self.rule.load_state_dict(saved["rule"])
             self.position = Position.from_state(saved["position"])
             self.exchanges = int(saved["position"].get("exchanges", 0))
-        self.send, self.reply = MPIBuffer(self.rule.send, ctx.transfer), MPIBuffer(self.rule.reply, ctx.transfer)
+        wire = exchange_dtype(cfg.exchange_dtype)
+        self.send = MPIBuffer(self.rule.send, ctx.transfer, wire)
+        self.reply = MPIBuffer(self.rule.reply, ctx.transfer, wire)
         self.latencies: list[float] = []
         self.checksums: list[float] = []  # audit: what this worker sent, in order
         self.watchdog = watch_server(ctx.comm, endpoint.liveness, cfg.worker_timeout)
@@ -109,7 +111,7 @@ class AsyncWorker:
         self.rule.prepare()
         self.send.before_send()
         if self.cfg.audit:
-            self.checksums.append(float(self.rule.send.double().sum()))
+            self.checksums.append(float(self.send.sent.double().sum()))  # as it travels
         t0 = time.perf_counter()
         self.watchdog.expect("server")
         self.endpoint.exchange(self.send.mpi, self.reply.mpi)

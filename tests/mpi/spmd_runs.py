@@ -24,6 +24,7 @@ from conftest import make_blobs, read_summary
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.audit import replay
+from mpi_easgd.transfer import exchange_dtype
 from mpi_easgd.train import run
 
 WORLD = MPI.COMM_WORLD
@@ -76,13 +77,13 @@ def check_audit(run, summary, tau):
     assert torch.equal(flat, torch.from_numpy(audit["final"])), "center.pt is not the final center"
 
 
-@pytest.mark.parametrize("algo,ranks,tau", [("easgd", 4, 4), ("eamsgd", 5, 8), ("downpour", 4, 4),
-                                             ("async-diloco", 5, 4)])
+@pytest.mark.parametrize("algo,ranks,tau,wire", [("easgd", 4, 4, "float32"), ("eamsgd", 5, 8, "float16"),
+                                                  ("downpour", 4, 4, "float32"), ("async-diloco", 5, 4, "bfloat16")])
 @one_side_fails_all
-def test_async_run_learns_and_loses_no_update(algo, ranks, tau, shared, capsys):
+def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, shared, capsys):
     out = shared / f"async-{algo}"
     status, stdout = train(ranks, "--algo", algo, "--epochs", "3", "--tau", str(tau), "--audit", "--test-every",
-                           "0.5", "--out", str(out), "--run-name", "run", capsys=capsys)
+                           "0.5", "--exchange-dtype", wire, "--out", str(out), "--run-name", "run", capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
@@ -98,6 +99,9 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, shared, capsys):
         assert w["staleness_mean"] >= 0
     assert 0 < summary["server_busy_fraction"] < 1
     check_audit(out / "run", summary, tau)
+    payloads = torch.from_numpy(np.load(out / "run" / "audit.npz")["payloads"])
+    assert torch.equal(payloads.to(exchange_dtype(wire)).float(), payloads), f"every message travelled as {wire}"
+    assert summary["exchange_dtype"] == wire
     rows = (out / "run" / "metrics.csv").read_text().splitlines()
     assert all(float(row.split(",")[4]) > 0 for row in rows[1:]), "every row has the center's train_loss"
     assert "run summary" in stdout and "latency_ms_p99" in stdout
@@ -111,9 +115,10 @@ SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "tes
 @one_side_fails_all
 def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     out = shared / f"sync-{algo}"
+    wire = "float16" if algo == "ea" else "float32"
     status, stdout = train(2, "--algo", algo, "--dataset", str(shared / "blobs.h5"), "--model", "mlp", "--epochs",
-                           "3", "--batch-size", "16", "--tau", "2", "--out", str(out), "--run-name", "run",
-                           capsys=capsys)
+                           "3", "--batch-size", "16", "--tau", "2", "--exchange-dtype", wire, "--out", str(out),
+                           "--run-name", "run", capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
@@ -126,6 +131,7 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
     assert int(rows[-1]["samples"]) == 3 * 2 * (256 // 16) * 16
     assert 'algo = "' + algo + '"' in (run_dir / "config.toml").read_text()
+    assert f'exchange_dtype = "{wire}"' in (run_dir / "config.toml").read_text()
     from mpi_easgd.models import build_model
 
     final = torch.load(run_dir / "model.pt", weights_only=True)  # the evaluated model (ea: the center)
