@@ -5,10 +5,13 @@ final center). Each worker does nothing but exchange. "ours" is the real :class:
 (posted receives, Waitany, the elastic update, the reply, the end-of-run protocol); "raw" is rank 0
 running ``Recv(any source)`` / ``Send`` back with no arithmetic, between the same ranks.
 Both are timed alternately; prints total exchanges/s and the ratio ours / raw (target
->= 0.8). Run::
+>= 0.8). With ``--exchange-dtype float16`` (or bfloat16) "ours" exchanges 16-bit messages
+(the server casts to and from its float32 center) while "raw" still moves float32: the
+ratio is then what the narrower exchange buys. Run::
 
     mpiexec -n 4 python -m mpi4py benchmarks/server_throughput.py    # 2 workers
     mpiexec -n 5 python -m mpi4py benchmarks/server_throughput.py    # 3 workers
+    mpiexec -n 4 python -m mpi4py benchmarks/server_throughput.py --exchange-dtype float16
 """
 
 from __future__ import annotations
@@ -18,25 +21,28 @@ import statistics
 import time
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
 from mpi_easgd.algorithms.server import Server
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.transfer import EXCHANGE_DTYPES, exchange_dtype, mpi_view
 
 RAW = 99
 
 
-def ours(comm, n: int, exchanges: int, live) -> float:
+def ours(comm, n: int, exchanges: int, live, wire: torch.dtype = torch.float32) -> float:
     rank, size = comm.rank, comm.size
     workers, tester = list(range(1, size - 1)), size - 1
-    buf, reply = flat_buffer(n), flat_buffer(n)
+    buf = flat_buffer(n)
+    message, reply = (mpi_view(torch.zeros(n, dtype=wire)) for _ in range(2))
     comm.Barrier()
     start = time.perf_counter()
     if rank == 0:
         Server(comm, live, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
-               samples_per_exchange=1, save=lambda step, extra, written: None).run()  # no files
+               samples_per_exchange=1, save=lambda step, extra, written: None, wire=wire).run()  # no files
     elif rank == tester:  # takes snapshots until the final one, like the real tester
         meta = np.zeros(META_LEN, np.int64)
         while meta[0] != Kind.FINAL:
@@ -45,7 +51,7 @@ def ours(comm, n: int, exchanges: int, live) -> float:
     else:  # a worker that only exchanges, through the workers' own endpoint
         endpoint = WorkerEndpoint(comm, live, 0)
         for _ in range(exchanges):
-            endpoint.exchange(buf.numpy(), reply.numpy())
+            endpoint.exchange(message, reply)
         endpoint.done(exchanges, 0, 0, False)
         while endpoint.inbox.wait()[0] != Command.END:  # the final checkpoint: nothing to save
             endpoint.saved(0)
@@ -53,7 +59,7 @@ def ours(comm, n: int, exchanges: int, live) -> float:
     return time.perf_counter() - start
 
 
-def raw(comm, n: int, exchanges: int, live=None) -> float:
+def raw(comm, n: int, exchanges: int, live=None, wire=None) -> float:
     rank, size = comm.rank, comm.size
     buf, reply = flat_buffer(n), flat_buffer(n)
     comm.Barrier()
@@ -75,14 +81,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 11e6], help="parameters")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--exchanges", type=int, default=0, help="per worker per timing (0: auto)")
+    parser.add_argument("--exchange-dtype", default="float32", choices=list(EXCHANGE_DTYPES))
     args = parser.parse_args()
+    wire = exchange_dtype(args.exchange_dtype)
     comm = MPI.COMM_WORLD
     if comm.size < 3:
         raise SystemExit("run with 4+ ranks: server, workers, tester")
     workers = comm.size - 2
     live = comm.Dup()  # the server's liveness traffic
     if comm.rank == 0:
-        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} pairs)")
+        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} pairs); "
+              f"ours exchanges {args.exchange_dtype}, raw float32")
         print(f"{'parameters':>12}{'ours':>10}{'raw':>10}{'ratio':>8}   ratios")
     for size in args.sizes:
         n = int(size)
@@ -90,7 +99,7 @@ def main() -> None:
         ratios, rates = [], {"ours": [], "raw": []}
         for pair in range(args.pairs + 1):  # the first pair warms up
             order = [("ours", ours), ("raw", raw)][:: 1 if pair % 2 else -1]
-            seconds = {name: fn(comm, n, k, live) for name, fn in order}
+            seconds = {name: fn(comm, n, k, live, wire) for name, fn in order}
             if pair:
                 for name in rates:
                     rates[name].append(k * workers / seconds[name])

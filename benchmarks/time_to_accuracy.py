@@ -1,11 +1,22 @@
-"""Time-to-accuracy on mnist5k for every algorithm at the same number of ranks and tau.
+"""Time-to-accuracy on mnist5k for every algorithm, optionally with a straggler.
 
-Runs ``mpiexec -n RANKS python -m mpi_easgd.train`` for sgd, ea, easgd, eamsgd and downpour
-(each elastic/async one at every tau), then writes ``time_to_accuracy.csv`` (wall time and
-samples to reach the target test accuracy, final accuracy) and ``time_to_accuracy.png``
-(test accuracy against wall time and samples, one line per run) into OUT. Run::
+Runs ``mpiexec -n RANKS python -m mpi_easgd.train`` for each algorithm (each elastic,
+outer or async one at every tau, and at every exchange dtype), then writes
+``time_to_accuracy.csv`` (wall time and samples to reach the target test accuracy, final
+accuracy, bytes per exchange) and ``time_to_accuracy.png`` (test accuracy against wall time
+and samples, one line per run) into OUT.
 
-    python benchmarks/time_to_accuracy.py [--ranks 4] [--taus 10 64] [--target 0.95] [--out tta] [--algos sgd easgd]
+``--ranks N`` gives every algorithm N ranks (async: 2 of them are the server and the
+tester); ``--workers W`` gives every algorithm W training ranks instead (async: W + 2 ranks).
+
+``--straggler F`` emulates workers with an accelerator each: every worker sleeps
+``--step-ms`` per training step (the machine's cores are shared by all ranks, so real
+compute alone would not show whose step is slow) and the last worker sleeps F times as
+long: one worker F times slower than the others. Run::
+
+    python benchmarks/time_to_accuracy.py [--ranks 4 | --workers 4] [--taus 10 64] [--target 0.95]
+        [--algos sgd easgd] [--exchange-dtypes float32 float16] [--straggler 3 --step-ms 20] [--out tta]
+        [any python -m mpi_easgd.train flag, for every run]
 """
 
 from __future__ import annotations
@@ -13,11 +24,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from mpi_easgd.config import ASYNC_ALGOS
+from mpi_easgd.faults import ENV as FAULT_ENV
+from mpi_easgd.models import build_model
 from mpi_easgd.plot import plot
+
+ALGOS = ["sgd", "ea", "diloco", "easgd", "eamsgd", "downpour", "async-diloco"]
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def mpiexec() -> str:
@@ -25,23 +43,48 @@ def mpiexec() -> str:
     return str(local) if local.exists() else "mpiexec"
 
 
+def layout(algo: str, args) -> tuple[int, list[int]]:
+    """(ranks, worker ranks) of one run."""
+    if args.workers:
+        ranks = args.workers + 2 * (algo in ASYNC_ALGOS)
+    else:
+        ranks = args.ranks
+    return ranks, list(range(1, ranks - 1)) if algo in ASYNC_ALGOS else list(range(ranks))
+
+
+def delays(workers: list[int], step_ms: float, factor: float) -> str:
+    """``$MPI_EASGD_FAULT``: every worker sleeps step_ms per step, the last factor times as long."""
+    return ";".join(f"rank={r},action=sleep,seconds={step_ms / 1e3 * (factor if r == workers[-1] else 1):g}"
+                    for r in workers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ranks", type=int, default=4)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--ranks", type=int, default=4)
+    size.add_argument("--workers", type=int, default=0)
     parser.add_argument("--taus", type=int, nargs="+", default=[10, 64])
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("tta"))
-    parser.add_argument("--algos", nargs="+", default=["sgd", "ea", "easgd", "eamsgd", "downpour"])
-    args = parser.parse_args()
-    runs = [("sgd", None)] * ("sgd" in args.algos) + [(a, t) for t in args.taus for a in args.algos if a != "sgd"]
+    parser.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
+    parser.add_argument("--exchange-dtypes", nargs="+", default=["float32"], choices=list(BYTES))
+    parser.add_argument("--straggler", type=float, default=0.0, help="the last worker is F times slower (0: none)")
+    parser.add_argument("--step-ms", type=float, default=20.0, help="emulated compute per step with --straggler")
+    args, extra = parser.parse_known_args()  # the others go to every run (e.g. --lr 0.025)
+    numel = sum(p.numel() for p in build_model("lenet", (1, 28, 28), 10).parameters())
+    runs = [(a, None, "float32") for a in args.algos if a == "sgd"]
+    runs += [(a, t, d) for t in args.taus for d in args.exchange_dtypes for a in args.algos if a != "sgd"]
     rows, dirs = [], []
-    for algo, tau in runs:
-        name = f"{algo}" + (f"-tau{tau}" if tau else "")
+    for algo, tau, dtype in runs:
+        name = algo + (f"-tau{tau}" if tau else "") + (f"-{dtype}" if len(args.exchange_dtypes) > 1 else "")
+        ranks, workers = layout(algo, args)
         flags = ["--algo", algo, "--epochs", str(args.epochs), "--test-every", "0.5", "--no-progress",
                  "--out", str(args.out), "--run-name", name] + (["--tau", str(tau)] if tau else [])
-        r = subprocess.run([mpiexec(), "-n", str(args.ranks), sys.executable, "-m", "mpi_easgd.train", *flags],
-                           capture_output=True, text=True)
+        flags += (["--exchange-dtype", dtype] if dtype != "float32" else []) + extra
+        env = dict(os.environ, **({FAULT_ENV: delays(workers, args.step_ms, args.straggler)} if args.straggler else {}))
+        r = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_easgd.train", *flags],
+                           capture_output=True, text=True, env=env)
         if r.returncode:
             print(f"{name}: failed\n{r.stderr}", file=sys.stderr)
             continue
@@ -51,19 +94,22 @@ def main() -> None:
         hit = next((m for m in metrics if float(m["test_accuracy"]) >= args.target), None)
         summary = json.loads((run_dir / "summary.json").read_text())
         rows.append(dict(
-            algo=algo, tau=tau or "", ranks=args.ranks, workers=summary["workers"],
-            seconds_to_target=float(hit["wall_time"]) if hit else "",
+            algo=algo, tau=tau or "", exchange_dtype=dtype, ranks=ranks, workers=summary["workers"],
+            straggler=args.straggler or "", seconds_to_target=float(hit["wall_time"]) if hit else "",
             samples_to_target=int(hit["samples"]) if hit else "",
             final_accuracy=summary["test_accuracy"], wall_seconds=round(summary["wall_seconds"], 2),
             samples_per_second=round(summary["train_samples_per_second"]),
+            bytes_per_exchange=numel * BYTES[dtype] if algo != "sgd" else numel * 4,
         ))
         print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     with (args.out / "time_to_accuracy.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(dirs, args.out / "time_to_accuracy.png",
-         title=f"mnist5k, {args.ranks} ranks: time to {args.target:.2f} test accuracy")
+    who = f"{args.workers} workers" if args.workers else f"{args.ranks} ranks"
+    slow = f", one worker {args.straggler:g}x slower" if args.straggler else ""
+    title = f"mnist5k, {who}{slow}: time to {args.target:.2f} test accuracy"
+    plot(dirs, args.out / "time_to_accuracy.png", title=title)
     print(f"wrote {args.out / 'time_to_accuracy.csv'} and {args.out / 'time_to_accuracy.png'}")
 
 

@@ -7,9 +7,10 @@ Public API::
 ``AllReduceSGD(comm)`` averages gradients with one ``Allreduce`` per step;
 ``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging;
 ``AllReduceDiLoCo(comm, tau, outer_lr, outer_momentum)`` runs DiLoCo (an outer Nesterov
-step on the averaged pseudo-gradient every ``tau`` local steps). The asynchronous
-family (EASGD, EAMSGD, DOWNPOUR with a parameter-server rank) runs from the command line:
-``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
+step on the averaged pseudo-gradient every ``tau`` local steps); both take
+``exchange_dtype="float16"`` or ``"bfloat16"`` to halve the bytes of each round. The
+asynchronous family (EASGD, EAMSGD, DOWNPOUR and async DiLoCo, with a parameter-server rank)
+runs from the command line: ``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
 """
 
 from mpi_easgd import _mpienv
