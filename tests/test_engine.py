@@ -189,6 +189,24 @@ def test_center_versions_are_never_written_while_a_send_may_read_them():
     assert versions.current is center and center.tolist() == [2, 2, 2]
 
 
+def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
+    center = flat_buffer(3)
+    versions = CenterVersions(center, ServerRule("downpour", 0.5), torch.float16)
+    x = versions.take()
+    assert x.dtype == torch.float16
+    x.fill_(1.0 / 3)  # not a float16 number: rounded on the wire
+    reply = versions.apply(x)
+    assert versions.current.dtype == torch.float32 and reply.dtype == torch.float16
+    assert torch.equal(versions.current, torch.full((3,), 1.0 / 3).half().float()), "the message as it travelled"
+    request = versions.send(SELF, reply, 0, 7)
+    assert versions.take() is not reply, "not reused while its send is in flight"
+    got = torch.zeros(3, dtype=torch.float16)
+    SELF.Recv(got.view(torch.int16).numpy(), source=0, tag=7)
+    request.Wait()
+    assert torch.equal(got, versions.current.half())
+    assert any(versions.take() is b for b in (reply, x)), "wire buffers are recycled"
+
+
 def test_a_sync_checkpoint_of_the_earlier_layout_still_resumes(blobs, tmp_path):
     """Checkpoints written before the one loop kept the position's fields (epoch, step,
     stats, skipped) at the top level of each rank's file; they must resume the same."""

@@ -84,10 +84,12 @@ class CenterVersions:
         self.rule = rule
         self.pool = BufferPool(home.numel())
         self.wire_pool = self.pool if wire == torch.float32 else BufferPool(home.numel(), wire)
+        self._pools = [self.pool] + ([self.wire_pool] if self.wire_pool is not self.pool else [])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Apply one worker's message ``x`` (a buffer from :meth:`take`, now the pool's);
-        returns the buffer to reply from (of the wire dtype)."""
+        returns the buffer to reply from (of the wire dtype). A cast-down reply buffer is
+        already released: it must be sent (:meth:`send`) before the next :meth:`take`."""
         if self.wire_pool is not self.pool:
             wire, x = x, self.pool.take().copy_(x)  # cast up
             self.wire_pool.release(wire)  # no send from it: free again
@@ -114,12 +116,12 @@ class CenterVersions:
 
     def abandon(self, dest: int) -> None:
         """Forget the sends to a lost rank (:meth:`BufferPool.abandon`)."""
-        for pool in {id(p): p for p in (self.pool, self.wire_pool)}.values():
+        for pool in self._pools:
             pool.abandon(dest)
 
     def requests(self) -> list[MPI.Request]:
         """Every send still in flight."""
-        return self.pool.requests() + (self.wire_pool.requests() if self.wire_pool is not self.pool else [])
+        return [request for pool in self._pools for request in pool.requests()]
 
     def settle(self) -> None:
         """Make ``home`` hold the current center again."""

@@ -1,6 +1,7 @@
 """Message tags, small control-message layouts, and the worker's end of the protocol.
 
-Parameters always travel as raw float32 buffers (never pickled), one message each way per
+Parameters always travel as raw float32 buffers (or float16/bfloat16 with
+``--exchange-dtype``, exchanges only; never pickled), one message each way per
 exchange; control messages carry small int64 arrays on their own tags. Two communicators
 carry them: the run's own for training traffic (exchanges, DONE, SAVE/SAVED, snapshots),
 and a duplicate of it for liveness (heartbeats, DROPPED, the server's wake-up call), the
@@ -18,8 +19,8 @@ from mpi4py import MPI
 
 
 class Tag(IntEnum):
-    EXCHANGE = 11  # worker -> server: float32[n] payload (parameters, or DOWNPOUR's delta)
-    REPLY = 12  # server -> worker: float32[n] center
+    EXCHANGE = 11  # worker -> server: wire[n] payload (parameters, DOWNPOUR's delta, a pseudo-gradient)
+    REPLY = 12  # server -> worker: wire[n] center (wire: float32 unless --exchange-dtype)
     DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples, stopped early)
     SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples)
     SNAPSHOT = 15  # server -> tester: float32[n] center
