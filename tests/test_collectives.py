@@ -1,4 +1,5 @@
-"""Launch the SPMD tests under real mpiexec: the collective tests with 1, 2 and 4 ranks,
+"""Launch the SPMD tests under real mpiexec: the collective tests with 2 and 4 ranks (one
+rank: the launcher-free run in test_docs_commands.py),
 DistLearn's ported uneven-ending tests with 2, 4 and 8, AllReduceDiLoCo against a serial
 simulation with 2 and 3 (of 4), the async server's protocol
 against scripted workers with 4, and whole training runs of 2 to 5 ranks in one job of 5
@@ -18,7 +19,7 @@ DILOCO = "tests/mpi/spmd_diloco.py"  # AllReduceDiLoCo against a serial simulati
 RUNS = "tests/mpi/spmd_runs.py"  # whole runs through mpi_easgd.train.run, without a launch each: 5 ranks exactly
 
 
-@pytest.mark.parametrize(("ranks", "files"), [(1, [COLLECTIVES]), (2, [COLLECTIVES, SEED, DILOCO]),
+@pytest.mark.parametrize(("ranks", "files"), [(2, [COLLECTIVES, SEED, DILOCO]),
                                               (4, [COLLECTIVES, SEED, SERVER, DILOCO]), (5, [RUNS]), (8, [SEED])])
 def test_spmd(ranks, files):
     spmd(ranks, *files, env={"MPI_EASGD_TEST_COMM": "reversed"} if ranks >= 4 else None)
