@@ -13,6 +13,12 @@
   (``wire``: float16 or bfloat16 for float32 tensors): it is then staged through a host
   buffer of that type (the cast is the copy), and reductions use :func:`sum_op`, which adds
   in float32 and rounds once (MPICH has no bfloat16 sum; Open MPI's returns garbage).
+- **Pipelined reductions.** :func:`allreduce` sums a large buffer as a loop of Allreduces of
+  ``chunk_bytes`` each (default 4 MiB; ``$MPI_EASGD_CHUNK_BYTES`` or the algorithms'
+  ``chunk_bytes=`` override it; 0: one call). Measured with the MPICH wheel, 2 ranks, one
+  node: an 11 M-parameter (44 MB) buffer took 31.8 ms in one Allreduce and 10.9-11.9 ms in 1-4
+  MB pieces (8 MB: 14.8 ms); below 4 MB nothing changes. Broadcasts gained nothing from
+  pieces (8.6 ms whole, 8.1-10.1 ms in pieces) and stay whole.
 - **Placement.** One GPU per rank by node-local rank (from a shared-memory split of the
   communicator), modulo the GPUs visible to the process (``CUDA_VISIBLE_DEVICES`` is
   honoured by torch). The async server stays on the CPU.
@@ -30,6 +36,8 @@ from mpi4py import MPI
 from mpi_easgd.flat import flat_buffer
 
 ENV_CUDA_AWARE = "MPI_EASGD_CUDA_AWARE"
+ENV_CHUNK = "MPI_EASGD_CHUNK_BYTES"
+CHUNK_BYTES = 4 << 20  # measured (module docstring); larger pieces amortise a network's latency
 MODES = ("auto", "direct", "staged")
 EXCHANGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,6 +56,35 @@ def mpi_view(tensor: torch.Tensor):
     if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.view(torch.int16).numpy()
     return tensor.numpy()
+
+
+def chunk_size(chunk_bytes: int | None = None, environ=os.environ) -> int:
+    """The piece size of :func:`allreduce` in bytes: ``chunk_bytes``, else
+    ``$MPI_EASGD_CHUNK_BYTES``, else :data:`CHUNK_BYTES`; 0 means one piece. Every rank must
+    use the same size (a different one is a different sequence of collectives)."""
+    if chunk_bytes is None:
+        value = environ.get(ENV_CHUNK, "")
+        try:
+            chunk_bytes = int(value) if value else CHUNK_BYTES
+        except ValueError:
+            raise ValueError(f"${ENV_CHUNK} must be a number of bytes (0: no pieces); got {value!r}") from None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 0:
+        raise ValueError(f"chunk_bytes must be an integer >= 0 (0: no pieces); got {chunk_bytes!r}")
+    return chunk_bytes
+
+
+def allreduce(comm: MPI.Comm, buf: MPIBuffer, chunk_bytes: int) -> None:
+    """Sum ``buf.mpi`` over ``comm`` in place with ``buf.op``, in pieces of ``chunk_bytes``
+    (0: one call); the caller does ``before_send`` / ``after_recv``."""
+    mpi = buf.mpi
+    n = len(mpi)
+    itemsize = mpi.itemsize if hasattr(mpi, "itemsize") else mpi.element_size()
+    step = max(1, chunk_bytes // itemsize) if chunk_bytes else n
+    if n <= step:  # the common small case: no slice to make
+        comm.Allreduce(MPI.IN_PLACE, mpi, op=buf.op)
+        return
+    for start in range(0, n, step):
+        comm.Allreduce(MPI.IN_PLACE, mpi[start:start + step], op=buf.op)
 
 
 _SUM_OPS: dict[torch.dtype, MPI.Op] = {}

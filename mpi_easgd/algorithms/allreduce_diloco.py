@@ -36,7 +36,7 @@ from mpi_easgd.algorithms._common import (
     bcast_tensor,
 )
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
-from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
 from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
@@ -54,15 +54,17 @@ class AllReduceDiLoCo(PeriodicRounds):
     """DiLoCo over ``comm``: an outer Nesterov step on the center every ``tau`` local steps.
 
     ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
+    ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,
-                 exchange_dtype: str = "float32", transfer: str = "auto", timeout: float | None = 300.0,
-                 on_timeout: str = "warn"):
+                 exchange_dtype: str = "float32", transfer: str = "auto", chunk_bytes: int | None = None,
+                 timeout: float | None = 300.0, on_timeout: str = "warn"):
         check_outer(tau, outer_lr, outer_momentum)
         self.wire = exchange_dtype_of(exchange_dtype)
+        self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
@@ -105,7 +107,7 @@ class AllReduceDiLoCo(PeriodicRounds):
         self._round_buffer[n] = 1.0 if stepping else 0.0
         self._round_buffer[n + 1] = 1.0 if self._since else 0.0
         buf.before_send()
-        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=buf.op)
+        allreduce(self.comm, buf, self.chunk_bytes)
         buf.after_recv()
         # > 0, not the count: a 16-bit sum of many ones may be inexact
         stepping_ranks, fresh_ranks = int(self._round_buffer[n] > 0), bool(self._round_buffer[n + 1] > 0)

@@ -33,7 +33,7 @@ from mpi_easgd.algorithms._common import (
 )
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
-from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
 from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
@@ -49,14 +49,17 @@ class AllReduceEA(PeriodicRounds):
     """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``.
 
     ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
+    ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, exchange_dtype: str = "float32",
-                 transfer: str = "auto", timeout: float | None = 300.0, on_timeout: str = "warn"):
+                 transfer: str = "auto", chunk_bytes: int | None = None, timeout: float | None = 300.0,
+                 on_timeout: str = "warn"):
         check_tau_alpha(tau, alpha)
         self.wire = exchange_dtype_of(exchange_dtype)
+        self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
         self.alpha = float(alpha)
@@ -89,7 +92,7 @@ class AllReduceEA(PeriodicRounds):
         self._round_buffer[-1] = 1.0 if stepping else 0.0
         buf = self._round_mpi
         buf.before_send()
-        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=buf.op)
+        allreduce(self.comm, buf, self.chunk_bytes)
         buf.after_recv()
         self.center.add_(self._diff)
         self.rounds += 1

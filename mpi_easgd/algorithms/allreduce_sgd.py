@@ -27,20 +27,24 @@ from torch import nn
 
 from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.flat import FlatParameters
+from mpi_easgd.transfer import allreduce, chunk_size
 
 
 class AllReduceSGD:
     """Sum (and average) gradients across ``comm`` with one in-place Allreduce per step.
 
     ``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`).
+    ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`; the
+    same on every rank).
     ``timeout``: seconds a call may wait for the other ranks before one line says which call
     and that the ranks' calls do not match (``None``: never); ``on_timeout="abort"`` then
     also ends the job (the command line does), ``"warn"`` keeps waiting.
     """
 
     def __init__(self, comm: MPI.Comm, *, transfer: str = "auto", timeout: float | None = 300.0,
-                 on_timeout: str = "warn") -> None:
+                 on_timeout: str = "warn", chunk_bytes: int | None = None) -> None:
         self.comm = comm
+        self.chunk_bytes = chunk_size(chunk_bytes)
         self.steps = 0  # steps with data since the last synchronize_parameters
         self._cache = FlatCache(grad_extra=1, transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceSGD", timeout, on_timeout)
@@ -93,7 +97,7 @@ class AllReduceSGD:
             flat.zero_grad()
         buf.before_send()
         buf.mpi[-1] = 1.0 if has_data else 0.0
-        self.comm.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+        allreduce(self.comm, buf, self.chunk_bytes)
         buf.after_recv()
         if has_data:
             self.steps += 1

@@ -56,10 +56,11 @@ def loss(m, xy):
     return nn.functional.cross_entropy(m(xy[0]), xy[1])
 
 
-def test_sgd_equals_one_process_on_concatenated_batches():
+@pytest.mark.parametrize("chunk_bytes", [None, 64])  # the default, and pieces of 16 values: 6 Allreduces
+def test_sgd_equals_one_process_on_concatenated_batches(chunk_bytes):
     local = model(seed=RANK)  # different on purpose: synchronize_parameters must fix that
     serial = model(seed=0)
-    sgd = AllReduceSGD(COMM)
+    sgd = AllReduceSGD(COMM, chunk_bytes=chunk_bytes)
     sgd.synchronize_parameters(local)
     opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
     opt_serial = torch.optim.SGD(serial.parameters(), lr=0.1, momentum=0.9)
@@ -160,7 +161,7 @@ def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True, wire=torch.fl
 
 def _run_ea(steps, tau, alpha, lr, has_data=lambda s: True, wire="float32"):
     m = model(seed=RANK)
-    ea = AllReduceEA(COMM, tau, alpha, exchange_dtype=wire)
+    ea = AllReduceEA(COMM, tau, alpha, exchange_dtype=wire, chunk_bytes=64)  # several pieces, each summed alike
     ea.synchronize_parameters(m)
     opt = torch.optim.SGD(m.parameters(), lr=lr)
     for s in range(steps):
