@@ -3,8 +3,9 @@
 Both train the same model on the same data shard with the same batch size per rank,
 through the same loader and the same minimal timed loop, in alternating epochs in one
 process; the step for ours is the one ``python -m mpi_easgd.train --algo sgd`` runs
-(``sync.Peer.step``). Prints samples/s of each and the
-median ratio ours / DDP over the pairs (target >= 1.0). Run::
+(``sync.Peer.step``), without and with ``overlap=True`` (reductions started during
+backward). Prints samples/s of each and the median ratios over the rounds (each round
+runs the three in turn, the order reversed every other round). Run::
 
     mpiexec -n 2 python -m mpi4py benchmarks/sgd_vs_ddp.py [--models lenet resnet20] [--pairs 5]
 """
@@ -31,7 +32,7 @@ from mpi_easgd.data import ShardLoader, read_info, resolve_dataset, write_datase
 from mpi_easgd.loop import supervised_step
 from mpi_easgd.models import build_model
 
-SHAPES = {"lenet": "mnist5k", "resnet20": (3, 32, 32), "cifarnet": (3, 32, 32)}
+SHAPES = {"lenet": "mnist5k", "resnet20": (3, 32, 32), "cifarnet": (3, 32, 32), "convmlp": (3, 32, 32)}
 
 
 def dataset(name: str, comm: MPI.Comm, tmp: str) -> Path:
@@ -58,24 +59,31 @@ def timed_epoch(step, batches, steps: int) -> tuple[int, float]:
     return samples, time.perf_counter() - start
 
 
+def ours_step(comm: MPI.Comm, name: str, info, overlap: bool):
+    """The sgd step of ``mpi_easgd.sync.Peer``, with or without overlap."""
+    torch.manual_seed(0)
+    model = build_model(name, info.shape, info.num_classes)
+    sgd = AllReduceSGD(comm, overlap=overlap)
+    sgd.synchronize_parameters(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fb = supervised_step(model, sgd.flat(model).zero_grad)
+
+    def step(batch):
+        loss = fb(batch)
+        sgd.sum_and_normalize_gradients(model)
+        opt.step()
+        return loss
+
+    return step
+
+
 def measure(comm: MPI.Comm, name: str, path: Path, args) -> dict[str, list[float]]:
     """Samples/s of ours and of DDP in alternating epochs (the first pair is warm-up)."""
     info = read_info(path)
     loader = ShardLoader(info, "train", comm.rank, comm.size, batch_size=args.batch_size)
     steps = args.steps or loader.steps
-    torch.manual_seed(0)
-    ours_model = build_model(name, info.shape, info.num_classes)
-    sgd = AllReduceSGD(comm)
-    sgd.synchronize_parameters(ours_model)
-    ours_opt = torch.optim.SGD(ours_model.parameters(), lr=0.01)
-    fb = supervised_step(ours_model, sgd.flat(ours_model).zero_grad)
-
-    def ours(batch):  # exactly the sgd step of mpi_easgd.sync.Peer
-        loss = fb(batch)
-        sgd.sum_and_normalize_gradients(ours_model)
-        ours_opt.step()
-        return loss
-
+    steps_of = {"ours": ours_step(comm, name, info, overlap=False),
+                "overlap": ours_step(comm, name, info, overlap=True)}
     torch.manual_seed(0)
     ddp_model = nn.parallel.DistributedDataParallel(build_model(name, info.shape, info.num_classes))
     ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
@@ -86,9 +94,10 @@ def measure(comm: MPI.Comm, name: str, path: Path, args) -> dict[str, list[float
         ddp_opt.step()
         return loss
 
-    rates = {"ours": [], "ddp": []}
+    steps_of["ddp"] = ddp
+    rates = {key: [] for key in steps_of}
     for pair in range(args.pairs + 1):
-        order = [("ours", ours), ("ddp", ddp)][:: 1 if pair % 2 else -1]
+        order = list(steps_of.items())[:: 1 if pair % 2 else -1]
         for key, step in order:
             comm.Barrier()
             samples, seconds = timed_epoch(step, loader.epoch(pair), steps)
@@ -119,15 +128,18 @@ def main() -> None:
     try:
         if comm.rank == 0:
             print(f"{comm.size} ranks, batch {args.batch_size} per rank, 1 thread per rank")
-            print(f"{'model':<10}{'ours samples/s':>16}{'DDP samples/s':>16}"
-                  f"{'ratio (median)':>16}{'ratios':>30}")
+            print(f"{'model':<10}{'ours samples/s':>16}{'overlapped':>12}{'DDP samples/s':>16}"
+                  f"{'ours/DDP':>10}{'overlapped/DDP':>16}{'overlapped/ours':>17}  ours/DDP per pair")
         for name in args.models:
             rates = measure(comm, name, dataset(name, comm, tmp), args)
-            ratios = [a / b for a, b in zip(rates["ours"], rates["ddp"])]
+            ratio = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
+            med = {key: statistics.median(v) for key, v in rates.items()}
             if comm.rank == 0:
-                print(f"{name:<10}{statistics.median(rates['ours']):>16,.0f}"
-                      f"{statistics.median(rates['ddp']):>16,.0f}{statistics.median(ratios):>16.3f}"
-                      f"{' '.join(f'{r:.2f}' for r in ratios):>30}")
+                print(f"{name:<10}{med['ours']:>16,.0f}{med['overlap']:>12,.0f}{med['ddp']:>16,.0f}"
+                      f"{statistics.median(ratio('ours', 'ddp')):>10.3f}"
+                      f"{statistics.median(ratio('overlap', 'ddp')):>16.3f}"
+                      f"{statistics.median(ratio('overlap', 'ours')):>17.3f}  "
+                      f"{' '.join(f'{r:.2f}' for r in ratio('ours', 'ddp'))}")
                 sys.stdout.flush()
     finally:
         comm.Barrier()

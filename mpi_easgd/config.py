@@ -38,7 +38,7 @@ class Config:
 
     algo: str = _opt("easgd", "algorithm: " + ", ".join(ALGOS), choices=ALGOS)
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
-    model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, or torchvision:NAME)")
+    model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
     batch_size: int = _opt(32, "mini-batch size per rank")
     lr: float | None = _opt(None, "learning rate (of the inner optimizer for diloco), never scaled by the "

@@ -1,4 +1,5 @@
-"""Model registry: ``lenet``, ``cifarnet`` (the seed's CIFAR-10 network), ``resnet20``, and
+"""Model registry: ``mlp``, ``lenet``, ``cifarnet`` (the seed's CIFAR-10 network),
+``resnet20``, ``convmlp`` (a small CNN with a wide dense head, ~10 M parameters), and
 ``torchvision:NAME`` for any torchvision model where torchvision imports."""
 
 from __future__ import annotations
@@ -92,6 +93,27 @@ class ResNet20(nn.Module):
         return self.net(x)
 
 
+class ConvMLP(nn.Module):
+    """A small CNN (conv 16@3x3, conv 32@3x3, each with 2x2 max-pooling) behind a wide dense
+    head (4096-256-classes): ~9.5 M parameters on 32x32 images, almost all of them (and
+    most of the arithmetic) dense, so that a step moves many bytes for little arithmetic:
+    the communication-bound case."""
+
+    def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_features(self.features, shape), 4096), nn.ReLU(),
+            nn.Linear(4096, 256), nn.ReLU(), nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def _flat_features(features: nn.Module, shape: tuple[int, int, int]) -> int:
     with torch.no_grad():
         device = next(features.parameters()).device  # "meta" during validation
@@ -103,6 +125,7 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "lenet": LeNet,
     "cifarnet": CifarNet,
     "resnet20": ResNet20,
+    "convmlp": ConvMLP,
 }
 
 

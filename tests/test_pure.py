@@ -228,6 +228,7 @@ def test_topology_roles():
     ("lenet", (1, 28, 28), 61_706),
     ("cifarnet", (3, 32, 32), 4_328_970),
     ("resnet20", (3, 32, 32), 272_474),
+    ("convmlp", (3, 32, 32), 9_449_194),
 ])
 def test_models_build_and_run(name, shape, params):
     model = build_model(name, shape, 10)

@@ -11,6 +11,10 @@ Usage (the seed's API in snake_case)::
             optimizer.step()
         sgd.synchronize_parameters(model)   # finishes the epoch; before validating
 
+With ``AllReduceSGD(comm, overlap=True)`` the same sums run bucket by bucket while backward
+is still computing the earlier layers' gradients (:mod:`mpi_easgd.algorithms.overlap`);
+the calls stay the same, one backward per ``sum_and_normalize_gradients``.
+
 The contributor count rides in one extra float32 slot after the gradients, inside the
 same Allreduce. Uneven endings follow the seed's contract: a rank that reaches
 ``synchronize_parameters`` while others still step keeps joining their Allreduces with
@@ -26,6 +30,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.algorithms.overlap import BucketReducer
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.transfer import allreduce, chunk_size
 
@@ -36,15 +41,20 @@ class AllReduceSGD:
     ``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`).
     ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`; the
     same on every rank).
+    ``overlap``: start each bucket's reduction from gradient hooks during backward (buckets
+    of ``chunk_bytes`` in reverse parameter order); ``sum_and_normalize_gradients`` then
+    only finishes them. Same results; needs one backward per step.
     ``timeout``: seconds a call may wait for the other ranks before one line says which call
     and that the ranks' calls do not match (``None``: never); ``on_timeout="abort"`` then
     also ends the job (the command line does), ``"warn"`` keeps waiting.
     """
 
     def __init__(self, comm: MPI.Comm, *, transfer: str = "auto", timeout: float | None = 300.0,
-                 on_timeout: str = "warn", chunk_bytes: int | None = None) -> None:
+                 on_timeout: str = "warn", chunk_bytes: int | None = None, overlap: bool = False) -> None:
         self.comm = comm
         self.chunk_bytes = chunk_size(chunk_bytes)
+        self.overlap = overlap
+        self._reducer: BucketReducer | None = None
         self.steps = 0  # steps with data since the last synchronize_parameters
         self._cache = FlatCache(grad_extra=1, transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceSGD", timeout, on_timeout)
@@ -59,7 +69,7 @@ class AllReduceSGD:
         Returns the rank whose parameters were kept.
         """
         with self._guard("synchronize_parameters"):
-            flat = self._cache.get(model)
+            flat = self.flat(model)
             flat.check_views()
             while self._allreduce(flat, has_data=False):
                 pass
@@ -71,7 +81,7 @@ class AllReduceSGD:
     def sum_gradients(self, model: nn.Module, has_data: bool = True) -> int:
         """Sum every rank's gradients in place; returns how many ranks contributed."""
         with self._guard("sum_gradients"):
-            return self._allreduce(self._cache.get(model), has_data)
+            return self._allreduce(self.flat(model), has_data)
 
     def sum_and_normalize_gradients(self, model: nn.Module, has_data: bool = True) -> int:
         """Average gradients over the ranks that contributed data this round.
@@ -79,7 +89,7 @@ class AllReduceSGD:
         Returns that count; 0 means every rank is out of data (the gradients are zero).
         """
         with self._guard("sum_and_normalize_gradients"):
-            count = self._allreduce(self._cache.get(model), has_data)
+            count = self._allreduce(self.flat(model), has_data)
         if count > 1:
             grad = self._cache.flat.grad
             if self._cache.grad.mode == "direct" and grad.device.type == "cpu":  # numpy skips ~5 us of torch dispatch
@@ -90,6 +100,10 @@ class AllReduceSGD:
 
     def _allreduce(self, flat: FlatParameters, has_data: bool) -> int:
         """One round: this rank's gradients (zeros without data) and its count, summed."""
+        if has_data:
+            self.steps += 1
+        if self._reducer is not None:
+            return self._reducer.finish(has_data)
         buf = self._cache.grad
         if has_data:
             flat.gather_grads()
@@ -99,13 +113,15 @@ class AllReduceSGD:
         buf.mpi[-1] = 1.0 if has_data else 0.0
         allreduce(self.comm, buf, self.chunk_bytes)
         buf.after_recv()
-        if has_data:
-            self.steps += 1
         return int(buf.mpi[-1])
 
     def flat(self, model: nn.Module) -> FlatParameters:
-        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
-        return self._cache.get(model)
+        """The flat parameter/gradient buffers of ``model`` (built on first use; with
+        ``overlap=True`` the gradient hooks are registered then)."""
+        flat = self._cache.get(model)
+        if self.overlap and self._reducer is None:
+            self._reducer = BucketReducer(self.comm, flat, self._cache.transfer, self.chunk_bytes)
+        return flat
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

@@ -56,11 +56,13 @@ def loss(m, xy):
     return nn.functional.cross_entropy(m(xy[0]), xy[1])
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 64])  # the default, and pieces of 16 values: 6 Allreduces
-def test_sgd_equals_one_process_on_concatenated_batches(chunk_bytes):
+# The default; pieces of 16 values (6 Allreduces); and overlapped with backward in buckets of
+# 16 values or more (2 buckets: the second layer and the count slot, 28 values; the first, 56).
+@pytest.mark.parametrize(("chunk_bytes", "overlap"), [(None, False), (64, False), (64, True)])
+def test_sgd_equals_one_process_on_concatenated_batches(chunk_bytes, overlap):
     local = model(seed=RANK)  # different on purpose: synchronize_parameters must fix that
     serial = model(seed=0)
-    sgd = AllReduceSGD(COMM, chunk_bytes=chunk_bytes)
+    sgd = AllReduceSGD(COMM, chunk_bytes=chunk_bytes, overlap=overlap)
     sgd.synchronize_parameters(local)
     opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
     opt_serial = torch.optim.SGD(serial.parameters(), lr=0.1, momentum=0.9)
@@ -98,10 +100,11 @@ def test_sum_gradients_sums_and_counts_contributors():
     assert sgd.steps == int(has_data)
 
 
-def test_sgd_uneven_endings_terminate_and_agree():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sgd_uneven_endings_terminate_and_agree(overlap):
     """Rank r has r + 1 batches: each round averages over the ranks that still have data."""
     m, serial = model(), model()
-    sgd = AllReduceSGD(COMM)
+    sgd = AllReduceSGD(COMM, overlap=overlap, chunk_bytes=64)
     sgd.synchronize_parameters(m)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     opt_serial = torch.optim.SGD(serial.parameters(), lr=0.1)
@@ -231,7 +234,8 @@ def test_ea_rejects_bad_hyperparameters():
 
 
 @pytest.mark.skipif(SIZE < 2, reason="DDP needs 2+ processes")
-def test_sgd_equals_pytorch_ddp():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sgd_equals_pytorch_ddp(overlap):
     """Same initial model, same batches: AllReduceSGD and DDP (gloo) end equal."""
     import torch.distributed as dist
 
@@ -245,7 +249,7 @@ def test_sgd_equals_pytorch_ddp():
     try:
         ddp = nn.parallel.DistributedDataParallel(model())
         ours = model()
-        sgd = AllReduceSGD(COMM)
+        sgd = AllReduceSGD(COMM, overlap=overlap, chunk_bytes=64)
         sgd.synchronize_parameters(ours)
         opt_d = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         opt_o = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
@@ -285,3 +289,22 @@ def test_staged_transfers_give_bitwise_the_same_result(algo):
             a.synchronize_center(m)
         results.append(params(m))
     assert torch.equal(*results)
+
+
+def test_sgd_overlap_starts_reductions_during_backward():
+    """With overlap=True the buckets' reductions start from gradient hooks: both buckets
+    (28 and 56 values, 2 + 4 pieces) have started when backward returns; a second backward before the sum is refused."""
+    m = model()
+    sgd = AllReduceSGD(COMM, overlap=True, chunk_bytes=64)
+    sgd.synchronize_parameters(m)
+    reducer = sgd._reducer
+    assert [len(b.mpi) for b in reducer.buffers] == [28, 56]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.zero_grad()
+    loss(m, batch(RANK, 0)).backward()
+    assert reducer.started == 2 and reducer.issued >= 1  # before sum_and_normalize_gradients
+    assert sgd.sum_and_normalize_gradients(m) == SIZE
+    sgd.flat(m).zero_grad()
+    loss(m, batch(RANK, 1)).backward()
+    with pytest.raises(RuntimeError, match="once per step"):
+        loss(m, batch(RANK, 2)).backward()
