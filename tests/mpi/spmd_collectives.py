@@ -267,19 +267,23 @@ def test_sgd_equals_pytorch_ddp(overlap):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("algo", ["sgd", "ea"])
+@pytest.mark.parametrize("algo", ["sgd", "sgd-overlap", "ea"])
 def test_staged_transfers_give_bitwise_the_same_result(algo):
-    """The host-staged path (what a non-CUDA-aware MPI uses for GPU tensors) on CPU."""
+    """The host-staged path (what a non-CUDA-aware MPI uses for GPU tensors) on CPU; with
+    overlap each bucket is staged on its own."""
     results = []
     for transfer in ("direct", "staged"):
         m = model(seed=RANK)
-        a = AllReduceSGD(COMM, transfer=transfer) if algo == "sgd" else AllReduceEA(COMM, 2, 0.3, transfer=transfer)
+        if algo == "ea":
+            a = AllReduceEA(COMM, 2, 0.3, transfer=transfer)
+        else:
+            a = AllReduceSGD(COMM, transfer=transfer, overlap=algo == "sgd-overlap", chunk_bytes=64)
         a.synchronize_parameters(m)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         for step in range(5):
             opt.zero_grad()
             loss(m, batch(RANK, step)).backward()
-            if algo == "sgd":
+            if algo != "ea":
                 a.sum_and_normalize_gradients(m)
                 opt.step()
             else:
