@@ -4,8 +4,10 @@ Both train the same model on the same data shard with the same batch size per ra
 through the same loader and the same minimal timed loop, in alternating epochs in one
 process; the step for ours is the one ``python -m mpi_easgd.train --algo sgd`` runs
 (``sync.Peer.step``), without and with ``overlap=True`` (reductions started during
-backward). Prints samples/s of each and the median ratios over the rounds (each round
-runs the three in turn, the order reversed every other round). Run::
+backward). "alone" is the same step with no communication at all (each rank trains on
+its own): alone / DDP is the most any data-parallel step could gain over DDP here.
+Prints samples/s of each and the median ratios over the rounds (each round runs the four
+in turn, the order reversed every other round). Run::
 
     mpiexec -n 2 python -m mpi4py benchmarks/sgd_vs_ddp.py [--models lenet resnet20] [--pairs 5]
 """
@@ -95,6 +97,17 @@ def measure(comm: MPI.Comm, name: str, path: Path, args) -> dict[str, list[float
         return loss
 
     steps_of["ddp"] = ddp
+    torch.manual_seed(0)
+    alone_model = build_model(name, info.shape, info.num_classes)
+    alone_opt = torch.optim.SGD(alone_model.parameters(), lr=0.01)
+    alone_fb = supervised_step(alone_model, lambda: alone_opt.zero_grad(set_to_none=False))
+
+    def alone(batch):  # no communication: the ceiling of any data-parallel step
+        loss = alone_fb(batch)
+        alone_opt.step()
+        return loss
+
+    steps_of["alone"] = alone
     rates = {key: [] for key in steps_of}
     for pair in range(args.pairs + 1):
         order = list(steps_of.items())[:: 1 if pair % 2 else -1]
@@ -128,17 +141,19 @@ def main() -> None:
     try:
         if comm.rank == 0:
             print(f"{comm.size} ranks, batch {args.batch_size} per rank, 1 thread per rank")
-            print(f"{'model':<10}{'ours samples/s':>16}{'overlapped':>12}{'DDP samples/s':>16}"
-                  f"{'ours/DDP':>10}{'overlapped/DDP':>16}{'overlapped/ours':>17}  ours/DDP per pair")
+            print(f"{'model':<10}{'ours samples/s':>16}{'overlapped':>12}{'DDP samples/s':>16}{'alone':>10}"
+                  f"{'ours/DDP':>10}{'overlapped/DDP':>16}{'overlapped/ours':>17}{'alone/DDP':>11}"
+                  f"  ours/DDP per round")
         for name in args.models:
             rates = measure(comm, name, dataset(name, comm, tmp), args)
             ratio = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
             med = {key: statistics.median(v) for key, v in rates.items()}
             if comm.rank == 0:
                 print(f"{name:<10}{med['ours']:>16,.0f}{med['overlap']:>12,.0f}{med['ddp']:>16,.0f}"
-                      f"{statistics.median(ratio('ours', 'ddp')):>10.3f}"
+                      f"{med['alone']:>10,.0f}{statistics.median(ratio('ours', 'ddp')):>10.3f}"
                       f"{statistics.median(ratio('overlap', 'ddp')):>16.3f}"
-                      f"{statistics.median(ratio('overlap', 'ours')):>17.3f}  "
+                      f"{statistics.median(ratio('overlap', 'ours')):>17.3f}"
+                      f"{statistics.median(ratio('alone', 'ddp')):>11.3f}  "
                       f"{' '.join(f'{r:.2f}' for r in ratio('ours', 'ddp'))}")
                 sys.stdout.flush()
     finally:
