@@ -15,6 +15,7 @@ in turn, the order reversed every other round). Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import socket
 import statistics
@@ -59,6 +60,11 @@ def timed_epoch(step, batches, steps: int) -> tuple[int, float]:
         samples += len(batch[1])
     float(total)
     return samples, time.perf_counter() - start
+
+
+def ratios(rates: dict[str, list[float]], a: str, b: str) -> list[float]:
+    """``a`` / ``b`` for each round."""
+    return [x / y for x, y in zip(rates[a], rates[b])]
 
 
 def ours_step(comm: MPI.Comm, name: str, info, overlap: bool):
@@ -146,7 +152,7 @@ def main() -> None:
                   f"  ours/DDP per round")
         for name in args.models:
             rates = measure(comm, name, dataset(name, comm, tmp), args)
-            ratio = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
+            ratio = functools.partial(ratios, rates)
             med = {key: statistics.median(v) for key, v in rates.items()}
             if comm.rank == 0:
                 print(f"{name:<10}{med['ours']:>16,.0f}{med['overlap']:>12,.0f}{med['ddp']:>16,.0f}"

@@ -1,9 +1,9 @@
 """Launch the SPMD tests under real mpiexec: the collective tests with 2 and 4 ranks (one
 rank: the launcher-free run in test_docs_commands.py),
-DistLearn's ported uneven-ending tests with 2, 4 and 8, AllReduceDiLoCo against a serial
+DistLearn's ported uneven-ending tests with 2, 4 and 5, AllReduceDiLoCo against a serial
 simulation with 2 and 3 (of 4), the async server's protocol
 against scripted workers with 4, and whole training runs of 2 to 5 ranks in one job of 5
-(tests/mpi/spmd_runs.py). The 4- and 8-rank runs use a sub-communicator with the ranks in
+(tests/mpi/spmd_runs.py). The 4- and 5-rank jobs use a sub-communicator with the ranks in
 reverse order (tests/mpi/comm.py), so nothing may assume COMM_WORLD; the training runs
 each get a Split of their own."""
 
@@ -20,6 +20,6 @@ RUNS = "tests/mpi/spmd_runs.py"  # whole runs through mpi_easgd.train.run, witho
 
 
 @pytest.mark.parametrize(("ranks", "files"), [(2, [COLLECTIVES, SEED, DILOCO]),
-                                              (4, [COLLECTIVES, SEED, SERVER, DILOCO]), (5, [RUNS]), (8, [SEED])])
+                                              (4, [COLLECTIVES, SEED, SERVER, DILOCO]), (5, [RUNS, SEED])])
 def test_spmd(ranks, files):
     spmd(ranks, *files, env={"MPI_EASGD_TEST_COMM": "reversed"} if ranks >= 4 else None)

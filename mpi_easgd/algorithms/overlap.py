@@ -70,11 +70,9 @@ class BucketReducer:
         self.active: MPI.Request | None = None  # the piece in flight
         self.issued = 0  # pieces started this step
         self.count = 1.0  # what this rank puts in the count slot
-        self._handles = []
         for b, (_, _, members) in enumerate(bounds):
             for i in members:
-                p = flat.params[i]
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(b, i)))
+                flat.params[i].register_post_accumulate_grad_hook(self._hook(b, i))
 
     def _hook(self, bucket: int, index: int):
         view = self.flat._grad_views[index]
@@ -132,9 +130,3 @@ class BucketReducer:
         self.started = self.issued = 0
         self.count = 1.0
         return int(self.buffers[0].mpi[-1])
-
-    def remove(self) -> None:
-        """Unregister the gradient hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()

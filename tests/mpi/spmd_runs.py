@@ -24,8 +24,8 @@ from conftest import make_blobs, read_summary
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.audit import replay
-from mpi_easgd.transfer import exchange_dtype
 from mpi_easgd.train import run
+from mpi_easgd.transfer import exchange_dtype
 
 WORLD = MPI.COMM_WORLD
 pytestmark = pytest.mark.skipif(WORLD.Get_size() != 5, reason="runs of 2 to 5 ranks: 5 ranks")
