@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
