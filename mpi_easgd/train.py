@@ -164,6 +164,10 @@ def run(argv: list[str] | None, comm) -> int:
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
                  f"{'straight to MPI (CUDA-aware)' if aware else 'staged through pinned host memory'} "
                  f"({why}){'; ' + placement.note if placement.note else ''}")
+    if topo.role in ("peer", "worker"):
+        # torch's optimizers import torch._dynamo (and sympy) on first use: 1.8 s of CPU,
+        # more with several ranks per core. Pay it here, before any peer watches this rank.
+        import torch._dynamo  # noqa: F401
     ctx = RunContext(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
     if topo.is_async:
         from mpi_easgd.asynchronous import run_async

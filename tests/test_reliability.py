@@ -281,6 +281,14 @@ def rank_pid(marker: str, rank: int) -> int:
     raise AssertionError(f"no rank {rank} in the job {marker}")
 
 
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): state T in /proc/PID/stat."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
 def test_a_hung_worker_is_dropped_wakes_up_idle_and_rejoins_on_resume(tmp_path):
     """--on-worker-loss continue: a worker stopped (SIGSTOP, at a step boundary) long enough
     to be dropped, then continued (SIGCONT), as a swapping or briefly frozen node would be:
@@ -298,7 +306,9 @@ def test_a_hung_worker_is_dropped_wakes_up_idle_and_rejoins_on_resume(tmp_path):
     while not metrics.exists() and time.monotonic() < started + 60:
         time.sleep(0.05)
     victim = rank_pid(marker, 1)
-    time.sleep(5.5)  # it stops itself at its step 5 and is dropped 3-4 s later
+    while not stopped(victim) and time.monotonic() < started + 60:  # it stops itself at its step 5
+        time.sleep(0.05)
+    time.sleep(5.5)  # it is dropped 3-4 s later
     woken = subprocess.run(["kill", "-CONT", str(victim)]).returncode == 0  # False: the job already ended
     _, err = finish(proc, 90, "the job with a dropped worker")
     assert woken, f"the job ended before the dropped worker was continued:\n{err}"

@@ -80,3 +80,16 @@ def test_sound_settings_draw_no_warning(blobs):
     *_, notes = validate(2, "--batch-size", "16", blobs=blobs)
     assert notes == []
     assert Config(algo="sgd", batch_size=32).resolve(4).advice(4, 1000, (3, 32, 32), "cifar10") == []
+
+
+def test_checking_a_builtin_model_does_not_import_sympy():
+    """Every rank checks the model at start-up; on the meta device torch's kernels import
+    sympy (~700 modules, 1.8 s per rank). The registry's models are checked on the CPU."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from mpi_easgd.models import check_model; "
+            "check_model('lenet', (1, 28, 28), 10); check_model('convmlp', (3, 32, 32), 10); "
+            "print('sympy' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
