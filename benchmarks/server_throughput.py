@@ -4,8 +4,11 @@ Rank 0 serves the workers (ranks 1..n-2; the last rank is the tester, which only
 final center). Each worker does nothing but exchange. "ours" is the real :class:`Server`
 (posted receives, Waitany, the elastic update, the reply, the end-of-run protocol); "raw" is rank 0
 running ``Recv(any source)`` / ``Send`` back with no arithmetic, between the same ranks.
-Both are timed alternately; prints total exchanges/s and the ratio ours / raw (target
->= 0.8). With ``--exchange-dtype float16`` (or bfloat16) "ours" exchanges 16-bit messages
+"raw+upd" is that loop with the server's arithmetic added (the same fused elastic update,
+no protocol): the limit of any server that updates a center on this machine. The three
+are timed alternately; prints total exchanges/s and the ratios ours / raw (target
+>= 0.8), ours / raw+upd (what the protocol costs) and raw+upd / raw (what the arithmetic
+costs). With ``--exchange-dtype float16`` (or bfloat16) "ours" exchanges 16-bit messages
 (the server casts to and from its float32 center) while "raw" still moves float32: the
 ratio is then what the narrower exchange buys. Run::
 
@@ -25,7 +28,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
+from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint, wait_politely
 from mpi_easgd.algorithms.server import Server
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.transfer import EXCHANGE_DTYPES, exchange_dtype, mpi_view
@@ -37,7 +40,7 @@ def ours(comm, n: int, exchanges: int, live, wire: torch.dtype = torch.float32) 
     rank, size = comm.rank, comm.size
     workers, tester = list(range(1, size - 1)), size - 1
     buf = flat_buffer(n)
-    message, reply = (mpi_view(torch.zeros(n, dtype=wire)) for _ in range(2))
+    message, reply = (mpi_view(wire_buffer(n, wire)) for _ in range(2))
     comm.Barrier()
     start = time.perf_counter()
     if rank == 0:
@@ -46,7 +49,7 @@ def ours(comm, n: int, exchanges: int, live, wire: torch.dtype = torch.float32) 
     elif rank == tester:  # takes snapshots until the final one, like the real tester
         meta = np.zeros(META_LEN, np.int64)
         while meta[0] != Kind.FINAL:
-            comm.Recv(meta, source=0, tag=Tag.SNAPSHOT_META)
+            wait_politely([comm.Irecv(meta, source=0, tag=Tag.SNAPSHOT_META)])  # as the real tester waits
             comm.Recv(buf.numpy(), source=0, tag=Tag.SNAPSHOT)
     else:  # a worker that only exchanges, through the workers' own endpoint
         endpoint = WorkerEndpoint(comm, live, 0)
@@ -55,11 +58,22 @@ def ours(comm, n: int, exchanges: int, live, wire: torch.dtype = torch.float32) 
         endpoint.done(exchanges, 0, 0, False)
         while endpoint.inbox.wait()[0] != Command.END:  # the final checkpoint: nothing to save
             endpoint.saved(0)
-    comm.Barrier()
+    wait_politely([comm.Ibarrier()])  # ranks that finished first leave the CPU to those still at work
     return time.perf_counter() - start
 
 
-def raw(comm, n: int, exchanges: int, live=None, wire=None) -> float:
+def wire_buffer(n: int, wire: torch.dtype) -> torch.Tensor:
+    """A worker's message or reply buffer as the real worker has it: page-aligned memory from
+    :func:`flat_buffer` (transparent huge pages), viewed as ``wire``."""
+    if wire == torch.float32:
+        return flat_buffer(n)
+    return flat_buffer((n + 1) // 2).view(wire)[:n]
+
+
+def raw(comm, n: int, exchanges: int, live=None, wire=None, update: bool = False) -> float:
+    """Rank 0 answers ``Recv(any source)`` with ``Send``: the wire's speed. With ``update``
+    it also applies the same fused elastic update as the server (``lerp``, written over the
+    message) and replies with the previous center: the arithmetic's cost, with no protocol."""
     rank, size = comm.rank, comm.size
     buf, reply = flat_buffer(n), flat_buffer(n)
     comm.Barrier()
@@ -68,12 +82,19 @@ def raw(comm, n: int, exchanges: int, live=None, wire=None) -> float:
         status = MPI.Status()
         for _ in range(exchanges * (size - 2)):
             comm.Recv(buf.numpy(), source=MPI.ANY_SOURCE, tag=RAW, status=status)
-            comm.Send(buf.numpy(), dest=status.Get_source(), tag=RAW)
+            if update:  # the new center over the message, the old one goes back
+                torch.lerp(reply, buf, 0.3, out=buf)
+                buf, reply = reply, buf
+            comm.Send((reply if update else buf).numpy(), dest=status.Get_source(), tag=RAW)
     elif rank != size - 1:
         for _ in range(exchanges):
             comm.Sendrecv(buf.numpy(), dest=0, sendtag=RAW, recvbuf=reply.numpy(), source=0, recvtag=RAW)
-    comm.Barrier()
+    wait_politely([comm.Ibarrier()])
     return time.perf_counter() - start
+
+
+def raw_update(comm, n: int, exchanges: int, live=None, wire=None) -> float:
+    return raw(comm, n, exchanges, update=True)
 
 
 def main() -> None:
@@ -90,24 +111,29 @@ def main() -> None:
     workers = comm.size - 2
     live = comm.Dup()  # the server's liveness traffic
     if comm.rank == 0:
-        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} pairs); "
+        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} rounds); "
               f"ours exchanges {args.exchange_dtype}, raw float32")
-        print(f"{'parameters':>12}{'ours':>10}{'raw':>10}{'ratio':>8}   ratios")
+        print(f"{'parameters':>12}{'ours':>9}{'raw':>9}{'raw+upd':>9}{'ours/raw':>10}{'ours/raw+upd':>14}"
+              f"{'raw+upd/raw':>13}   ours/raw per round")
+    variants = [("ours", ours), ("raw", raw), ("raw+upd", raw_update)]
     for size in args.sizes:
         n = int(size)
         k = args.exchanges or max(5, int(4e9 / (n * 4)))  # ~1 s per timing: steady state, not start-up
-        ratios, rates = [], {"ours": [], "raw": []}
-        for pair in range(args.pairs + 1):  # the first pair warms up
-            order = [("ours", ours), ("raw", raw)][:: 1 if pair % 2 else -1]
+        rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+        for round_ in range(args.pairs + 1):  # the first round warms up
+            order = variants if round_ % 2 else variants[::-1]  # alternating: drift hits all alike
             seconds = {name: fn(comm, n, k, live, wire) for name, fn in order}
-            if pair:
+            if round_:
                 for name in rates:
                     rates[name].append(k * workers / seconds[name])
-                ratios.append(seconds["raw"] / seconds["ours"])
         if comm.rank == 0:
-            print(f"{n:>12,}{statistics.median(rates['ours']):>10.1f}{statistics.median(rates['raw']):>10.1f}"
-                  f"{statistics.median(ratios):>8.3f}   {' '.join(f'{r:.2f}' for r in ratios)}", flush=True)
-
+            med = {name: statistics.median(r) for name, r in rates.items()}
+            per_round = " ".join(f"{o / r:.2f}" for o, r in zip(rates["ours"], rates["raw"]))
+            print(f"{n:>12,}{med['ours']:>9.1f}{med['raw']:>9.1f}{med['raw+upd']:>9.1f}"
+                  f"{statistics.median(o / r for o, r in zip(rates['ours'], rates['raw'])):>10.3f}"
+                  f"{statistics.median(o / u for o, u in zip(rates['ours'], rates['raw+upd'])):>14.3f}"
+                  f"{statistics.median(u / r for u, r in zip(rates['raw+upd'], rates['raw'])):>13.3f}"
+                  f"   {per_round}", flush=True)
 
 if __name__ == "__main__":
     main()
