@@ -66,6 +66,7 @@ def run_async(ctx: RunContext) -> dict | None:
         + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
            if cfg.algo == "async-diloco" else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
         + f", {cfg.optimizer} lr {cfg.lr}, momentum {cfg.momentum}"
+        + (", overlapped exchanges" if cfg.overlap_exchange else "")
     )
     if server is not None:
         return _serve(ctx, server, flat)
@@ -99,7 +100,8 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
                     peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
-                    checkpoint_every=cfg.checkpoint_every, wire=exchange_dtype(cfg.exchange_dtype))
+                    checkpoint_every=cfg.checkpoint_every, wire=exchange_dtype(cfg.exchange_dtype),
+                    wait_replies=not cfg.overlap_exchange)
     if saved is not None:
         server.load_state_dict(saved)  # the center is the starting point again
     return server

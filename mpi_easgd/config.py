@@ -57,6 +57,8 @@ class Config:
     exchange_dtype: str = _opt("float32", "ea, diloco and async: the floating type parameters, differences "
                                           "and pseudo-gradients travel in (center and sums stay float32)",
                                choices=("float32", "float16", "bfloat16"))
+    overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
+                                         "is in flight; the move then uses the parameters that were sent")
     seed: int = _opt(0, "seed for initialisation and data order")
     device: str = _opt("cpu", "cpu, cuda (one GPU per rank by node-local rank) or auto", choices=DEVICES)
     cuda_aware: str = _opt("auto", "GPU buffers straight to MPI (yes), staged through host memory (no), "
@@ -173,6 +175,9 @@ class Config:
                 f"--on-worker-loss continue needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
                 f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort"
             )
+        if self.overlap_exchange and self.algo not in ASYNC_ALGOS:
+            raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
+                              f"{self.algo} exchanges in collectives every rank takes part in; drop the flag")
         if self.exchange_dtype != "float32" and self.algo == "sgd":
             raise ConfigError(f"--exchange-dtype {self.exchange_dtype} applies to ea, diloco and the async "
                               f"algorithms; sgd sums its gradients in float32 (use --exchange-dtype float32)")

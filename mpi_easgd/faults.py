@@ -7,6 +7,11 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` (several sep
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
 A step is a training step on workers and peers, an evaluation on the tester, and an
 applied exchange on the async server. Unset: no cost.
+
+One more action is no fault but an emulated network: ``delay`` (``rank=R,action=delay,
+seconds=X``, on an async worker, beside any one action above) makes every exchange's
+reply land no sooner than X seconds after its message was sent, as over a network with
+that round-trip time (:func:`exchange_delay`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 ENV = "MPI_EASGD_FAULT"
-ACTIONS = ("raise", "sleep", "kill", "stop", "nan")
+ACTIONS = ("raise", "sleep", "kill", "stop", "nan", "delay")
 
 
 class InjectedFault(RuntimeError):
@@ -52,8 +57,9 @@ class Fault:
         return batch
 
 
-def from_env(rank: int, environ=os.environ) -> Fault | None:
-    """The fault for ``rank`` from ``$MPI_EASGD_FAULT``, or None."""
+def _specs(rank: int, environ) -> list[Fault]:
+    """Every spec of ``$MPI_EASGD_FAULT`` for ``rank``, in order."""
+    found = []
     for spec in environ.get(ENV, "").split(";"):
         if not spec:
             continue
@@ -62,5 +68,17 @@ def from_env(rank: int, environ=os.environ) -> Fault | None:
             continue
         if fields.get("action") not in ACTIONS:
             raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
-        return Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)))
-    return None
+        found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0))))
+    return found
+
+
+def from_env(rank: int, environ=os.environ) -> Fault | None:
+    """The fault for ``rank`` from ``$MPI_EASGD_FAULT`` (its first spec other than
+    ``delay``), or None."""
+    return next((f for f in _specs(rank, environ) if f.action != "delay"), None)
+
+
+def exchange_delay(rank: int, environ=os.environ) -> float:
+    """Seconds of ``rank``'s ``action=delay`` spec (the emulated round trip of every
+    exchange), 0 if it has none."""
+    return next((f.seconds for f in _specs(rank, environ) if f.action == "delay"), 0.0)

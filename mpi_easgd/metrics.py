@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mpi_easgd.config import ASYNC_ALGOS
 from mpi_easgd.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 METRIC_FIELDS = ("wall_time", "epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy")
@@ -41,6 +42,8 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
                    **({"outer_delay": cfg.outer_delay} if cfg.algo == "async-diloco" else {})}
     if cfg.algo != "sgd":
         elastic["exchange_dtype"] = cfg.exchange_dtype
+    if cfg.algo in ASYNC_ALGOS:
+        elastic["overlap_exchange"] = cfg.overlap_exchange
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
         epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, **elastic,

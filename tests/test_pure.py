@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, OuterWorker, ServerRule
+from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, OuterWorker, ServerRule, worker_rule
 from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.config import Config, ConfigError, parse_args
 from mpi_easgd.flat import FlatParameters
@@ -160,6 +160,48 @@ def test_outer_worker_sends_its_pseudo_gradient_and_restarts_from_the_center():
     assert torch.equal(x, torch.full((3,), 2.0)) and torch.equal(worker.anchor, x)
 
 
+@pytest.mark.parametrize("algo", ["easgd", "downpour", "async-diloco"])
+def test_overlapped_exchange_moves_by_what_was_sent_and_keeps_the_steps_taken_meanwhile(algo):
+    """--overlap-exchange: the message is a snapshot of x at the send; steps taken while it
+    and the reply are in flight stay; the move is computed from the snapshot."""
+    g = torch.Generator().manual_seed(3)
+    x0, c0, steps = (torch.randn(50, generator=g) for _ in range(3))
+    x = x0.clone()
+    rule = worker_rule(algo, x, 0.3, overlap=True)
+    anchor = x0.clone()  # downpour / async-diloco start from where they last synchronised
+    rule.prepare()
+    message = rule.send.clone()
+    x.add_(steps)  # local steps while the message travels: the message must not change
+    assert torch.equal(rule.send, message), "the message is a snapshot, not the live parameters"
+    new, reply = ServerRule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())
+    rule.reply.copy_(reply)
+    rule.absorb()
+    if algo == "easgd":
+        torch.testing.assert_close(message, x0, rtol=0, atol=0)
+        torch.testing.assert_close(x, x0 + steps - 0.3 * (x0 - c0))
+        torch.testing.assert_close((x - (x0 + steps)) + (new - c0), torch.zeros(50), atol=1e-6, rtol=0)
+    else:
+        torch.testing.assert_close(message, x0 - anchor if algo == "downpour" else anchor - x0)
+        torch.testing.assert_close(x, new + steps)  # restarted from the new center, the steps kept
+        assert torch.equal(rule.anchor, new)
+
+
+@pytest.mark.parametrize("algo", ["easgd", "downpour", "async-diloco"])
+def test_overlapped_exchange_with_no_step_in_flight_is_the_blocking_one(algo):
+    g = torch.Generator().manual_seed(4)
+    x0, c0 = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    results = []
+    for overlap in (False, True):
+        x = x0.clone()
+        rule = worker_rule(algo, x, 0.3, overlap=overlap)
+        x.add_(0.5)  # steps since the last exchange
+        rule.prepare()
+        rule.reply.copy_(ServerRule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())[1])
+        rule.absorb()
+        results.append(x)
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_ea_local_move():
     x, c, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.empty(2)
     ea_local_move(x, c, 0.25, d)
@@ -186,6 +228,7 @@ def test_config_precedence_and_types(tmp_path):
     ('on_worker_loss = "maybe"', "--on-worker-loss must be one of abort, continue; got 'maybe'"),
     ('algo = "sgd"\non_worker_loss = "continue"', "--on-worker-loss continue needs an asynchronous algorithm"),
     ('checkpoint_every = "5d"', "--checkpoint-every must be a number of steps"),
+    ('algo = "ea"\noverlap_exchange = true', "--overlap-exchange needs an asynchronous algorithm"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"

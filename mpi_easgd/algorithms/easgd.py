@@ -20,6 +20,7 @@ from mpi_easgd.algorithms.elastic import (
     downpour_server_update,
     easgd_server_update,
     easgd_worker_update,
+    restart_from_center,
 )
 from mpi_easgd.flat import flat_like
 
@@ -72,17 +73,24 @@ class ServerRule:
             self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
 
 
-class ElasticWorker:
-    """EASGD/EAMSGD worker side: send ``x``; on reply ``c``: ``x -= alpha (x - c)``."""
+class WorkerRule:
+    """The worker side of one algorithm, on the flat parameters ``x``.
 
-    def __init__(self, x: torch.Tensor, alpha: float) -> None:
+    :meth:`prepare` fills :attr:`send` from :attr:`sent`, the parameters the message is made
+    of; :meth:`absorb` takes in :attr:`reply`. Blocking exchange: ``sent`` is ``x`` itself.
+    Overlapped exchange (``overlap=True``): ``sent`` is a snapshot of ``x`` taken by
+    :meth:`prepare`, so the training loop may go on stepping ``x`` while the message and
+    the reply are in flight; :meth:`absorb` then applies the move computed from ``sent``
+    and keeps the steps taken meanwhile."""
+
+    def __init__(self, x: torch.Tensor, overlap: bool = False) -> None:
         self.x = x
-        self.alpha = alpha
-        self.send = x  # sent straight from the flat parameters: no copy
+        self.sent = flat_like(x) if overlap else x
         self.reply = flat_like(x)
 
     def prepare(self) -> None:
-        """Fill ``self.send`` (nothing to do: it is ``x``)."""
+        if self.sent is not self.x:
+            self.sent.copy_(self.x)
 
     def state_dict(self) -> dict:
         return {}
@@ -90,22 +98,33 @@ class ElasticWorker:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+
+class ElasticWorker(WorkerRule):
+    """EASGD/EAMSGD worker side: send ``x``; on reply ``c``: ``x -= alpha (sent - c)``
+    (``sent`` is ``x`` for a blocking exchange)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float, overlap: bool = False) -> None:
+        super().__init__(x, overlap)
+        self.alpha = alpha
+        self.send = self.sent  # the parameters themselves (or their snapshot): no copy
+
     def absorb(self) -> None:
-        easgd_worker_update(self.x, self.reply, self.alpha)
+        easgd_worker_update(self.x, self.reply, self.alpha, self.sent)
 
 
-class DownpourWorker:
-    """DOWNPOUR worker side: send ``x - anchor``; on reply ``c``: ``x = anchor = c``."""
+class DownpourWorker(WorkerRule):
+    """DOWNPOUR worker side: send ``sent - anchor``; on reply ``c``: ``x = c + (x - sent)``
+    (``x = c`` for a blocking exchange), ``anchor = c``."""
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
+    def __init__(self, x: torch.Tensor, overlap: bool = False) -> None:
+        super().__init__(x, overlap)
         self.anchor = flat_like(x).copy_(x)
         self.send = flat_like(x)
-        self.reply = flat_like(x)
 
     def prepare(self) -> None:
         """Fill ``self.send`` with the update accumulated since the last exchange."""
-        torch.sub(self.x, self.anchor, out=self.send)
+        super().prepare()
+        torch.sub(self.sent, self.anchor, out=self.send)
 
     def state_dict(self) -> dict:
         return {"anchor": self.anchor}
@@ -114,19 +133,21 @@ class DownpourWorker:
         self.anchor.copy_(state["anchor"])
 
     def absorb(self) -> None:
-        self.x.copy_(self.reply)
+        restart_from_center(self.x, self.reply, self.sent)
         self.anchor.copy_(self.reply)
 
 
 class OuterWorker(DownpourWorker):
-    """Async DiLoCo worker side: send the pseudo-gradient ``anchor - x``; on reply ``c``:
-    ``x = anchor = c``."""
+    """Async DiLoCo worker side: send the pseudo-gradient ``anchor - sent``; on reply ``c``:
+    ``x = c + (x - sent)`` (``x = c`` for a blocking exchange), ``anchor = c``."""
 
     def prepare(self) -> None:
-        torch.sub(self.anchor, self.x, out=self.send)
+        WorkerRule.prepare(self)
+        torch.sub(self.anchor, self.sent, out=self.send)
 
 
-def worker_rule(algo: str, x: torch.Tensor, alpha: float) -> ElasticWorker | DownpourWorker:
+def worker_rule(algo: str, x: torch.Tensor, alpha: float, overlap: bool = False) -> WorkerRule:
+    """The worker side of ``algo`` on parameters ``x`` (``overlap``: see :class:`WorkerRule`)."""
     if algo == "downpour":
-        return DownpourWorker(x)
-    return OuterWorker(x) if algo == "async-diloco" else ElasticWorker(x, alpha)
+        return DownpourWorker(x, overlap)
+    return OuterWorker(x, overlap) if algo == "async-diloco" else ElasticWorker(x, alpha, overlap)

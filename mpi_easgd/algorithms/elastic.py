@@ -32,9 +32,26 @@ def easgd_server_update(center: torch.Tensor, x: torch.Tensor, alpha: float) -> 
     return torch.lerp(center, x, alpha, out=x)
 
 
-def easgd_worker_update(x: torch.Tensor, c: torch.Tensor, alpha: float) -> None:
-    """Async EASGD, worker side: ``x -= alpha (x - c)`` with ``c`` the server's reply."""
-    x.lerp_(c, alpha)
+def easgd_worker_update(x: torch.Tensor, c: torch.Tensor, alpha: float, sent: torch.Tensor | None = None) -> None:
+    """Async EASGD, worker side: ``x -= alpha (sent - c)`` with ``c`` the server's reply to
+    the parameters ``sent``. Blocking exchange: ``sent`` is ``x`` itself (``None``), so
+    ``x -= alpha (x - c)``. Overlapped exchange: ``sent`` is the snapshot of ``x`` that
+    travelled, and the steps taken since stay in ``x``; ``sent`` is overwritten."""
+    if sent is None or sent is x:
+        x.lerp_(c, alpha)
+    else:
+        x.sub_(sent.sub_(c), alpha=alpha)
+
+
+def restart_from_center(x: torch.Tensor, c: torch.Tensor, sent: torch.Tensor | None = None) -> None:
+    """DOWNPOUR and async DiLoCo, worker side: ``x = c + (x - sent)``, ``sent`` the
+    parameters the message was made from. Blocking exchange (``sent`` is ``x`` or ``None``):
+    ``x = c``. Overlapped: the steps taken since the send are kept on top of the new
+    center; ``sent`` is overwritten."""
+    if sent is None or sent is x:
+        x.copy_(c)
+    else:
+        x.sub_(sent.sub_(c))
 
 
 def downpour_server_update(center: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,12 @@ class WorkerEndpoint:
         self.comm.Sendrecv(send, dest=self.server, sendtag=Tag.EXCHANGE, recvbuf=reply, source=self.server,
                            recvtag=Tag.REPLY)
 
+    def start_exchange(self, send, reply) -> list[MPI.Request]:
+        """:meth:`exchange` without waiting: the requests of the receive and the send. Until
+        both complete, ``send`` must not change and ``reply`` must not be read."""
+        return [self.comm.Irecv(reply, source=self.server, tag=Tag.REPLY),
+                self.comm.Isend(send, dest=self.server, tag=Tag.EXCHANGE)]
+
     def done(self, exchanges: int, steps: int, samples: int, stopped: bool) -> None:
         """Training is over for this worker (after its last exchange): its totals."""
         self.comm.Send(done_message(exchanges, steps, samples, stopped), dest=self.server, tag=Tag.DONE)

@@ -10,8 +10,9 @@ It is assembled from parts that each do one thing:
 - :mod:`.tester_feed`: snapshots of the center for the tester.
 
 :meth:`Server._serve` is the dispatch loop. An exchange is applied in arrival order and
-answered at once; the server waits for that reply to complete before anything else,
-because the worker is by protocol already waiting in its receive: it finishes at memory
+answered at once; the server waits for that reply to complete before anything else
+(unless the workers overlap their exchanges), because the worker is by protocol already
+waiting in its receive: it finishes at memory
 speed whatever that worker's pace (going back to ``Waitany`` first measured 2.4x slower:
 MPICH moves a large send only while the server is inside an MPI call).
 
@@ -91,6 +92,7 @@ class Server:
         on_worker_loss: str = "abort",
         checkpoint_every: str = "",
         wire: torch.dtype = torch.float32,
+        wait_replies: bool = True,
     ) -> None:
         self.comm, self.workers, self.tester = comm, worker_ranks, tester_rank
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
@@ -99,6 +101,7 @@ class Server:
         self.schedule = Schedule(checkpoint_every)
         self.barrier = CheckpointBarrier()
         self.peer_timeout = peer_timeout
+        self.wait_replies = wait_replies  # False: the workers overlap their exchanges (--overlap-exchange)
         self.samples_per_exchange = samples_per_exchange
         self.save = save
         p = len(worker_ranks)
@@ -192,16 +195,20 @@ class Server:
         self.updates += 1
         self.exchanges[i] += 1
         self.last_seen[i] = self.updates
-        self._wait_for_reply(i, sent)
+        if self.wait_replies:
+            self._wait_for_reply(i, sent)
 
     def _wait_for_reply(self, i: int, sent: MPI.Request) -> None:
-        """The worker is already waiting in its receive (it is inside Sendrecv), so waiting
+        """A blocking worker is already waiting in its receive (inside Sendrecv), so waiting
         here completes at memory speed however slow the worker computes. Returning to the
         main wait instead measured 2.4x slower: MPICH moves a large send only inside MPI
         calls, and Waitany returns at the next arrival, stalling the reply meanwhile.
         Test in a loop, not Wait: a worker that hung inside its exchange must not hold the
         server here once liveness gives up on it (Waitany on the send and the wake-up call
-        measured 4x slower than this loop)."""
+        measured 4x slower than this loop). An overlapping worker (``--overlap-exchange``) is
+        busy stepping and takes its reply in at its next step: then the reply completes in
+        the background (its buffer is reused only once it has) while the server serves
+        the others."""
         self.liveness.replying, started = i, time.monotonic()
         while not sent.Test():
             os.sched_yield()

@@ -6,6 +6,14 @@ training loop (:func:`mpi_easgd.loop.train`)::
     if t % tau == 0: exchange with the server (send, receive, absorb the reply)
     x = optimizer step with the gradient
 
+With ``--overlap-exchange`` the exchange does not wait: the worker sends a snapshot of
+``x`` and keeps stepping while the message and the reply are in flight (one ``Test`` per
+step moves them on, since MPI progresses only inside MPI calls). When the reply ``c``
+lands, the move is computed from the parameters that were sent and the steps taken
+meanwhile stay: EASGD/EAMSGD ``x -= alpha (sent - c)``; DOWNPOUR and async DiLoCo
+``x = c + (x - sent)``. At most one exchange is in flight: the next one, a checkpoint and
+the end first wait for it to land.
+
 At each step boundary the worker looks (one ``Test``) for a command from the server: SAVE
 (write this worker's checkpoint file, answer SAVED, wait for RESUME). A stop signal, or
 the liveness thread learning that the server dropped this worker, ends its training.
@@ -19,10 +27,12 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from mpi4py import MPI
 
+from mpi_easgd import faults
 from mpi_easgd.algorithms.easgd import worker_rule
 from mpi_easgd.algorithms.liveness import say_dropped, watch_server
-from mpi_easgd.algorithms.protocol import Command, WorkerEndpoint
+from mpi_easgd.algorithms.protocol import Command, WorkerEndpoint, sleep_until
 from mpi_easgd.context import RunContext
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.loop import Action, Position, make_optimizer
@@ -48,7 +58,7 @@ class AsyncWorker:
         self.ctx, self.cfg, self.flat, self.model = ctx, cfg, flat, flat.module
         self.endpoint, self.write = endpoint, save
         self.optimizer = make_optimizer(cfg, self.model, nesterov=cfg.algo == "eamsgd")
-        self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha)
+        self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha, overlap=cfg.overlap_exchange)
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run
         if saved is not None:
@@ -61,8 +71,12 @@ class AsyncWorker:
         wire = exchange_dtype(cfg.exchange_dtype)
         self.send = MPIBuffer(self.rule.send, ctx.transfer, wire)
         self.reply = MPIBuffer(self.rule.reply, ctx.transfer, wire)
-        self.latencies: list[float] = []
+        self.latencies: list[float] = []  # from each send to its reply landing
+        self.waited = 0.0  # seconds this worker spent blocked on exchanges
+        self.steps_in_flight = 0  # local steps taken while an exchange was in flight
         self.checksums: list[float] = []  # audit: what this worker sent, in order
+        self.delay = faults.exchange_delay(ctx.rank)  # an emulated network round trip (0: none)
+        self._flight: tuple[list[MPI.Request], float] | None = None  # overlapped: (requests, sent at)
         self.watchdog = watch_server(ctx.comm, endpoint.liveness, cfg.worker_timeout)
         self.started = time.perf_counter() - self.position.seconds
         self._step = 0  # the checkpoint step that a SAVE command named
@@ -70,8 +84,11 @@ class AsyncWorker:
     # ---- the loop's interface --------------------------------------------------------
 
     def step(self, pos: Position, has_grad: bool) -> None:
+        if self._flight is not None:
+            self._land(wait=False)
         if pos.t % self.cfg.tau == 0:
             self.exchange()
+        self.steps_in_flight += self._flight is not None
         if has_grad:  # else x stays finite: no NaN reaches the center
             self.optimizer.step()
 
@@ -92,6 +109,7 @@ class AsyncWorker:
             idle_forever(self.ctx.rank)
 
     def _save(self, pos: Position) -> tuple[int, int, int]:
+        self._land()  # the server has applied it: so must the saved worker
         written = self.write(self._step, self.state_dict(pos))  # a failure is printed there; the server ends the job
         self.endpoint.saved(pos.epoch if written else -1)
         return self._from_server()  # no exchange until the server has saved too
@@ -108,13 +126,47 @@ class AsyncWorker:
     # ---- the exchange and the end ----------------------------------------------------
 
     def exchange(self) -> None:
+        """Send this worker's message and take in the reply; overlapped, only send (the
+        reply lands in :meth:`_land`)."""
+        self._land()  # at most one in flight
         self.rule.prepare()
         self.send.before_send()
         if self.cfg.audit:
             self.checksums.append(float(self.send.sent.double().sum()))  # as it travels
         t0 = time.perf_counter()
         self.watchdog.expect("server")
+        if self.cfg.overlap_exchange:
+            self._flight = (self.endpoint.start_exchange(self.send.mpi, self.reply.mpi), t0)
+            return
         self.endpoint.exchange(self.send.mpi, self.reply.mpi)
+        if self.delay:
+            time.sleep(max(0.0, t0 + self.delay - time.perf_counter()))
+        self.waited += time.perf_counter() - t0
+        self._landed(t0)
+
+    def _land(self, wait: bool = True) -> None:
+        """Take in the overlapped exchange's reply if there is one in flight and it has
+        arrived (``wait``: waiting for it, without spinning)."""
+        if self._flight is None:
+            return
+        requests, t0 = self._flight
+
+        def arrived() -> bool:
+            return time.perf_counter() >= t0 + self.delay and MPI.Request.Testall(requests)
+
+        if not wait and not arrived():
+            return
+        started = time.perf_counter()
+        time.sleep(max(0.0, t0 + self.delay - started))
+        sleep_until(lambda: MPI.Request.Testall(requests) or self.endpoint.liveness.dropped)
+        if not arrived():  # the server gave up on this worker and withdrew the exchange
+            self.watchdog.stop()
+            idle_forever(self.ctx.rank)
+        self.waited += time.perf_counter() - started
+        self._flight = None
+        self._landed(t0)
+
+    def _landed(self, t0: float) -> None:
         self.watchdog.release("server")
         self.latencies.append(time.perf_counter() - t0)
         self.reply.after_recv()
@@ -133,6 +185,7 @@ class AsyncWorker:
             self.watchdog.stop()
             idle_forever(self.ctx.rank)
         self.exchange()  # flush the steps since the last exchange
+        self._land()
         exchanges = self.exchanges + len(self.latencies)
         self.endpoint.done(exchanges, pos.t, pos.samples, stopped)
         seconds = time.perf_counter() - self.started
@@ -152,7 +205,8 @@ class AsyncWorker:
             rank=self.ctx.rank, exchanges=exchanges, steps=pos.t, samples=pos.samples,
             wall_seconds=seconds, nonfinite_skipped=pos.skipped,
             latency_ms_mean=float(lat.mean()), latency_ms_p50=float(np.percentile(lat, 50)),
-            latency_ms_p99=float(np.percentile(lat, 99)),
+            latency_ms_p99=float(np.percentile(lat, 99)), exchange_wait_seconds=self.waited,
+            steps_in_flight=self.steps_in_flight,
             **({"audit_checksums": self.checksums} if self.cfg.audit else {}),
         )
         return stats, command[1], bool(command[2])

@@ -87,13 +87,21 @@ def check_audit(run, summary, tau):
     assert torch.equal(flat, torch.from_numpy(audit["final"])), "center.pt is not the final center"
 
 
-@pytest.mark.parametrize("algo,ranks,tau,wire", [("easgd", 4, 4, "float32"), ("eamsgd", 5, 8, "float16"),
-                                                  ("downpour", 4, 4, "float32"), ("async-diloco", 5, 4, "bfloat16")])
+@pytest.mark.parametrize("algo,ranks,tau,wire,overlap", [
+    ("easgd", 4, 4, "float32", True), ("eamsgd", 5, 8, "float16", False),
+    ("downpour", 4, 4, "float32", True), ("async-diloco", 5, 4, "bfloat16", False)])
 @one_side_fails_all
-def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, shared, capsys):
+def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, shared, capsys, monkeypatch):
+    """Overlapped runs (--overlap-exchange) get an emulated 15 ms network round trip, so that
+    every reply lands while the worker steps: the audit then shows that each message was the
+    snapshot taken at its send, and that the center is still exactly what was applied."""
     out = shared / f"async-{algo}"
+    if overlap:
+        monkeypatch.setenv("MPI_EASGD_FAULT", ";".join(f"rank={r},action=delay,seconds=0.015"
+                                                       for r in range(1, ranks - 1)))
     status, stdout = train(ranks, "--algo", algo, "--epochs", "3", "--tau", str(tau), "--audit", "--test-every",
-                           "0.5", "--exchange-dtype", wire, "--out", str(out), "--run-name", "run", capsys=capsys)
+                           "0.5", "--exchange-dtype", wire, "--out", str(out), "--run-name", "run",
+                           *(["--overlap-exchange"] if overlap else []), capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
@@ -104,9 +112,14 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, shared, ca
     else:
         assert summary["beta"] == pytest.approx(summary["alpha"] * (ranks - 2))
     assert summary["test_accuracy"] > 0.8, "mnist5k must be learnt well above chance (0.1)"
+    assert summary["overlap_exchange"] is overlap
     for w in summary["per_worker"]:
         assert w["latency_ms_p50"] <= w["latency_ms_p99"]
         assert w["staleness_mean"] >= 0
+        if overlap:  # every exchange but the final flush had a step taken while it travelled
+            assert w["steps_in_flight"] >= w["exchanges"] - 1 and w["latency_ms_p50"] >= 15
+        else:
+            assert w["steps_in_flight"] == 0
     assert 0 < summary["server_busy_fraction"] < 1
     check_audit(out / "run", summary, tau)
     payloads = torch.from_numpy(np.load(out / "run" / "audit.npz")["payloads"])
