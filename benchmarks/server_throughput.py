@@ -111,7 +111,7 @@ def main() -> None:
     workers = comm.size - 2
     live = comm.Dup()  # the server's liveness traffic
     if comm.rank == 0:
-        print(f"{workers} workers; exchanges/s over all workers (median of {args.pairs} rounds); "
+        print(f"{workers} workers; exchanges/s over all workers and each ratio: median of {args.pairs} rounds; "
               f"ours exchanges {args.exchange_dtype}, raw float32")
         print(f"{'parameters':>12}{'ours':>9}{'raw':>9}{'raw+upd':>9}{'ours/raw':>10}{'ours/raw+upd':>14}"
               f"{'raw+upd/raw':>13}   ours/raw per round")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -50,12 +51,13 @@ def test_async_benchmark_scripts_run(tmp_path):
     # (benchmarks/server_throughput.py runs in tests/mpi/spmd_server.py, in the server's job)
     r = subprocess.run([sys.executable, "benchmarks/time_to_accuracy.py", "--taus", "10", "--epochs", "1",
                         "--target", "0.5", "--algos", "easgd", "--workers", "1", "--straggler", "3", "--step-ms",
-                        "1", "--out", str(tmp_path)],
+                        "1", "--exchange-delay-ms", "5", "--overlap-modes", "on", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = (tmp_path / "time_to_accuracy.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[0].startswith("algo,tau")  # header + easgd at tau 10
-    assert rows[1].split(",")[3:6] == ["3", "1", "3.0"]  # ranks, workers, straggler
+    rows = list(csv.DictReader((tmp_path / "time_to_accuracy.csv").open()))
+    assert len(rows) == 1 and (rows[0]["algo"], rows[0]["tau"]) == ("easgd", "10")
+    picked = ("ranks", "workers", "straggler", "overlap", "exchange_delay_ms")
+    assert [rows[0][k] for k in picked] == ["3", "1", "3.0", "on", "5.0"]
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 10_000
 
 
