@@ -128,12 +128,12 @@ def main() -> None:
                     rates[name].append(k * workers / seconds[name])
         if comm.rank == 0:
             med = {name: statistics.median(r) for name, r in rates.items()}
-            per_round = " ".join(f"{o / r:.2f}" for o, r in zip(rates["ours"], rates["raw"]))
+            ratios = {(a, b): [x / y for x, y in zip(rates[a], rates[b])]
+                      for a, b in [("ours", "raw"), ("ours", "raw+upd"), ("raw+upd", "raw")]}
             print(f"{n:>12,}{med['ours']:>9.1f}{med['raw']:>9.1f}{med['raw+upd']:>9.1f}"
-                  f"{statistics.median(o / r for o, r in zip(rates['ours'], rates['raw'])):>10.3f}"
-                  f"{statistics.median(o / u for o, u in zip(rates['ours'], rates['raw+upd'])):>14.3f}"
-                  f"{statistics.median(u / r for u, r in zip(rates['raw+upd'], rates['raw'])):>13.3f}"
-                  f"   {per_round}", flush=True)
+                  + "".join(f"{statistics.median(r):>{w}.3f}" for r, w in zip(ratios.values(), (10, 14, 13)))
+                  + "   " + " ".join(f"{r:.2f}" for r in ratios["ours", "raw"]), flush=True)
+
 
 if __name__ == "__main__":
     main()

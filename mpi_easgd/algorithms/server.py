@@ -10,11 +10,12 @@ It is assembled from parts that each do one thing:
 - :mod:`.tester_feed`: snapshots of the center for the tester.
 
 :meth:`Server._serve` is the dispatch loop. An exchange is applied in arrival order and
-answered at once; the server waits for that reply to complete before anything else
-(unless the workers overlap their exchanges), because the worker is by protocol already
-waiting in its receive: it finishes at memory
+answered at once; the server waits for that reply to complete before anything else,
+because the worker is by protocol already waiting in its receive: it finishes at memory
 speed whatever that worker's pace (going back to ``Waitany`` first measured 2.4x slower:
-MPICH moves a large send only while the server is inside an MPI call).
+MPICH moves a large send only while the server is inside an MPI call). Workers that
+overlap their exchanges (``--overlap-exchange``) are not waiting: their replies complete
+in the background.
 
 Checkpoints (every ``--checkpoint-every`` center updates or seconds, and when training
 ends) are coordinated by the server: it sends every worker a SAVE command; each worker
