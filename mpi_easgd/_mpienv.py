@@ -5,6 +5,10 @@ a CI runner, the async server and tester next to the workers), a polling rank st
 CPU from a rank that computes. MPICH's heavy-yield mode makes waiting ranks call
 ``sched_yield``, which gives that CPU back at a small latency cost, so we turn it on only
 when the launcher says the node is oversubscribed. An explicit setting by the user wins.
+
+Under ``mpirun --with-ft ulfm`` (fault-tolerant runs) the transport must be TCP, not
+shared memory: :func:`mpi_easgd.ft.transport_settings` says so, and :data:`NOTES` keeps
+what was set for the run's log.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 
 _HEAVY_YIELD = "MPIR_CVAR_ENABLE_HEAVY_YIELD"
+NOTES: list[str] = []  # settings the user should hear about (logged once the run has a log)
 
 
 def local_cores() -> int:
@@ -33,5 +38,11 @@ def oversubscribed(environ: os._Environ | dict = os.environ) -> bool:
 
 def prepare() -> None:
     """Apply the pre-initialisation settings; call before ``from mpi4py import MPI``."""
+    from mpi_easgd import ft
+
     if oversubscribed():
         os.environ.setdefault(_HEAVY_YIELD, "1")
+    settings, note = ft.transport_settings()
+    os.environ.update(settings)
+    if note and note not in NOTES:
+        NOTES.append(note)

@@ -7,12 +7,15 @@ tester :func:`run_tester`); at the
 end every role still in the run sends its statistics to the tester, which writes the
 summary. There is no collective after the start, so a worker dropped under
 ``--on-worker-loss continue`` holds nothing up; the tester then ends the job (and the
-dropped rank with it) once the summary is written.
+dropped rank with it) once the summary is written. Under ULFM a worker that died is
+simply gone; with ``--on-worker-loss respawn`` a replacement (:mod:`mpi_easgd.join`)
+takes over its rank, and its statistics reach the tester through the server.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from mpi_easgd.algorithms import audit
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, wait_politely
 from mpi_easgd.algorithms.server import PeerLost, Server
+from mpi_easgd.algorithms.spares import Spares
 from mpi_easgd.algorithms.worker import AsyncWorker
 from mpi_easgd.config import Config
 from mpi_easgd.context import RunContext
@@ -71,7 +75,7 @@ def run_async(ctx: RunContext) -> dict | None:
     if server is not None:
         return _serve(ctx, server, flat)
     if topo.role == "worker":
-        return _work(ctx, live, flat, saved)
+        return work(ctx, live, flat, saved)
     return _test(ctx, live, flat, saved)
 
 
@@ -96,12 +100,16 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
         return ckpt
 
     rule = ServerRule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
+    spares = None
+    if cfg.on_worker_loss == "respawn":
+        spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(run_dir), world_size=topo.world_size,
+                             cwd=os.getcwd()))
     server = Server(ctx.comm, live, flat.data, rule, topo.worker_ranks,
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
                     peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
                     checkpoint_every=cfg.checkpoint_every, wire=exchange_dtype(cfg.exchange_dtype),
-                    wait_replies=not cfg.overlap_exchange)
+                    wait_replies=not cfg.overlap_exchange, spares=spares)
     if saved is not None:
         server.load_state_dict(saved)  # the center is the starting point again
     return server
@@ -114,6 +122,7 @@ def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
     finally:  # the server owns the center: keep it even if a peer was lost at the end
         checkpoint.save_model(flat.module, run_dir / "center.pt")
     stats = server.stats()
+    stats["relayed"] = server.replacement_stats(cfg.worker_timeout)
     if cfg.audit:
         audit.write(run_dir / "audit.npz", server.versions.rule, server.initial, server.audit, flat.data)
     # Sent once everything is on disk: the tester may end the job after its summary.
@@ -122,7 +131,10 @@ def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
         raise Preempted(Path(stats["checkpoint"]))
 
 
-def _work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None) -> None:
+def work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None,
+         stats_to: int | None = None) -> None:
+    """Train as a worker until the run ends; its statistics go to the tester (a replacement
+    worker: ``stats_to``, the server)."""
     cfg, topo = ctx.cfg, ctx.topo
     loader = ShardLoader(ctx.info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
                          seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
@@ -131,7 +143,7 @@ def _work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | N
     stopped = train(worker, loader, worker.position, cfg, steps=loader.steps, rank=topo.rank, device=ctx.device,
                     log=NullRunLog())
     stats, step, stopped = worker.finish(worker.position, stopped)
-    _send_stats(ctx.comm, stats, topo.tester_rank, cfg.worker_timeout)
+    _send_stats(ctx.comm, stats, topo.tester_rank if stats_to is None else stats_to, cfg.worker_timeout)
     if stopped:
         raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
 
@@ -178,8 +190,9 @@ def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo: Topology, timeout: float
                      heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
     everything = {}
     for rank in [topo.server_rank, *topo.worker_ranks]:
-        if rank in everything.get(topo.server_rank, {}).get("lost_workers", []):
-            continue
+        server = everything.get(topo.server_rank, {})
+        if rank in server.get("lost_workers", []) or rank in server.get("dead_workers", []):
+            continue  # (a dead worker's replacement sent its statistics with the server's)
         guard.expect(rank)
         everything[rank] = comm.recv(source=rank, tag=Tag.STATS)
         guard.release(rank)
@@ -191,8 +204,11 @@ def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo: Topology, timeout: float
 def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[dict]) -> dict:
     server = everything[topo.server_rank]
     final = everything[topo.tester_rank]
+    everything.update({int(rank): stats for rank, stats in server["relayed"].items()})
     lost = server["lost_workers"]
-    per_worker = [dict(everything.get(s["rank"], {}), **s, lost=s["rank"] in lost) for s in server["per_worker"]]
+    dead = server["dead_workers"]
+    per_worker = [dict(everything.get(s["rank"], {}), **s, lost=s["rank"] in lost, died=s["rank"] in dead)
+                  for s in server["per_worker"]]
     workers = [everything[r] for r in topo.worker_ranks if r not in lost]
     samples = sum(w["samples"] for w in workers)
     seconds = max((w["wall_seconds"] for w in workers), default=0.0)
@@ -202,4 +218,8 @@ def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[di
         evaluations=final["evaluations"], exchanges=server["updates"],
         server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
         checkpoints=server["checkpoints"], checkpoint_seconds=server["checkpoint_seconds"], lost_workers=lost,
+        dead_workers=dead,  # (ULFM) lost because their process died: gone, unlike a hung one
+        replacements=[dict(r, seconds_to_first_exchange=r["first_exchange"] - r["detected"]
+                           if r["first_exchange"] else None) for r in server["replacements"]],
+        spawn_seconds=server["spawn_seconds"],
     )

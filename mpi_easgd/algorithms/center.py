@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import ft
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.transfer import mpi_view
@@ -34,7 +35,7 @@ class BufferPool:
         self._free: list[torch.Tensor] = []
         self._released: dict[int, torch.Tensor] = {}
         self._pending: dict[int, int] = {}
-        self._sends: list[tuple[int, int, MPI.Request]] = []  # (buffer id, destination, request)
+        self._sends: list[tuple[int, tuple, MPI.Request]] = []  # (buffer id, (comm, rank), request)
 
     def take(self) -> torch.Tensor:
         self._reap()
@@ -45,13 +46,13 @@ class BufferPool:
     def send(self, comm: MPI.Comm, buf: torch.Tensor, dest: int, tag: int) -> MPI.Request:
         request = comm.Isend(mpi_view(buf), dest=dest, tag=tag)
         self._pending[id(buf)] = self._pending.get(id(buf), 0) + 1
-        self._sends.append((id(buf), dest, request))
+        self._sends.append((id(buf), (comm.py2f(), dest), request))
         return request
 
-    def abandon(self, dest: int) -> None:
-        """Forget the sends to a lost rank; their buffers are never reused (MPI may still
-        read them), a bounded leak of one buffer per lost worker."""
-        self._sends = [s for s in self._sends if s[1] != dest]
+    def abandon(self, comm: MPI.Comm, dest: int) -> None:
+        """Forget the sends to a lost rank of ``comm``; their buffers are never reused (MPI
+        may still read them), a bounded leak of one buffer per lost worker."""
+        self._sends = [s for s in self._sends if s[1] != (comm.py2f(), dest)]
 
     def release(self, buf: torch.Tensor) -> None:
         self._released[id(buf)] = buf
@@ -59,7 +60,7 @@ class BufferPool:
     def _reap(self) -> None:
         still = []
         for key, dest, request in self._sends:
-            if request.Test():
+            if ft.test(request):  # (a send to a rank that died is over too)
                 self._pending[key] -= 1
             else:
                 still.append((key, dest, request))
@@ -114,10 +115,10 @@ class CenterVersions:
     def send(self, comm: MPI.Comm, buf: torch.Tensor, dest: int, tag: int) -> MPI.Request:
         return (self.pool if buf.dtype == torch.float32 else self.wire_pool).send(comm, buf, dest, tag)
 
-    def abandon(self, dest: int) -> None:
+    def abandon(self, comm: MPI.Comm, dest: int) -> None:
         """Forget the sends to a lost rank (:meth:`BufferPool.abandon`)."""
         for pool in self._pools:
-            pool.abandon(dest)
+            pool.abandon(comm, dest)
 
     def requests(self) -> list[MPI.Request]:
         """Every send still in flight."""

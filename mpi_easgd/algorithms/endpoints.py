@@ -4,6 +4,11 @@ For every worker the server keeps three receives posted (its next exchange, DONE
 SAVED), plus the liveness thread's wake-up call; :meth:`Endpoints.wait` completes whichever
 arrives first with ``Waitany``, a blocking wait (no spinning on ``Test``, which would steal
 the CPU from workers sharing the node), and returns it as an :class:`Event`.
+
+Under ULFM (:mod:`mpi_easgd.ft`) a receive from a worker that died completes in error:
+that is a FAILED event (MPI says who died). A worker's receives can move to another
+communicator (:meth:`Endpoints.relink`): a replacement process talks to the server over
+the intercommunicator that started it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import ft
 from mpi_easgd.algorithms.protocol import DONE_LEN, SAVED_LEN, Tag
 from mpi_easgd.transfer import mpi_view
 
@@ -24,11 +30,12 @@ class Kind(enum.Enum):
     DONE = "done"  # a worker finished training: its totals
     SAVED = "saved"  # a worker's checkpoint file is on disk (or failed)
     WAKE = "wake"  # the liveness thread found silent workers
+    FAILED = "failed"  # (ULFM) a receive failed because its worker died
 
 
 class Event(NamedTuple):
     kind: Kind
-    worker: int  # index into the server's workers (-1 for WAKE)
+    worker: int  # index into the server's workers (-1 for WAKE and FAILED)
     data: object  # EXCHANGE: the buffer it arrived in; DONE: int64[DONE_LEN]; SAVED: epoch (-1: failed)
 
 
@@ -39,8 +46,9 @@ class Endpoints:
     with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are re-armed here."""
 
     def __init__(self, comm: MPI.Comm, workers: list[int], take, wake) -> None:
-        self.comm, self.workers = comm, workers
+        self.comm, self.workers = comm, list(workers)  # each worker's rank on its communicator
         p = len(workers)
+        self._comms = [comm] * p  # where each worker's messages arrive (see relink)
         self._done = np.zeros((p, DONE_LEN), dtype=np.int64)
         self._saved = np.zeros((p, SAVED_LEN), dtype=np.int64)
         self._incoming: list[torch.Tensor | None] = [None] * p
@@ -56,13 +64,13 @@ class Endpoints:
         self._requests[-1] = wake()
 
     def _post(self, kind: Kind, i: int) -> None:
-        rank = self.workers[i]
+        rank, comm = self.workers[i], self._comms[i]
         if kind is Kind.DONE:
-            request = self.comm.Irecv(self._done[i], source=rank, tag=Tag.DONE)
+            request = comm.Irecv(self._done[i], source=rank, tag=Tag.DONE)
         elif kind is Kind.SAVED:
-            request = self.comm.Irecv(self._saved[i], source=rank, tag=Tag.SAVED)
+            request = comm.Irecv(self._saved[i], source=rank, tag=Tag.SAVED)
         else:
-            request = self.comm.Irecv(mpi_view(self._incoming[i]), source=rank, tag=Tag.EXCHANGE)
+            request = comm.Irecv(mpi_view(self._incoming[i]), source=rank, tag=Tag.EXCHANGE)
         self._requests[self._index[kind, i]] = request
 
     def post_exchange(self, i: int, buf: torch.Tensor) -> None:
@@ -70,9 +78,22 @@ class Endpoints:
         self._incoming[i] = buf
         self._post(Kind.EXCHANGE, i)
 
+    def relink(self, i: int, comm: MPI.Comm, rank: int, buf: torch.Tensor) -> None:
+        """Worker ``i`` is now ``rank`` on ``comm`` (a replacement): post its receives
+        there (its old ones must have been withdrawn), the exchange into ``buf``."""
+        self._comms[i], self.workers[i] = comm, rank
+        self.post_exchange(i, buf)
+        self._post(Kind.DONE, i)
+        self._post(Kind.SAVED, i)
+
     def wait(self) -> Event:
         """The next message to arrive, from any worker, or the wake-up call."""
-        n = MPI.Request.Waitany(self._requests)
+        try:
+            n = MPI.Request.Waitany(self._requests)
+        except MPI.Exception as exc:  # MPI has set the failed request to null
+            if ft.is_failure(exc):
+                return Event(Kind.FAILED, -1, None)
+            raise
         kind, i = self._slots[n]
         if kind is Kind.EXCHANGE:
             buf, self._incoming[i] = self._incoming[i], None
@@ -94,8 +115,12 @@ class Endpoints:
         for kind in kinds or (Kind.EXCHANGE, Kind.DONE, Kind.SAVED):
             n = self._index[kind, i]
             if self._requests[n]:
-                self._requests[n].Cancel()
-                self._requests[n].Wait()
+                try:
+                    self._requests[n].Cancel()
+                    self._requests[n].Wait()
+                except MPI.Exception as exc:  # its worker died: nothing more can arrive
+                    if not ft.is_failure(exc):
+                        raise
                 if kind is Kind.EXCHANGE:
                     buf, self._incoming[i] = self._incoming[i], None
             self._requests[n] = MPI.REQUEST_NULL
@@ -103,8 +128,9 @@ class Endpoints:
 
     def close(self) -> None:
         """Withdraw every receive still posted (at the end of the run)."""
-        for request in self._requests:
-            if request:
-                request.Cancel()
-                request.Wait()
+        for i in range(len(self.workers)):
+            self.withdraw(i)
+        if self._requests[-1]:
+            self._requests[-1].Cancel()
+            self._requests[-1].Wait()
         self._requests = [MPI.REQUEST_NULL] * len(self._slots)

@@ -10,6 +10,8 @@ that liveness traffic never matches a training receive. Async runs need
   rank that may be waiting on the server a heartbeat each second, and reports a silent
   worker either by ending the job (``--on-worker-loss abort``) or as a *lost* event: a
   wake-up message to the server's own posted receive, after which :meth:`lost` says who.
+- Under ULFM (:mod:`mpi_easgd.ft`) a heartbeat to a worker that died fails; that is not
+  this thread's business (the server's main thread learns of the death from its receives).
 - :func:`watch_server`, on a worker: the server is expected to answer while the worker
   waits on it; its heartbeats count as answers; DROPPED means this worker no longer counts.
 """
@@ -22,6 +24,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpi_easgd import ft
 from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, control_message
 from mpi_easgd.watchdog import Watchdog, require_thread_multiple
 
@@ -33,17 +36,21 @@ class ServerLiveness:
 
     Main thread: :meth:`expect` / :meth:`release` a worker's clock, :meth:`lost` (the workers
     found silent, once each), :meth:`dropped` (tell a worker), :attr:`replying` and
-    :attr:`listeners`. Everything else runs on the watchdog thread."""
+    :attr:`listeners`, :meth:`relink`. Everything else runs on the watchdog thread."""
 
     def __init__(self, comm: MPI.Comm, live: MPI.Comm, workers: list[int], timeout: float,
                  keep_going: bool) -> None:
-        self.live, self.workers, self.timeout = live, workers, timeout
+        self.live, self.timeout, self.keep_going = live, timeout, keep_going
+        self.workers = list(workers)  # each worker's rank on its liveness communicator
         self.replying: int | None = None  # the worker whose reply the server waits on
-        self.listeners: list[int] = list(workers)  # who gets heartbeats (rebound, never mutated)
+        # Who gets heartbeats, as (communicator, rank): rebound, never mutated (the thread reads it).
+        self.listeners: list[tuple[MPI.Comm, int]] = [(live, r) for r in workers]
+        self._lives = [live] * len(workers)  # each worker's liveness communicator
         self._silent: list[tuple[int, float]] = []  # (worker, seconds), found by the thread
         self._beats: list[MPI.Request] = []
         self._wake = np.zeros(1, dtype=np.int64)
-        self.watchdog = Watchdog(comm, timeout, lambda i: f"worker rank {workers[i]}",
+        names = list(workers)
+        self.watchdog = Watchdog(comm, timeout, lambda i: f"worker rank {names[i]}",
                                  on_silent=self._on_silent if keep_going else None,
                                  heard=self._heard, tick=self._heartbeat)
 
@@ -86,11 +93,25 @@ class ServerLiveness:
                 found.append((i, seconds))
         return found
 
-    def dropped(self, i: int) -> None:
-        """Tell worker ``i`` it no longer counts (in case it wakes up): it then stays idle."""
-        rank = self.workers[i]
-        self.listeners = [r for r in self.listeners if r != rank]
-        self._beats.append(self.live.Isend(control_message(Command.DROPPED), dest=rank, tag=Tag.CONTROL))
+    def dropped(self, i: int, died: bool = False) -> None:
+        """Tell worker ``i`` it no longer counts (in case it wakes up: it then stays idle;
+        one that ``died`` is told nothing)."""
+        link = (self._lives[i], self.workers[i])
+        self.listeners = [r for r in self.listeners if r != link]
+        self.release(i)
+        if not died:
+            self._beats.append(link[0].Isend(control_message(Command.DROPPED), dest=link[1], tag=Tag.CONTROL))
+
+    def listen(self, live: MPI.Comm, rank: int) -> None:
+        """Send ``rank`` of ``live`` heartbeats too (it now waits on the server)."""
+        self.listeners = self.listeners + [(live, rank)]
+
+    def relink(self, i: int, live: MPI.Comm, rank: int) -> None:
+        """Worker ``i`` is now ``rank`` on ``live`` (a replacement); its clock starts."""
+        self._lives[i] = live
+        self.workers[i] = rank
+        self.listen(live, rank)
+        self.expect(i)
 
     # ---- the watchdog thread -----------------------------------------------------------
 
@@ -111,9 +132,13 @@ class ServerLiveness:
     def _heartbeat(self) -> None:
         """Tell every rank that may be waiting on the server that it lives (a worker can
         wait long and rightly: for a slow peer to reach a checkpoint, or to be dropped)."""
-        self._beats = [r for r in self._beats if not r.Test()]
-        for rank in self.listeners:
-            self._beats.append(self.live.Isend(_HEARTBEAT, dest=rank, tag=Tag.CONTROL))
+        self._beats = [r for r in self._beats if not ft.test(r)]
+        for live, rank in self.listeners:
+            try:
+                self._beats.append(live.Isend(_HEARTBEAT, dest=rank, tag=Tag.CONTROL))
+            except MPI.Exception as exc:  # it died: the main thread withdraws it
+                if not ft.is_failure(exc):
+                    raise
 
 
 def say_dropped(rank: int) -> None:

@@ -27,7 +27,9 @@ class Tag(IntEnum):
     CONTROL = 16  # server -> worker: int64[CONTROL_LEN] (Command, checkpoint step); liveness: HEARTBEAT, DROPPED
     SAVED = 17  # worker -> server: int64[SAVED_LEN] (epoch), after its checkpoint file is on disk
     WAKE = 18  # (liveness) server's watchdog thread -> server itself: look at the workers it found silent
-    STATS = 19  # every role -> tester, pickled: its statistics for the run summary
+    STATS = 19  # every role -> tester, pickled: its statistics for the run summary (a replacement: -> server)
+    JOIN = 20  # server -> spare worker, pickled: the run's set-up, then its assignment (or None: not needed)
+    START = 21  # server -> replacement worker: float32[n] the center it starts from
 
 
 class Kind(IntEnum):
@@ -189,3 +191,20 @@ def sleep_until(done, deadline: float = float("inf")) -> bool:
 def wait_politely(requests: list[MPI.Request], deadline: float = float("inf")) -> bool:
     """Wait for ``requests`` without spinning (see :func:`sleep_until`); True if they completed."""
     return sleep_until(lambda: MPI.Request.Testall(requests), deadline)
+
+
+def receive_object(comm: MPI.Comm, source: int, tag: int, deadline: float = float("inf")) -> tuple[bool, object]:
+    """Receive a pickled message without spinning (see :func:`sleep_until`): ``(True,
+    message)``, or ``(False, None)`` if none came by the deadline (the receive is withdrawn)."""
+    request, box = comm.irecv(source=source, tag=tag), []
+
+    def arrived() -> bool:
+        done, message = request.test()
+        if done:
+            box.append(message)
+        return done
+
+    if sleep_until(arrived, deadline):
+        return True, box[0]
+    request.Cancel()
+    return False, None

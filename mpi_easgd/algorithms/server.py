@@ -26,7 +26,13 @@ files are one consistent state of the whole run.
 
 A worker silent for ``--worker-timeout`` seconds ends the job (``--on-worker-loss
 abort``), or (``continue``) is dropped: its receives are withdrawn, it is told DROPPED in
-case it wakes up, and training, checkpoints and the summary go on without it.
+case it wakes up, and training, checkpoints and the summary go on without it. Under ULFM
+(``mpirun --with-ft ulfm``, :mod:`mpi_easgd.ft`) a worker that *dies* is known at once:
+MPI fails the server's receives from it, and it is dropped the same way (or ends the job
+under ``abort``), or (``respawn``) a spare process takes its place (:mod:`.spares`): the
+dead worker's rank, shard and exchange count, from the current center (between
+checkpoints: one that is under way completes first). The server itself is the run's
+single point of failure: its death ends the run, with the newest checkpoint intact.
 """
 
 from __future__ import annotations
@@ -42,13 +48,14 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import faults
+from mpi_easgd import faults, ft
 from mpi_easgd.algorithms.barrier import CheckpointBarrier, Phase, Schedule
 from mpi_easgd.algorithms.center import CenterVersions
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.endpoints import Endpoints, Kind
 from mpi_easgd.algorithms.liveness import ServerLiveness
-from mpi_easgd.algorithms.protocol import DONE_LEN, Command, Tag, control_message, wait_politely
+from mpi_easgd.algorithms.protocol import DONE_LEN, Command, Tag, control_message, receive_object, wait_politely
+from mpi_easgd.algorithms.spares import Spares
 from mpi_easgd.algorithms.tester_feed import TesterFeed
 
 
@@ -94,11 +101,14 @@ class Server:
         checkpoint_every: str = "",
         wire: torch.dtype = torch.float32,
         wait_replies: bool = True,
+        spares: Spares | None = None,
     ) -> None:
-        self.comm, self.workers, self.tester = comm, worker_ranks, tester_rank
+        self.comm, self.workers, self.tester = comm, list(worker_ranks), tester_rank
+        # Where each worker is reached: (communicator, liveness communicator, its rank there).
+        self.links: list[tuple[MPI.Comm, MPI.Comm, int]] = [(comm, live, r) for r in worker_ranks]
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
         self.feed = TesterFeed(comm, self.versions, tester_rank, test_every)
-        self.liveness = ServerLiveness(comm, live, worker_ranks, peer_timeout, on_worker_loss == "continue")
+        self.liveness = ServerLiveness(comm, live, worker_ranks, peer_timeout, on_worker_loss != "abort")
         self.schedule = Schedule(checkpoint_every)
         self.barrier = CheckpointBarrier()
         self.peer_timeout = peer_timeout
@@ -116,6 +126,12 @@ class Server:
         self.done = np.zeros((p, DONE_LEN), dtype=np.int64)  # each worker's DONE totals
         self.epoch = np.zeros(p, dtype=np.int64)  # each worker's epoch at its last save (-1: failed)
         self.rejoin: dict[str, dict] = {}  # lost workers, as resumed runs restart them
+        self.deaths: list[dict] = []  # (ULFM) workers that died: rank, when it was known (time.time())
+        self.spares = spares  # --on-worker-loss respawn
+        self.replacements: list[dict] = []  # rank, when its death was known, assigned, first exchange
+        self._first: dict[int, dict] = {}  # worker -> its replacement's entry until it first exchanges
+        self._to_replace: list[int] = []  # dead workers whose replacement waits for a checkpoint to end
+        self.training = False  # workers may still be replaced
         self.audit = [] if audit else None
         self.initial: tuple[torch.Tensor, dict] | None = None  # audit: center and rule state at the start
         self.checkpoint: Path | None = None  # the last committed one
@@ -139,12 +155,16 @@ class Server:
         self.endpoints = Endpoints(self.comm, self.workers, self.versions.take, self.liveness.wake_receive)
         self.liveness.start()
         start = time.perf_counter()
+        if self.spares is not None:
+            self.spares.spawn()  # ready before anyone dies
+        self.training = True
         self._serve(lambda: TRAINING not in self.status and self.barrier.phase is Phase.IDLE)
+        self.training = False
         # The tester never held training up; only the final center waits for it, bounded.
         deadline = time.monotonic() + self.peer_timeout
         if not self.feed.send_final(self.updates, self._samples(), deadline):
             raise PeerLost(self._tester_lost())
-        self.liveness.listeners = self.liveness.listeners + [self.tester]  # it now waits for the statistics
+        self.liveness.listen(self.liveness.live, self.tester)  # it now waits for the statistics
         self._begin_checkpoint()
         self._serve(lambda: self.barrier.phase is Phase.IDLE)
         self.liveness.stop()
@@ -172,9 +192,11 @@ class Server:
                 self.epoch[i] = event.data
                 if self.barrier.saved(i, ok=event.data >= 0):
                     self._complete_checkpoint()
+            elif event.kind is Kind.FAILED:  # a worker died (ULFM)
+                self._failures()
             else:  # WAKE: the liveness thread found silent workers
                 for i, seconds in self.liveness.lost():
-                    self._drop(i, seconds)
+                    self._drop(i, self._silent(seconds))
             if self.barrier.phase is Phase.IDLE and TRAINING in self.status and \
                     self.schedule.due(self.updates, time.monotonic()):
                 self._begin_checkpoint()
@@ -184,10 +206,18 @@ class Server:
     # ---- events ----------------------------------------------------------------------
 
     def _exchange(self, i: int, x: torch.Tensor) -> None:
+        if i in self._first:
+            self._first.pop(i)["first_exchange"] = time.time()
         if self.audit is not None:
             self.audit.append((i, x.to(torch.float32, copy=True)))  # as the rule gets it
         reply = self.versions.apply(x)
-        sent = self.versions.send(self.comm, reply, self.workers[i], Tag.REPLY)
+        comm, _, dest = self.links[i]
+        try:
+            sent = self.versions.send(comm, reply, dest, Tag.REPLY)
+        except MPI.Exception as exc:  # it died after sending (ULFM): its message counts, as sent
+            if not ft.is_failure(exc):
+                raise
+            sent = None
         self.endpoints.post_exchange(i, self.versions.take())
         if self.exchanges[i]:
             stale = self.updates - self.last_seen[i]
@@ -196,7 +226,9 @@ class Server:
         self.updates += 1
         self.exchanges[i] += 1
         self.last_seen[i] = self.updates
-        if self.wait_replies:
+        if sent is None:
+            self._failures()
+        elif self.wait_replies:
             self._wait_for_reply(i, sent)
 
     def _wait_for_reply(self, i: int, sent: MPI.Request) -> None:
@@ -211,11 +243,19 @@ class Server:
         the background (its buffer is reused only once it has) while the server serves
         the others."""
         self.liveness.replying, started = i, time.monotonic()
-        while not sent.Test():
+        while True:
+            try:
+                if sent.Test():
+                    break
+            except MPI.Exception as exc:  # it died waiting for the reply (ULFM)
+                if not ft.is_failure(exc):
+                    raise
+                self._failures()
+                break
             os.sched_yield()
             if self.liveness.pending:
                 for j, seconds in self.liveness.lost():
-                    self._drop(j, seconds)
+                    self._drop(j, self._silent(seconds))
                 if self.status[i] is LOST:
                     break
         self.liveness.replying = None
@@ -235,31 +275,101 @@ class Server:
         else:
             self.liveness.release(i)
 
-    def _drop(self, i: int, seconds: float) -> None:
-        """``--on-worker-loss continue``: go on without worker ``i``."""
+    def _silent(self, seconds: float) -> str:
+        return f"sent nothing for {seconds:.0f}s (--worker-timeout {self.peer_timeout:g})"
+
+    def _failures(self) -> None:
+        """(ULFM) Drop every worker that MPI says died; a dead tester ends the run."""
+        failed = {}
+        for i, (comm, _, dest) in enumerate(self.links):
+            if self.status[i] is not LOST:
+                key = comm.py2f()
+                if key not in failed:
+                    failed[key] = ft.failed_ranks(comm)
+                if dest in failed[key]:
+                    self.deaths.append(dict(rank=self.workers[i], detected=time.time()))
+                    self._drop(i, "died (MPI reported its process failed)", died=True)
+        if self.tester in failed.get(self.comm.py2f(), set()):
+            raise PeerLost(f"the tester (rank {self.tester}) died; ending the run"
+                           + (f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""))
+
+    def _drop(self, i: int, why: str, died: bool = False) -> None:
+        """Go on without worker ``i`` (``--on-worker-loss continue``; else end the job)."""
         if self.status[i] is LOST:
             return
+        rank = self.workers[i]
+        newest = f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""
+        if not self.liveness.keep_going:
+            raise PeerLost(f"worker rank {rank} {why}; ending the job (--on-worker-loss continue would go "
+                           f"on without it){newest}")
+        comm, _, dest = self.links[i]
         self.versions.retire_after_sends(self.endpoints.withdraw(i))  # (None if it had finished)
-        self.versions.abandon(self.workers[i])
+        self.versions.abandon(comm, dest)
         self.status[i] = LOST
-        self.liveness.dropped(i)  # in case it wakes up: it then stays idle
+        self._first.pop(i, None)
+        self.liveness.dropped(i, died)  # a hung one is told, in case it wakes up: it then stays idle
+        if died and self.spares is not None and self.training:
+            print(f"mpi_easgd: warning: worker rank {rank} {why}; a new process takes its place "
+                  f"(--on-worker-loss respawn)", file=sys.stderr, flush=True)
+            self._to_replace.append(i)
+            if i in self.barrier.awaiting and self.barrier.lost(i):
+                self._complete_checkpoint()  # (which then replaces it)
+            elif self.barrier.phase is Phase.IDLE:
+                self._replace_dead()
+            return
         left = sum(s is not LOST for s in self.status)
         if not left:
-            raise PeerLost(f"worker rank {self.workers[i]} sent nothing for {seconds:.0f}s (--worker-timeout "
-                           f"{self.peer_timeout:g}) and no other worker is left; ending the job"
-                           + (f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""))
-        print(f"mpi_easgd: warning: worker rank {self.workers[i]} sent nothing for {seconds:.0f}s "
-              f"(--worker-timeout {self.peer_timeout:g}); dropped it, the run goes on with {left} "
+            raise PeerLost(f"worker rank {rank} {why} and no other worker is left; ending the job{newest}")
+        print(f"mpi_easgd: warning: worker rank {rank} {why}; dropped it, the run goes on with {left} "
               f"worker{'s' * (left != 1)} (--on-worker-loss continue)", file=sys.stderr, flush=True)
         if i in self.barrier.awaiting and self.barrier.lost(i):
             self._complete_checkpoint()
+
+    def _replace_dead(self) -> None:
+        """``--on-worker-loss respawn``: a spare takes each dead worker's place, starting
+        from the current center (never during a checkpoint: no exchange may land then)."""
+        while self._to_replace and self.training:
+            i = self._to_replace.pop(0)
+            rank = self.workers[i]
+            comm, live = self.spares.assign(rank, int(self.exchanges[i]))
+            self.versions.send(comm, self.center, 0, Tag.START)  # no copy: the center is immutable
+            self.links[i] = (comm, live, 0)
+            self.endpoints.relink(i, comm, 0, self.versions.take())
+            self.liveness.relink(i, live, 0)
+            self.status[i] = TRAINING
+            entry = dict(rank=rank, generation=self.spares.generation[rank], detected=self.deaths[-1]["detected"],
+                         assigned=time.time(), first_exchange=None, exchanges_before=int(self.exchanges[i]))
+            self.replacements.append(entry)
+            self._first[i] = entry
+
+    def replacement_stats(self, timeout: float) -> dict[int, dict]:
+        """After :meth:`run`: each replacement's statistics (it sends them to the server,
+        the only rank it knows), by the rank it stood in for; then let the spares go."""
+        if self.spares is None:
+            return {}
+        relayed, finished = {}, []
+        for i, (comm, _, _) in enumerate(self.links):
+            if comm is not self.comm and self.status[i] is FINISHED:
+                arrived, stats = receive_object(comm, 0, Tag.STATS, time.monotonic() + timeout)
+                if not arrived:
+                    raise PeerLost(f"the replacement of worker rank {self.workers[i]} did not send its statistics "
+                                   f"within --worker-timeout {timeout:g}s")
+                relayed[self.workers[i]] = stats
+                finished.append(comm)
+        self.spares.close(finished)
+        return relayed
 
     # ---- checkpoints -----------------------------------------------------------------
 
     def _tell(self, i: int, command: Command, flag: int = 0) -> None:
         message = control_message(command, self.barrier.step, flag)
-        self._notices = [(m, r) for m, r in self._notices if not r.Test()]  # keep only those in flight
-        self._notices.append((message, self.comm.Isend(message, dest=self.workers[i], tag=Tag.CONTROL)))
+        self._notices = [(m, r) for m, r in self._notices if not ft.test(r)]  # keep only those in flight
+        comm, _, dest = self.links[i]
+        try:
+            self._notices.append((message, comm.Isend(message, dest=dest, tag=Tag.CONTROL)))
+        except MPI.Exception as exc:  # it died (ULFM): the next wait reports it
+            if not ft.is_failure(exc):
+                raise
 
     def _begin_checkpoint(self) -> None:
         for i in self.barrier.begin(self.updates, {i for i, s in enumerate(self.status) if s is not LOST}):
@@ -288,6 +398,7 @@ class Server:
                 self._tell(i, Command.END if self.feed.final else Command.RESUME, stopped)
             if s is TRAINING:
                 self.liveness.expect(i)  # back to training: it must exchange again
+        self._replace_dead()
 
     # ---- the tester, state and statistics --------------------------------------------
 
@@ -337,5 +448,8 @@ class Server:
             stopped=bool(self.done[:, 3].any()), checkpoint=str(self.checkpoint),
             checkpoints=self.checkpoints, checkpoint_seconds=self.checkpoint_seconds,
             lost_workers=[self.workers[i] for i, s in enumerate(self.status) if s is LOST],
+            dead_workers=sorted({d["rank"] for d in self.deaths}), deaths=self.deaths,
+            replacements=self.replacements,
+            spawn_seconds=self.spares.spawn_seconds if self.spares is not None else [],
             server_busy_fraction=self.busy_seconds / self.wall_seconds if self.wall_seconds else 0.0,
         )

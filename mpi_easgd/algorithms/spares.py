@@ -1,0 +1,83 @@
+"""Replacement workers (``--on-worker-loss respawn``): processes started with MPI Spawn
+that stand in for workers that died.
+
+The server keeps one *spare* ready. Spawned ahead of time (``MPI_Comm_spawn`` on the
+server's ``COMM_SELF``: the spare and the server share an intercommunicator, nobody else
+takes part), it is sent the run's set-up, imports torch, builds the model and reads the
+dataset while training goes on, then waits. When a worker dies the server *assigns* the
+spare: the dead worker's rank (so its shard and its checkpoint file) and exchange count,
+then the current center; the replacement trains from there, and a new spare is spawned at
+once. Only spawning costs the server time (it waits until the new process has started
+MPI, a fraction of a second: ``import mpi_easgd`` is free of torch for this reason).
+
+The spare's side is :mod:`mpi_easgd.join`. Needs ULFM (:mod:`mpi_easgd.ft`): without it a
+death ends the whole job before anything could replace it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mpi4py import MPI
+
+from mpi_easgd import ft
+from mpi_easgd.algorithms.protocol import Tag
+
+
+class Spares:
+    """The server's supply of replacement workers; ``setup`` is what a spare needs to
+    prepare (picklable: the configuration, the run directory, the world size...)."""
+
+    def __init__(self, setup: dict) -> None:
+        self.setup = setup
+        self.spare: tuple[MPI.Intercomm, MPI.Intercomm] | None = None  # (messages, liveness)
+        self.generation: dict[int, int] = {}  # rank -> replacements of it so far
+        self.spawn_seconds: list[float] = []  # how long each spawn held the server
+        self.assigned: list[tuple[MPI.Intercomm, MPI.Intercomm]] = []
+
+    def spawn(self) -> None:
+        """Start the next spare (returns once it has started MPI)."""
+        t0 = time.perf_counter()
+        child = MPI.COMM_SELF.Spawn(sys.executable, ["-m", "mpi_easgd.join"], maxprocs=1)
+        live = child.Dup()  # its liveness channel, as every worker has (see liveness.py)
+        child.send(self.setup, dest=0, tag=Tag.JOIN)
+        self.spare = (child, live)
+        self.spawn_seconds.append(time.perf_counter() - t0)
+
+    def assign(self, rank: int, exchanges: int) -> tuple[MPI.Intercomm, MPI.Intercomm]:
+        """Make the spare worker ``rank`` (which had made ``exchanges``), spawn the next
+        one; returns the replacement's (messages, liveness) intercommunicators, on which it
+        is rank 0. The caller sends it the center (tag START)."""
+        if self.spare is None:
+            self.spawn()
+        child, live = self.spare
+        generation = self.generation[rank] = self.generation.get(rank, 0) + 1
+        child.send(dict(rank=rank, exchanges=exchanges, generation=generation), dest=0, tag=Tag.JOIN)
+        self.assigned.append((child, live))
+        self.spare = None
+        self.spawn()
+        return child, live
+
+    def close(self, finished: list[MPI.Intercomm]) -> None:
+        """At the end: tell the spare it is not needed, and disconnect from it and from the
+        replacements in ``finished`` (each has sent its statistics). A replacement that
+        died is only freed: there is nobody to disconnect from."""
+        if self.spare is not None:
+            child, live = self.spare
+            child.send(None, dest=0, tag=Tag.JOIN)
+            finished = [*finished, child]
+            self.assigned.append(self.spare)
+            self.spare = None
+        for child, live in self.assigned:
+            if any(child == f for f in finished):
+                live.Disconnect()
+                child.Disconnect()
+            else:
+                for comm in (live, child):
+                    try:
+                        comm.Free()
+                    except MPI.Exception as exc:
+                        if not ft.is_failure(exc):
+                            raise
+        self.assigned = []

