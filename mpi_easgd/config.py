@@ -83,6 +83,9 @@ class Config:
                                         "ulfm, dead) ends the job (abort), or is dropped while the others go on "
                                         "(continue), or if it died is replaced by a new process (respawn; ULFM)",
                                choices=("abort", "continue", "respawn"))
+    on_rank_loss: str = _opt("abort", "sgd, ea, diloco under mpirun --with-ft ulfm: a rank that dies ends the job "
+                                      "(abort), or the survivors go on, the data re-sharded over them (shrink)",
+                             choices=("abort", "shrink"))
     on_nonfinite: str = _opt("skip", "a NaN/Inf loss or gradient: skip the step, or stop the job",
                              choices=("skip", "stop"))
 
@@ -177,6 +180,9 @@ class Config:
                 f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort (or, under "
                 f"mpirun --with-ft ulfm, --on-rank-loss shrink)"
             )
+        if self.on_rank_loss == "shrink" and self.algo in ASYNC_ALGOS:
+            raise ConfigError(f"--on-rank-loss shrink applies to sgd, ea and diloco; {self.algo} goes on without a "
+                              f"dead worker with --on-worker-loss continue (or respawn)")
         if self.overlap_exchange and self.algo not in ASYNC_ALGOS:
             raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
                               f"{self.algo} exchanges in collectives every rank takes part in; drop the flag")

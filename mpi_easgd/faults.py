@@ -7,7 +7,7 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
 A step is a training step on workers and peers, an evaluation on the tester, and an
 applied exchange on the async server; ``after=T`` waits, past step S, for the first step
-at least T seconds after the process started. ``gen`` is which process standing as rank R
+at least T seconds after the fault was read (when training starts). ``gen`` is which process standing as rank R
 the fault applies to: 0 (the default) the one the launcher started, 1 its first
 replacement (``--on-worker-loss respawn``), ``*`` every one. A ``kill`` says when on
 stderr (``time.time()``), for the benchmarks. Unset: no cost.
@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,15 +37,13 @@ class InjectedFault(RuntimeError):
     """Raised by ``action=raise``."""
 
 
-_STARTED = time.monotonic()
-
-
 @dataclass(frozen=True)
 class Fault:
     action: str
     step: int = 0
     seconds: float = 0.0
     after: float = 0.0
+    read: float = field(default_factory=time.monotonic)  # when it was read (``after`` counts from it)
 
     def at_step(self, step: int) -> None:
         """Call once per local step with the step number."""
@@ -54,7 +52,7 @@ class Fault:
         if self.action == "sleep":
             time.sleep(self.seconds)
             return
-        if self.after and time.monotonic() - _STARTED < self.after:
+        if self.after and time.monotonic() - self.read < self.after:
             return
         if self.after or step == self.step:
             if self.action == "raise":

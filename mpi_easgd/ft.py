@@ -64,7 +64,8 @@ def refusal(option: str) -> str | None:
         return None
     from mpi4py import MPI
 
-    library = MPI.Get_library_version().split(",")[0].strip()
+    first = MPI.Get_library_version().splitlines()[0]  # "MPICH Version:  5.0.2", "Open MPI v5.0.11, package: ..."
+    library = " ".join(first.split(",")[0].replace("Version:", "").split())
     why = ("this Open MPI was not started with --with-ft ulfm" if library.startswith("Open MPI")
            else f"{library} has no fault tolerance (ULFM)")
     return f"{option} needs a fault-tolerant MPI, and {why}: {INSTALL}"

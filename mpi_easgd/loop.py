@@ -147,7 +147,8 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
                     algo.save(pos)
                 if Action.STOP in action:
                     return True
-        finally:
+        finally:  # (also when a collective failed: --on-rank-loss shrink goes on from pos)
+            pos.stats.loss_sum, pos.stats.seconds = float(loss_sum), time.perf_counter() - epoch_start
             close = getattr(batches, "close", None)
             if close is not None:
                 close()  # stop a prefetch thread now, also when a stop or an error ends the epoch early

@@ -8,6 +8,15 @@ Every rank evaluates its own slice of the test set; the sums are Allreduced, so 
 knows the metrics and one rank logs them. Checkpoints hold every rank's own state (EA
 ranks differ); a resumed run continues from the saved step with the same batches and ends
 bitwise equal to an uninterrupted one.
+
+With ``--on-rank-loss shrink`` under ULFM (``mpirun --with-ft ulfm``, :mod:`mpi_easgd.ft`)
+a rank that dies does not end the run (:func:`shrink`): the survivors revoke the
+communicator (so that every rank's pending collective fails too), shrink it to
+themselves, and agree all-or-nothing on the step in progress: the state of the survivor
+that got furthest (a step whose reduction completed anywhere, completed everywhere) goes
+to all of them. The data is then re-sharded over the survivors and training goes on;
+their parameters stay identical. Rank 0 writes the run's log and summary: its death ends
+the run (the newest checkpoint is intact).
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import checkpoint
+from mpi_easgd import checkpoint, ft
 from mpi_easgd.algorithms.allreduce_diloco import AllReduceDiLoCo
 from mpi_easgd.algorithms.allreduce_ea import AllReduceEA
 from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD
+from mpi_easgd.algorithms.server import PeerLost
 from mpi_easgd.context import RunContext
 from mpi_easgd.control import Control, Preempted
 from mpi_easgd.data import ShardLoader, steps_per_epoch
@@ -143,35 +153,87 @@ class Peer:
 def run_peer(ctx: RunContext) -> dict:
     """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank).
     Raises :class:`Preempted` on every rank after the checkpoint a stop signal asked for."""
-    cfg, comm, info, log = ctx.cfg, ctx.comm, ctx.info, ctx.log
-    rank, size = comm.Get_rank(), comm.Get_size()
-    even = not cfg.uneven
-    loader = ShardLoader(info, "train", rank, size, batch_size=cfg.batch_size, seed=cfg.seed, even=even,
-                         augment=cfg.augment, prefetch=cfg.prefetch)
-    steps = max(steps_per_epoch(info.sizes["train"], size, cfg.batch_size, even))
+    cfg, info, log = ctx.cfg, ctx.info, ctx.log
+    loader, steps = _shard(ctx)
     peer = Peer(ctx, steps)
     pos = Position()
     if ctx.resume is not None:
-        pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, rank))
+        pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, ctx.comm.Get_rank()))
         log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}")
+    size = ctx.comm.Get_size()
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({peer.flat.numel:,} parameters), "
         f"{info.name} {info.sizes['train']} train / {info.sizes['test']} test, "
         f"batch {cfg.batch_size} per rank, {steps} steps per epoch, device {ctx.device}"
     )
     resumed_at_end = pos.epoch >= cfg.epochs
-    if train(peer, loader, pos, cfg, steps=steps, rank=rank, device=ctx.device, log=log):
-        raise Preempted(peer.checkpoint)
-    if not resumed_at_end:  # (the final checkpoint itself needs no second copy)
-        peer.save_final(pos)
+    lost: list[int] = []  # world ranks that died (--on-rank-loss shrink)
+    while True:
+        try:
+            if train(peer, loader, pos, cfg, steps=peer.steps, rank=ctx.rank, device=ctx.device, log=log):
+                raise Preempted(peer.checkpoint)
+            if not resumed_at_end:  # (the final checkpoint itself needs no second copy)
+                peer.save_final(pos)
+            break
+        except MPI.Exception as exc:
+            if cfg.on_rank_loss != "shrink" or not ft.is_failure(exc):
+                raise
+            ctx, peer, loader, pos, dead = shrink(ctx, peer, pos)
+            lost += dead
+    comm = ctx.comm
+    size = comm.Get_size()
     skipped = comm.allreduce(pos.skipped)
-    note = nonfinite_note(skipped, cfg.epochs * steps * size)
+    note = nonfinite_note(skipped, cfg.epochs * peer.steps * size)
     if note:
         log.warn(note)
     return run_summary(cfg, info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
+                       **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
                        **({"rounds": peer.algo.rounds} if cfg.algo != "sgd" else {}))
+
+
+def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
+    """This rank's training shard over ``ctx.comm``, and the steps every rank takes per epoch."""
+    cfg, comm, info = ctx.cfg, ctx.comm, ctx.info
+    even = not cfg.uneven
+    loader = ShardLoader(info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
+                         seed=cfg.seed, even=even, augment=cfg.augment, prefetch=cfg.prefetch)
+    return loader, max(steps_per_epoch(info.sizes["train"], comm.Get_size(), cfg.batch_size, even))
+
+
+def shrink(ctx: RunContext, peer: Peer, pos: Position):
+    """``--on-rank-loss shrink``, after a collective failed because a rank died: go on with
+    the survivors (module docstring). Returns the new (context, peer, loader, position) and
+    the world ranks that died. Another death meanwhile starts it over."""
+    comm, world = ctx.comm, ctx.comm.Get_group()
+    while True:
+        try:
+            comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
+            new = comm.Shrink()
+            survivors = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), world)
+            # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
+            marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
+            furthest = -max(marks)[2]
+            state = new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None, root=furthest)
+            break
+        except MPI.Exception as exc:
+            if not ft.is_failure(exc):
+                raise
+            comm = new  # a survivor died too: shrink again
+    dead = sorted(set(range(world.Get_size())) - set(survivors))
+    if 0 in dead:
+        raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"
+                       + (f": {peer.checkpoint} is the newest checkpoint" if peer.checkpoint else ""))
+    old_steps = peer.steps
+    ctx = dataclasses.replace(ctx, comm=new, identity=ctx.rank)  # (faults, messages: the world rank)
+    loader, steps = _shard(ctx)
+    peer = Peer(ctx, steps)
+    pos = peer.load_state_dict(state)
+    pos.step = pos.step * steps // old_steps  # as far into the re-sharded epoch
+    ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
+                 f"step {pos.step} of {steps}, the data re-sharded over them (--on-rank-loss shrink)")
+    return ctx, peer, loader, pos, dead
 
 
 @contextlib.contextmanager

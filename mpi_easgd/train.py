@@ -56,7 +56,8 @@ def _validate(argv, rank: int, size: int):
                           f"its only worker a run cannot go on; use --on-worker-loss abort, or more ranks")
     from mpi_easgd import ft
 
-    for option, needs in (("--on-worker-loss respawn", cfg.on_worker_loss == "respawn"),):
+    for option, needs in (("--on-worker-loss respawn", cfg.on_worker_loss == "respawn"),
+                          ("--on-rank-loss shrink", cfg.on_rank_loss == "shrink")):
         refused = ft.refusal(option) if needs else None
         if refused:
             raise ConfigError(refused)

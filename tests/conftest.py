@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -126,9 +127,13 @@ def ulfm_train(n: int, *flags: str, timeout: float = 120, env: dict | None = Non
     start = time.perf_counter()
     proc = ulfm_launch(n, "-m", "mpi_easgd.train", "--no-progress", *flags, env=env)
     out, err = finish(proc, timeout, f"mpirun --with-ft ulfm -n {n} {' '.join(flags)}")
-    left = left_behind(proc)
+    deadline = time.monotonic() + 5  # (ranks that MPI_Abort ended may take a moment to go)
+    while (left := left_behind(proc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     if left:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for line in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
         pytest.fail("processes left behind:\n" + "\n".join(left) + f"\n{out}\n{err}")
     return Result(proc.returncode, out, err, time.perf_counter() - start)
 

