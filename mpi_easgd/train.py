@@ -209,7 +209,11 @@ def _end_without(comm, status: int, what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpi_easgd.train``: run, and turn an exception on any rank into MPI_Abort."""
-    from mpi4py import MPI
+    try:
+        MPI = _mpienv.load_mpi()
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     from mpi_easgd.algorithms.server import PeerLost
     from mpi_easgd.checkpoint import CheckpointError, CheckpointFailed

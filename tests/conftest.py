@@ -93,22 +93,15 @@ def openmpi_prefix() -> Path:
     return prefix
 
 
-def ulfm_env(prefix: Path) -> dict:
-    """Run this venv's Python on Open MPI: its mpirun, its libmpi for mpi4py; as root and
-    with more ranks than cores (CI); waiting ranks yield the CPU."""
-    return {"PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "MPI4PY_LIBMPI": str(prefix / "lib" / "libmpi.so.40"),
-            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_mpi_yield_when_idle": "1"}
-
-
 def ulfm_launch(n: int, *args: str, env: dict | None = None, ft: bool = True) -> subprocess.Popen:
     """Start ``mpirun --with-ft ulfm -n n python ARGS`` on Open MPI (``ft=False``: without
     ``--with-ft ulfm``), in its own process group."""
     prefix = openmpi_prefix()
     cmd = [str(prefix / "bin" / "mpirun"), *(["--with-ft", "ulfm"] if ft else []), "-n", str(n),
            sys.executable, *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ulfm_env(prefix), **(env or {})}
+    from mpi_easgd.ft import openmpi_environment
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **openmpi_environment(prefix), **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=ROOT, start_new_session=True)
 

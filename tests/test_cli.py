@@ -33,3 +33,17 @@ def test_a_raising_rank_ends_the_whole_job_quickly(blobs, tmp_path):
     assert r.returncode != 0
     assert "InjectedFault: injected fault at step 3" in r.stderr
     assert r.seconds < 30, f"took {r.seconds:.1f}s to end after a rank failed"
+
+
+def test_no_mpi_library_is_one_line_naming_what_to_install():
+    """The package bundles no MPI (it is an extra): without one, say which to install."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MPI4PY_LIBMPI": "/nonexistent/libmpi.so"}  # as if none were installed
+    r = subprocess.run([sys.executable, "-m", "mpi_easgd.train"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("mpi_easgd: error: no MPI library found") and "pip install 'mpi_easgd[mpich]'" in line

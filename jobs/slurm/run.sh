@@ -4,7 +4,9 @@
 # Environment (all optional):
 #   CONFIG    TOML config (default jobs/configs/mnist_easgd.toml); every algorithm has one
 #   ARGS      extra flags for python -m mpi_easgd.train (e.g. "--epochs 5 --device cuda")
-#   LAUNCHER  srun (PMI-2, default) or mpirun (the environment's mpiexec inside the allocation)
+#   LAUNCHER  srun (PMI-2, default), mpirun (the environment's mpiexec inside the allocation), or
+#             mpirun-ft (Open MPI's mpirun --with-ft ulfm: fault-tolerant runs; ULFM has no srun launch)
+#   RANKS     ranks to start (default: SLURM_NTASKS; mpirun-ft leaves tasks over for replacements)
 #   OUT       parent of the run directory (default $SLURM_SUBMIT_DIR/runs)
 #   PYTHON    the interpreter with mpi_easgd installed (default python)
 #
@@ -27,8 +29,9 @@ train=("$PYTHON" -m mpi_easgd.train --config "$CONFIG" --out "$OUT" --run-name "
 echo "mpi_easgd: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks, launcher $LAUNCHER"
 case "$LAUNCHER" in
   srun)   srun --mpi=pmi2 --kill-on-bad-exit=1 "${train[@]}" & ;;
-  mpirun) mpiexec -n "${SLURM_NTASKS:?}" "${train[@]}" & ;;
-  *)      echo "mpi_easgd: LAUNCHER must be srun or mpirun, got '$LAUNCHER'" >&2; exit 2 ;;
+  mpirun) mpiexec -n "${RANKS:-${SLURM_NTASKS:?}}" "${train[@]}" & ;;
+  mpirun-ft) mpirun --with-ft ulfm -n "${RANKS:-${SLURM_NTASKS:?}}" "${train[@]}" & ;;
+  *)      echo "mpi_easgd: LAUNCHER must be srun, mpirun or mpirun-ft, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
 step=$!
 forward() { echo "mpi_easgd: got $1, asking the training step to checkpoint and stop"; kill -USR1 "$step" 2>/dev/null; }
