@@ -10,8 +10,8 @@ ending the job. This module is the one place that knows how to tell:
   survivors; TCP loopback does not), applied by :mod:`mpi_easgd._mpienv`;
 - :func:`enabled` (after): this run can survive a death, and :func:`refusal` the one line
   that says what to install and how to launch when it cannot;
-- :func:`is_failure`, :func:`failed_ranks`, :func:`test`: an MPI error that is a peer's
-  death, and which peers are dead.
+- :func:`is_failure`, :func:`failed_ranks`, :func:`is_dead`, :func:`test`: an MPI error
+  that is a peer's death, and which peers are dead.
 
 Without ULFM (MPICH, Open MPI without ``--with-ft ulfm``) a dead process ends the whole
 job, as the launcher does by default.
@@ -101,6 +101,21 @@ def failed_ranks(comm) -> set[int]:
         return {r for r in ranks if r != MPI.UNDEFINED}
     finally:
         group.Free()
+
+
+def is_dead(comm, rank: int) -> bool:
+    """Whether ``rank`` of ``comm`` is known to have died. Works on intercommunicators too
+    (a spawned replacement), where Open MPI's ``Get_failed`` stays empty: a probe of a dead
+    peer fails, a probe of a live one only looks."""
+    from mpi4py import MPI
+
+    try:
+        comm.Iprobe(source=rank, tag=MPI.ANY_TAG)
+    except MPI.Exception as exc:
+        if is_failure(exc):
+            return True
+        raise
+    return False
 
 
 def test(request) -> bool:

@@ -111,7 +111,7 @@ class Server:
         self.liveness = ServerLiveness(comm, live, worker_ranks, peer_timeout, on_worker_loss != "abort")
         self.schedule = Schedule(checkpoint_every)
         self.barrier = CheckpointBarrier()
-        self.peer_timeout = peer_timeout
+        self.peer_timeout, self.on_worker_loss = peer_timeout, on_worker_loss
         self.wait_replies = wait_replies  # False: the workers overlap their exchanges (--overlap-exchange)
         self.samples_per_exchange = samples_per_exchange
         self.save = save
@@ -280,16 +280,11 @@ class Server:
 
     def _failures(self) -> None:
         """(ULFM) Drop every worker that MPI says died; a dead tester ends the run."""
-        failed = {}
         for i, (comm, _, dest) in enumerate(self.links):
-            if self.status[i] is not LOST:
-                key = comm.py2f()
-                if key not in failed:
-                    failed[key] = ft.failed_ranks(comm)
-                if dest in failed[key]:
-                    self.deaths.append(dict(rank=self.workers[i], detected=time.time()))
-                    self._drop(i, "died (MPI reported its process failed)", died=True)
-        if self.tester in failed.get(self.comm.py2f(), set()):
+            if self.status[i] is not LOST and ft.is_dead(comm, dest):
+                self.deaths.append(dict(rank=self.workers[i], detected=time.time()))
+                self._drop(i, "died (MPI reported its process failed)", died=True)
+        if ft.is_dead(self.comm, self.tester):
             raise PeerLost(f"the tester (rank {self.tester}) died; ending the run"
                            + (f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""))
 
@@ -321,7 +316,7 @@ class Server:
         if not left:
             raise PeerLost(f"worker rank {rank} {why} and no other worker is left; ending the job{newest}")
         print(f"mpi_easgd: warning: worker rank {rank} {why}; dropped it, the run goes on with {left} "
-              f"worker{'s' * (left != 1)} (--on-worker-loss continue)", file=sys.stderr, flush=True)
+              f"worker{'s' * (left != 1)} (--on-worker-loss {self.on_worker_loss})", file=sys.stderr, flush=True)
         if i in self.barrier.awaiting and self.barrier.lost(i):
             self._complete_checkpoint()
 
