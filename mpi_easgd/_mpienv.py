@@ -27,12 +27,13 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
-def oversubscribed(environ: os._Environ | dict = os.environ) -> bool:
-    """True when the launcher placed more ranks on this node than there are cores."""
+def oversubscribed(environ: os._Environ | dict = os.environ, extra: int = 0) -> bool:
+    """True when the launcher placed more ranks on this node than there are cores (with
+    ``extra`` more processes: a spare worker beside them)."""
     for key in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         value = environ.get(key, "")
         if value.isdigit():
-            return int(value) > local_cores()
+            return int(value) + extra > local_cores()
     return False
 
 

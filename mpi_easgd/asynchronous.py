@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import checkpoint
+from mpi_easgd import _mpienv, checkpoint
 from mpi_easgd.algorithms import audit
 from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, wait_politely
@@ -103,7 +103,7 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
     spares = None
     if cfg.on_worker_loss == "respawn":
         spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(run_dir), world_size=topo.world_size,
-                             cwd=os.getcwd()))
+                             cwd=os.getcwd(), crowded=_mpienv.oversubscribed(extra=1)))
     server = Server(ctx.comm, live, flat.data, rule, topo.worker_ranks,
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
@@ -221,5 +221,5 @@ def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[di
         dead_workers=dead,  # (ULFM) lost because their process died: gone, unlike a hung one
         replacements=[dict(r, seconds_to_first_exchange=r["first_exchange"] - r["detected"]
                            if r["first_exchange"] else None) for r in server["replacements"]],
-        spawn_seconds=server["spawn_seconds"],
+        spawn_seconds=server["spawn_seconds"], server_seconds=server["server_wall_seconds"],
     )

@@ -1,7 +1,7 @@
 """Fault injection for testing failure paths under a real launcher.
 
 Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen=G]``
-(several separated by ``;``, one per rank) where ``A`` is
+(several separated by ``;``; a rank's specs all apply) where ``A`` is
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
@@ -90,10 +90,23 @@ def _specs(rank: int, environ) -> list[Fault]:
     return found
 
 
-def from_env(rank: int, environ=os.environ) -> Fault | None:
-    """The fault for ``rank`` from ``$MPI_EASGD_FAULT`` (its first spec other than
-    ``delay``), or None."""
-    return next((f for f in _specs(rank, environ) if f.action != "delay"), None)
+class Faults(tuple):
+    """Every fault of one rank, each applied at every step (a kill after a slow-down...)."""
+
+    def at_step(self, step: int) -> None:
+        for fault in self:
+            fault.at_step(step)
+
+    def before_step(self, step: int, batch):
+        for fault in self:
+            batch = fault.before_step(step, batch)
+        return batch
+
+
+def from_env(rank: int, environ=os.environ) -> Faults | None:
+    """The faults for ``rank`` from ``$MPI_EASGD_FAULT`` (its specs other than ``delay``),
+    or None."""
+    return Faults(f for f in _specs(rank, environ) if f.action != "delay") or None
 
 
 def exchange_delay(rank: int, environ=os.environ) -> float:
