@@ -36,9 +36,9 @@ def submit(slurm: LocalSlurm, script: str, tmp_path: Path, tasks: int, **env) ->
     return r.stdout.strip().split(";")[0]
 
 
-def finished(slurm, job, tmp_path, timeout=240):
+def finished(slurm, job, tmp_path, timeout=240, name="mpi_easgd"):
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
-    log = (tmp_path / f"mpi_easgd-{job}.out").read_text()
+    log = (tmp_path / f"{name}-{job}.out").read_text()
     return state, log
 
 
@@ -81,3 +81,21 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert "requeueing job" in log and "start 1 " in log and "resumed from" in log, log
     epochs = [line.split(",")[1] for line in metrics.read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3", "4"], "each epoch logged once across the requeue"
+
+
+def test_fault_tolerant_job_script_replaces_a_dead_worker(slurm, tmp_path):
+    """jobs/cpu-fault-tolerant.sbatch: Open MPI's mpirun --with-ft ulfm inside the
+    allocation, one task left for the spare; a worker killed mid-run is replaced."""
+    from conftest import openmpi_prefix
+
+    from mpi_easgd.ft import openmpi_environment
+
+    ompi = openmpi_environment(openmpi_prefix())
+    job = submit(slurm, "cpu-fault-tolerant.sbatch", tmp_path, 5, CONFIG="jobs/configs/mnist_easgd.toml",
+                 ARGS="--on-worker-loss respawn --epochs 3", MPI_EASGD_FAULT="rank=2,action=kill,step=40",
+                 **ompi)  # Open MPI's mpirun first on PATH
+    state, log = finished(slurm, job, tmp_path, name="mpi_easgd-ft")
+    assert state == "COMPLETED", log
+    summary = json.loads((tmp_path / "runs" / f"mpi_easgd-ft-{job}" / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["dead_workers"] == [2], log
+    assert [r["rank"] for r in summary["replacements"]] == [2], log
