@@ -64,6 +64,8 @@ class Peer:
         self.algo.synchronize_parameters(self.model)
         self.flat = self.algo.flat(self.model)
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)
+        # (--on-rank-loss shrink) who is in the run, by rank at its start: who died is said in those
+        self.members = comm.allgather(ctx.rank) if cfg.on_rank_loss == "shrink" else []
         self.test = ShardLoader(ctx.info, "test", comm.Get_rank(), comm.Get_size(), batch_size=512,
                                 shuffle=False, even=False)
         self.totals = np.zeros(2)  # train samples (all ranks), train seconds
@@ -206,12 +208,17 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     """``--on-rank-loss shrink``, after a collective failed because a rank died: go on with
     the survivors (module docstring). Returns the new (context, peer, loader, position) and
     the world ranks that died. Another death meanwhile starts it over."""
-    comm, world = ctx.comm, ctx.comm.Get_group()
+    comm = ctx.comm
     while True:
         try:
             comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
             new = comm.Shrink()
-            survivors = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), world)
+        except MPI.Exception as exc:
+            if not ft.is_failure(exc):
+                raise
+            continue  # shrink it again
+        try:
+            survivors = new.allgather(ctx.rank)
             # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
             marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
             furthest = -max(marks)[2]
@@ -221,7 +228,7 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
             if not ft.is_failure(exc):
                 raise
             comm = new  # a survivor died too: shrink again
-    dead = sorted(set(range(world.Get_size())) - set(survivors))
+    dead = [r for r in peer.members if r not in survivors]
     if 0 in dead:
         raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"
                        + (f": {peer.checkpoint} is the newest checkpoint" if peer.checkpoint else ""))

@@ -330,7 +330,8 @@ class Server:
             self.endpoints.relink(i, comm, 0, self.versions.take())
             self.liveness.relink(i, live, 0)
             self.status[i] = TRAINING
-            entry = dict(rank=rank, generation=self.spares.generation[rank], detected=self.deaths[-1]["detected"],
+            death = next(d for d in reversed(self.deaths) if d["rank"] == rank)
+            entry = dict(rank=rank, generation=self.spares.generation[rank], detected=death["detected"],
                          assigned=time.time(), first_exchange=None, exchanges_before=int(self.exchanges[i]))
             self.replacements.append(entry)
             self._first[i] = entry
