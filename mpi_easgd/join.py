@@ -7,9 +7,11 @@ center and trains as that worker: its shard, its checkpoint file, its exchange c
 the position those exchanges reached. Its statistics go to the server, which is the only
 rank it knows. Told it is not needed, it exits.
 
-On a node with more ranks than cores, the spare prepares at idle priority (it would take
-the CPU from the workers that train: measured 0.73 of the failure-free exchange rate with
-a death every 5 s without this), and goes back to normal priority when assigned.
+On a node with more ranks than cores, the spare prepares at a lower priority (nice 10; at
+its normal one it took the CPU from the workers that train: 0.73 of the failure-free
+exchange rate with a death every 5 s), and goes back to its own when assigned. Not idle
+priority: ranks that busy-wait in MPI calls starved such a spare, and the run's end,
+which waits for it, with it.
 """
 
 from __future__ import annotations
@@ -30,33 +32,38 @@ def main() -> int:
         return 2
     live = parent.Dup()
     setup = parent.recv(source=0, tag=_tag("JOIN"))
-    idle = setup["crowded"] and _idle_priority()
+    lowered = setup["crowded"] and _lower_priority()
     os.chdir(setup["cwd"])
     prepared = _prepare(setup)
     assignment = _wait_for_assignment(parent)
     if assignment is not None:
-        if idle:
-            _normal_priority()
+        if lowered:
+            _own_priority()
         _replace(parent, live, setup, prepared, assignment)
     live.Disconnect()
     parent.Disconnect()
     return 0
 
 
-def _idle_priority() -> bool:
-    """Run this process (and the threads it starts) only on otherwise idle CPU; whether it did."""
-    if not hasattr(os, "SCHED_IDLE"):
+NICE = 10
+
+
+def _lower_priority() -> bool:
+    """Take the CPU only when the ranks that train leave some; whether it did."""
+    try:
+        os.nice(NICE)
+    except OSError:
         return False
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     return True
 
 
-def _normal_priority() -> None:
+def _own_priority() -> None:
     try:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.nice(-NICE)
     except PermissionError:  # an unprivileged process may not be allowed back
-        print("mpi_easgd: warning: this replacement worker cannot leave idle priority (it prepared at it on an "
-              "oversubscribed node); it trains slower when the CPU is busy", file=sys.stderr, flush=True)
+        print(f"mpi_easgd: warning: this replacement worker cannot leave the lower priority it prepared at "
+              f"(nice {NICE}, on an oversubscribed node); it trains slower when the CPU is busy",
+              file=sys.stderr, flush=True)
 
 
 def _tag(name: str) -> int:

@@ -31,7 +31,7 @@ def test_easgd_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
     summary = read_summary(tmp_path / "kill")
     assert summary["lost_workers"] == [2] and summary["dead_workers"] == [2], why
     assert summary["test_accuracy"] >= 0.95, f"{why}: {summary['test_accuracy']}"
-    assert summary["checkpoints"] >= 3, why  # before and after the death
+    assert summary["checkpoints"] >= 2, why  # every 30 of the survivor's 51+ updates, and the final one
     survivor, dead = summary["per_worker"]
     assert survivor["exchanges"] == survivor["server_exchanges"] == survivor["reported_exchanges"], why
     assert dead["died"] and dead["server_exchanges"] >= step // 10, why  # tau 10: it had exchanged
