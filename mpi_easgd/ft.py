@@ -82,25 +82,21 @@ def is_failure(exc: BaseException) -> bool:
 
 
 def failed_ranks(comm) -> set[int]:
-    """The ranks of ``comm`` known to have died (acknowledged, so that receives from any
-    source work again). For an intercommunicator: ranks of the remote group."""
+    """The ranks of the intracommunicator ``comm`` known to have died (acknowledged, so
+    that receives from any source work again). On an intercommunicator Open MPI's list
+    stays empty: ask a peer with :func:`is_dead`."""
     from mpi4py import MPI
 
-    group = comm.Get_failed()
+    failed, members = comm.Get_failed(), comm.Get_group()
     try:
-        n = group.Get_size()
-        if not n:
-            return set()
-        comm.Ack_failed()
-        peers = comm.Get_remote_group() if comm.Is_inter() else comm.Get_group()
-        ranks = MPI.Group.Translate_ranks(group, list(range(n)), peers)
-        if comm.Is_inter():
-            peers.Free()
-        elif peers != MPI.GROUP_NULL:
-            peers.Free()
+        n = failed.Get_size()
+        if n:
+            comm.Ack_failed()
+        ranks = MPI.Group.Translate_ranks(failed, list(range(n)), members) if n else []
         return {r for r in ranks if r != MPI.UNDEFINED}
     finally:
-        group.Free()
+        failed.Free()
+        members.Free()
 
 
 def is_dead(comm, rank: int) -> bool:

@@ -20,10 +20,11 @@ import os
 import sys
 
 import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
+from mpi_easgd.algorithms.protocol import Tag, receive_object  # (no torch: MPI starts here, at once)
 
 
 def main() -> int:
-    from mpi4py import MPI  # MPI starts here: the server's Spawn returns now
+    from mpi4py import MPI  # (started already, by the protocol's import: the server's Spawn returns now)
 
     parent = MPI.Comm.Get_parent()
     if parent == MPI.COMM_NULL:
@@ -31,7 +32,7 @@ def main() -> int:
               "(--on-worker-loss respawn), not by hand", file=sys.stderr)
         return 2
     live = parent.Dup()
-    setup = parent.recv(source=0, tag=_tag("JOIN"))
+    setup = parent.recv(source=0, tag=Tag.JOIN)
     lowered = setup["crowded"] and _lower_priority()
     os.chdir(setup["cwd"])
     prepared = _prepare(setup)
@@ -66,12 +67,6 @@ def _own_priority() -> None:
               file=sys.stderr, flush=True)
 
 
-def _tag(name: str) -> int:
-    from mpi_easgd.algorithms.protocol import Tag
-
-    return Tag[name]
-
-
 def _prepare(setup: dict):
     """Everything that takes time, done while the spare waits: torch, the model, the dataset."""
     import torch
@@ -99,9 +94,7 @@ def _prepare(setup: dict):
 
 
 def _wait_for_assignment(parent) -> dict | None:
-    from mpi_easgd.algorithms.protocol import receive_object
-
-    return receive_object(parent, 0, _tag("JOIN"))[1]  # off the CPU, as long as it takes
+    return receive_object(parent, 0, Tag.JOIN)[1]  # off the CPU, as long as it takes
 
 
 def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
@@ -121,7 +114,7 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     rank, exchanges = assignment["rank"], assignment["exchanges"]
     os.environ[GENERATION_ENV] = str(assignment["generation"])  # which injected faults apply to it
     start = MPIBuffer(flat.data, "staged" if device.type != "cpu" else "direct")
-    parent.Recv(start.mpi, source=0, tag=_tag("START"))
+    parent.Recv(start.mpi, source=0, tag=Tag.START)
     start.after_recv()
     topo = Topology.build(setup["world_size"], rank, cfg.algo)
     # Where the dead worker's exchanges had taken it (it exchanged at every tau-th step).
