@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpi_easgd.ft import openmpi_environment
+from mpi_easgd.runtime.ft import openmpi_environment
 
 MODES = ("ulfm", "ulfm+kill", "ulfm cpu", "plain cpu")
 

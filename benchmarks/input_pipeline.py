@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from mpi_easgd.data import ShardLoader, read_info, resolve_dataset, write_dataset
-from mpi_easgd.loop import supervised_step
 from mpi_easgd.models import build_model
+from mpi_easgd.runtime.loop import supervised_step
 
 BATCH = 128
 

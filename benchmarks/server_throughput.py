@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint, wait_politely
-from mpi_easgd.algorithms.server import Server
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.ps.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint, wait_politely
+from mpi_easgd.ps.server import Server
+from mpi_easgd.rules.asynchronous import ServerRule
 from mpi_easgd.transfer import EXCHANGE_DTYPES, exchange_dtype, mpi_view
 
 RAW = 99

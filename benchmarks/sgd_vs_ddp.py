@@ -32,8 +32,8 @@ from torch import nn
 
 from mpi_easgd import AllReduceSGD
 from mpi_easgd.data import ShardLoader, read_info, resolve_dataset, write_dataset
-from mpi_easgd.loop import supervised_step
 from mpi_easgd.models import build_model
+from mpi_easgd.runtime.loop import supervised_step
 
 SHAPES = {"lenet": "mnist5k", "resnet20": (3, 32, 32), "cifarnet": (3, 32, 32), "convmlp": (3, 32, 32)}
 
@@ -68,7 +68,7 @@ def ratios(rates: dict[str, list[float]], a: str, b: str) -> list[float]:
 
 
 def ours_step(comm: MPI.Comm, name: str, info, overlap: bool):
-    """The sgd step of ``mpi_easgd.sync.Peer``, with or without overlap."""
+    """The sgd step of ``mpi_easgd.collectives.peer.Peer``, with or without overlap."""
     torch.manual_seed(0)
     model = build_model(name, info.shape, info.num_classes)
     sgd = AllReduceSGD(comm, overlap=overlap)

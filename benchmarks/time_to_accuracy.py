@@ -36,9 +36,9 @@ import sys
 from pathlib import Path
 
 from mpi_easgd.config import ASYNC_ALGOS
-from mpi_easgd.faults import ENV as FAULT_ENV
 from mpi_easgd.models import build_model
 from mpi_easgd.plot import plot
+from mpi_easgd.runtime.faults import ENV as FAULT_ENV
 
 ALGOS = ["sgd", "ea", "diloco", "easgd", "eamsgd", "downpour", "async-diloco"]
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -15,15 +15,15 @@ runs from the command line: ``mpirun -np 4 python -m mpi_easgd.train --algo easg
 
 import importlib
 
-from mpi_easgd import _mpienv
+from mpi_easgd.runtime import mpienv
 
-_mpienv.prepare()  # must run before mpi4py initialises MPI
+mpienv.prepare()  # must run before mpi4py initialises MPI
 
 __all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "FlatParameters"]
 __version__ = "0.1.0"
-_HOMES = {"AllReduceDiLoCo": "mpi_easgd.algorithms.allreduce_diloco",
-          "AllReduceEA": "mpi_easgd.algorithms.allreduce_ea",
-          "AllReduceSGD": "mpi_easgd.algorithms.allreduce_sgd", "FlatParameters": "mpi_easgd.flat"}
+_HOMES = {"AllReduceDiLoCo": "mpi_easgd.collectives.allreduce_diloco",
+          "AllReduceEA": "mpi_easgd.collectives.allreduce_ea",
+          "AllReduceSGD": "mpi_easgd.collectives.allreduce_sgd", "FlatParameters": "mpi_easgd.flat"}
 
 
 def __getattr__(name: str):

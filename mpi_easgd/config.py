@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,8 +169,6 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from mpi_easgd.algorithms.barrier import parse_every
-
         try:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
@@ -237,6 +236,23 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_every(text: str) -> tuple[int | None, float | None]:
+    """``"500"`` -> every 500 steps; ``"1h"`` / ``"10m"`` / ``"30s"`` -> every 3600 / 600 / 30 seconds."""
+    if not text:
+        return None, None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([hms]?)\s*", text)
+    if not m or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
+        raise ValueError(f"--checkpoint-every must be a number of steps (500) or a time (1h, 10m, 30s); "
+                         f"got '{text}'")
+    value, unit = float(m.group(1)), m.group(2)
+    if not unit:
+        return int(value), None
+    return None, value * SECONDS[unit]
 
 
 def _coerce(name: str, value, typ: type, source: str):

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
-from mpi_easgd import _mpienv
+from mpi_easgd.runtime import mpienv
 
 EXIT_BAD_INPUT = 2
 EXIT_WORKERS_LOST = 3  # async, --on-worker-loss continue: results saved, some workers were dropped
@@ -54,7 +54,7 @@ def _validate(argv, rank: int, size: int):
     if cfg.on_worker_loss == "continue" and p < 2:
         raise ConfigError(f"--on-worker-loss continue needs at least 2 workers, this run has {p}: without "
                           f"its only worker a run cannot go on; use --on-worker-loss abort, or more ranks")
-    from mpi_easgd import ft
+    from mpi_easgd.runtime import ft
 
     for option, needs in (("--on-worker-loss respawn", cfg.on_worker_loss == "respawn"),
                           ("--on-rank-loss shrink", cfg.on_rank_loss == "shrink")):
@@ -63,7 +63,7 @@ def _validate(argv, rank: int, size: int):
             raise ConfigError(refused)
     notes = cfg.advice(p, stop - start, info.shape, info.name)
     if topo.is_async:
-        from mpi_easgd.watchdog import require_thread_multiple
+        from mpi_easgd.runtime.watchdog import require_thread_multiple
 
         try:
             require_thread_multiple(f"async {cfg.algo}")
@@ -79,7 +79,7 @@ def _validate(argv, rank: int, size: int):
     if cfg.resume:
         import dataclasses
 
-        from mpi_easgd import checkpoint
+        from mpi_easgd.runtime import checkpoint
 
         resume = checkpoint.locate(cfg.resume, cfg.out, cfg.run_name)
         if resume is not None:
@@ -112,13 +112,13 @@ def run(argv: list[str] | None, comm) -> int:
     """Run one training job on ``comm``; returns the process exit status."""
     from mpi4py import MPI
 
-    from mpi_easgd.checkpoint import CheckpointError, checkpoint_step, finished
     from mpi_easgd.config import ConfigError
-    from mpi_easgd.context import RunContext
-    from mpi_easgd.control import StopRequest
     from mpi_easgd.data import DataError
-    from mpi_easgd.metrics import NullRunLog, RunLog
     from mpi_easgd.models import ModelError
+    from mpi_easgd.runtime.checkpoint import CheckpointError, checkpoint_step, finished
+    from mpi_easgd.runtime.context import RunContext
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.metrics import NullRunLog, RunLog
 
     stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1 mean "checkpoint and stop"
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -156,7 +156,7 @@ def run(argv: list[str] | None, comm) -> int:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this node
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
-    torch.set_num_threads(cfg.threads or max(1, _mpienv.local_cores() // local_size))
+    torch.set_num_threads(cfg.threads or max(1, mpienv.local_cores() // local_size))
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
     placement = place(cfg.device, topo.role, local_rank, local_size, gpus)
     device = torch.device(placement.device)
@@ -167,7 +167,7 @@ def run(argv: list[str] | None, comm) -> int:
     log = (RunLog(run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=started,
                   resumed_at=checkpoint_step(resume) if resume else None, warnings=notes)
            if topo.logs else NullRunLog())
-    for note in _mpienv.NOTES:
+    for note in mpienv.NOTES:
         log.info(note)
     if cfg.device != "cpu":
         log.info(f"devices: {placement.device} on this rank; GPU transfers "
@@ -179,11 +179,11 @@ def run(argv: list[str] | None, comm) -> int:
         import torch._dynamo  # noqa: F401
     ctx = RunContext(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
     if topo.is_async:
-        from mpi_easgd.asynchronous import run_async
+        from mpi_easgd.ps.roles import run_async
 
         summary = run_async(ctx)
     else:
-        from mpi_easgd.sync import run_peer
+        from mpi_easgd.collectives.peer import run_peer
 
         summary = run_peer(ctx)
     if topo.logs:
@@ -200,7 +200,7 @@ def run(argv: list[str] | None, comm) -> int:
 
 def _end_without(comm, status: int, what: str) -> None:
     """End a job whose dropped workers are still hanging: MPI cannot let them go another way."""
-    from mpi_easgd.control import abort
+    from mpi_easgd.runtime.control import abort
 
     print(f"mpi_easgd: {what}; everything is saved in the run directory, ending the job (exit {status})",
           file=sys.stderr, flush=True)
@@ -210,15 +210,14 @@ def _end_without(comm, status: int, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpi_easgd.train``: run, and turn an exception on any rank into MPI_Abort."""
     try:
-        MPI = _mpienv.load_mpi()
+        MPI = mpienv.load_mpi()
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from mpi_easgd.algorithms.server import PeerLost
-    from mpi_easgd.checkpoint import CheckpointError, CheckpointFailed
-    from mpi_easgd.control import EXIT_PREEMPTED, Preempted, abort
-    from mpi_easgd.loop import NonFiniteError
+    from mpi_easgd.runtime.checkpoint import CheckpointError, CheckpointFailed
+    from mpi_easgd.runtime.control import EXIT_PREEMPTED, PeerLost, Preempted, abort
+    from mpi_easgd.runtime.loop import NonFiniteError
 
     comm = MPI.COMM_WORLD
     try:
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, CheckpointError, PeerLost) as exc:  # expected failures: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
     except BaseException as exc:
-        from mpi_easgd import ft
+        from mpi_easgd.runtime import ft
 
         if ft.is_failure(exc):  # a peer this rank needed died (ULFM): the run cannot go on
             dead = sorted(ft.failed_ranks(comm))

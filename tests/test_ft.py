@@ -101,7 +101,7 @@ def test_a_dead_worker_ends_the_job_in_one_line_under_abort(tmp_path):
 
 
 def test_the_servers_death_ends_the_run_with_the_newest_checkpoint_intact(tmp_path):
-    from mpi_easgd import checkpoint
+    from mpi_easgd.runtime import checkpoint
 
     result = ulfm_train(4, *mnist(tmp_path, "server", "--on-worker-loss", "continue", "--checkpoint-every", "20"),
                         env={"MPI_EASGD_FAULT": "rank=0,action=kill,step=70"})  # its 70th applied exchange
@@ -120,7 +120,7 @@ def test_the_testers_death_ends_the_run_in_one_line(tmp_path):
     first (the server, mid-run or from that word's absence) says so."""
     import re
 
-    from mpi_easgd import checkpoint
+    from mpi_easgd.runtime import checkpoint
 
     result = ulfm_train(4, *mnist(tmp_path, "tester", "--on-worker-loss", "continue", "--checkpoint-every", "20"),
                         env={"MPI_EASGD_FAULT": "rank=3,action=kill,step=1"})  # at its second snapshot

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_easgd.algorithms.easgd import DownpourWorker, ElasticWorker, OuterWorker, ServerRule, worker_rule
-from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.config import Config, ConfigError, parse_args
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.models import ModelError, build_model, check_model_name
+from mpi_easgd.rules.asynchronous import DownpourWorker, ElasticWorker, OuterWorker, ServerRule, worker_rule
+from mpi_easgd.rules.elastic import ea_local_move
 from mpi_easgd.topology import Topology
 from mpi_easgd.transfer import MPIBuffer
 
@@ -296,7 +296,7 @@ def test_torchvision_models_load_or_fail_clearly():
 
 
 def test_config_round_trips_through_written_toml(tmp_path):
-    from mpi_easgd.metrics import RunLog
+    from mpi_easgd.runtime.metrics import RunLog
 
     cfg = Config(algo="sgd", lr=0.2).resolve(2)
     RunLog(tmp_path, vars(cfg), progress=False)
@@ -306,7 +306,7 @@ def test_config_round_trips_through_written_toml(tmp_path):
 
 
 def test_checkpoint_schedules_take_hours_minutes_seconds_and_steps():
-    from mpi_easgd.algorithms.barrier import parse_every
+    from mpi_easgd.config import parse_every
 
     assert parse_every("1h") == (None, 3600) and parse_every("10m") == (None, 600)
     assert parse_every("30s") == (None, 30) and parse_every("500") == (500, None)
@@ -356,7 +356,7 @@ def test_ctrl_c_asks_for_a_checkpoint_instead_of_raising():
     import os
     import signal
 
-    from mpi_easgd.control import StopRequest
+    from mpi_easgd.runtime.control import StopRequest
 
     previous = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
     try:
@@ -371,7 +371,7 @@ def test_ctrl_c_asks_for_a_checkpoint_instead_of_raising():
 def test_a_failing_liveness_thread_ends_the_job_with_one_line(monkeypatch, capsys):
     """An exception in the watchdog thread must not end liveness silently (the peers would
     then blame a healthy rank): it ends the job, saying why."""
-    import mpi_easgd.watchdog as watchdog
+    import mpi_easgd.runtime.watchdog as watchdog
 
     ended = []
     monkeypatch.setattr(watchdog, "abort", lambda comm, status: ended.append(status))
@@ -387,7 +387,7 @@ def test_a_failing_liveness_thread_ends_the_job_with_one_line(monkeypatch, capsy
 
 
 def test_checkpoint_barrier_completes_when_every_member_answered_or_was_lost():
-    from mpi_easgd.algorithms.barrier import CheckpointBarrier, Phase
+    from mpi_easgd.ps.barrier import CheckpointBarrier, Phase
 
     b = CheckpointBarrier()
     assert b.begin(40, {0, 1, 2}) == {0, 1, 2} and b.phase is Phase.SAVING
@@ -409,7 +409,7 @@ def test_checkpoint_barrier_completes_when_every_member_answered_or_was_lost():
 
 
 def test_checkpoint_schedule_counts_from_the_last_checkpoint():
-    from mpi_easgd.algorithms.barrier import Schedule
+    from mpi_easgd.runtime.schedule import Schedule
 
     steps = Schedule("5", step=20, now=0.0)
     assert [s for s in range(20, 31) if steps.due(s, 0.0)] == [25, 26, 27, 28, 29, 30]

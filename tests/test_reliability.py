@@ -136,7 +136,7 @@ def test_bad_checkpoints_are_refused_with_one_line(blobs, tmp_path):
     """Each bad checkpoint is refused by the rank that finds it, with one line. Launched once
     (a corrupted file found while loading, on a checkpoint resumed to train on: exit 1, one
     line, no traceback, the job ends quickly); every case in-process, as each rank checks."""
-    from mpi_easgd.checkpoint import CheckpointError
+    from mpi_easgd.runtime.checkpoint import CheckpointError
     from mpi_easgd.train import _validate
 
     assert train(2, *base(blobs, tmp_path, "good"), "--checkpoint-every", "5").returncode == 0

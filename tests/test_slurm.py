@@ -88,7 +88,7 @@ def test_fault_tolerant_job_script_replaces_a_dead_worker(slurm, tmp_path):
     allocation, one task left for the spare; a worker killed mid-run is replaced."""
     from conftest import openmpi_prefix
 
-    from mpi_easgd.ft import openmpi_environment
+    from mpi_easgd.runtime.ft import openmpi_environment
 
     ompi = openmpi_environment(openmpi_prefix())
     job = submit(slurm, "cpu-fault-tolerant.sbatch", tmp_path, 5, CONFIG="jobs/configs/mnist_easgd.toml",

@@ -24,7 +24,7 @@ from comm import one_side_fails_all
 from conftest import make_blobs, read_summary
 from mpi4py import MPI
 
-from mpi_easgd.algorithms.audit import replay
+from mpi_easgd.rules.audit import replay
 from mpi_easgd.train import run
 from mpi_easgd.transfer import exchange_dtype
 

@@ -22,10 +22,10 @@ import torch
 from comm import one_side_fails_all  # tests/mpi: on sys.path, as the test file's folder
 from mpi4py import MPI
 
-from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
-from mpi_easgd.algorithms.server import Server
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.ps.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
+from mpi_easgd.ps.server import Server
+from mpi_easgd.rules.asynchronous import ServerRule
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mpi_easgd import faults
 from mpi_easgd.config import Config
+from mpi_easgd.runtime import faults
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Liveness of the async roles: who is still there, on a communicator of its own.
 
 MPI cannot tell a rank that waits in a blocking call (the server in ``Waitany``, a worker
-in ``Sendrecv``) that its peer hung. A watchdog thread (:mod:`mpi_easgd.watchdog`) does, and
+in ``Sendrecv``) that its peer hung. A watchdog thread (:mod:`mpi_easgd.runtime.watchdog`) does, and
 everything it sends or tests goes over ``live``, a duplicate of the run's communicator, so
 that liveness traffic never matches a training receive. Async runs need
 ``MPI_THREAD_MULTIPLE`` for this (checked before any traffic).
@@ -10,7 +10,7 @@ that liveness traffic never matches a training receive. Async runs need
   rank that may be waiting on the server a heartbeat each second, and reports a silent
   worker either by ending the job (``--on-worker-loss abort``) or as a *lost* event: a
   wake-up message to the server's own posted receive, after which :meth:`lost` says who.
-- Under ULFM (:mod:`mpi_easgd.ft`) a heartbeat to a worker that died fails; that is not
+- Under ULFM (:mod:`mpi_easgd.runtime.ft`) a heartbeat to a worker that died fails; that is not
   this thread's business (the server's main thread learns of the death from its receives).
 - :func:`watch_server`, on a worker: the server is expected to answer while the worker
   waits on it; its heartbeats count as answers; DROPPED means this worker no longer counts.
@@ -24,9 +24,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpi_easgd import ft
-from mpi_easgd.algorithms.protocol import Command, Inbox, Tag, control_message
-from mpi_easgd.watchdog import Watchdog, require_thread_multiple
+from mpi_easgd.ps.protocol import Command, Inbox, Tag, control_message
+from mpi_easgd.runtime import ft
+from mpi_easgd.runtime.watchdog import Watchdog, require_thread_multiple
 
 _HEARTBEAT = control_message(Command.HEARTBEAT)  # read-only: one buffer serves every heartbeat
 

@@ -1,6 +1,6 @@
 """The ``peer`` role: synchronous training with AllReduceSGD, AllReduceEA or AllReduceDiLoCo.
 
-:class:`Peer` adapts the seed's API to the training loop (:func:`mpi_easgd.loop.train`):
+:class:`Peer` adapts the seed's API to the training loop (:func:`mpi_easgd.runtime.loop.train`):
 each step is one ``sum_and_normalize_gradients`` (sgd) or ``average_parameters`` (ea,
 diloco), each epoch ends with ``synchronize_parameters`` / ``synchronize_center`` and an
 evaluation (ea, diloco: of the center).
@@ -9,7 +9,7 @@ knows the metrics and one rank logs them. Checkpoints hold every rank's own stat
 ranks differ); a resumed run continues from the saved step with the same batches and ends
 bitwise equal to an uninterrupted one.
 
-With ``--on-rank-loss shrink`` under ULFM (``mpirun --with-ft ulfm``, :mod:`mpi_easgd.ft`)
+With ``--on-rank-loss shrink`` under ULFM (``mpirun --with-ft ulfm``, :mod:`mpi_easgd.runtime.ft`)
 a rank that dies does not end the run (:func:`shrink`): the survivors revoke the
 communicator (so that every rank's pending collective fails too), shrink it to
 themselves, and agree all-or-nothing on the step in progress: the state of the survivor
@@ -30,17 +30,16 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import checkpoint, ft
-from mpi_easgd.algorithms.allreduce_diloco import AllReduceDiLoCo
-from mpi_easgd.algorithms.allreduce_ea import AllReduceEA
-from mpi_easgd.algorithms.allreduce_sgd import AllReduceSGD
-from mpi_easgd.algorithms.server import PeerLost
-from mpi_easgd.context import RunContext
-from mpi_easgd.control import Control, Preempted
+from mpi_easgd.collectives.allreduce_diloco import AllReduceDiLoCo
+from mpi_easgd.collectives.allreduce_ea import AllReduceEA
+from mpi_easgd.collectives.allreduce_sgd import AllReduceSGD
 from mpi_easgd.data import ShardLoader, steps_per_epoch
-from mpi_easgd.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
-from mpi_easgd.metrics import run_summary
 from mpi_easgd.models import build_model
+from mpi_easgd.runtime import checkpoint, ft
+from mpi_easgd.runtime.context import RunContext
+from mpi_easgd.runtime.control import Control, PeerLost, Preempted
+from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
+from mpi_easgd.runtime.metrics import run_summary
 
 
 class Peer:

@@ -12,7 +12,7 @@ Usage (the seed's API in snake_case)::
         sgd.synchronize_parameters(model)   # finishes the epoch; before validating
 
 With ``AllReduceSGD(comm, overlap=True)`` the same sums run bucket by bucket while backward
-is still computing the earlier layers' gradients (:mod:`mpi_easgd.algorithms.overlap`);
+is still computing the earlier layers' gradients (:mod:`mpi_easgd.collectives.overlap`);
 the calls stay the same, one backward per ``sum_and_normalize_gradients``.
 
 The contributor count rides in one extra float32 slot after the gradients, inside the
@@ -29,8 +29,8 @@ import numpy as np
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
-from mpi_easgd.algorithms.overlap import BucketReducer
+from mpi_easgd.collectives.base import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.collectives.overlap import BucketReducer
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.transfer import allreduce, chunk_size
 

@@ -7,7 +7,7 @@ ending the job. This module is the one place that knows how to tell:
 
 - :func:`requested` (before MPI starts): the launcher asked for it;
   :func:`transport_settings` the transport it then needs (shared memory hangs the
-  survivors; TCP loopback does not), applied by :mod:`mpi_easgd._mpienv`;
+  survivors; TCP loopback does not), applied by :mod:`mpi_easgd.runtime.mpienv`;
 - :func:`enabled` (after): this run can survive a death, and :func:`refusal` the one line
   that says what to install and how to launch when it cannot;
 - :func:`is_failure`, :func:`failed_ranks`, :func:`is_dead`, :func:`test`: an MPI error

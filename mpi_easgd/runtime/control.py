@@ -17,7 +17,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpi_easgd.algorithms.barrier import Schedule
+from mpi_easgd.runtime.schedule import Schedule
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; rerun with --resume auto
 
@@ -47,6 +47,11 @@ class Preempted(Exception):
         super().__init__(f"stopped by a signal; checkpoint written to {checkpoint}")
         self.checkpoint = checkpoint
         self.lost = list(lost)  # on the async tester: dropped workers, which only MPI_Abort can end
+
+
+class PeerLost(RuntimeError):
+    """A peer the run needs stopped answering for longer than the configured timeout, or
+    died where the run cannot go on without it (one line for the user, no traceback)."""
 
 
 class StopRequest:

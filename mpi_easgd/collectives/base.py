@@ -116,7 +116,7 @@ def argmax_rank(comm: MPI.Comm, value: int) -> int:
 class CollectiveGuard:
     """``with guard("call"):`` around a public call that runs collectives.
 
-    A :class:`~mpi_easgd.watchdog.Watchdog` thread (no MPI call but ``MPI_Abort``) watches
+    A :class:`~mpi_easgd.runtime.watchdog.Watchdog` thread (no MPI call but ``MPI_Abort``) watches
     the call a rank is in. When it has waited ``timeout`` seconds for the other ranks, one
     line names it; with ``on_timeout="abort"`` the job then ends. The usual cause is a
     mismatch (a rank that exited, hung, or makes another call), which MPI would otherwise
@@ -151,8 +151,8 @@ def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str
         return None
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None; got {timeout!r}")
-    from mpi_easgd.control import abort
-    from mpi_easgd.watchdog import Watchdog
+    from mpi_easgd.runtime.control import abort
+    from mpi_easgd.runtime.watchdog import Watchdog
 
     rank = comm.Get_rank()
     watchdog: Watchdog

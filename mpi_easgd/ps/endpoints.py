@@ -5,7 +5,7 @@ SAVED), plus the liveness thread's wake-up call; :meth:`Endpoints.wait` complete
 arrives first with ``Waitany``, a blocking wait (no spinning on ``Test``, which would steal
 the CPU from workers sharing the node), and returns it as an :class:`Event`.
 
-Under ULFM (:mod:`mpi_easgd.ft`) a receive from a worker that died completes in error:
+Under ULFM (:mod:`mpi_easgd.runtime.ft`) a receive from a worker that died completes in error:
 that is a FAILED event (MPI says who died). A worker's receives can move to another
 communicator (:meth:`Endpoints.relink`): a replacement process talks to the server over
 the intercommunicator that started it.
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import ft
-from mpi_easgd.algorithms.protocol import DONE_LEN, SAVED_LEN, Tag
+from mpi_easgd.ps.protocol import DONE_LEN, SAVED_LEN, Tag
+from mpi_easgd.runtime import ft
 from mpi_easgd.transfer import mpi_view
 
 

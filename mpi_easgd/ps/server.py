@@ -27,7 +27,7 @@ files are one consistent state of the whole run.
 A worker silent for ``--worker-timeout`` seconds ends the job (``--on-worker-loss
 abort``), or (``continue``) is dropped: its receives are withdrawn, it is told DROPPED in
 case it wakes up, and training, checkpoints and the summary go on without it. Under ULFM
-(``mpirun --with-ft ulfm``, :mod:`mpi_easgd.ft`) a worker that *dies* is known at once:
+(``mpirun --with-ft ulfm``, :mod:`mpi_easgd.runtime.ft`) a worker that *dies* is known at once:
 MPI fails the server's receives from it, and it is dropped the same way (or ends the job
 under ``abort``), or (``respawn``) a spare process takes its place (:mod:`.spares`): the
 dead worker's rank, shard and exchange count, from the current center (between
@@ -48,19 +48,17 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import faults, ft
-from mpi_easgd.algorithms.barrier import CheckpointBarrier, Phase, Schedule
-from mpi_easgd.algorithms.center import CenterVersions
-from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.endpoints import Endpoints, Kind
-from mpi_easgd.algorithms.liveness import ServerLiveness
-from mpi_easgd.algorithms.protocol import DONE_LEN, Command, Tag, control_message, receive_object, wait_politely
-from mpi_easgd.algorithms.spares import Spares
-from mpi_easgd.algorithms.tester_feed import TesterFeed
-
-
-class PeerLost(RuntimeError):
-    """A worker or the tester stopped answering for longer than the configured timeout."""
+from mpi_easgd.ps.barrier import CheckpointBarrier, Phase
+from mpi_easgd.ps.center import CenterVersions
+from mpi_easgd.ps.endpoints import Endpoints, Kind
+from mpi_easgd.ps.liveness import ServerLiveness
+from mpi_easgd.ps.protocol import DONE_LEN, Command, Tag, control_message, receive_object, wait_politely
+from mpi_easgd.ps.spares import Spares
+from mpi_easgd.ps.tester_feed import TesterFeed
+from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.runtime import faults, ft
+from mpi_easgd.runtime.control import PeerLost
+from mpi_easgd.runtime.schedule import Schedule
 
 
 class WorkerState(enum.Enum):

@@ -28,7 +28,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import (
+from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
     PeriodicRounds,
@@ -56,7 +56,7 @@ class AllReduceDiLoCo(PeriodicRounds):
     ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
     ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
-    :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
+    :class:`~mpi_easgd.collectives.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,

@@ -24,15 +24,15 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.algorithms._common import (
+from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
     PeriodicRounds,
     bcast_module_state,
     bcast_tensor,
 )
-from mpi_easgd.algorithms.elastic import ea_local_move
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
+from mpi_easgd.rules.elastic import ea_local_move
 from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
 from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
@@ -51,7 +51,7 @@ class AllReduceEA(PeriodicRounds):
     ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
     ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
-    :class:`~mpi_easgd.algorithms.allreduce_sgd.AllReduceSGD`.
+    :class:`~mpi_easgd.collectives.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, exchange_dtype: str = "float32",

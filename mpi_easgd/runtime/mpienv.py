@@ -7,7 +7,7 @@ CPU from a rank that computes. MPICH's heavy-yield mode makes waiting ranks call
 when the launcher says the node is oversubscribed. An explicit setting by the user wins.
 
 Under ``mpirun --with-ft ulfm`` (fault-tolerant runs) the transport must be TCP, not
-shared memory: :func:`mpi_easgd.ft.transport_settings` says so, and :data:`NOTES` keeps
+shared memory: :func:`mpi_easgd.runtime.ft.transport_settings` says so, and :data:`NOTES` keeps
 what was set for the run's log.
 """
 
@@ -39,7 +39,7 @@ def oversubscribed(environ: os._Environ | dict = os.environ, extra: int = 0) -> 
 
 def prepare() -> None:
     """Apply the pre-initialisation settings; call before ``from mpi4py import MPI``."""
-    from mpi_easgd import ft
+    from mpi_easgd.runtime import ft
 
     if oversubscribed():
         os.environ.setdefault(_HEAVY_YIELD, "1")

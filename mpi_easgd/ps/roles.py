@@ -8,7 +8,7 @@ end every role still in the run sends its statistics to the tester, which writes
 summary. There is no collective after the start, so a worker dropped under
 ``--on-worker-loss continue`` holds nothing up; the tester then ends the job (and the
 dropped rank with it) once the summary is written. Under ULFM a worker that died is
-simply gone; with ``--on-worker-loss respawn`` a replacement (:mod:`mpi_easgd.join`)
+simply gone; with ``--on-worker-loss respawn`` a replacement (:mod:`mpi_easgd.ps.join`)
 takes over its rank, and its statistics reach the tester through the server.
 """
 
@@ -22,25 +22,26 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import _mpienv, checkpoint, ft
-from mpi_easgd.algorithms import audit
-from mpi_easgd.algorithms.easgd import ServerRule
-from mpi_easgd.algorithms.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
-from mpi_easgd.algorithms.server import PeerLost, Server
-from mpi_easgd.algorithms.spares import Spares
-from mpi_easgd.algorithms.worker import AsyncWorker
+from mpi_easgd.runtime import mpienv
 from mpi_easgd.config import Config
-from mpi_easgd.context import RunContext
-from mpi_easgd.control import Preempted
 from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.loop import nonfinite_note, train
-from mpi_easgd.metrics import NullRunLog, run_summary
 from mpi_easgd.models import build_model
-from mpi_easgd.tester import run_tester
+from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
+from mpi_easgd.ps.server import Server
+from mpi_easgd.ps.spares import Spares
+from mpi_easgd.ps.tester import run_tester
+from mpi_easgd.ps.worker import AsyncWorker
+from mpi_easgd.rules import audit
+from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.runtime import checkpoint, ft
+from mpi_easgd.runtime.context import RunContext
+from mpi_easgd.runtime.control import PeerLost, Preempted
+from mpi_easgd.runtime.loop import nonfinite_note, train
+from mpi_easgd.runtime.metrics import NullRunLog, run_summary
+from mpi_easgd.runtime.watchdog import Watchdog
 from mpi_easgd.topology import Topology
 from mpi_easgd.transfer import MPIBuffer, exchange_dtype
-from mpi_easgd.watchdog import Watchdog
 
 
 def run_async(ctx: RunContext) -> dict | None:
@@ -103,7 +104,7 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
     spares = None
     if cfg.on_worker_loss == "respawn":
         spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(run_dir), world_size=topo.world_size,
-                             cwd=os.getcwd(), crowded=_mpienv.oversubscribed(extra=1)))
+                             cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1)))
     server = Server(ctx.comm, live, flat.data, rule, topo.worker_ranks,
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,

@@ -1,5 +1,5 @@
-"""``python -m mpi_easgd.join``: a spare worker, started by the async server with MPI Spawn
-(``--on-worker-loss respawn``; see :mod:`mpi_easgd.algorithms.spares`).
+"""``python -m mpi_easgd.ps.join``: a spare worker, started by the async server with MPI Spawn
+(``--on-worker-loss respawn``; see :mod:`mpi_easgd.ps.spares`).
 
 It starts MPI first (the server waits for that, and only that), then prepares everything
 a worker needs from the run's set-up, waits to be assigned a dead worker's rank, takes the
@@ -20,7 +20,7 @@ import os
 import sys
 
 import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
-from mpi_easgd.algorithms.protocol import Tag, receive_object  # (no torch: MPI starts here, at once)
+from mpi_easgd.ps.protocol import Tag, receive_object  # (no torch: MPI starts here, at once)
 
 
 def main() -> int:
@@ -28,7 +28,7 @@ def main() -> int:
 
     parent = MPI.Comm.Get_parent()
     if parent == MPI.COMM_NULL:
-        print("mpi_easgd: error: python -m mpi_easgd.join is started by the async server "
+        print("mpi_easgd: error: python -m mpi_easgd.ps.join is started by the async server "
               "(--on-worker-loss respawn), not by hand", file=sys.stderr)
         return 2
     live = parent.Dup()
@@ -101,12 +101,12 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     import time
     from pathlib import Path
 
-    from mpi_easgd.asynchronous import work
-    from mpi_easgd.context import RunContext
-    from mpi_easgd.control import StopRequest
     from mpi_easgd.data import ShardLoader
-    from mpi_easgd.faults import GENERATION_ENV
-    from mpi_easgd.metrics import NullRunLog
+    from mpi_easgd.ps.roles import work
+    from mpi_easgd.runtime.context import RunContext
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.faults import GENERATION_ENV
+    from mpi_easgd.runtime.metrics import NullRunLog
     from mpi_easgd.topology import Topology
     from mpi_easgd.transfer import MPIBuffer
 

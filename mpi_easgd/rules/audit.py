@@ -5,7 +5,7 @@ rule's settings, each exchange's worker index and payload (float32, as the serve
 it), and the final center. :func:`replay` feeds the payloads through the same pure rule
 and returns the center it computes, which equals the run's final center bit for bit::
 
-    from mpi_easgd.algorithms.audit import replay
+    from mpi_easgd.rules.audit import replay
     center, final = replay("runs/easgd-lenet-.../audit.npz")
     assert torch.equal(center, final)
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpi_easgd.algorithms.easgd import ServerRule
+from mpi_easgd.rules.asynchronous import ServerRule
 
 STATE = "state_"  # prefix of the rule's initial state entries
 

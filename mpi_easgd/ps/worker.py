@@ -1,7 +1,7 @@
 """An asynchronous worker: local steps on its own shard, an exchange every ``tau`` steps.
 
 Per local step ``t`` (the paper's Algorithm 1), with the gradient at ``x`` computed by the
-training loop (:func:`mpi_easgd.loop.train`)::
+training loop (:func:`mpi_easgd.runtime.loop.train`)::
 
     if t % tau == 0: exchange with the server (send, receive, absorb the reply)
     x = optimizer step with the gradient
@@ -29,13 +29,13 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpi_easgd import faults
-from mpi_easgd.algorithms.easgd import worker_rule
-from mpi_easgd.algorithms.liveness import say_dropped, watch_server
-from mpi_easgd.algorithms.protocol import Command, WorkerEndpoint, sleep_until
-from mpi_easgd.context import RunContext
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.loop import Action, Position, make_optimizer
+from mpi_easgd.ps.liveness import say_dropped, watch_server
+from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
+from mpi_easgd.rules.asynchronous import worker_rule
+from mpi_easgd.runtime import faults
+from mpi_easgd.runtime.context import RunContext
+from mpi_easgd.runtime.loop import Action, Position, make_optimizer
 from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 
 

@@ -13,8 +13,8 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.config import Config
-from mpi_easgd.control import StopRequest
 from mpi_easgd.data import DatasetInfo
+from mpi_easgd.runtime.control import StopRequest
 from mpi_easgd.topology import Topology
 
 

@@ -9,7 +9,7 @@ without the peer (the server under ``--on-worker-loss continue``) passes ``on_si
 
 Threads: the callbacks of the async roles make MPI calls from this thread (heartbeats,
 the server's wake-up message, testing a posted receive), all on a communicator of their
-own (:mod:`mpi_easgd.algorithms.liveness`), so those roles run only where MPI provides
+own (:mod:`mpi_easgd.ps.liveness`), so those roles run only where MPI provides
 ``MPI_THREAD_MULTIPLE`` (checked before any traffic, see :func:`require_thread_multiple`).
 The synchronous algorithms' guard makes no MPI call here but ``MPI_Abort``. An exception
 in this thread ends the job with one line: liveness that stopped silently would let the
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
-from mpi_easgd.control import abort
+from mpi_easgd.runtime.control import abort
 
 
 class Watchdog:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mpi_easgd import ft
-from mpi_easgd.algorithms.easgd import ServerRule
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.runtime import ft
 from mpi_easgd.transfer import mpi_view
 
 

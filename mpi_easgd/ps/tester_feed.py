@@ -13,8 +13,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpi_easgd.algorithms.center import CenterVersions
-from mpi_easgd.algorithms.protocol import Kind, Tag, meta_message, wait_politely
+from mpi_easgd.ps.center import CenterVersions
+from mpi_easgd.ps.protocol import Kind, Tag, meta_message, wait_politely
 
 
 class TesterFeed:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from mpi_easgd.algorithms.elastic import (
+from mpi_easgd.flat import flat_like
+from mpi_easgd.rules.elastic import (
     delayed_nesterov_update,
     downpour_server_update,
     easgd_server_update,
     easgd_worker_update,
     restart_from_center,
 )
-from mpi_easgd.flat import flat_like
 
 
 class ServerRule:

@@ -18,11 +18,11 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd import faults
-from mpi_easgd.algorithms.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.data import ShardLoader
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.loop import evaluate
+from mpi_easgd.ps.protocol import META_LEN, Kind, Tag, wait_politely
+from mpi_easgd.runtime import faults
+from mpi_easgd.runtime.loop import evaluate
 from mpi_easgd.transfer import MPIBuffer
 
 

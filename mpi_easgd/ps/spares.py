@@ -10,7 +10,7 @@ then the current center; the replacement trains from there, and a new spare is s
 once. Only spawning costs the server time (it waits until the new process has started
 MPI, a fraction of a second: ``import mpi_easgd`` is free of torch for this reason).
 
-The spare's side is :mod:`mpi_easgd.join`. Needs ULFM (:mod:`mpi_easgd.ft`): without it a
+The spare's side is :mod:`mpi_easgd.ps.join`. Needs ULFM (:mod:`mpi_easgd.runtime.ft`): without it a
 death ends the whole job before anything could replace it.
 """
 
@@ -21,8 +21,8 @@ import time
 
 from mpi4py import MPI
 
-from mpi_easgd import ft
-from mpi_easgd.algorithms.protocol import Tag
+from mpi_easgd.ps.protocol import Tag
+from mpi_easgd.runtime import ft
 
 
 class Spares:
@@ -39,7 +39,7 @@ class Spares:
     def spawn(self) -> None:
         """Start the next spare (returns once it has started MPI)."""
         t0 = time.perf_counter()
-        child = MPI.COMM_SELF.Spawn(sys.executable, ["-m", "mpi_easgd.join"], maxprocs=1)
+        child = MPI.COMM_SELF.Spawn(sys.executable, ["-m", "mpi_easgd.ps.join"], maxprocs=1)
         live = child.Dup()  # its liveness channel, as every worker has (see liveness.py)
         child.send(self.setup, dest=0, tag=Tag.JOIN)
         self.spare = (child, live)

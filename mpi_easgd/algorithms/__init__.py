@@ -1,2 +1,0 @@
-"""The training algorithms: synchronous (AllReduceSGD, AllReduceEA) and asynchronous
-(EASGD, EAMSGD, DOWNPOUR around a parameter-server rank)."""

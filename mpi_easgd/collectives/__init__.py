@@ -1,0 +1,13 @@
+"""The synchronous library: every rank trains, and the ranks meet in collectives.
+
+``AllReduceSGD`` (one gradient Allreduce per step, optionally overlapped with backward:
+:mod:`.overlap`), ``AllReduceEA`` (synchronous elastic averaging) and ``AllReduceDiLoCo``
+(an outer Nesterov step every ``tau`` local steps) are the seed's calls in snake case
+(``synchronize_parameters``, ``sum_and_normalize_gradients``, ``average_parameters``,
+``synchronize_center``), each a small class on one contiguous buffer. :mod:`.base` holds
+what they share; :mod:`.peer` is the command line's synchronous role, one user of them.
+
+May import: the foundation modules (``config``, ``flat``, ``transfer``, ``data``,
+``models``...), :mod:`mpi_easgd.rules` and :mod:`mpi_easgd.runtime`; never
+:mod:`mpi_easgd.ps`.
+"""

@@ -1,0 +1,68 @@
+"""The package's layering: no module imports a package above its own (imports inside
+functions included), so each package can be read, tested and changed from below."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mpi_easgd"
+# Who may import whom: a layer imports its own and those listed. "foundation" is every
+# top-level module but the entry points, and the data package.
+ALLOWED = {
+    "foundation": {"foundation"},
+    "rules": {"foundation", "rules"},
+    "runtime": {"foundation", "runtime"},
+    "collectives": {"foundation", "rules", "runtime", "collectives"},
+    "ps": {"foundation", "rules", "runtime", "ps"},
+    "entry": {"foundation", "rules", "runtime", "collectives", "ps", "entry"},
+}
+ENTRY = {"__init__", "__main__", "train", "plot"}
+
+
+def layer(module: str) -> str:
+    """The layer of a dotted module name inside the package."""
+    parts = module.split(".")[1:]
+    if not parts or parts[0] in ENTRY:
+        return "entry"
+    return parts[0] if parts[0] in ALLOWED else "foundation"
+
+
+def imported(path: Path) -> list[str]:
+    """Every module of the package that ``path`` imports, at any depth of its code."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            if node.module == "mpi_easgd":  # from mpi_easgd import ps
+                names += [f"mpi_easgd.{a.name}" for a in node.names]
+    return [n for n in names if n.startswith("mpi_easgd.")]
+
+
+def upward_edges() -> list[str]:
+    edges = []
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(("mpi_easgd", *path.relative_to(PACKAGE).with_suffix("").parts))
+        own = layer(module)
+        for name in imported(path):
+            target = layer(name)
+            if target not in ALLOWED[own] and not (target == "entry" and name.count(".") == 1
+                                                   and name.split(".")[1] in ("rules", "runtime", "ps",
+                                                                              "collectives")):
+                edges.append(f"{module} ({own}) imports {name} ({target})")
+    return edges
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    assert upward_edges() == []
+
+
+def test_the_check_sees_an_upward_edge(tmp_path, monkeypatch):
+    """The check itself can fail: a rule that imported the engine is found."""
+    fake = tmp_path / "mpi_easgd"
+    (fake / "rules").mkdir(parents=True)
+    (fake / "rules" / "bad.py").write_text("def f():\n    from mpi_easgd.ps.server import Server\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert upward_edges() == ["mpi_easgd.rules.bad (rules) imports mpi_easgd.ps.server (ps)"]
