@@ -30,7 +30,7 @@ from mpi4py import MPI
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.ps.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint, wait_politely
 from mpi_easgd.ps.server import Server
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import server_rule
 from mpi_easgd.transfer import EXCHANGE_DTYPES, exchange_dtype, mpi_view
 
 RAW = 99
@@ -44,7 +44,7 @@ def ours(comm, n: int, exchanges: int, live, wire: torch.dtype = torch.float32) 
     comm.Barrier()
     start = time.perf_counter()
     if rank == 0:
-        Server(comm, live, flat_buffer(n), ServerRule("easgd", 0.3), workers, tester, test_every=1e9,
+        Server(comm, live, flat_buffer(n), server_rule("easgd", 0.3), workers, tester, test_every=1e9,
                samples_per_exchange=1, save=lambda step, extra, written: None, wire=wire).run()  # no files
     elif rank == tester:  # takes snapshots until the final one, like the real tester
         meta = np.zeros(META_LEN, np.int64)

@@ -35,12 +35,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mpi_easgd.config import ASYNC_ALGOS
 from mpi_easgd.models import build_model
 from mpi_easgd.plot import plot
+from mpi_easgd.registry import ASYNC_NAMES as ASYNC_ALGOS
+from mpi_easgd.registry import NAMES
 from mpi_easgd.runtime.faults import ENV as FAULT_ENV
 
-ALGOS = ["sgd", "ea", "diloco", "easgd", "eamsgd", "downpour", "async-diloco"]
+ALGOS = list(NAMES)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import tomllib
 
-SYNC_ALGOS = ("sgd", "ea", "diloco")
-ASYNC_ALGOS = ("easgd", "eamsgd", "downpour", "async-diloco")
-ALGOS = SYNC_ALGOS + ASYNC_ALGOS
+from mpi_easgd import registry
+
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -37,7 +36,7 @@ def _opt(default, help: str, **kw):
 class Config:
     """Everything a run needs. Batch size is per rank; the learning rate is never rescaled."""
 
-    algo: str = _opt("easgd", "algorithm: " + ", ".join(ALGOS), choices=ALGOS)
+    algo: str = _opt("easgd", "algorithm: " + ", ".join(registry.NAMES), choices=registry.NAMES)
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
     model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
@@ -173,36 +172,39 @@ class Config:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.on_worker_loss != "abort" and self.algo not in ASYNC_ALGOS:
+        uses = registry.lookup(self.algo).uses
+        if self.on_worker_loss != "abort" and "on_worker_loss" not in uses:
             raise ConfigError(
-                f"--on-worker-loss {self.on_worker_loss} needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
-                f"{self.algo}'s collectives cannot go on without a rank; use --on-worker-loss abort (or, under "
-                f"mpirun --with-ft ulfm, --on-rank-loss shrink)"
+                f"--on-worker-loss {self.on_worker_loss} needs an asynchronous algorithm "
+                f"({', '.join(registry.using('on_worker_loss'))}): {self.algo}'s collectives cannot go on without a "
+                f"rank; use --on-worker-loss abort (or, under mpirun --with-ft ulfm, --on-rank-loss shrink)"
             )
-        if self.on_rank_loss == "shrink" and self.algo in ASYNC_ALGOS:
-            raise ConfigError(f"--on-rank-loss shrink applies to sgd, ea and diloco; {self.algo} goes on without a "
-                              f"dead worker with --on-worker-loss continue (or respawn)")
-        if self.overlap_exchange and self.algo not in ASYNC_ALGOS:
-            raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm ({', '.join(ASYNC_ALGOS)}): "
-                              f"{self.algo} exchanges in collectives every rank takes part in; drop the flag")
-        if self.exchange_dtype != "float32" and self.algo == "sgd":
+        if self.on_rank_loss == "shrink" and "on_rank_loss" not in uses:
+            raise ConfigError(f"--on-rank-loss shrink applies to {_listed(registry.using('on_rank_loss'))}; "
+                              f"{self.algo} goes on without a dead worker with --on-worker-loss continue (or respawn)")
+        if self.overlap_exchange and "overlap_exchange" not in uses:
+            raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm "
+                              f"({', '.join(registry.using('overlap_exchange'))}): {self.algo} exchanges in "
+                              f"collectives every rank takes part in; drop the flag")
+        if self.exchange_dtype != "float32" and "exchange_dtype" not in uses:
             raise ConfigError(f"--exchange-dtype {self.exchange_dtype} applies to ea, diloco and the async "
-                              f"algorithms; sgd sums its gradients in float32 (use --exchange-dtype float32)")
+                              f"algorithms; {self.algo} sums its gradients in float32 (use --exchange-dtype float32)")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
     def resolve(self, workers: int) -> Config:
         """Fill the defaults that depend on the algorithm and the number of workers."""
         cfg = dataclasses.replace(self)
+        algo = registry.lookup(cfg.algo)
         if cfg.lr is None:
-            cfg.lr = 0.001 if cfg.optimizer == "adamw" else 0.01 if cfg.algo == "eamsgd" else 0.1
+            cfg.lr = 0.001 if cfg.optimizer == "adamw" else algo.default_lr
         if cfg.momentum is None:
-            cfg.momentum = 0.9 if cfg.algo == "eamsgd" else 0.0
+            cfg.momentum = algo.default_momentum
         if cfg.alpha is None:
             # beta = p * alpha = 0.9 (the paper's choice); one worker gets 0.5, so that neither
             # the worker nor the center is pulled 90% of the way to the other at each exchange.
             cfg.alpha = min(0.9 / workers, 0.5)
-        if cfg.outer_delay is None and cfg.algo == "async-diloco":
+        if cfg.outer_delay is None and "outer_delay" in algo.uses:
             # one momentum step per round of pushes: with equal workers, sync DiLoCo's step
             cfg.outer_delay = workers
         return cfg
@@ -212,7 +214,8 @@ class Config:
         meant, for ``workers`` training ranks with ``shard`` training samples each, on
         images of ``shape`` from ``dataset`` (pure: said once by the job, kept in the summary)."""
         notes = []
-        if self.algo in ("ea", "easgd", "eamsgd") and workers * self.alpha >= 1:
+        algo = registry.lookup(self.algo)
+        if algo.elastic and workers * self.alpha >= 1:
             notes.append(f"beta = workers * alpha = {workers * self.alpha:.3g} >= 1: elastic averaging may be "
                          f"unstable; the paper uses beta = 0.9 (--alpha {0.9 / workers:.3g})")
         from mpi_easgd.data.sharding import num_batches
@@ -223,8 +226,8 @@ class Config:
             notes.append(f"--batch-size {self.batch_size} leaves {unused} of each rank's {shard} training samples "
                          f"({unused / shard:.0%}) unused every epoch; pass --uneven to use them, or a batch size "
                          f"that divides {shard}")
-        if self.algo in ("ea", "diloco") and self.tau > steps:
-            kind = "elastic" if self.algo == "ea" else "outer"
+        if not algo.is_async and "tau" in algo.uses and self.tau > steps:
+            kind = "elastic" if algo.elastic else "outer"
             notes.append(f"--tau {self.tau} exceeds the {steps} steps per epoch: the only {kind} rounds are "
                          f"those that finish each epoch; lower --tau to average within epochs")
         if self.optimizer == "adamw" and self.momentum:
@@ -253,6 +256,11 @@ def parse_every(text: str) -> tuple[int | None, float | None]:
     if not unit:
         return int(value), None
     return None, value * SECONDS[unit]
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """``a, b and c``."""
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _coerce(name: str, value, typ: type, source: str):

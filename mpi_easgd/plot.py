@@ -17,6 +17,8 @@ from pathlib import Path
 import matplotlib
 import tomllib
 
+from mpi_easgd import registry
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -36,7 +38,7 @@ def load_run(run_dir: Path) -> tuple[str, dict[str, list[float]]]:
     details = [algo]
     if summary.get("workers"):
         details.append(f"{summary['workers']} workers")  # async: ranks less the server and the tester
-    if algo != "sgd" and "tau" in config:
+    if algo in registry.using("tau") and "tau" in config:
         details.append(f"tau {config['tau']}")
     if not summary:
         details.append("unfinished")

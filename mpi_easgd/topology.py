@@ -1,8 +1,9 @@
 """Who does what: each rank's role, computed once from (world size, rank, algorithm).
 
-Synchronous algorithms (sgd, ea, diloco): every rank is a ``peer``. Asynchronous ones
-(easgd, eamsgd, downpour, async-diloco): rank 0 is the ``server`` (it owns the center), the last rank is the
-``tester``, ranks 1..n-2 are ``worker`` s, sharded by worker index (rank - 1).
+Synchronous algorithms (sgd, ea, diloco; :mod:`mpi_easgd.registry` says which): every rank
+is a ``peer``. Asynchronous ones (easgd, eamsgd, downpour, async-diloco): rank 0 is the
+``server`` (it owns the center), the last rank is the ``tester``, ranks 1..n-2 are
+``worker`` s, sharded by worker index (rank - 1).
 :meth:`Topology.build` is pure and validates before any MPI traffic.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpi_easgd.config import ALGOS, ASYNC_ALGOS, ConfigError
+from mpi_easgd import registry
+from mpi_easgd.config import ConfigError
 
 SERVER_RANK = 0
 
@@ -26,9 +28,11 @@ class Topology:
 
     @classmethod
     def build(cls, world_size: int, rank: int, algo: str) -> Topology:
-        if algo not in ALGOS:
-            raise ConfigError(f"unknown algorithm '{algo}'; choose one of {', '.join(ALGOS)}")
-        if algo in ASYNC_ALGOS:
+        try:
+            is_async = registry.lookup(algo).is_async
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+        if is_async:
             if world_size < 3:
                 raise ConfigError(
                     f"async {algo} needs at least 3 ranks (server, tester, 1+ worker); got "
@@ -46,7 +50,7 @@ class Topology:
 
     @property
     def is_async(self) -> bool:
-        return self.algo in ASYNC_ALGOS
+        return registry.lookup(self.algo).is_async
 
     @property
     def server_rank(self) -> int:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mpi_easgd.config import ALGOS, Config
+from mpi_easgd.config import Config
 from mpi_easgd.models import check_model_name
+from mpi_easgd.registry import NAMES as ALGOS
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.toml"))
 

@@ -19,7 +19,7 @@ from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
 from mpi_easgd.ps.protocol import Command, Inbox, Tag
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import server_rule
 from mpi_easgd.runtime.loop import Action, NonFiniteError, Position, train
 from mpi_easgd.runtime.metrics import NullRunLog
 
@@ -171,7 +171,7 @@ def test_liveness_reports_a_silent_worker_once_and_sends_heartbeats():
 
 def test_center_versions_are_never_written_while_a_send_may_read_them():
     center = flat_buffer(3)
-    versions = CenterVersions(center, ServerRule("easgd", 0.5))
+    versions = CenterVersions(center, server_rule("easgd", 0.5))
     x = versions.take()
     x.fill_(2.0)
     reply = versions.apply(x)
@@ -191,7 +191,7 @@ def test_center_versions_are_never_written_while_a_send_may_read_them():
 
 def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
     center = flat_buffer(3)
-    versions = CenterVersions(center, ServerRule("downpour", 0.5), torch.float16)
+    versions = CenterVersions(center, server_rule("downpour", 0.5), torch.float16)
     x = versions.take()
     assert x.dtype == torch.float16
     x.fill_(1.0 / 3)  # not a float16 number: rounded on the wire

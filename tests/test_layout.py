@@ -66,3 +66,36 @@ def test_the_check_sees_an_upward_edge(tmp_path, monkeypatch):
     (fake / "rules" / "bad.py").write_text("def f():\n    from mpi_easgd.ps.server import Server\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert upward_edges() == ["mpi_easgd.rules.bad (rules) imports mpi_easgd.ps.server (ps)"]
+
+
+def algorithm_name_tests(root: Path = PACKAGE) -> list[str]:
+    """Comparisons of an algorithm's name with a string outside the registry."""
+    found = []
+    for path in root.rglob("*.py"):
+        if path.name == "registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                names = [n for n in (node.left, *node.comparators)
+                         if isinstance(n, (ast.Name, ast.Attribute)) and (getattr(n, "attr", None) or n.id) == "algo"]
+                literals = [n for n in (node.left, *node.comparators)
+                            if isinstance(n, (ast.Constant, ast.Tuple, ast.List, ast.Set))]
+                if names and literals:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return found
+
+
+def test_only_the_registry_tells_algorithms_apart_by_name(tmp_path):
+    assert algorithm_name_tests() == []
+    (tmp_path / "mpi_easgd").mkdir()
+    (tmp_path / "mpi_easgd" / "bad.py").write_text("def f(cfg):\n    return cfg.algo == 'sgd'\n")
+    assert algorithm_name_tests(tmp_path / "mpi_easgd") == ["mpi_easgd/bad.py:2"]
+
+
+def test_every_registered_algorithm_names_classes_that_exist():
+    from mpi_easgd import registry
+
+    for algo in registry.ALGORITHMS.values():
+        parts = ("implementation",) if not algo.is_async else ("server_rule", "worker_rule")
+        for part in parts:
+            assert isinstance(algo.load(part), type), (algo.name, part)

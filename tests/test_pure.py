@@ -10,7 +10,7 @@ from torch import nn
 from mpi_easgd.config import Config, ConfigError, parse_args
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.models import ModelError, build_model, check_model_name
-from mpi_easgd.rules.asynchronous import DownpourWorker, ElasticWorker, OuterWorker, ServerRule, worker_rule
+from mpi_easgd.rules.asynchronous import DownpourWorker, ElasticWorker, OuterWorker, server_rule, worker_rule
 from mpi_easgd.rules.elastic import ea_local_move
 from mpi_easgd.topology import Topology
 from mpi_easgd.transfer import MPIBuffer
@@ -77,7 +77,7 @@ def test_easgd_exchange_is_the_symmetric_elastic_pull():
     c, x = torch.randn(100, generator=g), torch.randn(100, generator=g)
     c0, x0 = c.clone(), x.clone()
     incoming = x.clone()
-    new, reply = ServerRule("easgd", 0.3).apply(c, incoming)
+    new, reply = server_rule("easgd", 0.3).apply(c, incoming)
     assert reply is c and torch.equal(c, c0), "the old center is the reply and is never written"
     assert new is incoming, "the new center is written over the incoming message"
     torch.testing.assert_close(new, c0 + 0.3 * (x0 - c0))
@@ -95,7 +95,7 @@ def test_downpour_round_trip():
     x.add_(2.0)  # local updates since the last sync
     worker.prepare()
     assert torch.equal(worker.send, torch.full((10,), 2.0))
-    new, reply = ServerRule("downpour", 0.5).apply(c, worker.send.clone())
+    new, reply = server_rule("downpour", 0.5).apply(c, worker.send.clone())
     assert reply is new and torch.equal(new, torch.full((10,), 3.0)) and torch.equal(c, torch.ones(10))
     worker.reply.copy_(reply)
     worker.absorb()
@@ -118,7 +118,7 @@ def test_delayed_nesterov_with_delay_1_is_torchs_nesterov_sgd():
     for g in grads:
         p.grad = g.clone()
         opt.step()
-    got = outer_pushes(ServerRule("async-diloco", 0.0, 0.7, 0.9, 1), start, grads)
+    got = outer_pushes(server_rule("async-diloco", 0.0, 0.7, 0.9, 1), start, grads)
     torch.testing.assert_close(got, p.detach(), rtol=1e-6, atol=1e-6)
 
 
@@ -128,7 +128,7 @@ def test_delayed_nesterov_moves_by_one_nesterov_step_on_the_mean_every_delay_pus
     c = torch.randn(4)
     ref = nn.Parameter(c.clone())
     opt = torch.optim.SGD([ref], lr=0.5, momentum=0.8, nesterov=True)
-    rule = ServerRule("async-diloco", 0.0, 0.5, 0.8, 3)
+    rule = server_rule("async-diloco", 0.0, 0.5, 0.8, 3)
     for grads in rounds:
         first = outer_pushes(rule, c, grads[:1])
         torch.testing.assert_close(first, c - 0.5 * grads[0] / 3)  # between milestones: no momentum
@@ -141,10 +141,10 @@ def test_delayed_nesterov_moves_by_one_nesterov_step_on_the_mean_every_delay_pus
 def test_delayed_nesterov_state_resumes_exactly():
     torch.manual_seed(2)
     grads = [torch.randn(5) for _ in range(7)]
-    whole = outer_pushes(ServerRule("async-diloco", 0.0, 0.7, 0.9, 3), torch.zeros(5), grads)
-    first = ServerRule("async-diloco", 0.0, 0.7, 0.9, 3)
+    whole = outer_pushes(server_rule("async-diloco", 0.0, 0.7, 0.9, 3), torch.zeros(5), grads)
+    first = server_rule("async-diloco", 0.0, 0.7, 0.9, 3)
     c = outer_pushes(first, torch.zeros(5), grads[:4])  # stops between two momentum steps
-    second = ServerRule(**first.params())
+    second = server_rule(**first.params())
     second.load_state_dict(first.state_dict())
     assert torch.equal(outer_pushes(second, c, grads[4:]), whole)
 
@@ -173,7 +173,7 @@ def test_overlapped_exchange_moves_by_what_was_sent_and_keeps_the_steps_taken_me
     message = rule.send.clone()
     x.add_(steps)  # local steps while the message travels: the message must not change
     assert torch.equal(rule.send, message), "the message is a snapshot, not the live parameters"
-    new, reply = ServerRule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())
+    new, reply = server_rule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())
     rule.reply.copy_(reply)
     rule.absorb()
     if algo == "easgd":
@@ -196,7 +196,7 @@ def test_overlapped_exchange_with_no_step_in_flight_is_the_blocking_one(algo):
         rule = worker_rule(algo, x, 0.3, overlap=overlap)
         x.add_(0.5)  # steps since the last exchange
         rule.prepare()
-        rule.reply.copy_(ServerRule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())[1])
+        rule.reply.copy_(server_rule(algo, 0.3, outer_delay=1).apply(c0.clone(), rule.send.clone())[1])
         rule.absorb()
         results.append(x)
     torch.testing.assert_close(results[1], results[0])

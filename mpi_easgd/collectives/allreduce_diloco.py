@@ -73,6 +73,11 @@ class AllReduceDiLoCo(PeriodicRounds):
         self._cache = FlatCache(transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceDiLoCo", timeout, on_timeout)
 
+    @classmethod
+    def from_config(cls, comm: MPI.Comm, cfg, **options) -> AllReduceDiLoCo:
+        """As the command line builds it from a :class:`~mpi_easgd.config.Config`."""
+        return cls(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum, exchange_dtype=cfg.exchange_dtype, **options)
+
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
         center becomes those parameters and the outer momentum starts at zero."""

@@ -69,6 +69,11 @@ class AllReduceEA(PeriodicRounds):
         self._cache = FlatCache(transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceEA", timeout, on_timeout)
 
+    @classmethod
+    def from_config(cls, comm: MPI.Comm, cfg, **options) -> AllReduceEA:
+        """As the command line builds it from a :class:`~mpi_easgd.config.Config`."""
+        return cls(comm, cfg.tau, cfg.alpha, exchange_dtype=cfg.exchange_dtype, **options)
+
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
         center becomes those parameters."""

@@ -29,13 +29,13 @@ import numpy as np
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.base import CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.collectives.base import Collective, CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.collectives.overlap import BucketReducer
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.transfer import allreduce, chunk_size
 
 
-class AllReduceSGD:
+class AllReduceSGD(Collective):
     """Sum (and average) gradients across ``comm`` with one in-place Allreduce per step.
 
     ``transfer``: ``auto``, ``direct`` or ``staged`` (see :mod:`mpi_easgd.transfer`).
@@ -58,6 +58,11 @@ class AllReduceSGD:
         self.steps = 0  # steps with data since the last synchronize_parameters
         self._cache = FlatCache(grad_extra=1, transfer=transfer)
         self._guard = CollectiveGuard(comm, "AllReduceSGD", timeout, on_timeout)
+
+    @classmethod
+    def from_config(cls, comm: MPI.Comm, cfg, **options) -> AllReduceSGD:
+        """As the command line builds it from a :class:`~mpi_easgd.config.Config`."""
+        return cls(comm, **options)
 
     def synchronize_parameters(self, model: nn.Module) -> int:
         """Finish the epoch, then give every rank the parameters (frozen ones included) and

@@ -4,6 +4,8 @@ silent hang."""
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import sys
 import weakref
 
@@ -66,15 +68,61 @@ def bcast_module_state(comm: MPI.Comm, model: nn.Module, data: MPIBuffer, root: 
             bcast_tensor(comm, t, root, data.mode)
 
 
-class PeriodicRounds:
-    """The calls shared by the algorithms that keep a center and run a collective round
-    every ``tau`` local steps (AllReduceEA, AllReduceDiLoCo). A subclass sets ``comm``,
-    ``tau``, ``center`` (None until ``synchronize_parameters``), ``_cache`` and ``_guard``,
-    and provides ``_round(flat, stepping) -> 1 if some rank still steps, else 0`` and ``_agree(flat)``
-    (make every rank's copy bitwise equal to rank 0's after the epoch)."""
+class Collective:
+    """What every synchronous class shares: a guard on its collectives (:class:`CollectiveGuard`)
+    and the flat buffers of the one model it serves. Use it as a context manager, or call
+    :meth:`close` when done: that ends the guard's watchdog thread (it also ends once the
+    object is garbage-collected)."""
+
+    _guard: CollectiveGuard
+    _cache: FlatCache
+
+    def flat(self, model: nn.Module) -> FlatParameters:
+        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
+        return self._cache.get(model)
+
+    def close(self) -> None:
+        """Stop watching this object's calls (idempotent)."""
+        self._guard.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PeriodicRounds(Collective, abc.ABC):
+    """The algorithms that keep a center and run a collective round every ``tau`` local
+    steps (AllReduceEA, AllReduceDiLoCo), as the seed's calls: :meth:`average_parameters`
+    after every optimizer step, :meth:`synchronize_center` when a rank's epoch ends.
+
+    The contract for a subclass: its constructor sets ``comm``, ``tau``, ``center = None``
+    (a flat tensor once :meth:`synchronize_parameters` has run), ``rounds = 0``, ``_cache``
+    (:class:`FlatCache`) and ``_guard`` (:class:`CollectiveGuard`), and it implements the
+    three abstract methods below plus ``state_dict`` / ``load_state_dict``. The counting,
+    the guard and the seed's uneven-endings loop are here, once."""
 
     calls = 0  # local steps since the last synchronize_parameters / synchronize_center
     _since = 0  # local steps since this rank's last round
+    center: torch.Tensor | None
+    tau: int
+    rounds: int
+
+    @abc.abstractmethod
+    def synchronize_parameters(self, model: nn.Module) -> None:
+        """Every rank takes rank 0's parameters (and buffers); the center starts there."""
+
+    @abc.abstractmethod
+    def _round(self, flat: FlatParameters, stepping: bool) -> int:
+        """One collective round with this rank's state; ``stepping``: whether this rank
+        still takes local steps. Returns 1 if some rank still steps, else 0 (every rank
+        gets the same answer from the same reduction)."""
+
+    @abc.abstractmethod
+    def _agree(self, flat: FlatParameters) -> None:
+        """Make every rank's copy of the center (and the algorithm's state) bitwise equal
+        to rank 0's, after the epoch's rounds."""
 
     def average_parameters(self, model: nn.Module) -> bool:
         """Count one local step (after the optimizer step); every ``tau``-th call run one
@@ -102,9 +150,19 @@ class PeriodicRounds:
             self._agree(flat)
         self.calls = 0
 
-    def flat(self, model: nn.Module) -> FlatParameters:
-        """The flat parameter/gradient buffers of ``model`` (built on first use)."""
-        return self._cache.get(model)
+    @contextlib.contextmanager
+    def center_in(self, model: nn.Module):
+        """``with algo.center_in(model):`` the model holds the center inside the block (to
+        evaluate or save it), its own parameters again after it."""
+        if self.center is None:
+            raise RuntimeError("call synchronize_parameters(model) before center_in")
+        flat = self._cache.get(model)
+        own = flat.data.clone()
+        flat.data.copy_(self.center)
+        try:
+            yield model
+        finally:
+            flat.data.copy_(own)
 
 
 def argmax_rank(comm: MPI.Comm, value: int) -> int:
@@ -126,6 +184,8 @@ class CollectiveGuard:
     def __init__(self, comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str) -> None:
         self.watchdog = _watchdog(comm, owner, timeout, on_timeout)
         self.call = ""
+        if self.watchdog is not None:  # a guard nobody closed: its thread ends with the guard
+            weakref.finalize(self, self.watchdog.stop)
 
     def __call__(self, call: str) -> CollectiveGuard:
         self.call = call
@@ -139,9 +199,10 @@ class CollectiveGuard:
         if self.watchdog is not None:
             self.watchdog.release(self.call)
 
-    def __del__(self) -> None:
-        if getattr(self, "watchdog", None) is not None:  # not when __init__ refused its arguments
-            self.watchdog.stop()  # its thread ends within a second
+    def close(self) -> None:
+        """End the watchdog's thread (within a second; idempotent)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
 
 def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str):

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpi_easgd.collectives.allreduce_diloco import AllReduceDiLoCo
-from mpi_easgd.collectives.allreduce_ea import AllReduceEA
-from mpi_easgd.collectives.allreduce_sgd import AllReduceSGD
+from mpi_easgd import registry
+from mpi_easgd.collectives.base import PeriodicRounds
 from mpi_easgd.data import ShardLoader, steps_per_epoch
 from mpi_easgd.models import build_model
 from mpi_easgd.runtime import checkpoint, ft
@@ -53,13 +52,10 @@ class Peer:
         self.optimizer = make_optimizer(cfg, self.model)
         # A rank that hangs or dies mid-collective ends the job after --worker-timeout.
         guard = dict(transfer=ctx.transfer, timeout=cfg.worker_timeout, on_timeout="abort")
-        if cfg.algo == "sgd":
-            self.algo = AllReduceSGD(comm, **guard)
-        elif cfg.algo == "diloco":
-            self.algo = AllReduceDiLoCo(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum,
-                                        exchange_dtype=cfg.exchange_dtype, **guard)
-        else:
-            self.algo = AllReduceEA(comm, cfg.tau, cfg.alpha, exchange_dtype=cfg.exchange_dtype, **guard)
+        self.algo = registry.lookup(cfg.algo).load().from_config(comm, cfg, **guard)
+        # AllReduceEA and AllReduceDiLoCo average parameters and keep a center; AllReduceSGD
+        # averages gradients.
+        self.periodic = isinstance(self.algo, PeriodicRounds)
         self.algo.synchronize_parameters(self.model)
         self.flat = self.algo.flat(self.model)
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)
@@ -74,7 +70,7 @@ class Peer:
     # ---- the loop's interface --------------------------------------------------------
 
     def step(self, pos: Position, has_grad: bool) -> None:
-        if isinstance(self.algo, AllReduceSGD):
+        if not self.periodic:
             if self.algo.sum_and_normalize_gradients(self.model, has_data=has_grad):
                 self.optimizer.step()  # no rank steps when no rank had a usable gradient
         else:
@@ -104,12 +100,12 @@ class Peer:
         self.checkpoint = ckpt
 
     def end_epoch(self, pos: Position) -> None:
-        if isinstance(self.algo, AllReduceSGD):
+        if not self.periodic:
             self.algo.synchronize_parameters(self.model)
         else:
             self.algo.synchronize_center(self.model)
         stats, comm = pos.stats, self.ctx.comm
-        with swapped_in(self.flat, getattr(self.algo, "center", None)):
+        with self.evaluated():
             loss, correct, count = evaluate(self.model, self.test.epoch(0), self.ctx.device)
         sums = np.array([loss, correct, count, stats.loss_sum, stats.batches, stats.samples])
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
@@ -119,6 +115,10 @@ class Peer:
             train_loss=sums[3] / max(sums[4], 1), test_loss=sums[0] / sums[2], test_accuracy=sums[1] / sums[2],
         )
         self.ctx.log.log_eval(**self.last)
+
+    def evaluated(self):
+        """The model as it is evaluated and saved: ea and diloco's center, else the parameters."""
+        return self.algo.center_in(self.model) if self.periodic else contextlib.nullcontext(self.model)
 
     def state_dict(self, pos: Position) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
@@ -147,7 +147,7 @@ class Peer:
         evaluated last (ea: the center) as ``model.pt``, for use outside a checkpoint."""
         self.save(pos, finished=True)
         if self.ctx.comm.Get_rank() == 0:
-            with swapped_in(self.flat, getattr(self.algo, "center", None)):
+            with self.evaluated():
                 checkpoint.save_model(self.model, self.ctx.run_dir / "model.pt")
 
 
@@ -181,6 +181,7 @@ def run_peer(ctx: RunContext) -> dict:
                 raise
             ctx, peer, loader, pos, dead = shrink(ctx, peer, pos)
             lost += dead
+    peer.algo.close()
     comm = ctx.comm
     size = comm.Get_size()
     skipped = comm.allreduce(pos.skipped)
@@ -191,7 +192,7 @@ def run_peer(ctx: RunContext) -> dict:
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
                        **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
-                       **({"rounds": peer.algo.rounds} if cfg.algo != "sgd" else {}))
+                       **({"rounds": peer.algo.rounds} if peer.periodic else {}))
 
 
 def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
@@ -232,6 +233,7 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
         raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"
                        + (f": {peer.checkpoint} is the newest checkpoint" if peer.checkpoint else ""))
     old_steps = peer.steps
+    peer.algo.close()
     ctx = dataclasses.replace(ctx, comm=new, identity=ctx.rank)  # (faults, messages: the world rank)
     loader, steps = _shard(ctx)
     peer = Peer(ctx, steps)
@@ -240,17 +242,3 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
                  f"step {pos.step} of {steps}, the data re-sharded over them (--on-rank-loss shrink)")
     return ctx, peer, loader, pos, dead
-
-
-@contextlib.contextmanager
-def swapped_in(flat, params: torch.Tensor | None):
-    """The model holds ``params`` (if given) inside the block, its own parameters after it."""
-    if params is None:
-        yield
-        return
-    own = flat.data.clone()
-    flat.data.copy_(params)
-    try:
-        yield
-    finally:
-        flat.data.copy_(own)

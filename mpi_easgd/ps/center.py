@@ -1,7 +1,7 @@
 """The server's center as immutable versions, and the pool of flat buffers behind them.
 
 An exchange writes the new center over the buffer the worker's message arrived in (one
-fused pass, :class:`~.easgd.ServerRule`) and the reply goes out straight from the old
+fused pass, :class:`~mpi_easgd.rules.asynchronous.ServerRule`) and the reply goes out straight from the old
 version (EASGD) or the new one (DOWNPOUR), with no copy. A buffer is reused only when no
 send from it is in flight, so a slow receiver never sees a changing buffer and the server
 never waits for it.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpi_easgd.runtime import mpienv
+from mpi_easgd import registry
 from mpi_easgd.config import Config
 from mpi_easgd.data import DatasetInfo, ShardLoader
 from mpi_easgd.flat import FlatParameters
@@ -33,8 +33,8 @@ from mpi_easgd.ps.spares import Spares
 from mpi_easgd.ps.tester import run_tester
 from mpi_easgd.ps.worker import AsyncWorker
 from mpi_easgd.rules import audit
-from mpi_easgd.rules.asynchronous import ServerRule
-from mpi_easgd.runtime import checkpoint, ft
+from mpi_easgd.rules.asynchronous import server_rule
+from mpi_easgd.runtime import checkpoint, ft, mpienv
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import PeerLost, Preempted
 from mpi_easgd.runtime.loop import nonfinite_note, train
@@ -69,7 +69,7 @@ def run_async(ctx: RunContext) -> dict | None:
         f"model {cfg.model} ({flat.numel:,} parameters), {info.name} {info.sizes['train']} train / "
         f"{info.sizes['test']} test, batch {cfg.batch_size} per worker, tau {cfg.tau}, "
         + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
-           if cfg.algo == "async-diloco" else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
+           if registry.lookup(cfg.algo).outer else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
         + f", {cfg.optimizer} lr {cfg.lr}, momentum {cfg.momentum}"
         + (", overlapped exchanges" if cfg.overlap_exchange else "")
     )
@@ -100,7 +100,7 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
                                               wall_seconds=time.perf_counter() - ctx.started, **extra))
         return ckpt
 
-    rule = ServerRule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
+    rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
     spares = None
     if cfg.on_worker_loss == "respawn":
         spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(run_dir), world_size=topo.world_size,

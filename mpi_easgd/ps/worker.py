@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
+from mpi_easgd import registry
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import say_dropped, watch_server
 from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
@@ -57,7 +58,7 @@ class AsyncWorker:
         cfg = ctx.cfg
         self.ctx, self.cfg, self.flat, self.model = ctx, cfg, flat, flat.module
         self.endpoint, self.write = endpoint, save
-        self.optimizer = make_optimizer(cfg, self.model, nesterov=cfg.algo == "eamsgd")
+        self.optimizer = make_optimizer(cfg, self.model, nesterov=registry.lookup(cfg.algo).nesterov)
         self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha, overlap=cfg.overlap_exchange)
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run

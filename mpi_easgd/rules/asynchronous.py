@@ -1,14 +1,18 @@
 """What differs between EASGD, EAMSGD, DOWNPOUR and async DiLoCo: one small rule object each side.
 
-The server loop (:mod:`.server`) and the worker loop (:mod:`.worker`) are shared; they ask
-a :class:`ServerRule` how to apply one exchange to the center, and a worker-side rule what
-to send and how to take in the reply.
+The engine's server loop and worker loop (:mod:`mpi_easgd.ps`) are shared; they ask a
+:class:`ServerRule` how to apply one exchange to the center, and a :class:`WorkerRule` what
+to send and how to take in the reply. :mod:`mpi_easgd.registry` names each algorithm's
+pair; :func:`server_rule` and :func:`worker_rule` build them by the algorithm's name.
 
 - EASGD / EAMSGD (the paper's Algorithms 1 and 2; EAMSGD differs only in the worker's local
   optimizer, Nesterov momentum): the worker sends ``x``, the server replies with ``c``
   (its value *before* the pull) and both apply ``alpha (x - c)`` in opposite directions.
 - DOWNPOUR: the worker sends its accumulated update ``x - x_at_last_sync``; the server adds
   it and replies with the new ``c``, which replaces ``x``.
+- Async DiLoCo (Liu et al. 2024): the worker sends its pseudo-gradient ``x_at_last_sync -
+  x``; the server steps the center with the delayed Nesterov outer optimizer and replies
+  with the new ``c``, from which the worker starts again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mpi_easgd.flat import flat_like
+from mpi_easgd.registry import lookup
 from mpi_easgd.rules.elastic import (
     delayed_nesterov_update,
     downpour_server_update,
@@ -26,18 +31,15 @@ from mpi_easgd.rules.elastic import (
 
 
 class ServerRule:
-    """Apply one exchange to the center; see :meth:`apply`. Async DiLoCo's outer optimizer
-    state (momentum, the pseudo-gradients pending since the last momentum step, the push
-    count) is the rule's own and is saved with the server's checkpoint."""
+    """The server's side of one asynchronous algorithm: :meth:`apply` one exchange to the
+    center. The rule's own state (an outer optimizer's momentum...) is saved with the
+    server's checkpoint and kept in the audit log. Build one with :func:`server_rule`."""
 
-    def __init__(self, algo: str, alpha: float, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+    def __init__(self, algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  outer_delay: int = 1) -> None:
-        self.algo = algo
+        self.algo = algo  # the registry's name (the audit rebuilds the rule from it)
         self.alpha = alpha
         self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
-        self.pushes = 0
-        self.momentum: torch.Tensor | None = None  # async-diloco: allocated at the first push
-        self.pending: torch.Tensor | None = None
 
     def params(self) -> dict:
         """The constructor's arguments (an audit log keeps them to replay the run)."""
@@ -46,21 +48,51 @@ class ServerRule:
 
     def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new center, reply)`` for a worker's message ``incoming``, which is overwritten
-        with the new center. EASGD replies with the old ``center``, DOWNPOUR and async
-        DiLoCo with the new one. ``center`` is never written: it may still be in flight to
+        with the new center. ``center`` is never written: it may still be in flight to
         another worker."""
-        if self.algo == "downpour":
-            new = downpour_server_update(center, incoming)
-            return new, new
-        if self.algo == "async-diloco":
-            if self.momentum is None:
-                self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
-            self.pushes += 1
-            new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
-                                          self.pushes % self.outer_delay == 0, self.outer_lr,
-                                          self.outer_momentum, self.outer_delay)
-            return new, new
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ElasticServer(ServerRule):
+    """EASGD / EAMSGD: ``c += alpha (x - c)``; the reply is the center before the pull."""
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return easgd_server_update(center, incoming, self.alpha), center
+
+
+class DownpourServer(ServerRule):
+    """DOWNPOUR: ``c += delta``; the reply is the new center."""
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = downpour_server_update(center, incoming)
+        return new, new
+
+
+class OuterServer(ServerRule):
+    """Async DiLoCo: the pseudo-gradient through the delayed Nesterov outer optimizer; the
+    reply is the new center. Its state (momentum, the pseudo-gradients pending since the
+    last momentum step, the push count) is the rule's own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pushes = 0
+        self.momentum: torch.Tensor | None = None  # allocated at the first push
+        self.pending: torch.Tensor | None = None
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.momentum is None:
+            self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
+        self.pushes += 1
+        new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
+                                      self.pushes % self.outer_delay == 0, self.outer_lr,
+                                      self.outer_momentum, self.outer_delay)
+        return new, new
 
     def state_dict(self) -> dict:
         if self.momentum is None:
@@ -71,6 +103,12 @@ class ServerRule:
         self.pushes = int(state.get("pushes", 0))
         if "momentum" in state:
             self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
+
+
+def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                outer_delay: int = 1) -> ServerRule:
+    """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`)."""
+    return lookup(algo).load("server_rule")(algo, alpha, outer_lr, outer_momentum, outer_delay)
 
 
 class WorkerRule:
@@ -87,6 +125,11 @@ class WorkerRule:
         self.x = x
         self.sent = flat_like(x) if overlap else x
         self.reply = flat_like(x)
+
+    @classmethod
+    def build(cls, x: torch.Tensor, alpha: float, overlap: bool) -> WorkerRule:
+        """The rule on ``x`` (``alpha``: the elastic coefficient, where the rule has one)."""
+        return cls(x, overlap)
 
     def prepare(self) -> None:
         if self.sent is not self.x:
@@ -107,6 +150,10 @@ class ElasticWorker(WorkerRule):
         super().__init__(x, overlap)
         self.alpha = alpha
         self.send = self.sent  # the parameters themselves (or their snapshot): no copy
+
+    @classmethod
+    def build(cls, x: torch.Tensor, alpha: float, overlap: bool) -> WorkerRule:
+        return cls(x, alpha, overlap)
 
     def absorb(self) -> None:
         easgd_worker_update(self.x, self.reply, self.alpha, self.sent)
@@ -146,8 +193,7 @@ class OuterWorker(DownpourWorker):
         torch.sub(self.anchor, self.sent, out=self.send)
 
 
-def worker_rule(algo: str, x: torch.Tensor, alpha: float, overlap: bool = False) -> WorkerRule:
-    """The worker side of ``algo`` on parameters ``x`` (``overlap``: see :class:`WorkerRule`)."""
-    if algo == "downpour":
-        return DownpourWorker(x, overlap)
-    return OuterWorker(x, overlap) if algo == "async-diloco" else ElasticWorker(x, alpha, overlap)
+def worker_rule(algo: str, x: torch.Tensor, alpha: float = 0.0, overlap: bool = False) -> WorkerRule:
+    """The worker side of ``algo`` (looked up in :mod:`mpi_easgd.registry`) on parameters
+    ``x`` (``overlap``: see :class:`WorkerRule`)."""
+    return lookup(algo).load("worker_rule").build(x, alpha, overlap)

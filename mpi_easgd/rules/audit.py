@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import ServerRule, server_rule
 
 STATE = "state_"  # prefix of the rule's initial state entries
 
@@ -37,7 +37,7 @@ def write(path: Path, rule: ServerRule, initial: tuple[torch.Tensor, dict],
 def replay(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """``(replayed center, the run's final center)`` from an audit log."""
     log = np.load(path)
-    rule = ServerRule(**json.loads(str(log["rule"])))
+    rule = server_rule(**json.loads(str(log["rule"])))
     state = {k[len(STATE):]: torch.from_numpy(log[k]) if log[k].ndim else log[k].item()
              for k in log.files if k.startswith(STATE)}
     rule.load_state_dict(state)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mpi_easgd.config import ASYNC_ALGOS
+from mpi_easgd import registry
 from mpi_easgd.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 METRIC_FIELDS = ("wall_time", "epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy")
@@ -36,14 +36,7 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
     """The summary every run writes (``summary.json``): the same keys for every algorithm,
     then ``specific`` ones (async: exchanges, per-worker rows...). ``test``: the final
     evaluation's ``test_accuracy`` and ``test_loss`` (None when there was none)."""
-    elastic = {"tau": cfg.tau, "alpha": cfg.alpha, "beta": cfg.alpha * workers} if cfg.algo != "sgd" else {}
-    if cfg.algo in ("diloco", "async-diloco"):
-        elastic = {"tau": cfg.tau, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
-                   **({"outer_delay": cfg.outer_delay} if cfg.algo == "async-diloco" else {})}
-    if cfg.algo != "sgd":
-        elastic["exchange_dtype"] = cfg.exchange_dtype
-    if cfg.algo in ASYNC_ALGOS:
-        elastic["overlap_exchange"] = cfg.overlap_exchange
+    elastic = registry.lookup(cfg.algo).settings(cfg, workers)
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
         epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, **elastic,

@@ -25,7 +25,7 @@ from mpi4py import MPI
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.ps.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
 from mpi_easgd.ps.server import Server
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import server_rule
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()
@@ -60,7 +60,7 @@ def serve(comm, saves: list, **options) -> Server:
         saves.append((step, extra, written))
         return Path(f"step-{step}")
 
-    server = Server(comm.comm, comm.live, center, ServerRule("easgd", 0.25), WORKERS, TESTER,
+    server = Server(comm.comm, comm.live, center, server_rule("easgd", 0.25), WORKERS, TESTER,
                     samples_per_exchange=1, save=save, **{"test_every": 1e9, **options})
     server.run()
     return server
@@ -116,7 +116,7 @@ def test_exchanges_then_done_end_with_the_final_checkpoint(comm):
         assert server.updates == 6 and server.exchanges.tolist() == [3, 3]
         center = server.initial[0].clone()
         for _, x in server.audit:  # the log replays to the center, bit for bit
-            center, _ = ServerRule("easgd", 0.25).apply(center, x.clone())
+            center, _ = server_rule("easgd", 0.25).apply(center, x.clone())
         assert torch.equal(center, server.center)
         assert [(step, written, extra["finished"]) for step, extra, written in saves] == [(6, True, True)]
     elif RANK in WORKERS:
