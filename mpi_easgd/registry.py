@@ -32,6 +32,7 @@ class Algorithm:
     family: str  # SYNC: every rank a peer; ASYNC: a server, a tester and workers
     summary: str  # one line for --help and the README
     uses: frozenset[str]
+    recorded: tuple[str, ...]  # the settings its summary records ("beta": workers * alpha)
     implementation: str = ""  # SYNC: "module:Class" of the collective
     server_rule: str = ""  # ASYNC: "module:Class" of the rule the server applies
     worker_rule: str = ""  # ASYNC: "module:Class" of the worker's side
@@ -59,19 +60,7 @@ class Algorithm:
 
     def settings(self, cfg, workers: int) -> dict:
         """The algorithm's own settings, as the run summary records them."""
-        out: dict = {}
-        if "tau" in self.uses:
-            out["tau"] = cfg.tau
-        if self.elastic:
-            out.update(alpha=cfg.alpha, beta=cfg.alpha * workers)
-        if self.outer:
-            out.update(outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum)
-            if "outer_delay" in self.uses:
-                out["outer_delay"] = cfg.outer_delay
-        for name in ("exchange_dtype", "overlap_exchange"):
-            if name in self.uses:
-                out[name] = getattr(cfg, name)
-        return out
+        return {name: cfg.alpha * workers if name == "beta" else getattr(cfg, name) for name in self.recorded}
 
 
 def load_object(path: str):
@@ -83,25 +72,33 @@ def load_object(path: str):
 _SYNC_USES = frozenset({"on_rank_loss"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "overlap_exchange", "on_worker_loss", "test_every", "audit"})
 _RULES = "mpi_easgd.rules.asynchronous"
+_ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
+_OUTER = ("tau", "outer_lr", "outer_momentum")
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sgd", SYNC, "synchronous data-parallel SGD (AllReduceSGD: one gradient Allreduce per step)",
-              _SYNC_USES, implementation="mpi_easgd.collectives.allreduce_sgd:AllReduceSGD"),
+              uses=_SYNC_USES, recorded=(), implementation="mpi_easgd.collectives.allreduce_sgd:AllReduceSGD"),
     Algorithm("ea", SYNC, "synchronous elastic averaging (AllReduceEA)",
-              _SYNC_USES | {"tau", "alpha", "exchange_dtype"},
+              uses=_SYNC_USES | {"tau", "alpha", "exchange_dtype"}, recorded=_ELASTIC,
               implementation="mpi_easgd.collectives.allreduce_ea:AllReduceEA"),
     Algorithm("diloco", SYNC, "DiLoCo: an outer Nesterov step on the averaged pseudo-gradient every tau steps",
-              _SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype"},
+              uses=_SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype"},
+              recorded=(*_OUTER, "exchange_dtype"),
               implementation="mpi_easgd.collectives.allreduce_diloco:AllReduceDiLoCo"),
     Algorithm("easgd", ASYNC, "asynchronous elastic averaging SGD around a parameter server",
-              _ASYNC_USES | {"alpha"}, server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker"),
+              uses=_ASYNC_USES | {"alpha"}, recorded=(*_ELASTIC, "overlap_exchange"),
+              server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker"),
     Algorithm("eamsgd", ASYNC, "EASGD with Nesterov momentum in the workers' local steps",
-              _ASYNC_USES | {"alpha"}, server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker",
+              uses=_ASYNC_USES | {"alpha"}, recorded=(*_ELASTIC, "overlap_exchange"),
+              server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker",
               nesterov=True, default_lr=0.01, default_momentum=0.9),
+    # (DOWNPOUR has no elastic coefficient; its summary has recorded alpha and beta all along)
     Algorithm("downpour", ASYNC, "DOWNPOUR: workers push accumulated updates, the server sums them",
-              _ASYNC_USES, server_rule=f"{_RULES}:DownpourServer", worker_rule=f"{_RULES}:DownpourWorker"),
+              uses=_ASYNC_USES, recorded=(*_ELASTIC, "overlap_exchange"),
+              server_rule=f"{_RULES}:DownpourServer", worker_rule=f"{_RULES}:DownpourWorker"),
     Algorithm("async-diloco", ASYNC, "asynchronous DiLoCo: pseudo-gradients through a delayed Nesterov outer step",
-              _ASYNC_USES | {"outer_lr", "outer_momentum", "outer_delay"},
+              uses=_ASYNC_USES | {"outer_lr", "outer_momentum", "outer_delay"},
+              recorded=(*_OUTER, "outer_delay", "exchange_dtype", "overlap_exchange"),
               server_rule=f"{_RULES}:OuterServer", worker_rule=f"{_RULES}:OuterWorker"),
 )}
 

@@ -19,6 +19,7 @@ from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
 from mpi_easgd.ps.protocol import Command, Inbox, Tag
+from mpi_easgd.ps.roster import Roster
 from mpi_easgd.rules.asynchronous import server_rule
 from mpi_easgd.runtime.loop import Action, NonFiniteError, Position, train
 from mpi_easgd.runtime.metrics import NullRunLog
@@ -131,7 +132,8 @@ SELF = MPI.COMM_SELF
 def test_endpoints_yield_typed_events_and_withdraw():
     comm, live = SELF.Dup(), SELF.Dup()
     wake = np.zeros(1, np.int64)
-    endpoints = Endpoints(comm, [0], lambda: flat_buffer(4), lambda: live.Irecv(wake, source=0, tag=Tag.WAKE))
+    endpoints = Endpoints(Roster(comm, live, [0]), lambda: flat_buffer(4),
+                          lambda: live.Irecv(wake, source=0, tag=Tag.WAKE))
     comm.Send(np.arange(4, dtype=np.float32), dest=0, tag=Tag.EXCHANGE)
     kind, worker, buf = endpoints.wait()
     assert (kind, worker) == (Kind.EXCHANGE, 0) and buf.tolist() == [0, 1, 2, 3]
@@ -152,7 +154,7 @@ def test_endpoints_yield_typed_events_and_withdraw():
 
 def test_liveness_reports_a_silent_worker_once_and_sends_heartbeats():
     comm, live = SELF.Dup(), SELF.Dup()
-    liveness = ServerLiveness(comm, live, [0], timeout=0.3, keep_going=True)
+    liveness = ServerLiveness(comm, live, Roster(comm, live, [0]), timeout=0.3, keep_going=True)
     wake = liveness.wake_receive()
     beats = Inbox(live, 0)  # this rank is also the worker that gets the heartbeats
     liveness.start()

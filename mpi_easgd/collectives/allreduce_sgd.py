@@ -32,6 +32,7 @@ from torch import nn
 from mpi_easgd.collectives.base import Collective, CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.collectives.overlap import BucketReducer
 from mpi_easgd.flat import FlatParameters
+from mpi_easgd.runtime.watchdog import require_thread_multiple
 from mpi_easgd.transfer import allreduce, chunk_size
 
 
@@ -125,6 +126,9 @@ class AllReduceSGD(Collective):
         ``overlap=True`` the gradient hooks are registered then)."""
         flat = self._cache.get(model)
         if self.overlap and self._reducer is None:
+            if flat.device.type != "cpu":  # autograd runs a GPU model's hooks on a thread of its own
+                require_thread_multiple("AllReduceSGD(overlap=True) on a GPU model (autograd calls the gradient "
+                                        "hooks, which start the reductions, from its device thread)")
             self._reducer = BucketReducer(self.comm, flat, self._cache.transfer, self.chunk_bytes)
         return flat
 

@@ -5,10 +5,13 @@ SAVED), plus the liveness thread's wake-up call; :meth:`Endpoints.wait` complete
 arrives first with ``Waitany``, a blocking wait (no spinning on ``Test``, which would steal
 the CPU from workers sharing the node), and returns it as an :class:`Event`.
 
+Where each worker is reached is read from its record (:mod:`.roster`): a replacement
+process talks to the server over the intercommunicator that started it, and
+:meth:`Endpoints.repost` posts its receives there. The server's control messages to a
+worker (SAVE, RESUME, END) go out here too (:meth:`Endpoints.tell`).
+
 Under ULFM (:mod:`mpi_easgd.runtime.ft`) a receive from a worker that died completes in error:
-that is a FAILED event (MPI says who died). A worker's receives can move to another
-communicator (:meth:`Endpoints.relink`): a replacement process talks to the server over
-the intercommunicator that started it.
+that is a FAILED event (MPI says who died).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.ps.protocol import DONE_LEN, SAVED_LEN, Tag
+from mpi_easgd.ps.roster import Roster
 from mpi_easgd.runtime import ft
 from mpi_easgd.transfer import mpi_view
 
@@ -40,15 +44,15 @@ class Event(NamedTuple):
 
 
 class Endpoints:
-    """Posted receives on ``comm`` for ``workers``, and the wake-up call (``wake()`` posts
-    it, on the liveness communicator; called again after each). Exchange buffers come from
-    ``take()``; after an EXCHANGE event the caller owns the buffer and posts a fresh one
-    with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are re-armed here."""
+    """Posted receives for every worker of ``roster``, and the wake-up call (``wake()``
+    posts it, on the liveness communicator; called again after each). Exchange buffers
+    come from ``take()``; after an EXCHANGE event the caller owns the buffer and posts a
+    fresh one with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are
+    re-armed here."""
 
-    def __init__(self, comm: MPI.Comm, workers: list[int], take, wake) -> None:
-        self.comm, self.workers = comm, list(workers)  # each worker's rank on its communicator
-        p = len(workers)
-        self._comms = [comm] * p  # where each worker's messages arrive (see relink)
+    def __init__(self, roster: Roster, take, wake) -> None:
+        self.roster = roster
+        p = len(roster)
         self._done = np.zeros((p, DONE_LEN), dtype=np.int64)
         self._saved = np.zeros((p, SAVED_LEN), dtype=np.int64)
         self._incoming: list[torch.Tensor | None] = [None] * p
@@ -57,14 +61,13 @@ class Endpoints:
                                                for i in range(p)] + [(Kind.WAKE, -1)]
         self._index = {slot: n for n, slot in enumerate(self._slots)}
         self._requests: list[MPI.Request] = [MPI.REQUEST_NULL] * len(self._slots)
+        self._told: list[tuple[np.ndarray, MPI.Request]] = []  # control messages in flight
         for i in range(p):
-            self.post_exchange(i, take())
-            self._post(Kind.DONE, i)
-            self._post(Kind.SAVED, i)
+            self.repost(i, take())
         self._requests[-1] = wake()
 
     def _post(self, kind: Kind, i: int) -> None:
-        rank, comm = self.workers[i], self._comms[i]
+        comm, _, rank = self.roster[i].link
         if kind is Kind.DONE:
             request = comm.Irecv(self._done[i], source=rank, tag=Tag.DONE)
         elif kind is Kind.SAVED:
@@ -78,22 +81,20 @@ class Endpoints:
         self._incoming[i] = buf
         self._post(Kind.EXCHANGE, i)
 
-    def relink(self, i: int, comm: MPI.Comm, rank: int, buf: torch.Tensor) -> None:
-        """Worker ``i`` is now ``rank`` on ``comm`` (a replacement): post its receives
-        there (its old ones must have been withdrawn), the exchange into ``buf``."""
-        self._comms[i], self.workers[i] = comm, rank
+    def repost(self, i: int, buf: torch.Tensor) -> None:
+        """Post all of worker ``i``'s receives where its record's link says (at the start,
+        and for a replacement: its old ones must have been withdrawn), the exchange into
+        ``buf``."""
         self.post_exchange(i, buf)
         self._post(Kind.DONE, i)
         self._post(Kind.SAVED, i)
 
     def wait(self) -> Event:
         """The next message to arrive, from any worker, or the wake-up call."""
-        try:
+        with ft.survivable() as death:
             n = MPI.Request.Waitany(self._requests)
-        except MPI.Exception as exc:  # MPI has set the failed request to null
-            if ft.is_failure(exc):
-                return Event(Kind.FAILED, -1, None)
-            raise
+        if death:  # MPI has set the failed request to null
+            return Event(Kind.FAILED, -1, None)
         kind, i = self._slots[n]
         if kind is Kind.EXCHANGE:
             buf, self._incoming[i] = self._incoming[i], None
@@ -107,6 +108,14 @@ class Endpoints:
         self._requests[n] = self._wake()
         return Event(kind, i, None)
 
+    def tell(self, i: int, message: np.ndarray) -> None:
+        """Send worker ``i`` a control message (a command) without waiting; a worker that
+        died meanwhile (ULFM) is found by the next wait."""
+        self._told = [(m, r) for m, r in self._told if not ft.test(r)]  # keep only those in flight
+        comm, _, rank = self.roster[i].link
+        with ft.survivable():
+            self._told.append((message, comm.Isend(message, dest=rank, tag=Tag.CONTROL)))
+
     def withdraw(self, i: int, *kinds: Kind) -> torch.Tensor | None:
         """Cancel worker ``i``'s receives of ``kinds`` (all three if none given); returns the
         exchange buffer if that receive was withdrawn. A message that matched meanwhile is
@@ -115,12 +124,9 @@ class Endpoints:
         for kind in kinds or (Kind.EXCHANGE, Kind.DONE, Kind.SAVED):
             n = self._index[kind, i]
             if self._requests[n]:
-                try:
+                with ft.survivable():  # its worker died: nothing more can arrive
                     self._requests[n].Cancel()
                     self._requests[n].Wait()
-                except MPI.Exception as exc:  # its worker died: nothing more can arrive
-                    if not ft.is_failure(exc):
-                        raise
                 if kind is Kind.EXCHANGE:
                     buf, self._incoming[i] = self._incoming[i], None
             self._requests[n] = MPI.REQUEST_NULL
@@ -128,7 +134,7 @@ class Endpoints:
 
     def close(self) -> None:
         """Withdraw every receive still posted (at the end of the run)."""
-        for i in range(len(self.workers)):
+        for i in range(len(self.roster)):
             self.withdraw(i)
         if self._requests[-1]:
             self._requests[-1].Cancel()

@@ -19,12 +19,14 @@ that liveness traffic never matches a training receive. Async runs need
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 from mpi_easgd.ps.protocol import Command, Inbox, Tag, control_message
+from mpi_easgd.ps.roster import LOST, Roster
 from mpi_easgd.runtime import ft
 from mpi_easgd.runtime.watchdog import Watchdog, require_thread_multiple
 
@@ -32,32 +34,33 @@ _HEARTBEAT = control_message(Command.HEARTBEAT)  # read-only: one buffer serves 
 
 
 class ServerLiveness:
-    """The server's watch on its workers (indices into ``workers``); see the module docstring.
+    """The server's watch on the workers of ``roster`` (by index); see the module docstring.
 
     Main thread: :meth:`expect` / :meth:`release` a worker's clock, :meth:`lost` (the workers
-    found silent, once each), :meth:`dropped` (tell a worker), :attr:`replying` and
-    :attr:`listeners`, :meth:`relink`. Everything else runs on the watchdog thread."""
+    found silent, once each), :meth:`dropped` (tell a worker), :attr:`replying`,
+    :meth:`listen`. The watchdog thread sends heartbeats to every worker the roster still
+    counts (it reads each record's link and state, see :mod:`.roster`) and to the extra
+    listeners, and finds silent workers. Each thread owns the requests it makes; what the
+    thread finds reaches the main thread under a lock."""
 
-    def __init__(self, comm: MPI.Comm, live: MPI.Comm, workers: list[int], timeout: float,
-                 keep_going: bool) -> None:
-        self.live, self.timeout, self.keep_going = live, timeout, keep_going
-        self.workers = list(workers)  # each worker's rank on its liveness communicator
+    def __init__(self, comm: MPI.Comm, live: MPI.Comm, roster: Roster, timeout: float, keep_going: bool) -> None:
+        self.live, self.roster, self.timeout, self.keep_going = live, roster, timeout, keep_going
         self.replying: int | None = None  # the worker whose reply the server waits on
-        # Who gets heartbeats, as (communicator, rank): rebound, never mutated (the thread reads it).
-        self.listeners: list[tuple[MPI.Comm, int]] = [(live, r) for r in workers]
-        self._lives = [live] * len(workers)  # each worker's liveness communicator
+        # Other ranks that get heartbeats, as (communicator, rank): rebound, never mutated.
+        self.listeners: tuple[tuple[MPI.Comm, int], ...] = ()
+        self._lock = threading.Lock()
         self._silent: list[tuple[int, float]] = []  # (worker, seconds), found by the thread
-        self._beats: list[MPI.Request] = []
+        self._beats: list[MPI.Request] = []  # the thread's heartbeats in flight
+        self._told: list[tuple[np.ndarray, MPI.Request]] = []  # the main thread's DROPPED messages in flight
         self._wake = np.zeros(1, dtype=np.int64)
-        names = list(workers)
-        self.watchdog = Watchdog(comm, timeout, lambda i: f"worker rank {names[i]}",
+        self.watchdog = Watchdog(comm, timeout, lambda i: f"worker rank {roster[i].rank}",
                                  on_silent=self._on_silent if keep_going else None,
                                  heard=self._heard, tick=self._heartbeat)
 
     def start(self) -> ServerLiveness:
         require_thread_multiple("the async server")
-        for i in range(len(self.workers)):
-            self.expect(i)
+        for record in self.roster:
+            self.expect(record.index)
         self.watchdog.start()
         return self
 
@@ -80,38 +83,35 @@ class ServerLiveness:
     @property
     def pending(self) -> bool:
         """Whether silent workers are waiting to be reported by :meth:`lost`."""
-        return bool(self._silent)
+        with self._lock:
+            return bool(self._silent)
 
     def lost(self) -> list[tuple[int, float]]:
         """The workers silent for longer than the timeout (index, seconds), each reported
         once; a worker heard from since the thread looked is not lost."""
+        with self._lock:
+            silent, self._silent = self._silent, []
         found = []
-        while self._silent:
-            i, seconds = self._silent.pop(0)
+        for i, seconds in silent:
             if self.watchdog.silence(i) >= self.timeout:
                 self.release(i)
                 found.append((i, seconds))
         return found
 
     def dropped(self, i: int, died: bool = False) -> None:
-        """Tell worker ``i`` it no longer counts (in case it wakes up: it then stays idle;
-        one that ``died`` is told nothing)."""
-        link = (self._lives[i], self.workers[i])
-        self.listeners = [r for r in self.listeners if r != link]
+        """Stop watching worker ``i`` and tell it that it no longer counts (in case it wakes
+        up: it then stays idle; one that ``died`` is told nothing). Its record must be LOST
+        already, so that it gets no more heartbeats."""
         self.release(i)
         if not died:
-            self._beats.append(link[0].Isend(control_message(Command.DROPPED), dest=link[1], tag=Tag.CONTROL))
+            _, live, rank = self.roster[i].link
+            self._told = [(m, r) for m, r in self._told if not ft.test(r)]
+            message = control_message(Command.DROPPED)
+            self._told.append((message, live.Isend(message, dest=rank, tag=Tag.CONTROL)))
 
     def listen(self, live: MPI.Comm, rank: int) -> None:
         """Send ``rank`` of ``live`` heartbeats too (it now waits on the server)."""
-        self.listeners = self.listeners + [(live, rank)]
-
-    def relink(self, i: int, live: MPI.Comm, rank: int) -> None:
-        """Worker ``i`` is now ``rank`` on ``live`` (a replacement); its clock starts."""
-        self._lives[i] = live
-        self.workers[i] = rank
-        self.listen(live, rank)
-        self.expect(i)
+        self.listeners = (*self.listeners, (live, rank))
 
     # ---- the watchdog thread -----------------------------------------------------------
 
@@ -123,22 +123,22 @@ class ServerLiveness:
 
     def _on_silent(self, i: int, seconds: float) -> bool:
         """``--on-worker-loss continue``: queue the worker and wake the server up."""
-        if all(j != i for j, _ in self._silent):
+        with self._lock:
+            if any(j == i for j, _ in self._silent):
+                return True
             self._silent.append((i, seconds))
-            # A buffer of its own: MPICH refuses a send to self from the receive's buffer.
-            self.live.Send(np.zeros(1, dtype=np.int64), dest=self.live.Get_rank(), tag=Tag.WAKE)
+        # A buffer of its own: MPICH refuses a send to self from the receive's buffer.
+        self.live.Send(np.zeros(1, dtype=np.int64), dest=self.live.Get_rank(), tag=Tag.WAKE)
         return True
 
     def _heartbeat(self) -> None:
         """Tell every rank that may be waiting on the server that it lives (a worker can
         wait long and rightly: for a slow peer to reach a checkpoint, or to be dropped)."""
         self._beats = [r for r in self._beats if not ft.test(r)]
-        for live, rank in self.listeners:
-            try:
+        links = [(r.link.live, r.link.rank) for r in self.roster if r.state is not LOST]
+        for live, rank in links + list(self.listeners):
+            with ft.survivable():  # it died: the main thread withdraws it
                 self._beats.append(live.Isend(_HEARTBEAT, dest=rank, tag=Tag.CONTROL))
-            except MPI.Exception as exc:  # it died: the main thread withdraws it
-                if not ft.is_failure(exc):
-                    raise
 
 
 def say_dropped(rank: int) -> None:

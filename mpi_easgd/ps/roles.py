@@ -23,22 +23,23 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd import registry
-from mpi_easgd.config import Config
-from mpi_easgd.data import DatasetInfo, ShardLoader
+from mpi_easgd.data import ShardLoader
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.models import build_model
+from mpi_easgd.ps.liveness import say_dropped
+from mpi_easgd.ps.policies import loss_policy
 from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
 from mpi_easgd.ps.server import Server
 from mpi_easgd.ps.spares import Spares
+from mpi_easgd.ps.stats import ServerStats, WorkerStats, summarise
 from mpi_easgd.ps.tester import run_tester
-from mpi_easgd.ps.worker import AsyncWorker
-from mpi_easgd.rules import audit
+from mpi_easgd.ps.worker import AsyncWorker, WorkerDropped
 from mpi_easgd.rules.asynchronous import server_rule
 from mpi_easgd.runtime import checkpoint, ft, mpienv
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import PeerLost, Preempted
 from mpi_easgd.runtime.loop import nonfinite_note, train
-from mpi_easgd.runtime.metrics import NullRunLog, run_summary
+from mpi_easgd.runtime.metrics import NullRunLog
 from mpi_easgd.runtime.watchdog import Watchdog
 from mpi_easgd.topology import Topology
 from mpi_easgd.transfer import MPIBuffer, exchange_dtype
@@ -94,7 +95,7 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
             checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
             raise checkpoint.CheckpointFailed(ckpt)
         # The tester's only state is how many snapshots it has been sent (it evaluates each).
-        checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.snapshots})
+        checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.feed.snapshots})
         checkpoint.commit(run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
                                               updates=server.updates,
                                               wall_seconds=time.perf_counter() - ctx.started, **extra))
@@ -108,9 +109,9 @@ def _make_server(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: d
     server = Server(ctx.comm, live, flat.data, rule, topo.worker_ranks,
                     topo.tester_rank, test_every=cfg.test_every, save=commit,
                     samples_per_exchange=cfg.tau * cfg.batch_size, audit=cfg.audit,
-                    peer_timeout=cfg.worker_timeout, on_worker_loss=cfg.on_worker_loss,
+                    peer_timeout=cfg.worker_timeout, policy=loss_policy(cfg.on_worker_loss, spares),
                     checkpoint_every=cfg.checkpoint_every, wire=exchange_dtype(cfg.exchange_dtype),
-                    wait_replies=not cfg.overlap_exchange, spares=spares)
+                    wait_replies=not cfg.overlap_exchange)
     if saved is not None:
         server.load_state_dict(saved)  # the center is the starting point again
     return server
@@ -123,15 +124,20 @@ def _serve(ctx: RunContext, server: Server, flat: FlatParameters) -> None:
     finally:  # the server owns the center: keep it even if a peer was lost at the end
         checkpoint.save_model(flat.module, run_dir / "center.pt")
     stats = server.stats()
-    stats["relayed"] = server.replacement_stats(cfg.worker_timeout)
-    if cfg.audit:
-        audit.write(run_dir / "audit.npz", server.versions.rule, server.initial, server.audit, flat.data)
+    stats.relayed = server.policy.relayed(server.roster, cfg.worker_timeout)
+    if server.audit is not None:
+        server.audit.write(run_dir / "audit.npz", server.versions.rule, flat.data)
     # Sent once everything is on disk: the tester may end the job after its summary.
     _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
     if ft.enabled():
-        _hear_gathered(ctx, Path(stats["checkpoint"]))
-    if stats["stopped"]:
-        raise Preempted(Path(stats["checkpoint"]))
+        _hear_gathered(ctx, Path(stats.checkpoint))
+    if set(stats.lost_workers) - set(stats.dead_workers):
+        # A dropped worker that is only hung may still send (it wakes up and exchanges before it
+        # learns it was dropped): MPICH fails an assertion when MPI_Finalize meets such a message.
+        # The tester ends the job once the summary is written (exit 3, or 75 when stopped).
+        time.sleep(cfg.worker_timeout)
+    if stats.stopped:
+        raise Preempted(Path(stats.checkpoint))
 
 
 def _hear_gathered(ctx: RunContext, final: Path) -> None:
@@ -140,12 +146,11 @@ def _hear_gathered(ctx: RunContext, final: Path) -> None:
     tester = ctx.topo.tester_rank
     lost = (f"the tester (rank {tester}) died; training finished, the center is saved as center.pt and in {final}, "
             f"but the run's summary is not written")
-    try:
+    arrived = False
+    with ft.survivable() as death:
         arrived, _ = receive_object(ctx.comm, tester, Tag.GATHERED, time.monotonic() + ctx.cfg.worker_timeout)
-    except MPI.Exception as exc:
-        if not ft.is_failure(exc):
-            raise
-        raise PeerLost(lost) from None
+    if death:
+        raise PeerLost(lost)
     if not arrived:
         raise PeerLost(lost.replace("died", f"did not answer within --worker-timeout {ctx.cfg.worker_timeout:g}s"))
 
@@ -159,12 +164,26 @@ def work(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | No
                          seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
     endpoint = WorkerEndpoint(ctx.comm, live, topo.server_rank)
     worker = AsyncWorker(ctx, flat, endpoint, lambda step, state: _save_rank(ctx, step, state), saved)
-    stopped = train(worker, loader, worker.position, cfg, steps=loader.steps, rank=topo.rank, device=ctx.device,
-                    log=NullRunLog())
-    stats, step, stopped = worker.finish(worker.position, stopped)
+    try:
+        stopped = train(worker, loader, worker.position, cfg, steps=loader.steps, rank=topo.rank,
+                        device=ctx.device, log=NullRunLog())
+        stats, step, stopped = worker.finish(worker.position, stopped)
+    except WorkerDropped:
+        worker.close()
+        idle_forever(ctx.rank)
+    finally:
+        worker.close()
     _send_stats(ctx.comm, stats, topo.tester_rank if stats_to is None else stats_to, cfg.worker_timeout)
     if stopped:
         raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
+
+
+def idle_forever(rank: int) -> None:
+    """A dropped worker no longer counts, but cannot leave an MPI job: it waits, off the
+    CPU, to be ended with it."""
+    say_dropped(rank)
+    while True:
+        time.sleep(60)
 
 
 def _test(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | None) -> dict:
@@ -172,15 +191,13 @@ def _test(ctx: RunContext, live: MPI.Comm, flat: FlatParameters, saved: dict | N
     test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
     train_data = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
     final = run_tester(ctx.comm, flat, test, train_data, topo.server_rank, ctx.device, log, ctx.transfer,
-                       evaluations=saved["evaluations"] if saved else 0)
-    everything = _gather_stats(ctx.comm, live, topo, cfg.worker_timeout)
+                       evaluations=saved["evaluations"] if saved else 0)  # (TesterStats)
+    server, workers = _gather_stats(ctx.comm, live, topo, cfg.worker_timeout)
     if ft.enabled():
         ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
-    server = everything[topo.server_rank]
-    if server["stopped"]:
-        raise Preempted(Path(server["checkpoint"]), server["lost_workers"])
-    everything[topo.tester_rank] = final
-    summary = _summary(cfg, topo, info, everything)
+    if server.stopped:
+        raise Preempted(Path(server.checkpoint), server.lost_workers)
+    summary = summarise(cfg, info, topo.world_size, topo.num_workers, topo.worker_ranks, server, final, workers)
     note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
     if note:
         log.warn(note)
@@ -196,57 +213,35 @@ def _saved_state(resume: Path, rank: int) -> dict:
     return checkpoint.load_rank(resume, rank)
 
 
-def _send_stats(comm: MPI.Comm, stats: dict, tester: int, timeout: float) -> None:
-    try:
+def _send_stats(comm: MPI.Comm, stats: WorkerStats | ServerStats, tester: int, timeout: float) -> None:
+    sent = False
+    with ft.survivable() as death:  # (ULFM) it died: the server says so (_hear_gathered), once for the job
         request = comm.isend(stats, dest=tester, tag=Tag.STATS)
         sent = wait_politely([request], time.monotonic() + timeout)
-    except MPI.Exception as exc:  # (ULFM) it died: the server says so (_hear_gathered), once for the job
-        if ft.is_failure(exc):
-            return
-        raise
+    if death:
+        return
     if not sent:
         raise PeerLost(f"tester rank {tester} did not take the run statistics within --worker-timeout "
                        f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
 
 
-def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo: Topology, timeout: float) -> dict[int, dict]:
+def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo: Topology,
+                  timeout: float) -> tuple[ServerStats, dict[int, WorkerStats]]:
     """Every role's statistics, on the tester: the server's first (it says which workers
     were lost), then each remaining worker's."""
     inbox = Inbox(live, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
     guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
                      heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
-    everything = {}
-    for rank in [topo.server_rank, *topo.worker_ranks]:
-        server = everything.get(topo.server_rank, {})
-        if rank in server.get("lost_workers", []) or rank in server.get("dead_workers", []):
+    guard.expect(topo.server_rank)
+    server: ServerStats = comm.recv(source=topo.server_rank, tag=Tag.STATS)
+    guard.release(topo.server_rank)
+    workers = {}
+    for rank in topo.worker_ranks:
+        if rank in server.lost_workers or rank in server.dead_workers:
             continue  # (a dead worker's replacement sent its statistics with the server's)
         guard.expect(rank)
-        everything[rank] = comm.recv(source=rank, tag=Tag.STATS)
+        workers[rank] = comm.recv(source=rank, tag=Tag.STATS)
         guard.release(rank)
     guard.stop()
     inbox.close()
-    return everything
-
-
-def _summary(cfg: Config, topo: Topology, info: DatasetInfo, everything: list[dict]) -> dict:
-    server = everything[topo.server_rank]
-    final = everything[topo.tester_rank]
-    everything.update({int(rank): stats for rank, stats in server["relayed"].items()})
-    lost = server["lost_workers"]
-    dead = server["dead_workers"]
-    per_worker = [dict(everything.get(s["rank"], {}), **s, lost=s["rank"] in lost, died=s["rank"] in dead)
-                  for s in server["per_worker"]]
-    workers = [everything[r] for r in topo.worker_ranks if r not in lost]
-    samples = sum(w["samples"] for w in workers)
-    seconds = max((w["wall_seconds"] for w in workers), default=0.0)
-    return run_summary(
-        cfg, info.name, topo.world_size, topo.num_workers, test=final, train_samples=samples, train_seconds=seconds,
-        nonfinite_skipped=sum(w["nonfinite_skipped"] for w in workers),
-        evaluations=final["evaluations"], exchanges=server["updates"],
-        server_busy_fraction=server["server_busy_fraction"], per_worker=per_worker,
-        checkpoints=server["checkpoints"], checkpoint_seconds=server["checkpoint_seconds"], lost_workers=lost,
-        dead_workers=dead,  # (ULFM) lost because their process died: gone, unlike a hung one
-        replacements=[dict(r, seconds_to_first_exchange=r["first_exchange"] - r["detected"]
-                           if r["first_exchange"] else None) for r in server["replacements"]],
-        spawn_seconds=server["spawn_seconds"], server_seconds=server["server_wall_seconds"],
-    )
+    return server, workers

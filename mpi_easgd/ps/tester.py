@@ -21,6 +21,7 @@ from torch import nn
 from mpi_easgd.data import ShardLoader
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.protocol import META_LEN, Kind, Tag, wait_politely
+from mpi_easgd.ps.stats import TesterStats
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.loop import evaluate
 from mpi_easgd.transfer import MPIBuffer
@@ -46,7 +47,7 @@ def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: in
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
-               server: int, device: torch.device, log, transfer: str = "auto", evaluations: int = 0) -> dict:
+               server: int, device: torch.device, log, transfer: str = "auto", evaluations: int = 0) -> TesterStats:
     """Evaluate every snapshot until the final one (counting on from ``evaluations``, for
     a resumed run); returns the final evaluation."""
     model = flat.module
@@ -70,4 +71,4 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
                    train_loss=train_loss / train_count, test_loss=loss / count, test_accuracy=correct / count)
         log.log_eval(**row)
         if kind == Kind.FINAL:
-            return dict(row, evaluations=evaluations)
+            return TesterStats(row, evaluations)

@@ -15,31 +15,38 @@ from mpi4py import MPI
 
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.protocol import Kind, Tag, meta_message, wait_politely
+from mpi_easgd.ps.roster import Roster
 
 
 class TesterFeed:
-    def __init__(self, comm: MPI.Comm, center: CenterVersions, tester: int, test_every: float) -> None:
+    """Snapshots of ``center`` for rank ``tester`` of ``comm``, each with the center's
+    version and the samples trained on before it (``samples_per_exchange`` a worker
+    exchange brings, counted from the roster)."""
+
+    def __init__(self, comm: MPI.Comm, center: CenterVersions, tester: int, test_every: float,
+                 samples_per_exchange: int) -> None:
         self.comm, self.center, self.tester, self.test_every = comm, center, tester, test_every
+        self.samples_per_exchange = samples_per_exchange
         self.snapshots = 0  # sent (the tester evaluates every one: its checkpoint state)
         self.final = False
         self._requests: list[MPI.Request] = []
         self._meta = np.zeros(0, dtype=np.int64)
         self._last = -float("inf")  # the first update is sent at once: the curve's start
 
-    def offer(self, updates: int, samples: int) -> None:
+    def offer(self, updates: int, roster: Roster) -> None:
         """Send the current center if a snapshot is due and the tester has taken the last."""
         if self.final or time.perf_counter() - self._last < self.test_every:
             return  # (after the final center, the tester takes nothing more)
         if self._requests and not MPI.Request.Testall(self._requests):
             return  # the tester is still busy with the previous one: skip, never wait
-        self._send(Kind.SNAPSHOT, updates, samples)
+        self._send(Kind.SNAPSHOT, updates, roster.samples(self.samples_per_exchange))
 
-    def send_final(self, updates: int, samples: int, deadline: float) -> bool:
+    def send_final(self, updates: int, roster: Roster, deadline: float) -> bool:
         """Hand over the final center once the previous snapshot has gone (False if it did
         not by ``deadline``: the tester is hung or lost)."""
         if not wait_politely(self._requests, deadline):
             return False
-        self._send(Kind.FINAL, updates, samples)
+        self._send(Kind.FINAL, updates, roster.samples(self.samples_per_exchange))
         self.final = True
         return True
 

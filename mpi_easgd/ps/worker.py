@@ -26,13 +26,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
 from mpi4py import MPI
 
 from mpi_easgd import registry
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.ps.liveness import say_dropped, watch_server
+from mpi_easgd.ps.liveness import watch_server
 from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
+from mpi_easgd.ps.stats import WorkerStats
 from mpi_easgd.rules.asynchronous import worker_rule
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.context import RunContext
@@ -40,11 +40,10 @@ from mpi_easgd.runtime.loop import Action, Position, make_optimizer
 from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 
 
-def idle_forever(rank: int) -> None:
-    """A dropped worker cannot leave an MPI job: it waits, off the CPU, to be ended with it."""
-    say_dropped(rank)
-    while True:
-        time.sleep(60)
+class WorkerDropped(Exception):
+    """The server dropped this worker (it was silent too long, ``--on-worker-loss
+    continue``): it no longer counts. Raised wherever the worker learns it; caught once,
+    by :func:`mpi_easgd.ps.roles.work`, which then waits to be ended with the job."""
 
 
 class AsyncWorker:
@@ -106,8 +105,7 @@ class AsyncWorker:
 
     def save(self, pos: Position) -> None:
         """Write this worker's file, answer SAVED, and wait until the server has saved too."""
-        if self._save(pos)[0] == Command.DROPPED:
-            idle_forever(self.ctx.rank)
+        self._save(pos)
 
     def _save(self, pos: Position) -> tuple[int, int, int]:
         self._land()  # the server has applied it: so must the saved worker
@@ -161,8 +159,7 @@ class AsyncWorker:
         time.sleep(max(0.0, t0 + self.delay - started))
         sleep_until(lambda: MPI.Request.Testall(requests) or self.endpoint.liveness.dropped)
         if not arrived():  # the server gave up on this worker and withdrew the exchange
-            self.watchdog.stop()
-            idle_forever(self.ctx.rank)
+            raise WorkerDropped
         self.waited += time.perf_counter() - started
         self._flight = None
         self._landed(t0)
@@ -174,17 +171,19 @@ class AsyncWorker:
         self.rule.absorb()
 
     def _from_server(self) -> tuple[int, int, int]:
+        """The server's next command (waiting for it); DROPPED raises :class:`WorkerDropped`."""
         self.watchdog.expect("server")
         command = self.endpoint.command()
         self.watchdog.release("server")
+        if command[0] == Command.DROPPED:
+            raise WorkerDropped
         return command
 
-    def finish(self, pos: Position, stopped: bool) -> tuple[dict, int, bool]:
+    def finish(self, pos: Position, stopped: bool) -> tuple[WorkerStats, int, bool]:
         """The final exchange, DONE, then the server's commands until END: (statistics, step
         of the final checkpoint, whether the run was stopped by a signal)."""
         if self.endpoint.liveness.dropped:
-            self.watchdog.stop()
-            idle_forever(self.ctx.rank)
+            raise WorkerDropped
         self.exchange()  # flush the steps since the last exchange
         self._land()
         exchanges = self.exchanges + len(self.latencies)
@@ -192,22 +191,16 @@ class AsyncWorker:
         seconds = time.perf_counter() - self.started
         command = self._from_server()
         while command[0] != Command.END:  # the server may still ask for this worker's (final) file
-            if command[0] == Command.DROPPED:
-                self.watchdog.stop()
-                idle_forever(self.ctx.rank)
             if command[0] == Command.SAVE:
                 self._step = command[1]
                 command = self._save(pos)
             else:  # RESUME after a checkpoint: wait for the next command
                 command = self._from_server()
         self.watchdog.stop()
-        lat = np.asarray(self.latencies) * 1e3
-        stats = dict(
-            rank=self.ctx.rank, exchanges=exchanges, steps=pos.t, samples=pos.samples,
-            wall_seconds=seconds, nonfinite_skipped=pos.skipped,
-            latency_ms_mean=float(lat.mean()), latency_ms_p50=float(np.percentile(lat, 50)),
-            latency_ms_p99=float(np.percentile(lat, 99)), exchange_wait_seconds=self.waited,
-            steps_in_flight=self.steps_in_flight,
-            **({"audit_checksums": self.checksums} if self.cfg.audit else {}),
-        )
+        stats = WorkerStats.of(self.ctx.rank, exchanges, pos.t, pos.samples, seconds, pos.skipped, self.latencies,
+                               self.waited, self.steps_in_flight, self.checksums if self.cfg.audit else None)
         return stats, command[1], bool(command[2])
+
+    def close(self) -> None:
+        """Stop watching the server (also when training ended in an error)."""
+        self.watchdog.stop()

@@ -23,6 +23,21 @@ from mpi_easgd.rules.asynchronous import ServerRule, server_rule
 STATE = "state_"  # prefix of the rule's initial state entries
 
 
+class AuditLog:
+    """What the server records with ``--audit``: the center and the rule's state at the
+    start, then each exchange as the rule got it (worker index, float32 payload)."""
+
+    def __init__(self, center: torch.Tensor, rule: ServerRule) -> None:
+        self.initial = (center.clone(), rule.state_dict())
+        self.exchanges: list[tuple[int, torch.Tensor]] = []
+
+    def record(self, worker: int, payload: torch.Tensor) -> None:
+        self.exchanges.append((worker, payload.to(torch.float32, copy=True)))
+
+    def write(self, path: Path, rule: ServerRule, final: torch.Tensor) -> None:
+        write(path, rule, self.initial, self.exchanges, final)
+
+
 def write(path: Path, rule: ServerRule, initial: tuple[torch.Tensor, dict],
           exchanges: list[tuple[int, torch.Tensor]], final: torch.Tensor) -> None:
     """Write the log of a server's run (``initial``: its center and rule state at the start)."""

@@ -10,8 +10,10 @@ ending the job. This module is the one place that knows how to tell:
   survivors; TCP loopback does not), applied by :mod:`mpi_easgd.runtime.mpienv`;
 - :func:`enabled` (after): this run can survive a death, and :func:`refusal` the one line
   that says what to install and how to launch when it cannot;
-- :func:`is_failure`, :func:`failed_ranks`, :func:`is_dead`, :func:`test`: an MPI error
-  that is a peer's death, and which peers are dead.
+- :func:`survivable`: the one way to make MPI calls that may fail because a peer died
+  (``with ft.survivable() as death:``); :func:`is_failure`, :func:`failed_ranks`,
+  :func:`is_dead`, :func:`test`: an MPI error that is a peer's death, and which peers are
+  dead.
 
 Without ULFM (MPICH, Open MPI without ``--with-ft ulfm``) a dead process ends the whole
 job, as the launcher does by default.
@@ -19,6 +21,7 @@ job, as the launcher does by default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 _FT_ENV = "OMPI_MCA_mpi_ft_enable"  # set by mpirun --with-ft ulfm for every process it starts
@@ -81,6 +84,31 @@ def is_failure(exc: BaseException) -> bool:
                                      MPI.ERR_IN_STATUS)
 
 
+class Death:
+    """What :func:`survivable` yields: true once a call in its block failed because a
+    peer died."""
+
+    def __init__(self) -> None:
+        self.happened = False
+
+    def __bool__(self) -> bool:
+        return self.happened
+
+
+@contextlib.contextmanager
+def survivable():
+    """``with ft.survivable() as death:`` around MPI calls that may fail because a peer
+    died (under ULFM): such a failure ends the block and ``death`` is true after it; any
+    other error propagates. Without ULFM a death ends the job, so ``death`` stays false."""
+    death = Death()
+    try:
+        yield death
+    except Exception as exc:  # noqa: BLE001 - only a peer's death is absorbed
+        if not is_failure(exc):
+            raise
+        death.happened = True
+
+
 def failed_ranks(comm) -> set[int]:
     """The ranks of the intracommunicator ``comm`` known to have died (acknowledged, so
     that receives from any source work again). On an intercommunicator Open MPI's list
@@ -105,24 +133,17 @@ def is_dead(comm, rank: int) -> bool:
     peer fails, a probe of a live one only looks."""
     from mpi4py import MPI
 
-    try:
+    with survivable() as death:
         comm.Iprobe(source=rank, tag=MPI.ANY_TAG)
-    except MPI.Exception as exc:
-        if is_failure(exc):
-            return True
-        raise
-    return False
+    return bool(death)
 
 
 def test(request) -> bool:
     """``request.Test()``, where a request that failed because its peer died counts as done
     (nothing more will happen to it; the caller learns of the death elsewhere)."""
-    try:
+    with survivable():
         return request.Test()
-    except Exception as exc:  # noqa: BLE001 - only a peer's death is absorbed
-        if is_failure(exc):
-            return True
-        raise
+    return True  # (it failed: its peer died)
 
 
 def openmpi_environment(prefix) -> dict[str, str]:

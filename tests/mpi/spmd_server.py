@@ -23,6 +23,7 @@ from comm import one_side_fails_all  # tests/mpi: on sys.path, as the test file'
 from mpi4py import MPI
 
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.ps.policies import Continue
 from mpi_easgd.ps.protocol import META_LEN, Command, Kind, Tag, WorkerEndpoint
 from mpi_easgd.ps.server import Server
 from mpi_easgd.rules.asynchronous import server_rule
@@ -113,9 +114,9 @@ def test_exchanges_then_done_end_with_the_final_checkpoint(comm):
     if RANK == 0:
         saves = []
         server = serve(comm, saves, audit=True)
-        assert server.updates == 6 and server.exchanges.tolist() == [3, 3]
-        center = server.initial[0].clone()
-        for _, x in server.audit:  # the log replays to the center, bit for bit
+        assert server.updates == 6 and [r.exchanges for r in server.roster] == [3, 3]
+        center = server.audit.initial[0].clone()
+        for _, x in server.audit.exchanges:  # the log replays to the center, bit for bit
             center, _ = server_rule("easgd", 0.25).apply(center, x.clone())
         assert torch.equal(center, server.center)
         assert [(step, written, extra["finished"]) for step, extra, written in saves] == [(6, True, True)]
@@ -152,8 +153,8 @@ def test_periodic_checkpoint_pauses_every_worker_then_resumes(comm):
 def test_a_silent_worker_is_dropped_and_told_so(comm):
     if RANK == 0:
         saves = []
-        server = serve(comm, saves, peer_timeout=1.0, on_worker_loss="continue")
-        assert server.stats()["lost_workers"] == [2]
+        server = serve(comm, saves, peer_timeout=1.0, policy=Continue())
+        assert server.stats().lost_workers == [2]
         step, extra, written = saves[-1]
         assert extra["lost_ranks"] == [2] and not extra["finished"] and written
     elif RANK == 1:

@@ -1,0 +1,99 @@
+"""The statistics of an async run, one type per role, and the summary made of them.
+
+At the end every role still in the run sends its statistics to the tester (a
+replacement worker: to the server, which relays them): a worker its
+:class:`WorkerStats`, the server its :class:`ServerStats`; the tester adds its own
+:class:`TesterStats` and :func:`summarise` writes the run's summary from the three. They
+travel pickled (the same classes on every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpi_easgd.runtime.metrics import run_summary
+
+
+@dataclass
+class WorkerStats:
+    """A worker's own account of its training."""
+
+    rank: int
+    exchanges: int
+    steps: int
+    samples: int
+    wall_seconds: float
+    nonfinite_skipped: int
+    latency_ms_mean: float  # from each send to its reply landing
+    latency_ms_p50: float
+    latency_ms_p99: float
+    exchange_wait_seconds: float  # blocked on exchanges
+    steps_in_flight: int  # local steps taken while an exchange was in flight
+    audit_checksums: list[float] | None = None  # --audit: what it sent, in order
+
+    @classmethod
+    def of(cls, rank: int, exchanges: int, steps: int, samples: int, wall_seconds: float, skipped: int,
+           latencies: list[float], waited: float, in_flight: int, checksums: list[float] | None) -> WorkerStats:
+        lat = np.asarray(latencies) * 1e3
+        return cls(rank, exchanges, steps, samples, wall_seconds, skipped, float(lat.mean()),
+                   float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), waited, in_flight, checksums)
+
+    def row(self) -> dict:
+        row = dataclasses.asdict(self)
+        if self.audit_checksums is None:
+            del row["audit_checksums"]
+        return row
+
+
+@dataclass
+class ServerStats:
+    """The server's account: the center's updates, each worker as the server saw it
+    (:meth:`~mpi_easgd.ps.roster.WorkerRecord.row`), checkpoints, losses and replacements."""
+
+    updates: int
+    per_worker: list[dict]
+    server_wall_seconds: float
+    server_busy_fraction: float
+    stopped: bool  # a stop signal ended training
+    checkpoint: str  # the newest checkpoint
+    checkpoints: int
+    checkpoint_seconds: float  # from SAVE to commit, summed
+    lost_workers: list[int]
+    dead_workers: list[int]  # (ULFM) lost because their process died
+    replacements: list[dict]  # (respawn) rank, generation, detected, assigned, first_exchange, exchanges_before
+    spawn_seconds: list[float]
+    relayed: dict[int, WorkerStats] = field(default_factory=dict)  # the replacements' own statistics
+
+
+@dataclass
+class TesterStats:
+    """The tester's final evaluation (a metrics row) and how many it made in all."""
+
+    final: dict
+    evaluations: int
+
+
+def summarise(cfg, info, world_size: int, num_workers: int, worker_ranks: list[int], server: ServerStats,
+              tester: TesterStats, workers: dict[int, WorkerStats]) -> dict:
+    """The run's summary (``summary.json``) from every role's statistics."""
+    workers = {**workers, **{int(rank): stats for rank, stats in server.relayed.items()}}
+    lost, dead = server.lost_workers, server.dead_workers
+    per_worker = [dict(workers[s["rank"]].row() if s["rank"] in workers else {}, **s,
+                       lost=s["rank"] in lost, died=s["rank"] in dead) for s in server.per_worker]
+    present = [workers[r] for r in worker_ranks if r not in lost]
+    samples = sum(w.samples for w in present)
+    seconds = max((w.wall_seconds for w in present), default=0.0)
+    return run_summary(
+        cfg, info.name, world_size, num_workers, test=tester.final, train_samples=samples, train_seconds=seconds,
+        nonfinite_skipped=sum(w.nonfinite_skipped for w in present),
+        evaluations=tester.evaluations, exchanges=server.updates,
+        server_busy_fraction=server.server_busy_fraction, per_worker=per_worker,
+        checkpoints=server.checkpoints, checkpoint_seconds=server.checkpoint_seconds, lost_workers=lost,
+        dead_workers=dead,  # (ULFM) lost because their process died: gone, unlike a hung one
+        replacements=[dict(r, seconds_to_first_exchange=r["first_exchange"] - r["detected"]
+                           if r["first_exchange"] else None) for r in server.replacements],
+        spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
+    )
