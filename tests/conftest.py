@@ -41,9 +41,24 @@ class Result:
         return self.stdout + self.stderr
 
 
+_RUNNING: list = []  # the test being run
+
+
+def pytest_runtest_setup(item) -> None:
+    _RUNNING[:] = [item]
+
+
+def require_launch_marker() -> None:
+    """A test that starts a job must say so (``@pytest.mark.launch``): ``pytest -m 'not
+    launch'`` then runs everything in-process, in seconds."""
+    if _RUNNING and _RUNNING[0].get_closest_marker("launch") is None:
+        pytest.fail(f"{_RUNNING[0].nodeid} starts an MPI job: mark it (or its module) with pytest.mark.launch")
+
+
 def launch(n: int, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """Start ``mpiexec -n n python ARGS`` in its own process group (so that a timeout can
     kill every rank, not just the launcher), with text pipes for stdout and stderr."""
+    require_launch_marker()
     cmd = [find_mpiexec(), "-n", str(n), sys.executable, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -167,3 +182,26 @@ def make_blobs(path: Path, n_train: int = 512, n_test: int = 128, classes: int =
 @pytest.fixture(scope="session")
 def blobs(tmp_path_factory) -> Path:
     return make_blobs(tmp_path_factory.mktemp("data") / "blobs.h5")
+
+
+def make_cifar(folder, hundred=False):
+    """CIFAR-10 (or, ``hundred``, CIFAR-100) python batches of random images in ``folder``;
+    returns each file's (images, labels)."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    out = {}
+    names = [("train", 40), ("test", 10)] if hundred else [(f"data_batch_{i}", 8) for i in range(1, 6)] + [
+        ("test_batch", 10)]
+    for name, n in names:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        if hundred:
+            d = {b"data": x, b"fine_labels": list(np.arange(n) % 100),
+                 b"coarse_labels": list(np.arange(n) % 20)}
+        else:
+            d = {b"data": x, b"labels": list(np.arange(n) % 10)}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(d, fh, protocol=2)
+        out[name] = (x.reshape(-1, 3, 32, 32), np.arange(n) % (100 if hundred else 10))
+    return out

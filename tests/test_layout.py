@@ -99,3 +99,12 @@ def test_every_registered_algorithm_names_classes_that_exist():
         parts = ("implementation",) if not algo.is_async else ("server_rule", "worker_rule")
         for part in parts:
             assert isinstance(algo.load(part), type), (algo.name, part)
+
+
+def test_a_job_started_by_an_unmarked_test_fails_it():
+    """Tests that launch are marked, so that ``pytest -m 'not launch'`` runs in-process only."""
+    import pytest
+    from conftest import launch
+
+    with pytest.raises(pytest.fail.Exception, match="pytest.mark.launch"):
+        launch(1, "-c", "pass")

@@ -1,7 +1,7 @@
 """SPMD tests of AllReduceSGD and AllReduceEA: every rank runs every test.
 
 Run under ``mpiexec -n K python -m mpi4py -m pytest tests/mpi/spmd_collectives.py`` (the
-suite does so for K = 1, 2, 4 from ``tests/test_collectives.py``); ``python -m mpi4py``
+suite does so for K = 1, 2, 4 from ``tests/test_spmd.py``); ``python -m mpi4py``
 turns a failure on one rank into MPI_Abort, so a failing rank cannot hang the others.
 Each test compares what the ranks computed together against a serial computation that
 every rank can do on its own with all ranks' data.

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import mpirun
+
+pytestmark = pytest.mark.launch
 
 RUNS = {"AllReduceSGD": ["--uneven"], "AllReduceEA": ["--ea", "--uneven"]}
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import ROOT
 from slurm_cluster import LocalSlurm
 
+pytestmark = [pytest.mark.launch, pytest.mark.slurm]
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):

@@ -4,12 +4,14 @@ convert the python batches, train with the shipped configs, plot the two runs.""
 from __future__ import annotations
 
 import numpy as np
-from conftest import ROOT, mpirun, read_summary
+import pytest
+from conftest import ROOT, make_cifar, mpirun, read_summary
 from PIL import Image
-from test_convert import make_cifar
 
 from mpi_easgd.data.__main__ import main as data_main
 from mpi_easgd.plot import main as plot_main
+
+pytestmark = pytest.mark.launch
 
 
 def run(module, *args, cwd, capsys):

@@ -10,7 +10,7 @@ from mpi_easgd.config import Config
 from mpi_easgd.models import check_model_name
 from mpi_easgd.registry import NAMES as ALGOS
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.toml"))
 
 
 def test_there_is_a_config_per_dataset_model_and_algorithm():

@@ -1,5 +1,5 @@
 """Launch the SPMD tests under real mpiexec: the collective tests with 2 and 4 ranks (one
-rank: the launcher-free run in test_docs_commands.py),
+rank: the launcher-free run in cli/test_docs_commands.py),
 DistLearn's ported uneven-ending tests with 2, 4 and 5, AllReduceDiLoCo against a serial
 simulation with 2 and 3 (of 4), the async server's protocol
 against scripted workers with 4, and whole training runs of 2 to 5 ranks in one job of 5
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import spmd
+
+pytestmark = pytest.mark.launch
 
 COLLECTIVES = "tests/mpi/spmd_collectives.py"
 SEED = "tests/mpi/spmd_seed.py"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from conftest import train
 
+pytestmark = pytest.mark.launch
+
 
 @pytest.mark.parametrize("victim", ["1", "3"], ids=["worker", "tester"])
 def test_a_raising_worker_or_tester_ends_the_job(victim, tmp_path):

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import finish, launch, read_summary, train
 
+pytestmark = pytest.mark.launch
+
 
 def base(blobs, out, name, algo="sgd"):
     return ["--algo", algo, "--dataset", str(blobs), "--model", "mlp", "--epochs", "3", "--batch-size", "16",

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 from conftest import train
 
+pytestmark = pytest.mark.launch
+
 
 # The job-wide mechanism, once for an error every rank finds and once for one that only
 # rank 0 meets (creating the run directory); every other bad input is checked in-process
-# with the same messages (tests/test_validation.py).
+# with the same messages (tests/cli/test_validation.py).
 @pytest.mark.parametrize("ranks,flags,message", [
     (2, ["--dataset", "/no/such.h5"], "dataset file /no/such.h5 not found"),
     (2, ["--out", "/proc/forbidden"], "cannot create the run directory"),

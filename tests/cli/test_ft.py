@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 from conftest import finish, read_summary, ulfm_launch, ulfm_train
+
+pytestmark = [pytest.mark.launch, pytest.mark.ulfm]
 
 SEED = int(os.environ.get("MPI_EASGD_FT_SEED", random.randrange(1 << 30)))  # printed on failure
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import make_cifar
 from PIL import Image
 
 from mpi_easgd.data import read_info
@@ -37,24 +37,6 @@ def make_mnist(folder, n_train=30, n_test=10, gz=False):
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", y, gz)
         arrays[prefix] = (x[:, None], y)
     return arrays
-
-
-def make_cifar(folder, hundred=False):
-    folder.mkdir()
-    out = {}
-    names = [("train", 40), ("test", 10)] if hundred else [(f"data_batch_{i}", 8) for i in range(1, 6)] + [
-        ("test_batch", 10)]
-    for name, n in names:
-        x = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
-        if hundred:
-            d = {b"data": x, b"fine_labels": list(np.arange(n) % 100),
-                 b"coarse_labels": list(np.arange(n) % 20)}
-        else:
-            d = {b"data": x, b"labels": list(np.arange(n) % 10)}
-        with open(folder / name, "wb") as fh:
-            pickle.dump(d, fh, protocol=2)
-        out[name] = (x.reshape(-1, 3, 32, 32), np.arange(n) % (100 if hundred else 10))
-    return out
 
 
 def h5_arrays(path, split):

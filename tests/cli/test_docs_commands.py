@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, mpirun, read_summary
+
+pytestmark = pytest.mark.launch
 
 
 def test_single_process_without_a_launcher(blobs, tmp_path):
