@@ -9,6 +9,7 @@ ranks' data differ in size: the loop stays the same, because ``synchronize_param
 ``synchronize_center`` let every rank finish the epoch.
 """
 
+import contextlib
 import itertools
 import sys
 
@@ -49,7 +50,10 @@ for epoch in range(5):
     else:
         algo.synchronize_parameters(model)
     x, y = next(test.epoch(0))
-    with torch.no_grad():
+    # AllReduceEA's result is its center: center_in puts it in the model for the block (to
+    # evaluate it, or save it with torch.save(model.state_dict(), ...)), then puts x back.
+    with algo.center_in(model) if use_ea else contextlib.nullcontext(), torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     if comm.rank == 0:
         print(f"epoch {epoch + 1}: test accuracy {accuracy:.3f}", flush=True)
+algo.close()  # ends the watchdog thread that guards its collectives

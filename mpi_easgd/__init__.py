@@ -11,6 +11,13 @@ step on the averaged pseudo-gradient every ``tau`` local steps); both take
 ``exchange_dtype="float16"`` or ``"bfloat16"`` to halve the bytes of each round. The
 asynchronous family (EASGD, EAMSGD, DOWNPOUR and async DiLoCo, with a parameter-server rank)
 runs from the command line: ``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
+
+The package re-creates two Lua/Torch projects, called "the seed" in its docs: DistLearn
+(``AllReduceSGD``, ``AllReduceEA``, whose calls these classes keep in snake case) and
+Async-EASGD (the parameter server with its workers and tester). The layers: ``rules``
+(pure update rules), ``runtime`` (the training loop, checkpoints, signals, fault
+tolerance), ``collectives`` (the synchronous classes), ``ps`` (the parameter-server
+engine); ``registry`` describes every algorithm once.
 """
 
 import importlib

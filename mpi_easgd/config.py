@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: ``--config`` plus one flag per :class:`Config` field."""
     parser = _Parser(
         prog="python -m mpi_easgd.train",
-        description="Train with AllReduceSGD/AllReduceEA or asynchronous EASGD/EAMSGD/DOWNPOUR "
+        description="Train with AllReduceSGD/AllReduceEA/AllReduceDiLoCo or asynchronous EASGD/EAMSGD/DOWNPOUR/"
+        "async DiLoCo "
         "under MPI (launch with mpirun -np N).",
     )
     parser.add_argument("--config", help="TOML file with any of the keys below")

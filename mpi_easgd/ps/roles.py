@@ -1,4 +1,5 @@
-"""Asynchronous EASGD / EAMSGD / DOWNPOUR: the server, worker and tester roles together.
+"""The asynchronous family (EASGD, EAMSGD, DOWNPOUR, async DiLoCo): the server, worker and
+tester roles of one run together.
 
 Every rank builds the same model; the server's initial parameters become the center and
 every worker's starting point (one broadcast). Each role then runs its own loop (the

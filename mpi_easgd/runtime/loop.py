@@ -4,9 +4,11 @@
 forward and backward, a non-finite loss or gradient is handled (skipped or an error), the
 algorithm communicates and updates (:meth:`Algorithm.step`), and at the step boundary the
 algorithm answers with an :class:`Action` (save, stop, both or neither). An algorithm is
-any object with the five methods of :class:`Algorithm`: ``sync.Peer`` adapts the seed's
-``AllReduceSGD`` / ``AllReduceEA``, ``algorithms.worker.AsyncWorker`` talks to the
-parameter server. Injected faults (``$MPI_EASGD_FAULT``) apply here, once, for every role.
+any object with the five methods of :class:`Algorithm`: ``collectives.peer.Peer`` adapts
+the synchronous classes (``AllReduceSGD``, ``AllReduceEA``, ``AllReduceDiLoCo``: the
+calls of DistLearn, the Lua/Torch library this package re-creates),
+``ps.worker.AsyncWorker`` talks to the parameter server (EASGD, EAMSGD, DOWNPOUR, async
+DiLoCo). Injected faults (``$MPI_EASGD_FAULT``) apply here, once, for every role.
 """
 
 from __future__ import annotations
