@@ -210,24 +210,20 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     the world ranks that died. Another death meanwhile starts it over."""
     comm = ctx.comm
     while True:
-        try:
+        with ft.survivable() as death:
             comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
             new = comm.Shrink()
-        except MPI.Exception as exc:
-            if not ft.is_failure(exc):
-                raise
+        if death:
             continue  # shrink it again
-        try:
+        with ft.survivable() as death:
             survivors = new.allgather(ctx.rank)
             # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
             marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
             furthest = -max(marks)[2]
             state = new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None, root=furthest)
+        if not death:
             break
-        except MPI.Exception as exc:
-            if not ft.is_failure(exc):
-                raise
-            comm = new  # a survivor died too: shrink again
+        comm = new  # a survivor died too: shrink again
     dead = [r for r in peer.members if r not in survivors]
     if 0 in dead:
         raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"

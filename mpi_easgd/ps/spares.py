@@ -75,9 +75,6 @@ class Spares:
                 child.Disconnect()
             else:
                 for comm in (live, child):
-                    try:
+                    with ft.survivable():
                         comm.Free()
-                    except MPI.Exception as exc:
-                        if not ft.is_failure(exc):
-                            raise
         self.assigned = []
