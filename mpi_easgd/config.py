@@ -36,7 +36,8 @@ def _opt(default, help: str, **kw):
 class Config:
     """Everything a run needs. Batch size is per rank; the learning rate is never rescaled."""
 
-    algo: str = _opt("easgd", "algorithm: " + ", ".join(registry.NAMES), choices=registry.NAMES)
+    algo: str = _opt("easgd", "algorithm: " + ", ".join(registry.NAMES) + ", or your own asynchronous rule as "
+                              "package.module:Rule (a ServerRule subclass)")
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
     model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
@@ -172,7 +173,10 @@ class Config:
             parse_every(self.checkpoint_every)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        uses = registry.lookup(self.algo).uses
+        try:
+            uses = registry.lookup(self.algo).uses
+        except registry.AlgorithmError as exc:
+            raise ConfigError(str(exc)) from None
         if self.on_worker_loss != "abort" and "on_worker_loss" not in uses:
             raise ConfigError(
                 f"--on-worker-loss {self.on_worker_loss} needs an asynchronous algorithm "

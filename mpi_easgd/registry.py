@@ -9,9 +9,13 @@ bottom of the package (no torch, no MPI) and a plug-in can name its own.
 
 - A synchronous algorithm names its class in :mod:`mpi_easgd.collectives`; the command
   line builds it with ``cls.from_config(comm, cfg, **guard)``.
-- An asynchronous one names its server-side and worker-side rules in
-  :mod:`mpi_easgd.rules.asynchronous`; the engine (:mod:`mpi_easgd.ps`) builds them with
-  ``from_config``.
+- An asynchronous one names its rule: a :class:`~mpi_easgd.rules.asynchronous.ServerRule`
+  subclass, whose ``worker_rule`` is its worker side; the engine (:mod:`mpi_easgd.ps`)
+  builds both.
+
+A user's own asynchronous rule is looked up by its import path, ``package.module:Rule``
+(``--algo package.module:Rule``): :func:`lookup` imports it and describes it from the
+class itself (its ``settings``, ``nesterov``, first docstring line).
 """
 
 from __future__ import annotations
@@ -33,9 +37,7 @@ class Algorithm:
     summary: str  # one line for --help and the README
     uses: frozenset[str]
     recorded: tuple[str, ...]  # the settings its summary records ("beta": workers * alpha)
-    implementation: str = ""  # SYNC: "module:Class" of the collective
-    server_rule: str = ""  # ASYNC: "module:Class" of the rule the server applies
-    worker_rule: str = ""  # ASYNC: "module:Class" of the worker's side
+    implementation: str = ""  # "module:Class": SYNC the collective, ASYNC the server's rule (a ServerRule)
     nesterov: bool = False  # the local optimizer uses Nesterov momentum (EAMSGD)
     default_lr: float = 0.1  # with --optimizer sgd (adamw: 0.001 for every algorithm)
     default_momentum: float = 0.0
@@ -54,19 +56,27 @@ class Algorithm:
         """Whether an outer optimizer steps the center (DiLoCo)."""
         return "outer_lr" in self.uses
 
-    def load(self, what: str = "implementation"):
-        """The class that ``what`` (implementation, server_rule, worker_rule) names."""
-        return load_object(getattr(self, what))
+    def load(self):
+        """The class that does the work (SYNC: the collective; ASYNC: the server's rule,
+        whose ``worker_rule`` is the worker's side)."""
+        return load_object(self.implementation)
 
     def settings(self, cfg, workers: int) -> dict:
         """The algorithm's own settings, as the run summary records them."""
         return {name: cfg.alpha * workers if name == "beta" else getattr(cfg, name) for name in self.recorded}
 
 
+class AlgorithmError(ValueError):
+    """An algorithm's name is unknown, or a user's rule cannot be used (one line saying why)."""
+
+
 def load_object(path: str):
-    """The object named ``"package.module:Name"``."""
+    """The object named ``"package.module:Name"`` (a dotted name after the colon too)."""
     module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _SYNC_USES = frozenset({"on_rank_loss"})
@@ -87,19 +97,18 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               implementation="mpi_easgd.collectives.allreduce_diloco:AllReduceDiLoCo"),
     Algorithm("easgd", ASYNC, "asynchronous elastic averaging SGD around a parameter server",
               uses=_ASYNC_USES | {"alpha"}, recorded=(*_ELASTIC, "overlap_exchange"),
-              server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker"),
+              implementation=f"{_RULES}:ElasticServer"),
     Algorithm("eamsgd", ASYNC, "EASGD with Nesterov momentum in the workers' local steps",
               uses=_ASYNC_USES | {"alpha"}, recorded=(*_ELASTIC, "overlap_exchange"),
-              server_rule=f"{_RULES}:ElasticServer", worker_rule=f"{_RULES}:ElasticWorker",
-              nesterov=True, default_lr=0.01, default_momentum=0.9),
+              implementation=f"{_RULES}:ElasticServer", nesterov=True, default_lr=0.01, default_momentum=0.9),
     # (DOWNPOUR has no elastic coefficient; its summary has recorded alpha and beta all along)
     Algorithm("downpour", ASYNC, "DOWNPOUR: workers push accumulated updates, the server sums them",
               uses=_ASYNC_USES, recorded=(*_ELASTIC, "overlap_exchange"),
-              server_rule=f"{_RULES}:DownpourServer", worker_rule=f"{_RULES}:DownpourWorker"),
+              implementation=f"{_RULES}:DownpourServer"),
     Algorithm("async-diloco", ASYNC, "asynchronous DiLoCo: pseudo-gradients through a delayed Nesterov outer step",
               uses=_ASYNC_USES | {"outer_lr", "outer_momentum", "outer_delay"},
               recorded=(*_OUTER, "outer_delay", "exchange_dtype", "overlap_exchange"),
-              server_rule=f"{_RULES}:OuterServer", worker_rule=f"{_RULES}:OuterWorker"),
+              implementation=f"{_RULES}:OuterServer"),
 )}
 
 NAMES = tuple(ALGORITHMS)
@@ -107,12 +116,57 @@ SYNC_NAMES = tuple(n for n, a in ALGORITHMS.items() if not a.is_async)
 ASYNC_NAMES = tuple(n for n, a in ALGORITHMS.items() if a.is_async)
 
 
-def lookup(name: str) -> Algorithm:
-    """The algorithm called ``name``; a ``KeyError`` whose message lists the known ones."""
-    try:
+_PLUGINS: dict[str, Algorithm] = {}  # user rules, described on first lookup
+
+
+def lookup(name) -> Algorithm:
+    """The algorithm called ``name``: a built-in one, a user's rule by its import path
+    (``"package.module:Rule"``), or a rule class itself. Raises :class:`AlgorithmError`
+    with one line when there is none."""
+    if isinstance(name, type):
+        name = f"{name.__module__}:{name.__qualname__}"
+    if name in ALGORITHMS:
         return ALGORITHMS[name]
-    except KeyError:
-        raise KeyError(f"unknown algorithm '{name}'; choose one of {', '.join(NAMES)}") from None
+    if ":" not in str(name):
+        raise AlgorithmError(f"unknown algorithm '{name}'; choose one of {', '.join(NAMES)}, or name your own "
+                             f"asynchronous rule as package.module:Rule")
+    if name not in _PLUGINS:
+        _PLUGINS[name] = describe_rule(name)
+    return _PLUGINS[name]
+
+
+def describe_rule(path: str) -> Algorithm:
+    """A user's asynchronous rule (a ``ServerRule`` subclass named ``package.module:Rule``)
+    as an algorithm of the registry."""
+    module = path.partition(":")[0]
+    try:
+        rule = load_object(path)
+    except ModuleNotFoundError as exc:
+        raise AlgorithmError(f"--algo {path}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
+                             f"directory you launch from") from None
+    except AttributeError:
+        raise AlgorithmError(f"--algo {path}: {module} has no {path.partition(':')[2]}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: say so in one line
+        raise AlgorithmError(f"--algo {path}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+    # (checked by what they have: this module sits below the rules and imports none of them)
+    if not (isinstance(rule, type) and callable(getattr(rule, "apply", None)) and hasattr(rule, "params")):
+        raise AlgorithmError(f"--algo {path} is not a rule: name a subclass of mpi_easgd.rules.asynchronous.ServerRule")
+    worker = getattr(rule, "worker_rule", None)
+    if not (isinstance(worker, type) and all(hasattr(worker, m) for m in ("build", "prepare", "absorb"))):
+        raise AlgorithmError(f"--algo {path} has no worker side: set its worker_rule to a WorkerRule subclass "
+                             f"(for example mpi_easgd.rules.asynchronous.ElasticWorker)")
+    unknown = set(rule.settings) - _RULE_SETTINGS
+    if unknown:
+        raise AlgorithmError(f"--algo {path}: unknown settings {sorted(unknown)}; a rule reads any of "
+                             f"{', '.join(sorted(_RULE_SETTINGS))}")
+    recorded = ("tau", *(("alpha", "beta") if "alpha" in rule.settings else ()),
+                *(s for s in rule.settings if s != "alpha"), "exchange_dtype", "overlap_exchange")
+    doc = (rule.__doc__ or path).strip().splitlines()[0]
+    return Algorithm(path, ASYNC, doc, uses=_ASYNC_USES | set(rule.settings), recorded=recorded,
+                     implementation=path, nesterov=bool(rule.nesterov), default_momentum=0.9 if rule.nesterov else 0.0)
+
+
+_RULE_SETTINGS = frozenset({"alpha", "outer_lr", "outer_momentum", "outer_delay"})
 
 
 def using(field: str) -> tuple[str, ...]:

@@ -30,8 +30,8 @@ class Topology:
     def build(cls, world_size: int, rank: int, algo: str) -> Topology:
         try:
             is_async = registry.lookup(algo).is_async
-        except KeyError as exc:
-            raise ConfigError(exc.args[0]) from None
+        except registry.AlgorithmError as exc:
+            raise ConfigError(str(exc)) from None
         if is_async:
             if world_size < 3:
                 raise ConfigError(

@@ -94,11 +94,13 @@ def test_only_the_registry_tells_algorithms_apart_by_name(tmp_path):
 
 def test_every_registered_algorithm_names_classes_that_exist():
     from mpi_easgd import registry
+    from mpi_easgd.rules.asynchronous import ServerRule, WorkerRule
 
     for algo in registry.ALGORITHMS.values():
-        parts = ("implementation",) if not algo.is_async else ("server_rule", "worker_rule")
-        for part in parts:
-            assert isinstance(algo.load(part), type), (algo.name, part)
+        cls = algo.load()
+        assert isinstance(cls, type), algo.name
+        if algo.is_async:
+            assert issubclass(cls, ServerRule) and issubclass(cls.worker_rule, WorkerRule), algo.name
 
 
 def test_a_job_started_by_an_unmarked_test_fails_it():

@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 from mpi_easgd.flat import flat_buffer
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import Arrival, ServerRule
 from mpi_easgd.runtime import ft
 from mpi_easgd.transfer import mpi_view
 
@@ -87,14 +87,14 @@ class CenterVersions:
         self.wire_pool = self.pool if wire == torch.float32 else BufferPool(home.numel(), wire)
         self._pools = [self.pool] + ([self.wire_pool] if self.wire_pool is not self.pool else [])
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, arrival: Arrival | None = None) -> torch.Tensor:
         """Apply one worker's message ``x`` (a buffer from :meth:`take`, now the pool's);
         returns the buffer to reply from (of the wire dtype). A cast-down reply buffer is
         already released: it must be sent (:meth:`send`) before the next :meth:`take`."""
         if self.wire_pool is not self.pool:
             wire, x = x, self.pool.take().copy_(x)  # cast up
             self.wire_pool.release(wire)  # no send from it: free again
-        new, reply = self.rule.apply(self.current, x)
+        new, reply = self.rule.apply(self.current, x, arrival)
         if new is not self.current:
             self.retire_after_sends(self.current)  # the reply may still be read from it
         self.current = new

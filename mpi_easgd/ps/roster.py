@@ -59,10 +59,15 @@ class WorkerRecord:
     deaths: list[float] = field(default_factory=list)  # (ULFM) when each death was known (time.time())
     replacements: list[dict] = field(default_factory=list)  # (respawn) each process that took its place
 
+    def staleness_at(self, updates: int) -> int:
+        """Center updates by others since this worker's previous exchange, if one applied
+        now, at version ``updates`` (0 at its first)."""
+        return updates - self.last_seen if self.exchanges else 0
+
     def exchanged(self, updates: int) -> None:
         """Count an exchange applied when the center had seen ``updates`` updates."""
         if self.exchanges:
-            stale = updates - self.last_seen
+            stale = self.staleness_at(updates)
             self.staleness[0] += 1
             self.staleness[1] += stale
             self.staleness[2] = max(self.staleness[2], stale)

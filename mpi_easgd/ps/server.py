@@ -57,7 +57,7 @@ from mpi_easgd.ps.protocol import Command, Tag, control_message, wait_politely
 from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Roster, WorkerRecord
 from mpi_easgd.ps.stats import ServerStats
 from mpi_easgd.ps.tester_feed import TesterFeed
-from mpi_easgd.rules.asynchronous import ServerRule
+from mpi_easgd.rules.asynchronous import Arrival, ServerRule
 from mpi_easgd.rules.audit import AuditLog
 from mpi_easgd.runtime import faults, ft
 from mpi_easgd.runtime.control import PeerLost
@@ -165,9 +165,10 @@ class Server:
     # ---- events ----------------------------------------------------------------------
 
     def _exchange(self, record: WorkerRecord, x: torch.Tensor) -> None:
+        arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates)
         if self.audit is not None:
-            self.audit.record(record.index, x)  # as the rule gets it
-        reply = self.versions.apply(x)
+            self.audit.record(arrival, x)  # as the rule gets it
+        reply = self.versions.apply(x, arrival)
         comm, _, rank = record.link
         with ft.survivable() as death:  # it died after sending (ULFM): its message counts, as sent
             sent = self.versions.send(comm, reply, rank, Tag.REPLY)

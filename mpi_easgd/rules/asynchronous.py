@@ -17,6 +17,8 @@ pair; :func:`server_rule` and :func:`worker_rule` build them by the algorithm's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mpi_easgd.flat import flat_like
@@ -30,85 +32,13 @@ from mpi_easgd.rules.elastic import (
 )
 
 
-class ServerRule:
-    """The server's side of one asynchronous algorithm: :meth:`apply` one exchange to the
-    center. The rule's own state (an outer optimizer's momentum...) is saved with the
-    server's checkpoint and kept in the audit log. Build one with :func:`server_rule`."""
+@dataclass(frozen=True)
+class Arrival:
+    """What the server knows of an exchange when it applies it."""
 
-    def __init__(self, algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 outer_delay: int = 1) -> None:
-        self.algo = algo  # the registry's name (the audit rebuilds the rule from it)
-        self.alpha = alpha
-        self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
-
-    def params(self) -> dict:
-        """The constructor's arguments (an audit log keeps them to replay the run)."""
-        return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
-                    outer_delay=self.outer_delay)
-
-    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(new center, reply)`` for a worker's message ``incoming``, which is overwritten
-        with the new center. ``center`` is never written: it may still be in flight to
-        another worker."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class ElasticServer(ServerRule):
-    """EASGD / EAMSGD: ``c += alpha (x - c)``; the reply is the center before the pull."""
-
-    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return easgd_server_update(center, incoming, self.alpha), center
-
-
-class DownpourServer(ServerRule):
-    """DOWNPOUR: ``c += delta``; the reply is the new center."""
-
-    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new = downpour_server_update(center, incoming)
-        return new, new
-
-
-class OuterServer(ServerRule):
-    """Async DiLoCo: the pseudo-gradient through the delayed Nesterov outer optimizer; the
-    reply is the new center. Its state (momentum, the pseudo-gradients pending since the
-    last momentum step, the push count) is the rule's own."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.pushes = 0
-        self.momentum: torch.Tensor | None = None  # allocated at the first push
-        self.pending: torch.Tensor | None = None
-
-    def apply(self, center: torch.Tensor, incoming: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.momentum is None:
-            self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
-        self.pushes += 1
-        new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
-                                      self.pushes % self.outer_delay == 0, self.outer_lr,
-                                      self.outer_momentum, self.outer_delay)
-        return new, new
-
-    def state_dict(self) -> dict:
-        if self.momentum is None:
-            return {"pushes": self.pushes}
-        return {"pushes": self.pushes, "momentum": self.momentum.clone(), "pending": self.pending.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pushes = int(state.get("pushes", 0))
-        if "momentum" in state:
-            self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
-
-
-def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                outer_delay: int = 1) -> ServerRule:
-    """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`)."""
-    return lookup(algo).load("server_rule")(algo, alpha, outer_lr, outer_momentum, outer_delay)
+    worker: int  # the worker's index (0 .. workers - 1)
+    staleness: int  # center updates by other workers since this worker's previous exchange (0 at its first)
+    version: int  # the center's version: updates applied before this one
 
 
 class WorkerRule:
@@ -193,7 +123,121 @@ class OuterWorker(DownpourWorker):
         torch.sub(self.anchor, self.sent, out=self.send)
 
 
+class ServerRule:
+    """The server's side of one asynchronous algorithm, and the interface of a new one.
+
+    A rule is a pair: this class, whose :meth:`apply` turns one worker's message into the
+    new center and the reply, and the worker's side, :attr:`worker_rule` (a
+    :class:`WorkerRule` subclass: what a worker sends, and how it takes the reply in). To
+    write a new algorithm, subclass both (or reuse a worker side) and name the server
+    class on the command line, ``--algo package.module:MyRule``, or pass it to the API.
+    The engine does the rest unchanged: checkpoints (:meth:`state_dict`), overlapped and
+    16-bit exchanges, the audit (which rebuilds the rule from :meth:`params` and replays
+    every :class:`Arrival` through :meth:`apply`), worker loss and replacement.
+
+    Class attributes a rule sets:
+
+    - ``worker_rule``: its worker side;
+    - ``settings``: the configuration fields it reads (any of ``alpha``, ``outer_lr``,
+      ``outer_momentum``, ``outer_delay``); they are passed to the constructor and
+      recorded in the run's summary;
+    - ``nesterov``: whether the workers' local optimizer uses Nesterov momentum.
+    """
+
+    worker_rule: type[WorkerRule]
+    settings: tuple[str, ...] = ()
+    nesterov = False
+
+    def __init__(self, algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 outer_delay: int = 1) -> None:
+        self.algo = algo  # the registry's name (the audit rebuilds the rule from it)
+        self.alpha = alpha
+        self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
+
+    def params(self) -> dict:
+        """The constructor's arguments (an audit log keeps them to replay the run)."""
+        return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
+                    outer_delay=self.outer_delay)
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor,
+              arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new center, reply)`` for a worker's message ``incoming`` (float32, the rule's
+        to overwrite: the built-in rules write the new center over it, so that nothing is
+        allocated). ``center`` must never be written: it may still be on its way to another
+        worker. ``arrival``: who sent it and how stale it is (always given by the engine)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ElasticServer(ServerRule):
+    """EASGD / EAMSGD: ``c += alpha (x - c)``; the reply is the center before the pull."""
+
+    worker_rule = ElasticWorker
+    settings = ("alpha",)
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor,
+              arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return easgd_server_update(center, incoming, self.alpha), center
+
+
+class DownpourServer(ServerRule):
+    """DOWNPOUR: ``c += delta``; the reply is the new center."""
+
+    worker_rule = DownpourWorker
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor,
+              arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        new = downpour_server_update(center, incoming)
+        return new, new
+
+
+class OuterServer(ServerRule):
+    """Async DiLoCo: the pseudo-gradient through the delayed Nesterov outer optimizer; the
+    reply is the new center. Its state (momentum, the pseudo-gradients pending since the
+    last momentum step, the push count) is the rule's own."""
+
+    worker_rule = OuterWorker
+    settings = ("outer_lr", "outer_momentum", "outer_delay")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pushes = 0
+        self.momentum: torch.Tensor | None = None  # allocated at the first push
+        self.pending: torch.Tensor | None = None
+
+    def apply(self, center: torch.Tensor, incoming: torch.Tensor,
+              arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.momentum is None:
+            self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
+        self.pushes += 1
+        new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
+                                      self.pushes % self.outer_delay == 0, self.outer_lr,
+                                      self.outer_momentum, self.outer_delay)
+        return new, new
+
+    def state_dict(self) -> dict:
+        if self.momentum is None:
+            return {"pushes": self.pushes}
+        return {"pushes": self.pushes, "momentum": self.momentum.clone(), "pending": self.pending.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pushes = int(state.get("pushes", 0))
+        if "momentum" in state:
+            self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
+
+
+def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                outer_delay: int = 1) -> ServerRule:
+    """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`)."""
+    return lookup(algo).load()(algo, alpha, outer_lr, outer_momentum, outer_delay)
+
+
 def worker_rule(algo: str, x: torch.Tensor, alpha: float = 0.0, overlap: bool = False) -> WorkerRule:
     """The worker side of ``algo`` (looked up in :mod:`mpi_easgd.registry`) on parameters
     ``x`` (``overlap``: see :class:`WorkerRule`)."""
-    return lookup(algo).load("worker_rule").build(x, alpha, overlap)
+    return lookup(algo).load().worker_rule.build(x, alpha, overlap)

@@ -39,7 +39,7 @@ def test_bad_config_values(tmp_path, text, match):
 
 
 def test_bad_flags_raise_config_errors():
-    with pytest.raises(ConfigError, match="invalid choice"):
+    with pytest.raises(ConfigError, match="unknown algorithm 'adam'; choose one of sgd, ea, diloco, easgd"):
         parse_args(["--algo", "adam"])
     with pytest.raises(ConfigError, match="unrecognized arguments"):
         parse_args(["--colour", "red"])

@@ -130,6 +130,33 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, s
     assert "run summary" in stdout and "latency_ms_p99" in stdout
 
 
+@one_side_fails_all
+def test_a_users_rule_runs_with_checkpoints_overlap_and_the_audit(shared, capsys, monkeypatch):
+    """A rule defined in a user's file (tests/mpi/user_rules.py: staleness-aware elastic
+    averaging), named on the command line, with three workers (so that exchanges are
+    stale), overlapped exchanges over an emulated 15 ms round trip, periodic checkpoints
+    and the audit: it learns, its state is checkpointed, and the replay is bit for bit."""
+    out, tau = shared / "user-rule", 4
+    monkeypatch.setenv("MPI_EASGD_FAULT", ";".join(f"rank={r},action=delay,seconds=0.015" for r in (1, 2, 3)))
+    rule = "user_rules:StalenessAwareEASGD"
+    status, _ = train(5, "--algo", rule, "--epochs", "2", "--tau", str(tau), "--audit", "--overlap-exchange",
+                      "--checkpoint-every", "30", "--test-every", "0.5", "--out", str(out), "--run-name", "run",
+                      capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    summary = read_summary(out / "run")
+    assert summary["algo"] == rule and summary["beta"] == pytest.approx(summary["alpha"] * 3)
+    assert summary["test_accuracy"] > 0.8 and summary["checkpoints"] >= 2
+    check_audit(out / "run", summary, tau)
+    audit = np.load(out / "run" / "audit.npz")
+    assert (audit["staleness"] > 0).any() and (np.diff(audit["versions"]) == 1).all()
+    from mpi_easgd.runtime import checkpoint
+
+    state = checkpoint.load_rank(checkpoint.latest(out / "run"), 0)["rule"]
+    assert state["damped"] == int((audit["staleness"] > 0).sum()), "the rule's own state is checkpointed"
+
+
 SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
                 "wall_seconds", "train_samples_per_second"}
 
