@@ -2,15 +2,17 @@
 
 Public API::
 
-    from mpi_easgd import AllReduceSGD, AllReduceEA, AllReduceDiLoCo, FlatParameters
+    from mpi_easgd import AllReduceSGD, AllReduceEA, AllReduceDiLoCo, AsyncTraining, FlatParameters
 
 ``AllReduceSGD(comm)`` averages gradients with one ``Allreduce`` per step;
 ``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging;
 ``AllReduceDiLoCo(comm, tau, outer_lr, outer_momentum)`` runs DiLoCo (an outer Nesterov
 step on the averaged pseudo-gradient every ``tau`` local steps); both take
-``exchange_dtype="float16"`` or ``"bfloat16"`` to halve the bytes of each round. The
-asynchronous family (EASGD, EAMSGD, DOWNPOUR and async DiLoCo, with a parameter-server rank)
-runs from the command line: ``mpirun -np 4 python -m mpi_easgd.train --algo easgd``.
+``exchange_dtype="float16"`` or ``"bfloat16"`` to halve the bytes of each round.
+``AsyncTraining(comm, model, optimizer, algo="easgd", ...)`` runs the asynchronous family
+(EASGD, EAMSGD, DOWNPOUR, async DiLoCo, or a rule of your own) around your own loop, with
+a parameter-server rank and a tester rank; the command line
+(``mpirun -np 4 python -m mpi_easgd.train --algo easgd``) is one user of it.
 
 The package re-creates two Lua/Torch projects, called "the seed" in its docs: DistLearn
 (``AllReduceSGD``, ``AllReduceEA``, whose calls these classes keep in snake case) and
@@ -26,11 +28,12 @@ from mpi_easgd.runtime import mpienv
 
 mpienv.prepare()  # must run before mpi4py initialises MPI
 
-__all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "FlatParameters"]
+__all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "AsyncTraining", "FlatParameters"]
 __version__ = "0.1.0"
 _HOMES = {"AllReduceDiLoCo": "mpi_easgd.collectives.allreduce_diloco",
           "AllReduceEA": "mpi_easgd.collectives.allreduce_ea",
-          "AllReduceSGD": "mpi_easgd.collectives.allreduce_sgd", "FlatParameters": "mpi_easgd.flat"}
+          "AllReduceSGD": "mpi_easgd.collectives.allreduce_sgd", "AsyncTraining": "mpi_easgd.ps.api",
+          "FlatParameters": "mpi_easgd.flat"}
 
 
 def __getattr__(name: str):

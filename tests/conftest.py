@@ -127,13 +127,14 @@ def left_behind(proc: subprocess.Popen) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.split()[1][0] != "Z"]
 
 
-def ulfm_train(n: int, *flags: str, timeout: float = 120, env: dict | None = None) -> Result:
-    """``mpirun --with-ft ulfm -n n python -m mpi_easgd.train FLAGS``; fails the test on a
-    hang or on a process left behind."""
+def ulfm_train(n: int, *flags: str, timeout: float = 120, env: dict | None = None, script: str | None = None) -> Result:
+    """``mpirun --with-ft ulfm -n n python -m mpi_easgd.train FLAGS`` (or ``python -m
+    mpi4py SCRIPT FLAGS``); fails the test on a hang or on a process left behind."""
     import time
 
     start = time.perf_counter()
-    proc = ulfm_launch(n, "-m", "mpi_easgd.train", "--no-progress", *flags, env=env)
+    command = ["-m", "mpi4py", script] if script else ["-m", "mpi_easgd.train", "--no-progress"]
+    proc = ulfm_launch(n, *command, *flags, env=env)
     out, err = finish(proc, timeout, f"mpirun --with-ft ulfm -n {n} {' '.join(flags)}")
     deadline = time.monotonic() + 5  # (ranks that MPI_Abort ended may take a moment to go)
     while (left := left_behind(proc)) and time.monotonic() < deadline:

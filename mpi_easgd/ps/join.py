@@ -102,7 +102,8 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     from pathlib import Path
 
     from mpi_easgd.data import ShardLoader
-    from mpi_easgd.ps.roles import work
+    from mpi_easgd.ps.api import AsyncTraining
+    from mpi_easgd.ps.roles import work, worker_optimizer
     from mpi_easgd.runtime.context import RunContext
     from mpi_easgd.runtime.control import StopRequest
     from mpi_easgd.runtime.faults import GENERATION_ENV
@@ -125,7 +126,10 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     position = dict(epoch=epoch, step=step, t=t, exchanges=exchanges)
     ctx = RunContext(cfg, parent, topo, info, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
                      None, "direct" if device.type == "cpu" else "staged", time.perf_counter(), identity=rank)
-    work(ctx, live, flat, {"position": position}, stats_to=topo.server_rank)
+    model = flat.module
+    run = AsyncTraining.from_context(ctx, model, worker_optimizer(ctx, model), None, cfg.batch_size,
+                                     info.sizes["train"], info.name, replacing=dict(live=live, position=position))
+    work(ctx, run)
 
 
 if __name__ == "__main__":

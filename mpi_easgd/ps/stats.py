@@ -76,7 +76,7 @@ class TesterStats:
     evaluations: int
 
 
-def summarise(cfg, info, world_size: int, num_workers: int, worker_ranks: list[int], server: ServerStats,
+def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks: list[int], server: ServerStats,
               tester: TesterStats, workers: dict[int, WorkerStats]) -> dict:
     """The run's summary (``summary.json``) from every role's statistics."""
     workers = {**workers, **{int(rank): stats for rank, stats in server.relayed.items()}}
@@ -87,7 +87,7 @@ def summarise(cfg, info, world_size: int, num_workers: int, worker_ranks: list[i
     samples = sum(w.samples for w in present)
     seconds = max((w.wall_seconds for w in present), default=0.0)
     return run_summary(
-        cfg, info.name, world_size, num_workers, test=tester.final, train_samples=samples, train_seconds=seconds,
+        cfg, dataset, world_size, num_workers, test=tester.final, train_samples=samples, train_seconds=seconds,
         nonfinite_skipped=sum(w.nonfinite_skipped for w in present),
         evaluations=tester.evaluations, exchanges=server.updates,
         server_busy_fraction=server.server_busy_fraction, per_worker=per_worker,
@@ -96,4 +96,5 @@ def summarise(cfg, info, world_size: int, num_workers: int, worker_ranks: list[i
         replacements=[dict(r, seconds_to_first_exchange=r["first_exchange"] - r["detected"]
                            if r["first_exchange"] else None) for r in server.replacements],
         spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
+        final_metrics={k: v for k, v in tester.final.items() if k not in ("epoch", "step", "samples", "wall_time")},
     )

@@ -1,17 +1,21 @@
 """The tester rank: evaluates snapshots of the center while training goes on.
 
 It polls for the next snapshot with a short sleep between polls (it must not busy-wait on
-a CPU that workers need), evaluates it on the test set and logs one metrics row per
-snapshot. BatchNorm statistics are not part of the center, so before each evaluation they
-are re-estimated on a few training batches (as for any averaged model). ``train_loss`` is
-the center's loss on a fixed slice of the training set (the first 1,024 samples): the
-workers' own losses belong to their own parameters, not to the model being tested. On the
-FINAL snapshot it evaluates and returns.
+a CPU that workers need), evaluates it with the run's evaluation function (the user's, in
+a script: model -> metrics) and logs one metrics row per snapshot. On the FINAL snapshot it
+evaluates and returns.
+
+The command line's evaluation (:func:`classification_evaluator`): BatchNorm statistics
+are not part of the center, so before each evaluation they are re-estimated on a few
+training batches (as for any averaged model); ``train_loss`` is the center's loss on a
+fixed slice of the training set (the first 1,024 samples): the workers' own losses belong
+to their own parameters, not to the model being tested.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,6 +29,8 @@ from mpi_easgd.ps.stats import TesterStats
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.loop import evaluate
 from mpi_easgd.transfer import MPIBuffer
+
+Evaluate = Callable[[nn.Module], dict[str, float]]  # model -> metrics
 
 
 @torch.no_grad()
@@ -46,16 +52,34 @@ def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: in
         m.momentum = momentum
 
 
-def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: ShardLoader,
-               server: int, device: torch.device, log, transfer: str = "auto", evaluations: int = 0) -> TesterStats:
-    """Evaluate every snapshot until the final one (counting on from ``evaluations``, for
-    a resumed run); returns the final evaluation."""
+def classification_evaluator(test: ShardLoader, train: ShardLoader, device: torch.device,
+                              evaluations: int = 0) -> Evaluate:
+    """The command line's evaluation of an image classifier: BatchNorm statistics
+    re-estimated on a few training batches (those of epoch ``evaluations``, counting on),
+    then ``train_loss`` on the first 1,024 training samples, ``test_loss`` and
+    ``test_accuracy`` on the test set."""
+    probe = ShardLoader(train.info, "train", batch_size=512, shuffle=False, even=False, prefetch=0)
+    evaluations = itertools.count(evaluations)
+
+    def evaluate_classifier(model: nn.Module) -> dict[str, float]:
+        refresh_batchnorm(model, train.epoch(next(evaluations)), device)
+        loss, correct, count = evaluate(model, test.epoch(0), device)
+        train_loss, _, train_count = evaluate(model, itertools.islice(probe.epoch(0), 2), device)
+        return dict(train_loss=train_loss / train_count, test_loss=loss / count, test_accuracy=correct / count)
+
+    return evaluate_classifier
+
+
+def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, server: int, log,
+               transfer: str = "auto", evaluations: int = 0, samples_per_epoch: int | None = None) -> TesterStats:
+    """Evaluate every snapshot with ``evaluate_fn(model) -> metrics`` until the final one
+    (counting on from ``evaluations``, for a resumed run); each row goes to ``log`` with the
+    center's version and the samples before it (and the epochs, given
+    ``samples_per_epoch``); returns the final evaluation."""
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
     center = MPIBuffer(flat.data, transfer)  # snapshots land straight in the model's parameters
     fault = faults.from_env(comm.Get_rank())
-    train_size = train.info.sizes["train"]
-    probe = ShardLoader(train.info, "train", batch_size=512, shuffle=False, even=False, prefetch=0)
     while True:
         wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
         comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way
@@ -63,12 +87,12 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, test: ShardLoader, train: S
         if fault:
             fault.at_step(evaluations)
         kind, updates, samples = (int(v) for v in meta)
-        refresh_batchnorm(model, train.epoch(evaluations), device)
-        loss, correct, count = evaluate(model, test.epoch(0), device)
-        train_loss, _, train_count = evaluate(model, itertools.islice(probe.epoch(0), 2), device)
+        was_training = model.training
+        metrics = evaluate_fn(model)
+        model.train(was_training)
         evaluations += 1
-        row = dict(epoch=round(samples / train_size, 3), step=updates, samples=samples,
-                   train_loss=train_loss / train_count, test_loss=loss / count, test_accuracy=correct / count)
+        epoch = round(samples / samples_per_epoch, 3) if samples_per_epoch else ""
+        row = dict(epoch=epoch, step=updates, samples=samples, **{k: float(v) for k, v in metrics.items()})
         log.log_eval(**row)
         if kind == Kind.FINAL:
             return TesterStats(row, evaluations)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
 from mpi4py import MPI
 
-from mpi_easgd import registry
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import watch_server
 from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
@@ -36,7 +36,7 @@ from mpi_easgd.ps.stats import WorkerStats
 from mpi_easgd.rules.asynchronous import worker_rule
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.context import RunContext
-from mpi_easgd.runtime.loop import Action, Position, make_optimizer
+from mpi_easgd.runtime.loop import Action, Position
 from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 
 
@@ -49,15 +49,17 @@ class WorkerDropped(Exception):
 class AsyncWorker:
     """One worker of an async run, as the training loop sees it (see the module docstring).
 
-    ``save(step, state) -> written`` writes this worker's checkpoint file; ``saved`` is the
-    state to start from (a worker lost in the saved run has only a position)."""
+    ``optimizer`` takes the local steps (on ``flat``'s model); ``save(step, state) ->
+    written`` writes this worker's checkpoint file; ``saved`` is the state to start from (a
+    worker lost in the saved run has only a position)."""
 
     def __init__(self, ctx: RunContext, flat: FlatParameters, endpoint: WorkerEndpoint,
-                 save: Callable[[int, dict], bool], saved: dict | None = None) -> None:
+                 optimizer: torch.optim.Optimizer, save: Callable[[int, dict], bool],
+                 saved: dict | None = None) -> None:
         cfg = ctx.cfg
         self.ctx, self.cfg, self.flat, self.model = ctx, cfg, flat, flat.module
         self.endpoint, self.write = endpoint, save
-        self.optimizer = make_optimizer(cfg, self.model, nesterov=registry.lookup(cfg.algo).nesterov)
+        self.optimizer = optimizer
         self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha, overlap=cfg.overlap_exchange)
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run

@@ -21,6 +21,8 @@ from mpi_easgd import registry
 from mpi_easgd.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 METRIC_FIELDS = ("wall_time", "epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy")
+POSITION_FIELDS = ("wall_time", "epoch", "step", "samples")  # the rest of a row are metrics
+SHORT = {"test_accuracy": "test_acc"}  # names in the console line
 
 
 def _toml_value(value) -> str:
@@ -68,16 +70,33 @@ class RunLog:
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         lines = [f"{k} = {_toml_value(v)}" for k, v in sorted(config.items()) if v is not None]
         write_text_atomic(self.run_dir / "config.toml", "\n".join(lines) + "\n")
-        rows = []
+        # metrics.csv: the rows of a resumed run's earlier segments up to its checkpoint; the
+        # columns are METRIC_FIELDS and whatever else the evaluations report, fixed by the
+        # first row (or the file being continued).
+        self._metrics = metrics
+        self._rows: list[dict] = []
+        self._fields: list[str] | None = None
         if resumed_at is not None and metrics.is_file():
             with metrics.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step") and int(float(r["step"])) <= resumed_at]
-        with atomic_path(metrics) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in rows)
-        self._csv_file = open(metrics, "a", newline="")  # noqa: SIM115
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS)
+                reader = csv.DictReader(fh)
+                self._rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= resumed_at]
+                self._fields = list(reader.fieldnames or METRIC_FIELDS)
+        self._csv_file = None
+        self._csv = None
+        self._open(self._fields)
+
+    def _open(self, fields: list[str] | None) -> None:
+        """(Re)write metrics.csv with its header and kept rows, then append from there; with
+        no columns known yet, an empty file until the first evaluation."""
+        with atomic_path(self._metrics) as tmp, open(tmp, "w", newline="") as fh:
+            if fields is not None:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in fields} for r in self._rows)
+        if fields is not None:
+            self._fields = fields
+            self._csv_file = open(self._metrics, "a", newline="")  # noqa: SIM115
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -92,27 +111,28 @@ class RunLog:
         tqdm.write(f"mpi_easgd: warning: {message}", file=sys.stderr)
 
     def log_eval(self, **row) -> None:
-        """Append one evaluation row (``wall_time`` is filled in when missing)."""
+        """Append one evaluation row (``wall_time`` is filled in when missing): the position
+        (epoch, step, samples) and any metrics, each a number."""
         row.setdefault("wall_time", round(self.elapsed(), 3))
-        self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        if self._csv is None:  # the first row says which metrics there are
+            self._open([*METRIC_FIELDS, *(k for k in row if k not in METRIC_FIELDS)])
+        self._csv.writerow({k: row.get(k, "") for k in self._fields})
         self._csv_file.flush()
+        metrics = {k: v for k, v in row.items() if k not in POSITION_FIELDS}
         if self._tb is not None:
-            for key in ("test_accuracy", "test_loss", "train_loss"):
-                if key in row:
-                    self._tb.add_scalar(key, row[key], global_step=row.get("samples", 0))
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, global_step=row.get("samples", 0))
             self._tb.flush()
-        train_loss = f" train_loss {row['train_loss']:.4f}" if "train_loss" in row else ""
-        self.info(
-            f"[{row['wall_time']:7.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')}"
-            f"{train_loss} test_loss {row['test_loss']:.4f} test_acc {row['test_accuracy']:.4f}"
-        )
+        shown = " ".join(f"{SHORT.get(k, k)} {v:.4f}" for k, v in metrics.items())
+        self.info(f"[{row['wall_time']:7.1f}s] epoch {row.get('epoch', '-')} step {row.get('step', '-')} {shown}")
 
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False,
                     mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
 
     def write_summary(self, summary: dict) -> None:
-        self._csv_file.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
         write_json_atomic(self.run_dir / "summary.json", dict(summary, warnings=self.warnings))
@@ -146,10 +166,10 @@ def format_summary(summary: dict) -> str:
     keys = ("algo", "model", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
             "wall_seconds", "train_samples_per_second", "exchanges", "beta")
     lines = ["", "run summary", "-" * 40]
-    for k in keys:
-        if k in summary:
-            v = summary[k]
-            lines.append(f"{k:<26}{v:.4f}" if isinstance(v, float) else f"{k:<26}{v}")
+    shown = [(k, summary[k]) for k in keys if summary.get(k) is not None]
+    shown[5:5] = [(k, v) for k, v in summary.get("final_metrics", {}).items() if k not in summary]
+    for k, v in shown:
+        lines.append(f"{k:<26}{v:.4f}" if isinstance(v, float) else f"{k:<26}{v}")
     per_worker = summary.get("per_worker")
     if per_worker:
         cols = [c for c in ("rank", "exchanges", "latency_ms_mean", "latency_ms_p50", "latency_ms_p99",

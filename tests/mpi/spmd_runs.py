@@ -147,7 +147,7 @@ def test_a_users_rule_runs_with_checkpoints_overlap_and_the_audit(shared, capsys
     assert status == 0
     summary = read_summary(out / "run")
     assert summary["algo"] == rule and summary["beta"] == pytest.approx(summary["alpha"] * 3)
-    assert summary["test_accuracy"] > 0.8 and summary["checkpoints"] >= 2
+    assert summary["test_accuracy"] > 0.6 and summary["checkpoints"] >= 2  # chance: 0.1
     check_audit(out / "run", summary, tau)
     audit = np.load(out / "run" / "audit.npz")
     assert (audit["staleness"] > 0).any() and (np.diff(audit["versions"]) == 1).all()
@@ -284,3 +284,55 @@ def test_adamw_as_the_local_optimizer(shared, capsys):
     ckpt = sorted((out / "run" / "checkpoints").glob("step-*"))[-1]
     state = torch.load(ckpt / "rank-00000.pt", weights_only=True)["optimizer"]["state"]
     assert "exp_avg" in state[0], "the checkpoint holds AdamW's moments"
+
+
+def api_run(ranks: int, out: Path, dataset: Path, **settings) -> None:
+    """A user's script (tests/mpi/api_script.py) on the first ``ranks`` ranks: the command
+    line's model, data and optimizer (plain SGD, lr 0.1), in a loop of its own."""
+    from api_script import train as script
+
+    comm = WORLD.Split(0 if WORLD.rank < ranks else MPI.UNDEFINED, WORLD.rank)
+    if comm != MPI.COMM_NULL:
+        script(comm, str(dataset), "mlp", lr=0.1, momentum=0.0, out=str(out), run_name="run", **settings)
+        comm.Free()
+    idle_barrier()
+
+
+@one_side_fails_all
+def test_the_api_and_the_command_line_end_with_the_same_center(shared, capsys):
+    """One worker (so that the exchanges' order is fixed): the same run through the command
+    line and through AsyncTraining in a loop of one's own ends with the same center, bit
+    for bit, and both audits replay."""
+    flags = dict(algo="easgd", tau=3, epochs=2, audit=True, test_every=1.0)
+    cli, api = shared / "same-cli", shared / "same-api"
+    status, _ = train(3, *[f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k}" for k, v in flags.items()],
+                      "--model", "mlp", "--dataset", str(shared / "blobs.h5"), "--lr", "0.1",
+                      "--out", str(cli), "--run-name", "run", capsys=capsys)
+    api_run(3, api, shared / "blobs.h5", **flags)
+    if WORLD.rank:
+        return
+    assert status == 0
+    cli_center, api_center = (torch.load(d / "run" / "center.pt") for d in (cli, api))
+    assert all(torch.equal(cli_center[k], api_center[k]) for k in cli_center), "the API and the CLI differ"
+    for d in (cli, api):
+        center, final = replay(d / "run" / "audit.npz")
+        assert torch.equal(center, final)
+    assert read_summary(api / "run")["exchanges"] == read_summary(cli / "run")["exchanges"]
+
+
+@pytest.mark.parametrize("algo", ["easgd", "async-diloco", "user_rules:StalenessAwareEASGD"])
+@one_side_fails_all
+def test_the_api_trains_a_users_loop_with_each_rule(algo, shared, capsys):
+    """Four ranks (two workers), a loop of one's own; the tester's metric is the user's."""
+    out = shared / f"api-{algo.replace(':', '-')}"
+    api_run(4, out, shared / "blobs.h5", algo=algo, tau=4, epochs=3, test_every=0.5, audit=True)
+    if WORLD.rank:
+        return
+    summary = read_summary(out / "run")
+    assert summary["algo"] == algo and summary["workers"] == 2
+    assert summary["final_metrics"]["test_accuracy"] > 0.8, "the blobs are learnt (chance: 0.25)"
+    assert summary["exchanges"] == sum(w["exchanges"] for w in summary["per_worker"])
+    center, final = replay(out / "run" / "audit.npz")
+    assert torch.equal(center, final)
+    rows = list(csv.DictReader((out / "run" / "metrics.csv").open()))
+    assert rows and set(rows[0]) >= {"wall_time", "step", "samples", "epoch", "test_accuracy", "test_loss"}

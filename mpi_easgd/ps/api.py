@@ -1,0 +1,460 @@
+"""The asynchronous family around your own training loop: :class:`AsyncTraining`.
+
+The same script runs on every rank (``mpiexec -n 4 python -m mpi4py my_script.py``)::
+
+    import mpi_easgd                      # first: it applies settings MPI needs before it starts
+    from mpi4py import MPI
+
+    model, optimizer = MyModel(), torch.optim.AdamW(...)          # the same on every rank
+    with mpi_easgd.AsyncTraining(MPI.COMM_WORLD, model, optimizer, algo="async-diloco", tau=20,
+                                 evaluate=my_metrics, epochs=5, out="runs") as run:
+        for epoch in run.epochs():                     # nothing on the server and the tester
+            for x, y in run.batches(my_shard(run.worker_index, run.num_workers, epoch)):
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                if not run.step(loss):                 # exchange every tau steps, optimizer step
+                    break                              # a stop signal, or this worker was dropped
+    # leaving the block: the worker's final exchange; the server and the tester run their
+    # roles there until every worker is done; the summary is written; a stop signal's
+    # checkpoint exits 75 (rerun with resume="auto")
+
+Rank 0 is the server (it holds the center: the model's parameters), the last rank the
+tester (it evaluates snapshots of the center with ``evaluate(model) -> {name: value}``,
+rows in ``metrics.csv``, TensorBoard and the summary), the others workers. Every setting of
+the command line is a keyword (``algo`` with ``tau``, ``alpha``, ``outer_lr``...,
+``exchange_dtype``, ``overlap_exchange``, ``checkpoint_every``, ``resume``, ``audit``,
+``on_worker_loss``, ``worker_timeout``, ``test_every``, ``out``, ``run_name``,
+``epochs``...); ``algo`` may be a rule class of your own (:mod:`mpi_easgd.rules.asynchronous`).
+
+The command line (:mod:`.roles`) is one user of this class: it builds the model and the
+optimizer from its flags and drives the same worker with the package's training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpi_easgd import registry
+from mpi_easgd.flat import FlatParameters
+from mpi_easgd.ps.liveness import say_dropped
+from mpi_easgd.ps.policies import loss_policy
+from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
+from mpi_easgd.ps.server import Server
+from mpi_easgd.ps.spares import Spares
+from mpi_easgd.ps.stats import ServerStats, WorkerStats, summarise
+from mpi_easgd.ps.tester import Evaluate, run_tester
+from mpi_easgd.ps.worker import AsyncWorker, WorkerDropped
+from mpi_easgd.rules.asynchronous import server_rule
+from mpi_easgd.runtime import checkpoint, faults, ft, mpienv, session
+from mpi_easgd.runtime.context import RunContext
+from mpi_easgd.runtime.control import PeerLost, Preempted
+from mpi_easgd.runtime.loop import Action, EpochStats, NonFiniteError, Position, finite, nonfinite_note
+from mpi_easgd.runtime.watchdog import Watchdog
+from mpi_easgd.transfer import MPIBuffer, exchange_dtype
+
+
+class AsyncTraining:
+    """One asynchronous run on ``comm``, this rank's part of it (see the module docstring).
+
+    ``model``: built the same on every rank (the server's parameters start everyone);
+    ``optimizer``: the workers' local optimizer on ``model`` (only workers need one);
+    ``evaluate``: the tester's ``model -> metrics`` (default: none, the tester only records
+    the center's version); ``samples_per_step``: samples in one local step (for the
+    summary's counts; default 1); ``samples_per_epoch``: for the ``epoch`` column of the
+    metrics. ``settings``: the command line's settings as keywords (``model_name`` and
+    ``dataset`` name the model and the data in the run's name and summary).
+    """
+
+    def __init__(self, comm: MPI.Comm, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 evaluate: Evaluate | None = None, samples_per_step: int = 1, samples_per_epoch: int | None = None,
+                 **settings) -> None:
+        ctx = _open(comm, model, settings)
+        self._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, dataset=ctx.cfg.dataset)
+
+    @classmethod
+    def from_context(cls, ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     evaluate: Evaluate | None, samples_per_step: int, samples_per_epoch: int | None,
+                     dataset: str, replacing: dict | None = None) -> AsyncTraining:
+        """For the command line, which has validated and opened the run itself.
+        ``replacing``: a spare process taking a dead worker's place (:mod:`.join`): its
+        liveness communicator and the position the dead worker's exchanges reached; it
+        has the center already."""
+        run = cls.__new__(cls)
+        run._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, dataset, replacing)
+        return run
+
+    def _setup(self, ctx: RunContext, model: nn.Module, optimizer, evaluate, samples_per_step: int,
+               samples_per_epoch: int | None, dataset: str, replacing: dict | None = None) -> None:
+        cfg, comm, topo = ctx.cfg, ctx.comm, ctx.topo
+        self.ctx, self.model, self.dataset = ctx, model, dataset
+        self.samples_per_step, self.samples_per_epoch, self.evaluate = samples_per_step, samples_per_epoch, evaluate
+        self.flat = FlatParameters(model)
+        self.server = None
+        self.stats_to = topo.tester_rank  # where a worker's statistics go at the end
+        if replacing is not None:  # (the server is the only rank a replacement knows)
+            self.live, saved, self.stats_to = replacing["live"], {"position": replacing["position"]}, topo.server_rank
+        else:
+            self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
+            saved = saved_state(ctx.resume, topo.rank) if ctx.resume else None
+            if topo.role == "server":
+                self.server = self._make_server(saved)
+            start = MPIBuffer(self.flat.data, ctx.transfer)  # the server's parameters: everyone's starting point
+            start.before_send()
+            comm.Bcast(start.mpi, root=topo.server_rank)
+            start.after_recv()
+        if ctx.resume is not None:
+            ctx.log.info(f"resumed from {ctx.resume}")
+        p, algo = topo.num_workers, registry.lookup(cfg.algo)
+        ctx.log.info(
+            f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
+            f"model {cfg.model} ({self.flat.numel:,} parameters), {dataset}, tau {cfg.tau}, "
+            + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
+               if algo.outer else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
+            + (", overlapped exchanges" if cfg.overlap_exchange else "")
+        )
+        self.worker: AsyncWorker | None = None
+        self.evaluations = saved["evaluations"] if saved and topo.role == "tester" else 0
+        if topo.role == "worker":
+            if optimizer is None:
+                raise ValueError("a worker needs an optimizer: AsyncTraining(comm, model, optimizer, ...)")
+            endpoint = WorkerEndpoint(comm, self.live, topo.server_rank)
+            self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
+                                      lambda step, state: _save_rank(ctx, step, state), saved)
+        self._fault = faults.from_env(ctx.rank)  # injected faults (tests): once per step, as in the loop
+        self.stopped = False
+        self.finished = False
+        self.summary: dict | None = None  # on the tester, once finished
+
+    # ---- who this rank is ------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        """``server``, ``worker`` or ``tester``."""
+        return self.ctx.topo.role
+
+    @property
+    def trains(self) -> bool:
+        """Whether this rank runs the training loop (a worker)."""
+        return self.worker is not None
+
+    @property
+    def worker_index(self) -> int:
+        """This worker's shard among the workers (0 .. num_workers - 1; -1 elsewhere)."""
+        return self.ctx.topo.worker_index
+
+    @property
+    def num_workers(self) -> int:
+        return self.ctx.topo.num_workers
+
+    @property
+    def position(self) -> Position:
+        """Where this worker is (epoch, step within it, local steps...); a resumed run
+        starts where its checkpoint was taken."""
+        return self.worker.position if self.worker is not None else Position()
+
+    # ---- the worker's loop -----------------------------------------------------------
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs left to train (from the resumed one to ``epochs``); nothing on the
+        server and the tester, and nothing more once training must stop."""
+        if self.worker is None:
+            return
+        pos = self.position
+        for epoch in range(pos.epoch, self.ctx.cfg.epochs):
+            if self.stopped:
+                return
+            pos.epoch = epoch
+            yield epoch
+            if self.stopped:
+                return
+            pos.epoch, pos.step, pos.stats = epoch + 1, 0, EpochStats()
+
+    def batches(self, items: Iterable) -> Iterator:
+        """``items`` (this epoch's batches), without those a resumed run took already."""
+        skip = self.position.step
+        for n, item in enumerate(items):
+            if n >= skip:
+                yield item
+
+    def step(self, loss: torch.Tensor | None = None, samples: int | None = None) -> bool:
+        """After ``loss.backward()``: exchange with the server every ``tau`` steps, then
+        take the optimizer's step (skipped when ``loss`` or a gradient is not finite, or an
+        error with ``on_nonfinite="stop"``), and answer the server's commands (a
+        checkpoint). False when training must stop: a stop signal, or this worker was
+        dropped; leave the loop then."""
+        worker, pos = self.worker, self.position
+        if self._fault:
+            self._fault.at_step(pos.t)
+        self.flat.gather_grads()  # (zero_grad(set_to_none=True) lets backward allocate new gradients)
+        has_grad = loss is None or finite(loss.detach(), self.flat.grad)
+        if not has_grad:
+            if self.ctx.cfg.on_nonfinite == "stop":
+                raise NonFiniteError(f"non-finite loss or gradient on rank {self.ctx.rank}; lower the learning "
+                                     f"rate or use on_nonfinite='skip'")
+            pos.skipped += 1
+        worker.step(pos, has_grad)
+        pos.step, pos.t = pos.step + 1, pos.t + 1
+        pos.samples += self.samples_per_step if samples is None else samples
+        if loss is not None and has_grad:
+            pos.stats.loss_sum += float(loss)
+            pos.stats.batches += 1
+        action = worker.boundary(pos)
+        if Action.SAVE in action:
+            worker.save(pos)
+        self.stopped = Action.STOP in action
+        return not self.stopped
+
+    # ---- the end ---------------------------------------------------------------------
+
+    def finish(self, stopped: bool | None = None) -> dict | None:
+        """This rank's end of the run: a worker's final exchange and statistics; the
+        server's and the tester's whole role (they return once every worker is done).
+        Returns the run's summary on the tester (also written to ``summary.json``), None
+        elsewhere. Raises :class:`~mpi_easgd.runtime.control.Preempted` on every rank when a
+        stop signal ended training (its checkpoint is written)."""
+        if self.finished:
+            return self.summary
+        self.finished = True
+        if self.server is not None:
+            self._serve()
+        elif self.worker is not None:
+            self._work(self.stopped if stopped is None else stopped)
+        else:
+            self.summary = self._test()
+            session.close_run(self.ctx, self.summary, self._transfer())
+        return self.summary
+
+    def close(self) -> None:
+        """Stop the worker's watch on the server (after an error ended its loop)."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def __enter__(self) -> AsyncTraining:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        """Finish, and turn what ends a run into the process's exit as the command line
+        does: one line, the other ranks ended, 75 after a stop signal's checkpoint (the
+        process ends there, see :func:`~mpi_easgd.runtime.session.leave`)."""
+        if exc is None:
+            try:
+                self.finish()
+                return False
+            except BaseException as error:  # noqa: BLE001 - every way out gets its status
+                exc = error
+        status = session.exit_status(self.ctx.comm, exc, resume_hint="resume='auto'")
+        session.leave(status)
+        return False  # (not reached)
+
+    # ---- the roles -------------------------------------------------------------------
+
+    def _make_server(self, saved: dict | None) -> Server:
+        ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
+
+        def commit(step: int, extra: dict, workers_written: bool) -> Path:
+            ckpt = checkpoint.step_dir(ctx.run_dir, step)
+            if not workers_written or not _save_rank(ctx, step, server.state_dict()):
+                checkpoint.discard(ckpt)  # every write is over: the workers wait for the server
+                raise checkpoint.CheckpointFailed(ckpt)
+            # The tester's only state is how many snapshots it has been sent (it evaluates each).
+            checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.feed.snapshots})
+            checkpoint.commit(ctx.run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
+                                                      updates=server.updates,
+                                                      wall_seconds=time.perf_counter() - ctx.started, **extra))
+            return ckpt
+
+        rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
+        spares = None
+        if cfg.on_worker_loss == "respawn":
+            spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir),
+                                 world_size=topo.world_size, cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1)))
+        server = Server(ctx.comm, self.live, self.flat.data, rule, topo.worker_ranks, topo.tester_rank,
+                        test_every=cfg.test_every, save=commit, samples_per_exchange=cfg.tau * self.samples_per_step,
+                        audit=cfg.audit, peer_timeout=cfg.worker_timeout,
+                        policy=loss_policy(cfg.on_worker_loss, spares), checkpoint_every=cfg.checkpoint_every,
+                        wire=exchange_dtype(cfg.exchange_dtype), wait_replies=not cfg.overlap_exchange)
+        if saved is not None:
+            server.load_state_dict(saved)  # the center is the starting point again
+        return server
+
+    def _serve(self) -> None:
+        ctx, cfg, server = self.ctx, self.ctx.cfg, self.server
+        try:
+            server.run()
+        finally:  # the server owns the center: keep it even if a peer was lost at the end
+            checkpoint.save_model(self.model, ctx.run_dir / "center.pt")
+        stats = server.stats()
+        stats.relayed = server.policy.relayed(server.roster, cfg.worker_timeout)
+        if server.audit is not None:
+            server.audit.write(ctx.run_dir / "audit.npz", server.versions.rule, self.flat.data)
+        # Sent once everything is on disk: the tester may end the job after its summary.
+        _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
+        if ft.enabled():
+            _hear_gathered(ctx, Path(stats.checkpoint))
+        if set(stats.lost_workers) - set(stats.dead_workers):
+            # A dropped worker that is only hung may still send (it wakes up and exchanges before it
+            # learns it was dropped): MPICH fails an assertion when MPI_Finalize meets such a message.
+            # The tester ends the job once the summary is written (exit 3, or 75 when stopped).
+            time.sleep(cfg.worker_timeout)
+        if stats.stopped:
+            raise Preempted(Path(stats.checkpoint))
+
+    def _work(self, stopped: bool) -> None:
+        ctx, worker = self.ctx, self.worker
+        try:
+            stats, step, stopped = worker.finish(worker.position, stopped)
+        except WorkerDropped:
+            worker.close()
+            idle_forever(ctx.rank)
+        finally:
+            worker.close()
+        _send_stats(ctx.comm, stats, self.stats_to, ctx.cfg.worker_timeout)
+        if stopped:
+            raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
+
+    def _test(self) -> dict:
+        ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
+        final = run_tester(ctx.comm, self.flat, self.evaluate or (lambda model: {}), topo.server_rank, ctx.log,
+                           ctx.transfer, self.evaluations, self.samples_per_epoch)
+        server, workers = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
+        if ft.enabled():
+            ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
+        if server.stopped:
+            raise Preempted(Path(server.checkpoint), server.lost_workers)
+        summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, server, final,
+                            workers)
+        note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
+        if note:
+            ctx.log.warn(note)
+        return summary
+
+    def _transfer(self) -> str:
+        """How GPU tensors reached MPI, for the summary."""
+        if self.ctx.device.type == "cpu":
+            return "direct (CPU)"
+        from mpi_easgd.transfer import cuda_aware
+
+        return f"{self.ctx.transfer} ({cuda_aware(self.ctx.cfg.cuda_aware)[1]})"
+
+
+def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
+    """A script's run, validated and opened as the command line opens its own (one line
+    and exit 2 on every rank for a bad setting)."""
+    from mpi_easgd.config import Config, ConfigError
+    from mpi_easgd.runtime.checkpoint import CheckpointError
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.topology import Topology
+    from mpi_easgd.transfer import cuda_aware
+
+    stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1 mean "checkpoint and stop"
+    rank, size = comm.Get_rank(), comm.Get_size()
+    error = cfg = resume = manifest = topo = None
+    try:
+        settings = dict(settings)
+        values = {"model": settings.pop("model_name", type(model).__name__), "dataset": "custom", **settings}
+        algo = values.get("algo")
+        if isinstance(algo, type):  # a rule class: by its import path
+            values["algo"] = f"{algo.__module__}:{algo.__qualname__}"
+        cfg = Config.from_mapping(values, "AsyncTraining(...)")
+        cfg.validate()
+        topo = Topology.build(size, rank, cfg.algo)
+        if not topo.is_async:
+            raise ConfigError(f"AsyncTraining runs the asynchronous algorithms; for {cfg.algo} use the "
+                              f"synchronous classes (AllReduceSGD, AllReduceEA, AllReduceDiLoCo)")
+        if cfg.on_worker_loss == "respawn":
+            raise ConfigError("on_worker_loss='respawn' is not available from a script yet (a replacement would "
+                              "have to rerun it); use on_worker_loss='continue', or the command line")
+        cfg = cfg.resolve(topo.num_workers)
+        resume, manifest = session.check_run(cfg, topo, rank, size)
+    except (ConfigError, CheckpointError, OSError) as exc:
+        error = str(exc)
+    try:
+        run_dir = session.agree(comm, error, cfg, resume, manifest)
+    except (session.BadInput, session.NothingToDo) as exc:
+        session.leave(session.exit_status(comm, exc))
+    device = next(model.parameters()).device
+    transfer = "direct" if device.type == "cpu" or cuda_aware(cfg.cuda_aware)[0] else "staged"
+    log, started = session.open_log(cfg, topo, run_dir, resume, manifest, [])
+    return RunContext(cfg, comm, topo, None, device, log, run_dir, stop, resume, transfer, started)
+
+
+def idle_forever(rank: int) -> None:
+    """A dropped worker no longer counts, but cannot leave an MPI job: it waits, off the
+    CPU, to be ended with it."""
+    say_dropped(rank)
+    while True:
+        time.sleep(60)
+
+
+def _save_rank(ctx: RunContext, step: int, state: dict) -> bool:
+    """Write this rank's file of checkpoint ``step``; False (and said why) if it failed."""
+    return checkpoint.try_save_rank(checkpoint.step_dir(ctx.run_dir, step), ctx.topo.rank, state)
+
+
+def saved_state(resume: Path, rank: int) -> dict:
+    """This rank's state in checkpoint ``resume``; for a worker lost in that run, only the
+    position from which it rejoins (its parameters start from the center)."""
+    rejoin = checkpoint.read_manifest(resume).get("rejoin", {}).get(str(rank))
+    if rejoin is not None:
+        return {"position": rejoin}
+    return checkpoint.load_rank(resume, rank)
+
+
+def _hear_gathered(ctx: RunContext, final: Path) -> None:
+    """(ULFM) Wait until the tester has every role's statistics: under ULFM the sends to a
+    dead tester may complete, and nothing else would say that the summary is lost."""
+    tester = ctx.topo.tester_rank
+    lost = (f"the tester (rank {tester}) died; training finished, the center is saved as center.pt and in {final}, "
+            f"but the run's summary is not written")
+    arrived = False
+    with ft.survivable() as death:
+        arrived, _ = receive_object(ctx.comm, tester, Tag.GATHERED, time.monotonic() + ctx.cfg.worker_timeout)
+    if death:
+        raise PeerLost(lost)
+    if not arrived:
+        raise PeerLost(lost.replace("died", f"did not answer within --worker-timeout {ctx.cfg.worker_timeout:g}s"))
+
+
+def _send_stats(comm: MPI.Comm, stats: WorkerStats | ServerStats, tester: int, timeout: float) -> None:
+    sent = False
+    with ft.survivable() as death:  # (ULFM) it died: the server says so (_hear_gathered), once for the job
+        request = comm.isend(stats, dest=tester, tag=Tag.STATS)
+        sent = wait_politely([request], time.monotonic() + timeout)
+    if death:
+        return
+    if not sent:
+        raise PeerLost(f"tester rank {tester} did not take the run statistics within --worker-timeout "
+                       f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
+
+
+def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo, timeout: float) -> tuple[ServerStats, dict[int, WorkerStats]]:
+    """Every role's statistics, on the tester: the server's first (it says which workers
+    were lost), then each remaining worker's."""
+    inbox = Inbox(live, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
+    guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
+                     heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
+    guard.expect(topo.server_rank)
+    server: ServerStats = comm.recv(source=topo.server_rank, tag=Tag.STATS)
+    guard.release(topo.server_rank)
+    workers = {}
+    for rank in topo.worker_ranks:
+        if rank in server.lost_workers or rank in server.dead_workers:
+            continue  # (a dead worker's replacement sent its statistics with the server's)
+        guard.expect(rank)
+        workers[rank] = comm.recv(source=rank, tag=Tag.STATS)
+        guard.release(rank)
+    guard.stop()
+    inbox.close()
+    return server, workers
+
+
+__all__ = ["AsyncTraining"]
