@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mpi_easgd.data.layout import DataError
+from mpi_easgd.data.layout import DataError, class_labels
 
 Arrays = tuple[np.ndarray, np.ndarray]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -155,7 +155,7 @@ def read_npz(src: Path) -> tuple[Arrays, Arrays, int]:
             x = x.astype(np.float32)
             if x.max() > 1.0:
                 raise DataError(f"{src}: float images must be scaled to [0, 1] (or stored as uint8)")
-        out.append((x, y.astype(np.int64)))
+        out.append((x, class_labels(y, f"{src} y_{split}")))
     return out[0], out[1], int(max(out[0][1].max(), out[1][1].max())) + 1
 
 

@@ -92,6 +92,23 @@ def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
     return DatasetInfo(path, name, num_classes, tuple(shape), sizes, mean, std)
 
 
+def class_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """``y`` as int64 class indices; whole-number floats (labels read from a CSV) are
+    indices too, any other float is refused (regression targets truncated to class 0 would
+    train to a perfect, meaningless score)."""
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
+        return y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.floating):
+        raise DataError(f"{where}: labels must be class indices (integers); got {y.dtype}")
+    fractional = y[np.isfinite(y) & (y != np.round(y))] if len(y) else y
+    if len(fractional) or not np.isfinite(y).all():
+        example = fractional[0] if len(fractional) else y[~np.isfinite(y)][0]
+        raise DataError(f"{where}: labels must be class indices (whole numbers); got {example:g} among them: "
+                        f"this layout holds classification data, and float targets would be truncated")
+    return y.astype(np.int64)
+
+
 def write_dataset(
     path: str | Path,
     train: tuple[np.ndarray, np.ndarray],
@@ -104,6 +121,7 @@ def write_dataset(
     Inputs are checked first (:class:`DataError`); a failure while writing leaves nothing.
     """
     path = Path(path)
+    labels = []
     for split, (x, y) in zip(SPLITS, (train, test)):
         x, y = np.asarray(x), np.asarray(y)
         if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
@@ -111,8 +129,10 @@ def write_dataset(
                 f"{split}: images must be [N, C, H, W] and labels [N] with the same N; got "
                 f"{x.shape} and {y.shape}"
             )
+        y = class_labels(y, split)
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(f"{split}: labels span [{y.min()}, {y.max()}], outside [0, {num_classes})")
+        labels.append(y)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = train[0]
     scaled = images.astype(np.float64) / (255.0 if images.dtype == np.uint8 else 1.0)
@@ -120,10 +140,10 @@ def write_dataset(
     std = scaled.std(axis=(0, 2, 3)).astype(np.float32)
     with atomic_path(path, unique=True) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(format=FORMAT, version=VERSION, name=name, num_classes=num_classes, mean=mean, std=std)
-        for split, (x, y) in zip(SPLITS, (train, test)):
+        for split, (x, _), y in zip(SPLITS, (train, test), labels):
             chunk = (max(1, min(len(x), 256)), *x.shape[1:])  # ~ the loader's batch reads
             f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None)
-            f.create_dataset(f"{split}/labels", data=y.astype(np.int64))
+            f.create_dataset(f"{split}/labels", data=y)
     return path
 
 

@@ -17,6 +17,7 @@ from mpi_easgd.data import (
     steps_per_epoch,
     write_dataset,
 )
+from mpi_easgd.data.__main__ import main as data_main
 
 
 @pytest.mark.parametrize("n,count", [(10, 3), (4000, 4), (7, 7), (1000, 6)])
@@ -215,3 +216,22 @@ def test_prefetch_passes_errors_and_stops_early():
     endless = prefetch(iter(int, 1), 2)  # never ends
     assert next(endless) == 0
     endless.close()  # must not hang
+
+
+def test_float_targets_are_refused_not_truncated(tmp_path, capsys):
+    """Regression targets in [0, 1) given as labels were stored as int64 zeros, and training
+    then reported a perfect score: a float that is not a whole number is refused in one
+    line, by the writer and by the converter; whole-number floats are class indices."""
+    x = np.zeros((4, 1, 2, 2), np.uint8)
+    targets = np.array([0.1, 0.5, 0.9, 0.3])
+    with pytest.raises(DataError, match="train: labels must be class indices .* got 0.1") as error:
+        write_dataset(tmp_path / "d.h5", (x, targets), (x, targets), 1, "regression")
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+    np.savez(tmp_path / "r.npz", x_train=x, y_train=targets, x_test=x, y_test=targets)
+    assert data_main(["convert", str(tmp_path / "r.npz"), str(tmp_path / "r.h5")]) == 2
+    assert "labels must be class indices" in capsys.readouterr().err and not (tmp_path / "r.h5").exists()
+    whole = np.array([0.0, 1.0, 2.0, 1.0])  # as read from a CSV
+    info = read_info(write_dataset(tmp_path / "w.h5", (x, whole), (x, whole), 3, "whole"))
+    with h5py.File(info.path) as f:
+        assert f["train/labels"].dtype == np.int64 and f["train/labels"][...].tolist() == [0, 1, 2, 1]
