@@ -39,7 +39,8 @@ class Config:
     algo: str = _opt("easgd", "algorithm: " + ", ".join(registry.NAMES) + ", or your own asynchronous rule as "
                               "package.module:Rule (a ServerRule subclass)")
     dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
-    model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME)")
+    model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME), or your "
+                               "own as package.module:factory, called as factory(shape, num_classes)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")
     batch_size: int = _opt(32, "mini-batch size per rank")
     lr: float | None = _opt(None, "learning rate (of the inner optimizer for diloco), never scaled by the "

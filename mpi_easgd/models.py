@@ -1,6 +1,7 @@
 """Model registry: ``mlp``, ``lenet``, ``cifarnet`` (the seed's CIFAR-10 network),
-``resnet20``, ``convmlp`` (a small CNN with a wide dense head, ~10 M parameters), and
-``torchvision:NAME`` for any torchvision model where torchvision imports."""
+``resnet20``, ``convmlp`` (a small CNN with a wide dense head, ~10 M parameters),
+``torchvision:NAME`` for any torchvision model where torchvision imports, and a user's own
+as ``package.module:factory`` (called as ``factory(shape, num_classes)``)."""
 
 from __future__ import annotations
 
@@ -168,13 +169,38 @@ def import_torchvision():
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`ModelError` for a name the registry does not know."""
+    """Raise :class:`ModelError` for a name the registry does not know (a user's factory,
+    ``package.module:factory``, must import and be callable)."""
     if name in MODELS or name.startswith("torchvision:"):
         return
+    if ":" in name:
+        user_factory(name)
+        return
     raise ModelError(
-        f"unknown model '{name}'; choose one of {', '.join(MODELS)} or torchvision:NAME "
-        f"(e.g. torchvision:resnet18)"
+        f"unknown model '{name}'; choose one of {', '.join(MODELS)}, torchvision:NAME "
+        f"(e.g. torchvision:resnet18) or your own as package.module:factory"
     )
+
+
+def user_factory(name: str):
+    """The user's model factory ``package.module:factory``: called as ``factory(shape,
+    num_classes)`` (``shape``: one sample's C, H, W), it returns an ``nn.Module``."""
+    from mpi_easgd.registry import load_object
+
+    module, _, attr = name.partition(":")
+    try:
+        factory = load_object(name)
+    except ModuleNotFoundError as exc:
+        raise ModelError(f"--model {name}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
+                         f"directory you launch from") from None
+    except AttributeError:
+        raise ModelError(f"--model {name}: {module} has no {attr}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: one line
+        raise ModelError(f"--model {name}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+    if not callable(factory):
+        raise ModelError(f"--model {name} is not callable: name a function or class called as "
+                         f"factory(shape, num_classes) that returns a torch.nn.Module")
+    return factory
 
 
 def check_model(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
@@ -186,7 +212,9 @@ def check_model(name: str, shape: tuple[int, int, int], num_classes: int) -> Non
     with torch.device("meta" if name.startswith("torchvision:") else "cpu"):
         try:
             out = build_model(name, shape, num_classes).eval()(torch.zeros(1, *shape))
-        except RuntimeError as exc:
+        except ModelError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # (a user's model fails in these too)
             first = str(exc).splitlines()[0]
             raise ModelError(
                 f"model {name} cannot take images of shape {tuple(shape)} ({first}); "
@@ -203,6 +231,15 @@ def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.
     check_model_name(name)
     if name in MODELS:
         return MODELS[name](shape, num_classes)
+    if not name.startswith("torchvision:"):
+        try:
+            model = user_factory(name)(tuple(shape), num_classes)
+        except Exception as exc:  # noqa: BLE001 - the user's factory failed: one line, no traceback
+            raise ModelError(f"--model {name}: factory(shape={tuple(shape)}, num_classes={num_classes}) failed "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"--model {name} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
     tv_name = name.split(":", 1)[1]
     tv = import_torchvision()
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -34,3 +36,66 @@ def test_torchvision_models_load_or_fail_clearly():
         assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ModelError):
         build_model("torchvision:no_such_model", (3, 32, 32), 10)
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+def tiny(shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(shape[0] * shape[1] * shape[2], num_classes))
+
+class Tiny(nn.Module):  # a class works as well
+    def __init__(self, shape, num_classes):
+        super().__init__()
+        self.head = nn.Linear(shape[0] * shape[1] * shape[2], num_classes)
+
+    def forward(self, x):
+        return self.head(x.flatten(1))
+
+def wrong_size(shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(7, num_classes))
+
+def not_a_model(shape, num_classes):
+    return "a model"
+
+def one_argument(shape):
+    return tiny(shape, 2)
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_users_model_factory_trains_from_the_command_line(user_models, blobs, capsys):
+    from mpi4py import MPI
+
+    from mpi_easgd.train import run
+
+    for name in ("user_models:tiny", "user_models:Tiny"):
+        assert run(["--algo", "sgd", "--model", name, "--dataset", str(blobs), "--epochs", "2", "--no-progress",
+                    "--out", str(user_models), "--run-name", name.replace(":", "-")], MPI.COMM_SELF) == 0
+        summary = json.loads((user_models / name.replace(":", "-") / "summary.json").read_text())
+        assert summary["model"] == name and summary["test_accuracy"] > 0.5, summary
+
+
+@pytest.mark.parametrize("name,message", [
+    ("no_such_module:tiny", "cannot import no_such_module"),
+    ("user_models:missing", "user_models has no missing"),
+    ("user_models:NOT_CALLABLE", "is not callable"),
+    ("user_models:not_a_model", "returned str, not a torch.nn.Module"),
+    ("user_models:one_argument", r"factory\(shape=\(1, 8, 8\), num_classes=4\) failed \(TypeError"),
+    ("user_models:wrong_size", "cannot take images of shape"),
+])
+def test_a_bad_model_factory_is_one_line(user_models, blobs, name, message):
+    from mpi_easgd.train import _validate
+
+    with pytest.raises(ModelError, match=message) as error:
+        _validate(["--algo", "sgd", "--model", name, "--dataset", str(blobs)], 0, 1)
+    assert "\n" not in str(error.value)
