@@ -79,7 +79,7 @@ def run(argv: list[str] | None, comm) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError, OSError) as exc:
         error = str(exc)
     try:
-        run_dir = session.agree(comm, error, cfg, resume, manifest)
+        run_dir, hosts = session.agree(comm, error, cfg, resume, manifest)
     except (session.BadInput, session.NothingToDo) as exc:
         return session.exit_status(comm, exc)
 
@@ -105,7 +105,7 @@ def run(argv: list[str] | None, comm) -> int:
         # torch's optimizers import torch._dynamo (and sympy) on first use: 1.8 s of CPU,
         # more with several ranks per core. Pay it here, before any peer watches this rank.
         import torch._dynamo  # noqa: F401
-    ctx = RunContext(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started)
+    ctx = RunContext(cfg, comm, topo, info, device, log, run_dir, stop, resume, transfer, started, hosts=hosts)
     if topo.is_async:
         from mpi_easgd.ps.roles import run_async
 

@@ -378,13 +378,13 @@ def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
     except (ConfigError, CheckpointError, OSError) as exc:
         error = str(exc)
     try:
-        run_dir = session.agree(comm, error, cfg, resume, manifest)
+        run_dir, hosts = session.agree(comm, error, cfg, resume, manifest)
     except (session.BadInput, session.NothingToDo) as exc:
         session.leave(session.exit_status(comm, exc))
     device = next(model.parameters()).device
     transfer = "direct" if device.type == "cpu" or cuda_aware(cfg.cuda_aware)[0] else "staged"
     log, started = session.open_log(cfg, topo, run_dir, resume, manifest, [])
-    return RunContext(cfg, comm, topo, None, device, log, run_dir, stop, resume, transfer, started)
+    return RunContext(cfg, comm, topo, None, device, log, run_dir, stop, resume, transfer, started, hosts=hosts)
 
 
 def idle_forever(rank: int) -> None:

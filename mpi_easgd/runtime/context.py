@@ -32,6 +32,7 @@ class RunContext:
     transfer: str = "direct"  # how GPU tensors reach MPI: "direct" (CUDA-aware) or "staged"
     started: float = 0.0  # time.perf_counter() origin of the run's wall clock (goes on across resumes)
     identity: int | None = None  # a replacement worker: the rank it stands in for (its comm is an intercomm)
+    hosts: tuple[str, ...] = ()  # every rank's host name, by rank
 
     @property
     def rank(self) -> int:

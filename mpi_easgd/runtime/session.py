@@ -19,6 +19,7 @@ at once).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import traceback
@@ -95,10 +96,11 @@ def make_run_dir(cfg) -> Path:
     return run_dir.resolve()
 
 
-def agree(comm, error: str | None, cfg=None, resume: Path | None = None, manifest: dict | None = None) -> Path:
+def agree(comm, error: str | None, cfg=None, resume: Path | None = None,
+          manifest: dict | None = None) -> tuple[Path, tuple[str, ...]]:
     """The one agreement (every rank reaches it, so nobody waits on a rank that gave up):
     ``error`` is what this rank found wrong (None: nothing). Returns the run directory
-    (rank 0 makes it). Raises :class:`BadInput` on every rank if any rank failed (rank 0
+    (rank 0 makes it) and every rank's host name. Raises :class:`BadInput` on every rank if any rank failed (rank 0
     says which, in one line), :class:`NothingToDo` if ``resume`` is a finished run."""
     from mpi_easgd.runtime.checkpoint import finished
 
@@ -110,8 +112,8 @@ def agree(comm, error: str | None, cfg=None, resume: Path | None = None, manifes
             run_dir = resume.parent.parent if resume else make_run_dir(cfg)
         except OSError as exc:
             error = str(exc)
-    reports = comm.allgather((error, run_dir))
-    failed = [(r, e) for r, (e, _) in enumerate(reports) if e]
+    reports = comm.allgather((error, run_dir, socket.gethostname()))
+    failed = [(r, e) for r, (e, _, _) in enumerate(reports) if e]
     if failed:
         if rank == 0:
             where = "" if len(failed) == size else f" (on rank {', '.join(str(r) for r, _ in failed)})"
@@ -123,7 +125,7 @@ def agree(comm, error: str | None, cfg=None, resume: Path | None = None, manifes
                   f"nothing to do (pass a larger --epochs to train on, or another --run-name for a new run)",
                   flush=True)
         raise NothingToDo(str(resume))
-    return reports[0][1]
+    return reports[0][1], tuple(host for _, _, host in reports)
 
 
 def open_log(cfg, topo, run_dir: Path, resume: Path | None, manifest: dict, notes: list[str]):
@@ -155,6 +157,9 @@ def close_run(ctx, summary: dict | None, transfer: str) -> None:
     summary["device"] = str(ctx.device)
     summary["transfer"] = transfer
     summary["run_dir"] = str(ctx.run_dir)
+    from mpi_easgd.runtime.environment import describe
+
+    summary["environment"] = describe(list(ctx.hosts))
     ctx.log.write_summary(summary)
     hung = [r for r in summary.get("lost_workers", []) if r not in summary.get("dead_workers", [])]
     if hung:

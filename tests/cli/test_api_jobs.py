@@ -38,6 +38,7 @@ def test_a_script_stopped_by_a_signal_checkpoints_exits_75_and_resumes(tmp_path)
         assert w["steps"] == 4 * (2000 // 32), "every worker finished all its epochs across the stop"
         assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
     assert summary["final_metrics"]["test_accuracy"] > 0.9
+    assert summary["environment"]["ranks"] == 4 and summary["algo"] == "easgd"
 
 
 def test_a_script_asking_for_respawn_is_refused_in_one_line(tmp_path):

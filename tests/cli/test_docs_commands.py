@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT, mpirun, read_summary
+
+import mpi_easgd
 
 pytestmark = pytest.mark.launch
 
@@ -23,6 +26,10 @@ def test_single_process_without_a_launcher(blobs, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = read_summary(tmp_path / "solo")
     assert summary["world_size"] == 1 and summary["test_accuracy"] > 0.5
+    env = summary["environment"]  # what the run ran on
+    assert env["ranks"] == 1 and env["hosts"] == [socket.gethostname()] and env["mpi4py"] and env["torch"]
+    assert env["mpi_library"].startswith(("MPICH", "Open MPI")) and env["mpi_thread_level"] == "multiple"
+    assert env["git_commit"] and env["mpi_easgd"] == mpi_easgd.__version__
 
 
 def test_help_lists_every_flag():
