@@ -26,6 +26,8 @@ the command line is a keyword (``algo`` with ``tau``, ``alpha``, ``outer_lr``...
 ``exchange_dtype``, ``overlap_exchange``, ``checkpoint_every``, ``resume``, ``audit``,
 ``on_worker_loss``, ``worker_timeout``, ``test_every``, ``out``, ``run_name``,
 ``epochs``...); ``algo`` may be a rule class of your own (:mod:`mpi_easgd.rules.asynchronous`).
+Under ULFM, ``on_worker_loss="respawn"`` reruns the script as a spare process: there the
+constructor waits to be assigned a dead worker's place and returns as that worker.
 
 The command line (:mod:`.roles`) is one user of this class: it builds the model and the
 optimizer from its flags and drives the same worker with the package's training loop.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -77,8 +80,12 @@ class AsyncTraining:
     def __init__(self, comm: MPI.Comm, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  evaluate: Evaluate | None = None, samples_per_step: int = 1, samples_per_epoch: int | None = None,
                  **settings) -> None:
-        ctx = _open(comm, model, settings)
-        self._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, dataset=ctx.cfg.dataset)
+        parent = MPI.Comm.Get_parent()
+        if parent != MPI.COMM_NULL:  # a spare process the server started to replace a dead worker
+            ctx, replacing = _join(parent, model, samples_per_step, samples_per_epoch)
+        else:
+            ctx, replacing = _open(comm, model, settings), None
+        self._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, ctx.cfg.dataset, replacing)
 
     @classmethod
     def from_context(cls, ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -275,8 +282,12 @@ class AsyncTraining:
         rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
         spares = None
         if cfg.on_worker_loss == "respawn":
+            # The command line's spares run python -m mpi_easgd.ps.join; a script's rerun the
+            # script itself, which becomes the replacement in this class's constructor.
+            script = None if ctx.info is not None else ["-m", "mpi4py", str(Path(sys.argv[0]).resolve()),
+                                                         *sys.argv[1:]]
             spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir),
-                                 world_size=topo.world_size, cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1)))
+                                 world_size=topo.world_size, cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1)), script)
         server = Server(ctx.comm, self.live, self.flat.data, rule, topo.worker_ranks, topo.tester_rank,
                         test_every=cfg.test_every, save=commit, samples_per_exchange=cfg.tau * self.samples_per_step,
                         audit=cfg.audit, peer_timeout=cfg.worker_timeout,
@@ -318,6 +329,9 @@ class AsyncTraining:
         finally:
             worker.close()
         _send_stats(ctx.comm, stats, self.stats_to, ctx.cfg.worker_timeout)
+        if ctx.identity is not None:  # a replacement: the server disconnects from it once it has the statistics
+            self.live.Disconnect()
+            ctx.comm.Disconnect()
         if stopped:
             raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
 
@@ -370,9 +384,6 @@ def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
         if not topo.is_async:
             raise ConfigError(f"AsyncTraining runs the asynchronous algorithms; for {cfg.algo} use the "
                               f"synchronous classes (AllReduceSGD, AllReduceEA, AllReduceDiLoCo)")
-        if cfg.on_worker_loss == "respawn":
-            raise ConfigError("on_worker_loss='respawn' is not available from a script yet (a replacement would "
-                              "have to rerun it); use on_worker_loss='continue', or the command line")
         cfg = cfg.resolve(topo.num_workers)
         resume, manifest = session.check_run(cfg, topo, rank, size)
     except (ConfigError, CheckpointError, OSError) as exc:
@@ -385,6 +396,40 @@ def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
     transfer = "direct" if device.type == "cpu" or cuda_aware(cfg.cuda_aware)[0] else "staged"
     log, started = session.open_log(cfg, topo, run_dir, resume, manifest, [])
     return RunContext(cfg, comm, topo, None, device, log, run_dir, stop, resume, transfer, started, hosts=hosts)
+
+
+def _join(parent: MPI.Intercomm, model: nn.Module, samples_per_step: int,
+          samples_per_epoch: int | None) -> tuple[RunContext, dict]:
+    """A script rerun as a spare (``on_worker_loss="respawn"``): wait to be assigned a dead
+    worker's place, take the center, and stand in for that worker from where its exchanges
+    had taken it (its epoch from ``samples_per_epoch``, when given). Not needed: the
+    process ends here."""
+    from mpi_easgd.config import Config
+    from mpi_easgd.ps.join import position_of, spare_setup, wait_for_assignment
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.faults import GENERATION_ENV
+    from mpi_easgd.runtime.metrics import NullRunLog
+    from mpi_easgd.topology import Topology
+
+    live, setup, lowered = spare_setup(parent)
+    assignment = wait_for_assignment(parent, lowered)
+    if assignment is None:  # not needed: the script ends here, and MPI with it (normally)
+        live.Disconnect()
+        parent.Disconnect()
+        raise SystemExit(0)
+    cfg = Config(**setup["config"])
+    rank, exchanges = assignment["rank"], assignment["exchanges"]
+    os.environ[GENERATION_ENV] = str(assignment["generation"])  # which injected faults apply to it
+    flat = FlatParameters(model)
+    device = flat.device
+    start = MPIBuffer(flat.data, "direct" if device.type == "cpu" else "staged")
+    parent.Recv(start.mpi, source=0, tag=Tag.START)
+    start.after_recv()
+    topo = Topology.build(setup["world_size"], rank, cfg.algo)
+    steps = samples_per_epoch // (topo.num_workers * samples_per_step) if samples_per_epoch else None
+    ctx = RunContext(cfg, parent, topo, None, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
+                     None, start.mode, time.perf_counter(), identity=rank)
+    return ctx, dict(live=live, position=position_of(exchanges, cfg.tau, steps))
 
 
 def idle_forever(rank: int) -> None:

@@ -31,19 +31,42 @@ def main() -> int:
         print("mpi_easgd: error: python -m mpi_easgd.ps.join is started by the async server "
               "(--on-worker-loss respawn), not by hand", file=sys.stderr)
         return 2
-    live = parent.Dup()
-    setup = parent.recv(source=0, tag=Tag.JOIN)
-    lowered = setup["crowded"] and _lower_priority()
+    live, setup, lowered = spare_setup(parent)
     os.chdir(setup["cwd"])
     prepared = _prepare(setup)
-    assignment = _wait_for_assignment(parent)
+    assignment = wait_for_assignment(parent, lowered)
     if assignment is not None:
-        if lowered:
-            _own_priority()
-        _replace(parent, live, setup, prepared, assignment)
-    live.Disconnect()
-    parent.Disconnect()
+        _replace(parent, live, setup, prepared, assignment)  # (which disconnects at its end)
+    else:
+        live.Disconnect()
+        parent.Disconnect()
     return 0
+
+
+def spare_setup(parent) -> tuple[object, dict, bool]:
+    """A spare's first steps, once MPI has started: its liveness channel (every worker has
+    one; the server made its side right after Spawn), the run's set-up, and a lower
+    priority on a crowded node (whether it took it)."""
+    live = parent.Dup()
+    setup = parent.recv(source=0, tag=Tag.JOIN)
+    return live, setup, setup["crowded"] and _lower_priority()
+
+
+def wait_for_assignment(parent, lowered: bool) -> dict | None:
+    """Wait, off the CPU and as long as it takes, to be assigned a dead worker's place
+    (None: not needed); back to this process's own priority when assigned."""
+    assignment = receive_object(parent, 0, Tag.JOIN)[1]
+    if assignment is not None and lowered:
+        _own_priority()
+    return assignment
+
+
+def position_of(exchanges: int, tau: int, steps_per_epoch: int | None) -> dict:
+    """Where a worker that made ``exchanges`` had got to: it exchanged at every
+    ``tau``-th step (the first at step 0)."""
+    t = max(exchanges - 1, 0) * tau
+    epoch, step = divmod(t, steps_per_epoch) if steps_per_epoch else (0, t)
+    return dict(epoch=epoch, step=step, t=t, exchanges=exchanges)
 
 
 NICE = 10
@@ -93,10 +116,6 @@ def _prepare(setup: dict):
     return cfg, info, device, flat
 
 
-def _wait_for_assignment(parent) -> dict | None:
-    return receive_object(parent, 0, Tag.JOIN)[1]  # off the CPU, as long as it takes
-
-
 def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     import time
     from pathlib import Path
@@ -121,9 +140,7 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     # Where the dead worker's exchanges had taken it (it exchanged at every tau-th step).
     steps = ShardLoader(info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
                         seed=cfg.seed, even=not cfg.uneven).steps
-    t = max(exchanges - 1, 0) * cfg.tau
-    epoch, step = divmod(t, steps)
-    position = dict(epoch=epoch, step=step, t=t, exchanges=exchanges)
+    position = position_of(exchanges, cfg.tau, steps)
     ctx = RunContext(cfg, parent, topo, info, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
                      None, "direct" if device.type == "cpu" else "staged", time.perf_counter(), identity=rank)
     model = flat.module

@@ -29,8 +29,11 @@ class Spares:
     """The server's supply of replacement workers; ``setup`` is what a spare needs to
     prepare (picklable: the configuration, the run directory, the world size...)."""
 
-    def __init__(self, setup: dict) -> None:
+    def __init__(self, setup: dict, command: list[str] | None = None) -> None:
         self.setup = setup
+        # What a spare runs: python -m mpi_easgd.ps.join for the command line, a script's
+        # own command line for AsyncTraining (the script becomes the replacement).
+        self.command = command or ["-m", "mpi_easgd.ps.join"]
         self.spare: tuple[MPI.Intercomm, MPI.Intercomm] | None = None  # (messages, liveness)
         self.generation: dict[int, int] = {}  # rank -> replacements of it so far
         self.spawn_seconds: list[float] = []  # how long each spawn held the server
@@ -39,7 +42,7 @@ class Spares:
     def spawn(self) -> None:
         """Start the next spare (returns once it has started MPI)."""
         t0 = time.perf_counter()
-        child = MPI.COMM_SELF.Spawn(sys.executable, ["-m", "mpi_easgd.ps.join"], maxprocs=1)
+        child = MPI.COMM_SELF.Spawn(sys.executable, self.command, maxprocs=1)
         live = child.Dup()  # its liveness channel, as every worker has (see liveness.py)
         child.send(self.setup, dest=0, tag=Tag.JOIN)
         self.spare = (child, live)

@@ -41,11 +41,12 @@ def test_a_script_stopped_by_a_signal_checkpoints_exits_75_and_resumes(tmp_path)
     assert summary["environment"]["ranks"] == 4 and summary["algo"] == "easgd"
 
 
-def test_a_script_asking_for_respawn_is_refused_in_one_line(tmp_path):
+def test_a_script_asking_for_respawn_without_ulfm_is_refused_in_one_line(tmp_path):
+    """As the command line is: on MPICH, on_worker_loss="respawn" names what to install."""
     proc = launch(4, "-m", "mpi4py", SCRIPT, "--on-worker-loss", "respawn", "--out", str(tmp_path))
     out, err = finish(proc, 60, "the refused script")
     assert proc.returncode == 2, err
-    assert err.strip().count("\n") == 0 and "respawn" in err and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0 and "needs a fault-tolerant MPI" in err and "Traceback" not in err, err
 
 
 @pytest.mark.ulfm
@@ -56,4 +57,21 @@ def test_a_script_goes_on_without_a_worker_that_died(tmp_path):
     assert "worker rank 2 died" in result.stderr, result.output
     summary = read_summary(tmp_path / "kill")
     assert summary["lost_workers"] == [2] and summary["dead_workers"] == [2]
+    assert summary["final_metrics"]["test_accuracy"] > 0.9
+
+
+@pytest.mark.ulfm
+def test_a_script_is_rerun_to_replace_a_worker_that_died(tmp_path):
+    """on_worker_loss="respawn" from a script: the server reruns the script as a spare, which
+    takes the dead worker's rank, shard and exchange count, and the run ends complete."""
+    result = ulfm_train(4, "--epochs", "3", "--on-worker-loss", "respawn", "--out", str(tmp_path),
+                        "--run-name", "respawn", script=SCRIPT, timeout=180,
+                        env={"MPI_EASGD_FAULT": "rank=2,action=kill,step=40"})
+    assert result.returncode == 0, result.output
+    summary = read_summary(tmp_path / "respawn")
+    assert summary["dead_workers"] == [2] and summary["lost_workers"] == [], summary
+    (replacement,) = summary["replacements"]
+    assert replacement["rank"] == 2 and replacement["first_exchange"] is not None
+    by_rank = {w["rank"]: w for w in summary["per_worker"]}
+    assert by_rank[2]["exchanges"] == by_rank[2]["server_exchanges"] > replacement["exchanges_before"]
     assert summary["final_metrics"]["test_accuracy"] > 0.9
