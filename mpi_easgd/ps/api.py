@@ -286,8 +286,9 @@ class AsyncTraining:
             # script itself, which becomes the replacement in this class's constructor.
             script = None if ctx.info is not None else ["-m", "mpi4py", str(Path(sys.argv[0]).resolve()),
                                                          *sys.argv[1:]]
-            spares = Spares(dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir),
-                                 world_size=topo.world_size, cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1)), script)
+            setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
+                         cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
+            spares = Spares(setup, script)
         server = Server(ctx.comm, self.live, self.flat.data, rule, topo.worker_ranks, topo.tester_rank,
                         test_every=cfg.test_every, save=commit, samples_per_exchange=cfg.tau * self.samples_per_step,
                         audit=cfg.audit, peer_timeout=cfg.worker_timeout,

@@ -95,14 +95,14 @@ def _prepare(setup: dict):
     import torch
 
     from mpi_easgd.config import Config
-    from mpi_easgd.data import read_info, resolve_dataset
+    from mpi_easgd.data import open_dataset
     from mpi_easgd.flat import FlatParameters
     from mpi_easgd.models import build_model
     from mpi_easgd.transfer import place
 
     cfg = Config(**setup["config"])
     torch.set_num_threads(cfg.threads or 1)
-    info = read_info(resolve_dataset(cfg.dataset))
+    info = open_dataset(cfg.dataset)
     device = torch.device(place(cfg.device, "worker", 0, 1, torch.cuda.device_count()
                                 if cfg.device != "cpu" else 0).device)
     torch.manual_seed(cfg.seed)
@@ -120,7 +120,7 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     import time
     from pathlib import Path
 
-    from mpi_easgd.data import ShardLoader
+    from mpi_easgd.data import shard_loader
     from mpi_easgd.ps.api import AsyncTraining
     from mpi_easgd.ps.roles import work, worker_optimizer
     from mpi_easgd.runtime.context import RunContext
@@ -138,7 +138,7 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     start.after_recv()
     topo = Topology.build(setup["world_size"], rank, cfg.algo)
     # Where the dead worker's exchanges had taken it (it exchanged at every tau-th step).
-    steps = ShardLoader(info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
+    steps = shard_loader(info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
                         seed=cfg.seed, even=not cfg.uneven).steps
     position = position_of(exchanges, cfg.tau, steps)
     ctx = RunContext(cfg, parent, topo, info, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),

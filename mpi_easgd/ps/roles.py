@@ -3,10 +3,10 @@ rule): one user of :class:`~mpi_easgd.ps.api.AsyncTraining`.
 
 Every rank builds the model the flags name (the server's initial parameters become the
 center and every worker's starting point); a worker gets the local optimizer and trains
-its shard of the HDF5 dataset with the package's training loop
-(:func:`mpi_easgd.runtime.loop.train`), which drives the same :class:`AsyncWorker` as
-``AsyncTraining.step``; the tester evaluates the image classifier
-(:func:`~mpi_easgd.ps.tester.classification_evaluator`). Everything else (the server, the
+its shard of the dataset (HDF5, built-in, or a user's factory) with the package's training
+loop (:func:`mpi_easgd.runtime.loop.train`), which drives the same :class:`AsyncWorker`
+as ``AsyncTraining.step``; the tester evaluates the center for the run's task
+(:func:`~mpi_easgd.ps.tester.task_evaluator`). Everything else (the server, the
 tester's loop, checkpoints, statistics, the summary, worker loss) is the API's.
 
 There is no collective after the start, so a worker dropped under ``--on-worker-loss
@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 
 from mpi_easgd import registry
-from mpi_easgd.data import ShardLoader
+from mpi_easgd.data import shard_loader
 from mpi_easgd.models import build_model
 from mpi_easgd.ps.api import AsyncTraining, saved_state
-from mpi_easgd.ps.tester import classification_evaluator
+from mpi_easgd.ps.tester import task_evaluator
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.loop import make_optimizer, train
 from mpi_easgd.runtime.metrics import NullRunLog
+from mpi_easgd.tasks import task
 
 
 def run_async(ctx: RunContext) -> None:
@@ -38,9 +39,9 @@ def run_async(ctx: RunContext) -> None:
     evaluate = None
     if topo.role == "tester":
         evaluations = saved_state(ctx.resume, topo.rank)["evaluations"] if ctx.resume else 0
-        test = ShardLoader(info, "test", batch_size=512, shuffle=False, even=False)
-        train_data = ShardLoader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-        evaluate = classification_evaluator(test, train_data, ctx.device, evaluations)
+        test = shard_loader(info, "test", batch_size=512, shuffle=False, even=False)
+        train_data = shard_loader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+        evaluate = task_evaluator(task(cfg.task), test, train_data, ctx.device, evaluations)
     run = AsyncTraining.from_context(ctx, model, worker_optimizer(ctx, model), evaluate, cfg.batch_size,
                                      info.sizes["train"], info.name)
     work(ctx, run)
@@ -57,7 +58,7 @@ def work(ctx: RunContext, run: AsyncTraining) -> None:
     """A worker trains its shard with the package's loop; then every role finishes."""
     if run.trains:
         cfg, topo = ctx.cfg, ctx.topo
-        loader = ShardLoader(ctx.info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
+        loader = shard_loader(ctx.info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
                              seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
         try:
             run.stopped = train(run.worker, loader, run.position, cfg, steps=loader.steps, rank=topo.rank,

@@ -5,7 +5,7 @@ a CPU that workers need), evaluates it with the run's evaluation function (the u
 a script: model -> metrics) and logs one metrics row per snapshot. On the FINAL snapshot it
 evaluates and returns.
 
-The command line's evaluation (:func:`classification_evaluator`): BatchNorm statistics
+The command line's evaluation (:func:`task_evaluator`): BatchNorm statistics
 are not part of the center, so before each evaluation they are re-estimated on a few
 training batches (as for any averaged model); ``train_loss`` is the center's loss on a
 fixed slice of the training set (the first 1,024 samples): the workers' own losses belong
@@ -22,12 +22,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.data import ShardLoader
+from mpi_easgd.data import ShardLoader, shard_loader
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.protocol import META_LEN, Kind, Tag, wait_politely
 from mpi_easgd.ps.stats import TesterStats
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.loop import evaluate
+from mpi_easgd.tasks import Task
 from mpi_easgd.transfer import MPIBuffer
 
 Evaluate = Callable[[nn.Module], dict[str, float]]  # model -> metrics
@@ -52,22 +53,22 @@ def refresh_batchnorm(model: nn.Module, batches, device: torch.device, limit: in
         m.momentum = momentum
 
 
-def classification_evaluator(test: ShardLoader, train: ShardLoader, device: torch.device,
-                              evaluations: int = 0) -> Evaluate:
-    """The command line's evaluation of an image classifier: BatchNorm statistics
-    re-estimated on a few training batches (those of epoch ``evaluations``, counting on),
-    then ``train_loss`` on the first 1,024 training samples, ``test_loss`` and
-    ``test_accuracy`` on the test set."""
-    probe = ShardLoader(train.info, "train", batch_size=512, shuffle=False, even=False, prefetch=0)
+def task_evaluator(kind: Task, test: ShardLoader, train: ShardLoader, device: torch.device,
+                   evaluations: int = 0) -> Evaluate:
+    """The command line's evaluation for its task (classification: an image classifier):
+    BatchNorm statistics re-estimated on a few training batches (those of epoch
+    ``evaluations``, counting on), then ``train_loss`` on the first 1,024 training samples
+    and the task's test metrics (:meth:`~mpi_easgd.tasks.Task.metrics`) on the test set."""
+    probe = shard_loader(train.info, "train", batch_size=512, shuffle=False, even=False, prefetch=0)
     evaluations = itertools.count(evaluations)
 
-    def evaluate_classifier(model: nn.Module) -> dict[str, float]:
+    def evaluate_task(model: nn.Module) -> dict[str, float]:
         refresh_batchnorm(model, train.epoch(next(evaluations)), device)
-        loss, correct, count = evaluate(model, test.epoch(0), device)
-        train_loss, _, train_count = evaluate(model, itertools.islice(probe.epoch(0), 2), device)
-        return dict(train_loss=train_loss / train_count, test_loss=loss / count, test_accuracy=correct / count)
+        sums = evaluate(model, test.epoch(0), device, kind)
+        train_loss, _, train_count = evaluate(model, itertools.islice(probe.epoch(0), 2), device, kind)
+        return dict(train_loss=train_loss / train_count, **kind.metrics(*sums))
 
-    return evaluate_classifier
+    return evaluate_task
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, server: int, log,

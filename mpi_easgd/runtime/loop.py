@@ -25,8 +25,10 @@ from torch import nn
 
 from mpi_easgd.config import Config
 from mpi_easgd.runtime import faults
+from mpi_easgd.tasks import TASKS, Task, task
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+CLASSIFICATION = TASKS["classification"]
 
 
 class Action(enum.Flag):
@@ -106,7 +108,7 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
     """Train from ``pos`` to the end of epoch ``cfg.epochs`` (``steps`` per epoch; a rank
     out of data steps with no batch), or until the algorithm says stop: returns whether it
     did. ``pos`` is updated as it goes."""
-    forward_backward = supervised_step(algo.model, algo.flat.zero_grad)
+    forward_backward = supervised_step(algo.model, algo.flat.zero_grad, task(cfg.task))
     fault = faults.from_env(rank)
     local = 0  # steps taken by this process: what injected faults count
     for epoch in range(pos.epoch, cfg.epochs):
@@ -162,17 +164,16 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[Batch], device: torch.device) -> tuple[float, int, int]:
-    """``(summed loss, correct predictions, samples)`` of ``model`` over ``batches``."""
+def evaluate(model: nn.Module, batches: Iterator[Batch], device: torch.device,
+             kind: Task = CLASSIFICATION) -> tuple[float, float, float]:
+    """``(summed loss, correct predictions, units)`` of ``model`` over ``batches`` for the
+    task ``kind`` (units: samples, or tokens for a language model)."""
     was_training = model.training
     model.eval()
-    loss, correct, count = 0.0, 0, 0
+    loss, correct, count = 0.0, 0.0, 0.0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        count += len(y)
+        sums = kind.sums(model(x.to(device)), y.to(device))
+        loss, correct, count = loss + sums[0], correct + sums[1], count + sums[2]
     model.train(was_training)
     return loss, correct, count
 
@@ -206,12 +207,13 @@ def nonfinite_note(skipped: int, steps: int) -> str | None:
     return f"{what} (--on-nonfinite skip)"
 
 
-def supervised_step(model: nn.Module, zero_grad: Callable[[], None]) -> Callable[[Batch], torch.Tensor]:
-    """Forward and backward of one batch with cross-entropy; returns the loss."""
+def supervised_step(model: nn.Module, zero_grad: Callable[[], None],
+                    kind: Task = CLASSIFICATION) -> Callable[[Batch], torch.Tensor]:
+    """Forward and backward of one batch with the task's loss; returns the loss."""
 
     def forward_backward(batch: Batch) -> torch.Tensor:
         zero_grad()
-        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        loss = kind.loss(model(batch[0]), batch[1])
         loss.backward()
         return loss
 

@@ -336,3 +336,34 @@ def test_the_api_trains_a_users_loop_with_each_rule(algo, shared, capsys):
     assert torch.equal(center, final)
     rows = list(csv.DictReader((out / "run" / "metrics.csv").open()))
     assert rows and set(rows[0]) >= {"wall_time", "step", "samples", "epoch", "test_accuracy", "test_loss"}
+
+
+@pytest.mark.parametrize("algo,dataset,task,model,epochs,tau", [
+    ("easgd", "user_data:regression", "regression", "user_data:regression_mlp", 4, 4),
+    ("async-diloco", "user_data:tiny_corpus", "next-token", "charlm", 8, 10),  # (tau 4: the outer momentum overshoots)
+])
+@one_side_fails_all
+def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, tau, shared, capsys):
+    """A dataset factory, a task and a model defined only in a test file (user_data.py),
+    from the command line: uneven shards, periodic checkpoints and the audit as with HDF5;
+    the tester reports the task's metrics."""
+    out = shared / f"user-data-{algo}"
+    status, _ = train(4, "--algo", algo, "--dataset", dataset, "--task", task, "--model", model, "--epochs", str(epochs),
+                      "--tau", str(tau), "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--uneven",
+                      "--checkpoint-every", "25", "--audit", "--test-every", "0.5", "--out", str(out),
+                      "--run-name", "run", capsys=capsys)
+    if WORLD.rank:
+        return
+    assert status == 0
+    summary = read_summary(out / "run")
+    assert summary["checkpoints"] >= 2 and summary["dataset"] == dataset
+    for w in summary["per_worker"]:
+        assert w["exchanges"] == w["server_exchanges"] == w["reported_exchanges"]
+    center, final = replay(out / "run" / "audit.npz")
+    assert torch.equal(center, final)
+    last = list(csv.DictReader((out / "run" / "metrics.csv").open()))[-1]
+    if task == "regression":
+        assert float(last["test_rmse"]) ** 2 < 0.5 * 0.566, last  # the test targets' variance: 0.566
+    else:
+        unigram = 2.185  # nats per byte of predicting the test bytes' frequencies
+        assert float(last["test_loss"]) < 0.5 * unigram, last
