@@ -348,8 +348,8 @@ def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, ta
     from the command line: uneven shards, periodic checkpoints and the audit as with HDF5;
     the tester reports the task's metrics."""
     out = shared / f"user-data-{algo}"
-    status, _ = train(4, "--algo", algo, "--dataset", dataset, "--task", task, "--model", model, "--epochs", str(epochs),
-                      "--tau", str(tau), "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--uneven",
+    status, _ = train(4, "--algo", algo, "--dataset", dataset, "--task", task, "--model", model,
+                      "--epochs", str(epochs), "--tau", str(tau), "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--uneven",
                       "--checkpoint-every", "25", "--audit", "--test-every", "0.5", "--out", str(out),
                       "--run-name", "run", capsys=capsys)
     if WORLD.rank:
