@@ -211,18 +211,9 @@ def check_model_name(name: str) -> None:
 def user_factory(name: str):
     """The user's model factory ``package.module:factory``: called as ``factory(shape,
     num_classes)`` (``shape``: one sample's C, H, W), it returns an ``nn.Module``."""
-    from mpi_easgd.registry import load_object
+    from mpi_easgd.registry import load_user_object
 
-    module, _, attr = name.partition(":")
-    try:
-        factory = load_object(name)
-    except ModuleNotFoundError as exc:
-        raise ModelError(f"--model {name}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
-                         f"directory you launch from") from None
-    except AttributeError:
-        raise ModelError(f"--model {name}: {module} has no {attr}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: one line
-        raise ModelError(f"--model {name}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+    factory = load_user_object(name, "--model", ModelError)
     if not callable(factory):
         raise ModelError(f"--model {name} is not callable: name a function or class called as "
                          f"factory(shape, num_classes) that returns a torch.nn.Module")

@@ -79,6 +79,21 @@ def load_object(path: str):
     return obj
 
 
+def load_user_object(path: str, flag: str, error: type[Exception]):
+    """A user's object named on the command line (``flag path``, ``package.module:name``),
+    or ``error`` with one line saying why it cannot be had (no traceback)."""
+    module, _, name = path.partition(":")
+    try:
+        return load_object(path)
+    except ModuleNotFoundError as exc:
+        raise error(f"{flag} {path}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
+                    f"directory you launch from") from None
+    except AttributeError:
+        raise error(f"{flag} {path}: {module} has no {name}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: one line
+        raise error(f"{flag} {path}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+
+
 _SYNC_USES = frozenset({"on_rank_loss"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "overlap_exchange", "on_worker_loss", "test_every", "audit"})
 _RULES = "mpi_easgd.rules.asynchronous"
@@ -138,16 +153,7 @@ def lookup(name) -> Algorithm:
 def describe_rule(path: str) -> Algorithm:
     """A user's asynchronous rule (a ``ServerRule`` subclass named ``package.module:Rule``)
     as an algorithm of the registry."""
-    module = path.partition(":")[0]
-    try:
-        rule = load_object(path)
-    except ModuleNotFoundError as exc:
-        raise AlgorithmError(f"--algo {path}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
-                             f"directory you launch from") from None
-    except AttributeError:
-        raise AlgorithmError(f"--algo {path}: {module} has no {path.partition(':')[2]}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: say so in one line
-        raise AlgorithmError(f"--algo {path}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+    rule = load_user_object(path, "--algo", AlgorithmError)
     # (checked by what they have: this module sits below the rules and imports none of them)
     if not (isinstance(rule, type) and callable(getattr(rule, "apply", None)) and hasattr(rule, "params")):
         raise AlgorithmError(f"--algo {path} is not a rule: name a subclass of mpi_easgd.rules.asynchronous.ServerRule")

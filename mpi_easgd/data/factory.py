@@ -27,18 +27,9 @@ from mpi_easgd.data.sharding import num_batches, shard_range
 def open_factory(name: str) -> DatasetInfo:
     """Call the factory ``package.module:factory`` and describe what it returned (one line
     of :class:`DataError` for anything that cannot be used)."""
-    from mpi_easgd.registry import load_object
+    from mpi_easgd.registry import load_user_object
 
-    module, _, attr = name.partition(":")
-    try:
-        factory = load_object(name)
-    except ModuleNotFoundError as exc:
-        raise DataError(f"--dataset {name}: cannot import {module} ({exc}); put it on PYTHONPATH or in the "
-                        f"directory you launch from") from None
-    except AttributeError:
-        raise DataError(f"--dataset {name}: {module} has no {attr}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: one line
-        raise DataError(f"--dataset {name}: importing {module} failed ({type(exc).__name__}: {exc})") from None
+    factory = load_user_object(name, "--dataset", DataError)
     try:
         made = factory()
     except Exception as exc:  # noqa: BLE001 - the user's factory failed: one line, no traceback

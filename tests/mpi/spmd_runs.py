@@ -349,9 +349,9 @@ def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, ta
     the tester reports the task's metrics."""
     out = shared / f"user-data-{algo}"
     status, _ = train(4, "--algo", algo, "--dataset", dataset, "--task", task, "--model", model,
-                      "--epochs", str(epochs), "--tau", str(tau), "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--uneven",
-                      "--checkpoint-every", "25", "--audit", "--test-every", "0.5", "--out", str(out),
-                      "--run-name", "run", capsys=capsys)
+                      "--epochs", str(epochs), "--tau", str(tau), "--batch-size", "16", "--optimizer", "adamw",
+                      "--lr", "0.003", "--uneven", "--checkpoint-every", "25", "--audit", "--test-every", "0.5",
+                      "--out", str(out), "--run-name", "run", capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
