@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -135,15 +134,9 @@ def main() -> None:
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
-                            world_size=comm.size)
     tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)  # one folder for all ranks
+    # Meet at a file, not a TCP port (a port found free may be taken before gloo binds it).
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=comm.rank, world_size=comm.size)
     try:
         if comm.rank == 0:
             print(f"{comm.size} ranks, batch {args.batch_size} per rank, 1 thread per rank")

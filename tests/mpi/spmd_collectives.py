@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -239,13 +240,10 @@ def test_sgd_equals_pytorch_ddp(overlap):
     """Same initial model, same batches: AllReduceSGD and DDP (gloo) end equal."""
     import torch.distributed as dist
 
-    port = None
-    if RANK == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = COMM.bcast(port, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=RANK, world_size=SIZE)
+    # A file to meet at, not a TCP port: a port found free and handed on may be taken by
+    # another job meanwhile (EADDRINUSE was seen with the suite's other launches).
+    folder = COMM.bcast(tempfile.mkdtemp(prefix="mpi_easgd-ddp-") if RANK == 0 else None, root=0)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=RANK, world_size=SIZE)
     try:
         ddp = nn.parallel.DistributedDataParallel(model())
         ours = model()
@@ -265,6 +263,9 @@ def test_sgd_equals_pytorch_ddp(overlap):
         torch.testing.assert_close(params(ours), params(ddp.module), rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+        COMM.Barrier()
+        if RANK == 0:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("algo", ["sgd", "sgd-overlap", "ea"])
