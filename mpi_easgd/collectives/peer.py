@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 
@@ -116,6 +117,21 @@ class Peer:
                          train_loss=sums[3] / max(sums[4], 1), **kind.metrics(*sums[:3]))
         self.ctx.log.log_eval(**self.last)
 
+    def evaluate_start(self) -> None:
+        """The evaluation before the first step, a fresh run's first metrics row (epoch 0,
+        samples 0): where every run starts, sync and async alike (the async tester's first
+        snapshot is the center before any training). ``train_loss`` is the model's loss
+        on the first 512 training samples of each rank's shard."""
+        kind, comm, device = task(self.ctx.cfg.task), self.ctx.comm, self.ctx.device
+        probe = shard_loader(self.ctx.info, "train", comm.Get_rank(), comm.Get_size(), batch_size=512,
+                             shuffle=False, even=False, prefetch=0)
+        with self.evaluated():
+            test = evaluate(self.model, self.test.epoch(0), device, kind)
+            train = evaluate(self.model, itertools.islice(probe.epoch(0), 1), device, kind)
+        sums = np.array([*test, train[0], train[2]])
+        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        self.ctx.log.log_eval(epoch=0, step=0, samples=0, train_loss=sums[3] / sums[4], **kind.metrics(*sums[:3]))
+
     def evaluated(self):
         """The model as it is evaluated and saved: ea and diloco's center, else the parameters."""
         return self.algo.center_in(self.model) if self.periodic else contextlib.nullcontext(self.model)
@@ -158,7 +174,9 @@ def run_peer(ctx: RunContext) -> dict:
     loader, steps = _shard(ctx)
     peer = Peer(ctx, steps)
     pos = Position()
-    if ctx.resume is not None:
+    if ctx.resume is None:
+        peer.evaluate_start()
+    else:
         pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, ctx.comm.Get_rank()))
         log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}")
     size = ctx.comm.Get_size()

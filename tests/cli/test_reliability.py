@@ -46,7 +46,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(blobs, tmp_path):
     assert cut["train_seconds"] <= cut["wall_seconds"], cut
     assert cut["train_samples"] == full["train_samples"]
     epochs = [row.split(",")[1] for row in (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[1:]]
-    assert epochs == ["1", "2", "3"], "rows past the checkpoint are redone, not repeated"
+    assert epochs == ["0", "1", "2", "3"], "rows past the checkpoint are redone, not repeated"
 
 
 def signal_mid_run(ranks, args, metrics, env, rows=2):
@@ -72,15 +72,16 @@ def test_stop_signal_checkpoints_exits_75_and_resumes(blobs, tmp_path):
     """Stopped by SIGTERM mid-epoch, resumed: bitwise the run that was never stopped."""
     metrics = tmp_path / "sig" / "metrics.csv"
     args = [*base(blobs, tmp_path, "sig"), "--epochs", "6"]
-    rc, err, seconds = signal_mid_run(2, args, metrics, {"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"})
+    rc, err, seconds = signal_mid_run(2, args, metrics, {"MPI_EASGD_FAULT": "rank=1,action=sleep,seconds=0.05"},
+                                      rows=3)  # the header, the evaluation before the first step, epoch 1
     assert rc == 75, err
     assert seconds < 10, f"took {seconds:.1f}s to checkpoint and stop"
     assert "continue with --resume auto" in err
-    assert len(metrics.read_text().splitlines()) < 7, "the signal came too late to test anything"
+    assert len(metrics.read_text().splitlines()) < 8, "the signal came too late to test anything"
     r = train(2, *args, "--resume", "auto")
     assert r.returncode == 0, r.output
     epochs = [line.split(",")[1] for line in metrics.read_text().splitlines()[1:]]
-    assert epochs == [str(e) for e in range(1, 7)], "every epoch logged once, in order"
+    assert epochs == [str(e) for e in range(0, 7)], "every epoch logged once, in order (0: before the first step)"
     assert train(2, *base(blobs, tmp_path, "full"), "--epochs", "6").returncode == 0
     assert_same_final_states(tmp_path / "full", tmp_path / "sig")
 

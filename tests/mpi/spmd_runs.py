@@ -178,7 +178,8 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     assert (summary["algo"], summary["world_size"], summary["epochs"]) == (algo, 2, 3)
     assert summary["test_accuracy"] > 0.6, "4 well-separated classes must be learnt"
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]  # 0: the model before the first step
+    assert int(rows[0]["samples"]) == 0 and float(rows[0]["train_loss"]) > float(rows[-1]["train_loss"])
     assert int(rows[-1]["samples"]) == 3 * 2 * (256 // 16) * 16
     assert 'algo = "' + algo + '"' in (run_dir / "config.toml").read_text()
     assert f'exchange_dtype = "{wire}"' in (run_dir / "config.toml").read_text()
