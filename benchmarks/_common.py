@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from mpi4py import MPI
+
+
+def mpiexec() -> str:
+    """The mpiexec next to this Python (the venv's MPI), else the one on PATH."""
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else "mpiexec"
 
 
 def timed(comm: MPI.Comm, fn, repeats: int) -> float:

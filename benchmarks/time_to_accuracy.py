@@ -35,19 +35,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mpi_easgd.models import build_model
-from mpi_easgd.plot import plot
-from mpi_easgd.registry import ASYNC_NAMES as ASYNC_ALGOS
-from mpi_easgd.registry import NAMES
-from mpi_easgd.runtime.faults import ENV as FAULT_ENV
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import mpiexec  # noqa: E402
+
+from mpi_easgd.models import build_model  # noqa: E402
+from mpi_easgd.plot import plot  # noqa: E402
+from mpi_easgd.registry import ASYNC_NAMES as ASYNC_ALGOS  # noqa: E402
+from mpi_easgd.registry import NAMES  # noqa: E402
+from mpi_easgd.runtime.faults import ENV as FAULT_ENV  # noqa: E402
 
 ALGOS = list(NAMES)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def mpiexec() -> str:
-    local = Path(sys.executable).with_name("mpiexec")
-    return str(local) if local.exists() else "mpiexec"
 
 
 def layout(algo: str, args) -> tuple[int, list[int]]:
