@@ -6,7 +6,7 @@ a tester). Prints validation loss (nats per byte), perplexity and wall time per 
 beside the unigram baseline (predicting every byte by its frequency in the test set)::
 
     python benchmarks/charlm.py                 # sgd, ea, diloco, easgd, async-diloco; 1 epoch
-    python benchmarks/charlm.py --algos sgd async-diloco --epochs 2
+    python benchmarks/charlm.py --algos diloco async-diloco --outer-momentum 0.5
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--workers", type=int, default=4, help="ranks that train")
     parser.add_argument("--tau", type=int, default=10)
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="diloco, async-diloco")
     args = parser.parse_args()
     baseline = unigram(open_dataset("pystdlib").datasets["test"])
-    print(f"pystdlib, charlm, {args.workers} ranks training, {args.epochs} epoch(s), tau {args.tau}; "
+    print(f"pystdlib, charlm, {args.workers} ranks training, {args.epochs} epoch(s), tau {args.tau}, "
+          f"outer momentum {args.outer_momentum}; "
           f"unigram baseline {baseline:.3f} nats/byte (perplexity {torch.tensor(baseline).exp():.2f})")
     print(f"{'algo':<14}{'ranks':>6}{'samples':>9}{'test loss':>11}{'perplexity':>12}{'accuracy':>10}"
           f"{'wall s':>9}{'loss/unigram':>14}")
@@ -52,7 +54,8 @@ def main() -> None:
             cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_easgd.train", "--algo", algo,
                    "--model", "charlm", "--dataset", "pystdlib", "--task", "next-token", "--optimizer", "adamw",
                    "--lr", "0.003", "--batch-size", "32", "--tau", str(args.tau), "--epochs", str(args.epochs),
-                   "--test-every", "20", "--no-progress", "--out", out, "--run-name", algo]
+                   "--outer-momentum", str(args.outer_momentum), "--test-every", "20", "--no-progress",
+                   "--out", out, "--run-name", algo]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode:
                 print(f"{algo}: failed\n{result.stderr[-2000:]}")

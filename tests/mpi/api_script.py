@@ -19,7 +19,7 @@ def train(comm, dataset: str = "mnist5k", model_name: str = "lenet", lr: float =
     info = read_info(resolve_dataset(dataset))
     torch.manual_seed(0)
     model = build_model(model_name, info.shape, info.num_classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0)
     test = ShardLoader(info, "test", batch_size=500, shuffle=False, even=False)
 
     def accuracy(model):

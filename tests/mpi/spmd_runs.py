@@ -287,29 +287,32 @@ def test_adamw_as_the_local_optimizer(shared, capsys):
     assert "exp_avg" in state[0], "the checkpoint holds AdamW's moments"
 
 
-def api_run(ranks: int, out: Path, dataset: Path, **settings) -> None:
+def api_run(ranks: int, out: Path, dataset: Path, momentum: float = 0.0, **settings) -> None:
     """A user's script (tests/mpi/api_script.py) on the first ``ranks`` ranks: the command
-    line's model, data and optimizer (plain SGD, lr 0.1), in a loop of its own."""
+    line's model, data and optimizer (SGD, lr 0.1; Nesterov with momentum, as for eamsgd),
+    in a loop of its own."""
     from api_script import train as script
 
     comm = WORLD.Split(0 if WORLD.rank < ranks else MPI.UNDEFINED, WORLD.rank)
     if comm != MPI.COMM_NULL:
-        script(comm, str(dataset), "mlp", lr=0.1, momentum=0.0, out=str(out), run_name="run", **settings)
+        script(comm, str(dataset), "mlp", lr=0.1, momentum=momentum, out=str(out), run_name="run", **settings)
         comm.Free()
     idle_barrier()
 
 
+@pytest.mark.parametrize("algo,momentum", [("easgd", 0.0), ("eamsgd", 0.9), ("downpour", 0.0),
+                                            ("async-diloco", 0.0)])
 @one_side_fails_all
-def test_the_api_and_the_command_line_end_with_the_same_center(shared, capsys):
+def test_the_api_and_the_command_line_end_with_the_same_center(algo, momentum, shared, capsys):
     """One worker (so that the exchanges' order is fixed): the same run through the command
     line and through AsyncTraining in a loop of one's own ends with the same center, bit
-    for bit, and both audits replay."""
-    flags = dict(algo="easgd", tau=3, epochs=2, audit=True, test_every=1.0)
-    cli, api = shared / "same-cli", shared / "same-api"
+    for bit, and both audits replay; for every built-in algorithm."""
+    flags = dict(algo=algo, tau=3, epochs=2, audit=True, test_every=1.0)
+    cli, api = shared / f"same-cli-{algo}", shared / f"same-api-{algo}"
     status, _ = train(3, *[f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k}" for k, v in flags.items()],
                       "--model", "mlp", "--dataset", str(shared / "blobs.h5"), "--lr", "0.1",
-                      "--out", str(cli), "--run-name", "run", capsys=capsys)
-    api_run(3, api, shared / "blobs.h5", **flags)
+                      "--momentum", str(momentum), "--out", str(cli), "--run-name", "run", capsys=capsys)
+    api_run(3, api, shared / "blobs.h5", momentum=momentum, **flags)
     if WORLD.rank:
         return
     assert status == 0
@@ -342,11 +345,12 @@ def test_the_api_trains_a_users_loop_with_each_rule(algo, shared, capsys):
 @pytest.mark.parametrize("algo,dataset,task,model,epochs,tau", [
     ("easgd", "user_data:regression", "regression", "user_data:regression_mlp", 4, 4),
     ("async-diloco", "user_data:tiny_corpus", "next-token", "charlm", 8, 10),  # (tau 4: the outer momentum overshoots)
+    ("user_rules:StalenessAwareEASGD", "user_data:regression", "regression", "user_data:regression_mlp", 4, 4),
 ])
 @one_side_fails_all
 def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, tau, shared, capsys):
-    """A dataset factory, a task and a model defined only in a test file (user_data.py),
-    from the command line: uneven shards, periodic checkpoints and the audit as with HDF5;
+    """A dataset factory, a task and a model defined only in a test file (user_data.py), and
+    a rule too (user_rules.py), from the command line: uneven shards, periodic checkpoints and the audit as with HDF5;
     the tester reports the task's metrics."""
     out = shared / f"user-data-{algo}"
     status, _ = train(4, "--algo", algo, "--dataset", dataset, "--task", task, "--model", model,
