@@ -212,7 +212,7 @@ class AsyncTraining:
         pos.step, pos.t = pos.step + 1, pos.t + 1
         pos.samples += self.samples_per_step if samples is None else samples
         if loss is not None and has_grad:
-            pos.stats.loss_sum += float(loss)
+            pos.stats.loss_sum += float(loss.detach())
             pos.stats.batches += 1
         action = worker.boundary(pos)
         if Action.SAVE in action:
