@@ -15,34 +15,35 @@ into metrics (:meth:`Task.metrics`).
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
 from torch import nn
 
 
-class Task:
+class Task(abc.ABC):
     """The loss and metrics of one kind of training (see the module docstring)."""
 
     name = ""
     unit = "sample"  # what the loss averages over
 
+    @abc.abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training loss: the mean over the batch's units."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sums(self, output: torch.Tensor, target: torch.Tensor) -> tuple[float, float, float]:
         """``(summed loss, correct predictions, units)`` of one batch."""
-        raise NotImplementedError
 
     def metrics(self, loss_sum: float, correct: float, units: float) -> dict[str, float]:
         """The evaluation's metrics from sums over every batch (and rank)."""
         loss = loss_sum / units if units else math.nan
         return {"test_loss": loss, "test_accuracy": correct / units if units else math.nan}
 
+    @abc.abstractmethod
     def expected_output(self, target_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
         """The shape of the model's output for one sample whose target has ``target_shape``."""
-        raise NotImplementedError
 
     def check_data(self, info) -> None:
         """Raise ``DataError`` (one line) when the dataset's targets do not suit this task."""

@@ -17,6 +17,7 @@ pair; :func:`server_rule` and :func:`worker_rule` build them by the algorithm's 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,7 @@ class OuterWorker(DownpourWorker):
         torch.sub(self.anchor, self.sent, out=self.send)
 
 
-class ServerRule:
+class ServerRule(abc.ABC):
     """The server's side of one asynchronous algorithm, and the interface of a new one.
 
     A rule is a pair: this class, whose :meth:`apply` turns one worker's message into the
@@ -159,19 +160,19 @@ class ServerRule:
         return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
                     outer_delay=self.outer_delay)
 
+    @abc.abstractmethod
     def apply(self, center: torch.Tensor, incoming: torch.Tensor,
               arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new center, reply)`` for a worker's message ``incoming`` (float32, the rule's
         to overwrite: the built-in rules write the new center over it, so that nothing is
         allocated). ``center`` must never be written: it may still be on its way to another
         worker. ``arrival``: who sent it and how stale it is (always given by the engine)."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - a rule without state of its own keeps this
+        """Take back what :meth:`state_dict` gave (a resumed run, the audit's replay)."""
 
 
 class ElasticServer(ServerRule):
