@@ -89,8 +89,10 @@ def mpirun(n: int, *args: str, timeout: float = 120, env: dict | None = None,
 def spmd(ranks: int, *files: str, timeout: float = 240, env: dict | None = None) -> Result:
     """Run the SPMD test ``files`` on ``ranks`` ranks (``python -m mpi4py -m pytest``: a
     failure on one rank aborts the job instead of hanging it); every rank must pass."""
-    result = mpirun(ranks, "-m", "mpi4py", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
-                    timeout=timeout, env=env)
+    # --capture=sys: a rank that fails writes its traceback (and MPI its abort line) to the real
+    # stderr; fd-level capture would swallow both when the job is aborted.
+    result = mpirun(ranks, "-m", "mpi4py", "-m", "pytest", "-q", "-x", "--capture=sys", "-p", "no:cacheprovider",
+                    *files, timeout=timeout, env=env)
     assert result.returncode == 0, result.output
     assert result.output.count(" passed") == ranks and " failed" not in result.output, result.output
     return result
