@@ -60,9 +60,12 @@ class Config:
     outer_momentum: float = _opt(0.9, "diloco, async-diloco: momentum of the outer Nesterov step")
     outer_delay: int | None = _opt(None, "async-diloco: pushes between two momentum steps of the delayed "
                                          "Nesterov outer optimizer (default: the number of workers)")
-    exchange_dtype: str = _opt("float32", "ea, diloco and async: the floating type parameters, differences "
-                                          "and pseudo-gradients travel in (center and sums stay float32)",
-                               choices=("float32", "float16", "bfloat16"))
+    exchange_dtype: str = _opt("float32", "ea, diloco and async: the format parameters, differences and "
+                                          "pseudo-gradients travel in: a floating type, or int8, int4 (a scale "
+                                          "per block) or topk (the largest entries at 2 bits), these three with "
+                                          "error feedback (center and sums stay float32)",
+                               choices=("float32", "float16", "bfloat16", "int8", "int4", "topk"))
+    topk_fraction: float = _opt(0.02, "--exchange-dtype topk: the fraction of each chunk's entries sent")
     overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
                                          "is in flight; the move then uses the parameters that were sent")
     seed: int = _opt(0, "seed for initialisation and data order")
@@ -198,6 +201,12 @@ class Config:
         if self.exchange_dtype != "float32" and "exchange_dtype" not in uses:
             raise ConfigError(f"--exchange-dtype {self.exchange_dtype} applies to ea, diloco and the async "
                               f"algorithms; {self.algo} sums its gradients in float32 (use --exchange-dtype float32)")
+        if self.topk_fraction != 0.02 and self.exchange_dtype != "topk":
+            raise ConfigError(f"--topk-fraction applies only to --exchange-dtype topk (this run has "
+                              f"{self.exchange_dtype}); add --exchange-dtype topk or drop --topk-fraction")
+        if not 0.0 < self.topk_fraction <= 0.5:
+            raise ConfigError(f"--topk-fraction must be in (0, 0.5] (the share of entries sent); "
+                              f"got {self.topk_fraction}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 

@@ -63,7 +63,10 @@ class Algorithm:
 
     def settings(self, cfg, workers: int) -> dict:
         """The algorithm's own settings, as the run summary records them."""
-        return {name: cfg.alpha * workers if name == "beta" else getattr(cfg, name) for name in self.recorded}
+        settings = {name: cfg.alpha * workers if name == "beta" else getattr(cfg, name) for name in self.recorded}
+        if settings.get("exchange_dtype") == "topk":
+            settings["topk_fraction"] = cfg.topk_fraction
+        return settings
 
 
 class AlgorithmError(ValueError):

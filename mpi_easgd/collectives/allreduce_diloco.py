@@ -20,6 +20,10 @@ Then rank 0's center and outer momentum are broadcast (bitwise equal everywhere)
 Each rank sends its own pseudo-gradient ``c - x_i`` (small, unlike ``x_i``), so that
 ``exchange_dtype="float16"`` or ``"bfloat16"`` halves the bytes at a rounding error relative to
 the pseudo-gradient, not to the parameters; the center and momentum stay float32.
+``"int8"``, ``"int4"`` or ``"topk"`` (:mod:`mpi_easgd.compress`) send the pseudo-gradient plus
+what this rank's earlier messages left out (error feedback); the round is then an
+Allgather and a sum in rank order (:mod:`.compressed`), so that every rank's center and
+momentum stay bitwise the same.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpi_easgd.collectives.compressed import GatheredSum
 from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
@@ -35,6 +40,7 @@ from mpi_easgd.collectives.base import (
     bcast_module_state,
     bcast_tensor,
 )
+from mpi_easgd.compress import codec as codec_of
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
 from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
@@ -53,17 +59,21 @@ def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
 class AllReduceDiLoCo(PeriodicRounds):
     """DiLoCo over ``comm``: an outer Nesterov step on the center every ``tau`` local steps.
 
-    ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
+    ``exchange_dtype``: float32, float16, bfloat16, int8, int4 or topk on the wire (module
+    docstring), ``topk_fraction`` the share of entries topk sends; ``error_feedback=False``
+    drops what a compressed message left out (only to see what feedback is for).
     ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.collectives.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,
-                 exchange_dtype: str = "float32", transfer: str = "auto", chunk_bytes: int | None = None,
-                 timeout: float | None = 300.0, on_timeout: str = "warn"):
+                 exchange_dtype: str = "float32", topk_fraction: float = 0.02, error_feedback: bool = True,
+                 transfer: str = "auto", chunk_bytes: int | None = None, timeout: float | None = 300.0,
+                 on_timeout: str = "warn"):
         check_outer(tau, outer_lr, outer_momentum)
-        self.wire = exchange_dtype_of(exchange_dtype)
+        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
+        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
         self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
@@ -76,7 +86,8 @@ class AllReduceDiLoCo(PeriodicRounds):
     @classmethod
     def from_config(cls, comm: MPI.Comm, cfg, **options) -> AllReduceDiLoCo:
         """As the command line builds it from a :class:`~mpi_easgd.config.Config`."""
-        return cls(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum, exchange_dtype=cfg.exchange_dtype, **options)
+        return cls(comm, cfg.tau, cfg.outer_lr, cfg.outer_momentum, exchange_dtype=cfg.exchange_dtype,
+                   topk_fraction=cfg.topk_fraction, **options)
 
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
@@ -94,6 +105,8 @@ class AllReduceDiLoCo(PeriodicRounds):
         # and how many made local steps since the last round
         self._round_buffer = flat_buffer(flat.numel + 2, flat.device)
         self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
+        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
+                                    self.error_feedback) if self.codec else None)
         self.calls = self._since = 0
 
     def _agree(self, flat: FlatParameters) -> None:
@@ -108,26 +121,37 @@ class AllReduceDiLoCo(PeriodicRounds):
         """One outer round; returns 1 if some rank is still stepping, else 0."""
         n = flat.numel
         buf = self._round_mpi
-        torch.sub(self.center, flat.data, out=self._round_buffer[:n])
-        self._round_buffer[n] = 1.0 if stepping else 0.0
-        self._round_buffer[n + 1] = 1.0 if self._since else 0.0
-        buf.before_send()
-        allreduce(self.comm, buf, self.chunk_bytes)
-        buf.after_recv()
+        total = self._round_buffer[:n]
+        torch.sub(self.center, flat.data, out=total)
+        flags = (1.0 if stepping else 0.0, 1.0 if self._since else 0.0)
+        if self._gather is not None:
+            total, flags = self._gather(total, flags)
+        else:
+            self._round_buffer[n:] = torch.tensor(flags)
+            buf.before_send()
+            allreduce(self.comm, buf, self.chunk_bytes)
+            buf.after_recv()
+            flags = self._round_buffer[n:].tolist()
         # > 0, not the count: a 16-bit sum of many ones may be inexact
-        stepping_ranks, fresh_ranks = int(self._round_buffer[n] > 0), bool(self._round_buffer[n + 1] > 0)
+        stepping_ranks, fresh_ranks = int(flags[0] > 0), bool(flags[1] > 0)
         if fresh_ranks:
             # delta = sum / p, then the outer step; x_i restarts from the new center.
-            torch.mul(self._round_buffer[:n], 1.0 / self.comm.Get_size(), out=self._outer_param.grad)
+            torch.mul(total, 1.0 / self.comm.Get_size(), out=self._outer_param.grad)
             self._outer.step()
             flat.data.copy_(self.center)
             self.rounds += 1
         self._since = 0
         return stepping_ranks
 
+    @property
+    def bytes_per_round(self) -> int:
+        """Bytes this rank hands MPI in one round."""
+        return self._gather.bytes_sent if self._gather else self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
+
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "rounds": self.rounds, "since": self._since, "center": self.center,
-                "outer": self._outer.state_dict()}
+        state = {"calls": self.calls, "rounds": self.rounds, "since": self._since, "center": self.center,
+                 "outer": self._outer.state_dict()}
+        return {**state, **self._gather.state_dict()} if self._gather else state
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
@@ -135,3 +159,5 @@ class AllReduceDiLoCo(PeriodicRounds):
         self.rounds = int(state["rounds"])
         self.center.copy_(state["center"])
         self._outer.load_state_dict(state["outer"])
+        if self._gather is not None:
+            self._gather.load_state_dict(state)

@@ -15,7 +15,10 @@ broadcast and the step counter reset.
 ``exchange_dtype="float16"`` or ``"bfloat16"`` sends ``d_i`` in that type (half the bytes);
 ``x_i`` and ``c`` stay float32 and each rank moves by its own exact ``d_i``, while ``c``
 takes the sum as it arrived (added in float32 at every step of the reduction, rounded once
-each time).
+each time). ``"int8"``, ``"int4"`` or ``"topk"`` (:mod:`mpi_easgd.compress`) send ``d_i`` plus
+what this rank's earlier messages left out (error feedback); the round is then an
+Allgather and a sum in rank order (:mod:`.compressed`), so every rank's center stays
+bitwise the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpi_easgd.collectives.compressed import GatheredSum
 from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
@@ -31,6 +35,7 @@ from mpi_easgd.collectives.base import (
     bcast_module_state,
     bcast_tensor,
 )
+from mpi_easgd.compress import codec as codec_of
 from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
 from mpi_easgd.rules.elastic import ea_local_move
 from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
@@ -48,17 +53,20 @@ def check_tau_alpha(tau: int, alpha: float) -> None:
 class AllReduceEA(PeriodicRounds):
     """Synchronous elastic averaging over ``comm`` every ``tau`` steps with coefficient ``alpha``.
 
-    ``exchange_dtype``: float32, float16 or bfloat16 on the wire (module docstring).
+    ``exchange_dtype``: float32, float16, bfloat16, int8, int4 or topk on the wire (module
+    docstring), ``topk_fraction`` the share of entries topk sends; ``error_feedback=False``
+    drops what a compressed message left out (only to see what feedback is for).
     ``chunk_bytes``: the reduction's piece size (:func:`mpi_easgd.transfer.chunk_size`).
     ``transfer``, ``timeout`` and ``on_timeout`` as for
     :class:`~mpi_easgd.collectives.allreduce_sgd.AllReduceSGD`.
     """
 
     def __init__(self, comm: MPI.Comm, tau: int, alpha: float, *, exchange_dtype: str = "float32",
-                 transfer: str = "auto", chunk_bytes: int | None = None, timeout: float | None = 300.0,
-                 on_timeout: str = "warn"):
+                 topk_fraction: float = 0.02, error_feedback: bool = True, transfer: str = "auto",
+                 chunk_bytes: int | None = None, timeout: float | None = 300.0, on_timeout: str = "warn"):
         check_tau_alpha(tau, alpha)
-        self.wire = exchange_dtype_of(exchange_dtype)
+        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
+        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
         self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
@@ -72,7 +80,8 @@ class AllReduceEA(PeriodicRounds):
     @classmethod
     def from_config(cls, comm: MPI.Comm, cfg, **options) -> AllReduceEA:
         """As the command line builds it from a :class:`~mpi_easgd.config.Config`."""
-        return cls(comm, cfg.tau, cfg.alpha, exchange_dtype=cfg.exchange_dtype, **options)
+        return cls(comm, cfg.tau, cfg.alpha, exchange_dtype=cfg.exchange_dtype, topk_fraction=cfg.topk_fraction,
+                   **options)
 
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Broadcast rank 0's parameters (frozen ones included) and buffers; every rank's
@@ -86,6 +95,8 @@ class AllReduceEA(PeriodicRounds):
         self._round_buffer = flat_buffer(flat.numel + 1, flat.device)
         self._diff = self._round_buffer[: flat.numel]
         self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
+        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
+                                    self.error_feedback) if self.codec else None)
         self.calls = 0
 
     def _agree(self, flat: FlatParameters) -> None:
@@ -94,6 +105,11 @@ class AllReduceEA(PeriodicRounds):
     def _round(self, flat: FlatParameters, stepping: bool) -> int:
         """One elastic round; returns 1 if some rank is still stepping, else 0."""
         ea_local_move(flat.data, self.center, self.alpha, self._diff)
+        if self._gather is not None:
+            total, (still,) = self._gather(self._diff, (1.0 if stepping else 0.0,))
+            self.center.add_(total)
+            self.rounds += 1
+            return int(still > 0)
         self._round_buffer[-1] = 1.0 if stepping else 0.0
         buf = self._round_mpi
         buf.before_send()
@@ -103,10 +119,18 @@ class AllReduceEA(PeriodicRounds):
         self.rounds += 1
         return int(self._round_buffer[-1] > 0)  # > 0: a 16-bit sum of many ones may be inexact
 
+    @property
+    def bytes_per_round(self) -> int:
+        """Bytes this rank hands MPI in one round."""
+        return self._gather.bytes_sent if self._gather else self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
+
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "rounds": self.rounds, "center": self.center}
+        state = {"calls": self.calls, "rounds": self.rounds, "center": self.center}
+        return {**state, **self._gather.state_dict()} if self._gather else state
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
         self.rounds = int(state["rounds"])
         self.center.copy_(state["center"])
+        if self._gather is not None:
+            self._gather.load_state_dict(state)

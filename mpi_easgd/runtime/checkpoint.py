@@ -144,8 +144,8 @@ def read_manifest(ckpt: Path) -> dict:
 # Settings that change what training computes: a resume must keep them (the others, such as
 # --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
 TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
-                 "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "overlap_exchange", "seed",
-                 "uneven", "augment")
+                 "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
+                 "overlap_exchange", "seed", "uneven", "augment")
 OUTER = ("outer_lr", "outer_momentum", "outer_delay")
 UNUSED_KEYS = {"sgd": ("tau", "alpha", *OUTER), "diloco": ("alpha", "outer_delay"),
                "async-diloco": ("alpha",)}  # else: outer_*

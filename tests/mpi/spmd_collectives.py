@@ -21,7 +21,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd import AllReduceEA, AllReduceSGD
+from mpi_easgd import AllReduceEA, AllReduceSGD, compress
 from mpi_easgd.transfer import exchange_dtype
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -138,9 +138,13 @@ def test_sgd_uneven_endings_terminate_and_agree(overlap):
     torch.testing.assert_close(params(m), params(serial), rtol=1e-5, atol=1e-6)
 
 
-def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True, wire=torch.float32):
-    """All ranks' EA in one process, written from the equations (no library code); each
-    ``d`` travels as ``wire`` and their sum is rounded to it once per addition."""
+def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True, wire="float32"):
+    """All ranks' EA in one process, written from the equations (no library code but the
+    codec); each ``d`` travels as ``wire`` and their sum is rounded to it once per
+    addition. A compressed format sends ``d`` plus the rank's residual (what its earlier
+    messages left out); the center adds the decoded messages in rank order."""
+    codec = compress.codec(wire)
+    residuals = [0.0] * SIZE
     models = [model() for _ in range(SIZE)]
     opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
     center = params(models[0]).clone()
@@ -154,10 +158,18 @@ def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True, wire=torch.fl
         calls += 1
         if calls % tau == 0:
             total = None
-            for m in models:
+            for r, m in enumerate(models):
                 x = params(m)
                 d = alpha * (x - center)
-                total = d.to(wire) if total is None else total + d.to(wire)
+                if codec is not None:
+                    message = d + residuals[r]
+                    buf = compress.message_buffer(codec, len(x))
+                    codec.encode(message, buf)
+                    sent = codec.decode(buf, torch.empty_like(x))
+                    residuals[r] = message - sent
+                else:
+                    sent = d.to(exchange_dtype(wire))
+                total = sent if total is None else total + sent
                 torch.nn.utils.vector_to_parameters(x - d, m.parameters())
             center = center + total.float()
     return [params(m) for m in models], center
@@ -177,13 +189,15 @@ def _run_ea(steps, tau, alpha, lr, has_data=lambda s: True, wire="float32"):
     return m, ea
 
 
-@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8", "int4", "topk"])
 def test_ea_matches_serial_simulation(wire):
     m, ea = _run_ea(steps=7, tau=2, alpha=0.3, lr=0.2, wire=wire)
-    xs, center = _serial_ea(steps=7, tau=2, alpha=0.3, lr=0.2, wire=exchange_dtype(wire))
+    xs, center = _serial_ea(steps=7, tau=2, alpha=0.3, lr=0.2, wire=wire)
     assert ea.rounds == 3
+    if compress.codec(wire):  # gathered and added in rank order: the same bits everywhere
+        assert_same_on_all_ranks(ea.center)
     # the 16-bit sum's rounding depends on the library's reduction order beyond 2 ranks
-    tol = 1e-6 if wire == "float32" or SIZE <= 2 else 1e-3
+    tol = 1e-6 if wire not in ("float16", "bfloat16") or SIZE <= 2 else 1e-3
     torch.testing.assert_close(params(m), xs[RANK], rtol=1e-5, atol=tol)
     torch.testing.assert_close(ea.center, center, rtol=1e-5, atol=tol)
     if SIZE > 1:

@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd import AllReduceDiLoCo
+from mpi_easgd import AllReduceDiLoCo, compress
 from mpi_easgd.transfer import exchange_dtype
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -32,10 +32,14 @@ def fake_grad(rank: int, step: int, n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(1000 * rank + step))
 
 
-def serial(x0: torch.Tensor, steps: list[int], wire: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
+def serial(x0: torch.Tensor, steps: list[int], wire: str = "float32") -> tuple[torch.Tensor, int]:
     """The rule, for every rank in this process: (final center, outer steps taken). Each
-    rank's ``c - x_i`` travels as ``wire``; sums of 16-bit values are rounded once each."""
+    rank's ``c - x_i`` travels as ``wire``; sums of 16-bit values are rounded once each. A
+    compressed format sends ``c - x_i`` plus the rank's residual (what its earlier messages
+    left out), and the decoded messages are added in rank order in float32."""
     p = len(steps)
+    codec = compress.codec(wire)
+    residuals = [torch.zeros_like(x0) for _ in steps]
     center = nn.Parameter(x0.clone(), requires_grad=False)
     outer = torch.optim.SGD([center], lr=OUTER_LR, momentum=OUTER_MOMENTUM, nesterov=True)
     xs, done, rounds, k = [x0.clone() for _ in steps], [0] * p, 0, 0
@@ -48,7 +52,16 @@ def serial(x0: torch.Tensor, steps: list[int], wire: torch.dtype = torch.float32
                 done[r] += 1
                 fresh = True
         if fresh:
-            parts = [(center.data - x).to(wire) for x in xs]
+            if codec is None:
+                parts = [(center.data - x).to(exchange_dtype(wire)) for x in xs]
+            else:
+                parts = []
+                for r, x in enumerate(xs):
+                    message = center.data - x + residuals[r]
+                    buf = compress.message_buffer(codec, len(x0))
+                    codec.encode(message, buf)
+                    parts.append(codec.decode(buf, torch.empty_like(x0)))
+                    residuals[r] = message - parts[-1]
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
@@ -60,7 +73,7 @@ def serial(x0: torch.Tensor, steps: list[int], wire: torch.dtype = torch.float32
             return center.data.clone(), rounds
 
 
-@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8", "int4", "topk"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_diloco_equals_a_serial_simulation_with_uneven_endings(ranks, wire):
     if COMM.Get_size() < ranks or (ranks == 2 and COMM.Get_size() > 2):
@@ -71,7 +84,7 @@ def test_diloco_equals_a_serial_simulation_with_uneven_endings(ranks, wire):
     rank = comm.Get_rank()
     steps = [13 + 5 * r for r in range(ranks)]  # 13, 18, 23: ends between and on periods
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
+    model = nn.Linear(40, 20)  # 820 entries: several int8/int4 blocks, a partial one at the end
     if rank:  # every rank starts from rank 0's parameters
         with torch.no_grad():
             for p in model.parameters():
@@ -84,9 +97,9 @@ def test_diloco_equals_a_serial_simulation_with_uneven_endings(ranks, wire):
         flat.data.sub_(LR * fake_grad(rank, step, flat.numel))
         algo.average_parameters(model)
     algo.synchronize_center(model)
-    expected, rounds = serial(x0, steps, exchange_dtype(wire))
+    expected, rounds = serial(x0, steps, wire)
     assert algo.rounds == rounds == -(-max(steps) // TAU)
-    if ranks == 2:  # (a + b) is the same in any order: bit for bit
+    if ranks == 2 or compress.codec(wire):  # (a + b) is the same in any order; a gather adds in rank order
         assert torch.equal(algo.center, expected)
     else:
         # three addends: the reduction's order, hence its rounding, is the library's choice
@@ -96,7 +109,7 @@ def test_diloco_equals_a_serial_simulation_with_uneven_endings(ranks, wire):
     assert all(torch.equal(c, centers[0]) for c in centers), "bitwise equal on every rank"
 
     again = AllReduceDiLoCo(comm, TAU, OUTER_LR, OUTER_MOMENTUM)
-    again.synchronize_parameters(nn.Linear(3, 2))
+    again.synchronize_parameters(nn.Linear(40, 20))
     again.load_state_dict(algo.state_dict())  # what a checkpoint carries: center and momentum
     assert torch.equal(again.center, algo.center) and again.rounds == algo.rounds
     momentum = again._outer.state[again._outer_param]["momentum_buffer"]
