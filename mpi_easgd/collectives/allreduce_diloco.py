@@ -32,7 +32,6 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.compressed import GatheredSum
 from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
@@ -40,10 +39,8 @@ from mpi_easgd.collectives.base import (
     bcast_module_state,
     bcast_tensor,
 )
-from mpi_easgd.compress import codec as codec_of
-from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
-from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
-from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
+from mpi_easgd.flat import FlatParameters, flat_like
+from mpi_easgd.transfer import allreduce, chunk_size
 
 
 def check_outer(tau: int, outer_lr: float, outer_momentum: float) -> None:
@@ -72,8 +69,7 @@ class AllReduceDiLoCo(PeriodicRounds):
                  transfer: str = "auto", chunk_bytes: int | None = None, timeout: float | None = 300.0,
                  on_timeout: str = "warn"):
         check_outer(tau, outer_lr, outer_momentum)
-        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
-        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
+        self._exchange_format(exchange_dtype, topk_fraction, error_feedback)
         self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
@@ -103,10 +99,7 @@ class AllReduceDiLoCo(PeriodicRounds):
                                       nesterov=self.outer_momentum > 0)
         # sum of c - x_i and, in two extra slots of the same Allreduce, how many ranks still step
         # and how many made local steps since the last round
-        self._round_buffer = flat_buffer(flat.numel + 2, flat.device)
-        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
-        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
-                                    self.error_feedback) if self.codec else None)
+        self._round_buffers(flat, flags=2)
         self.calls = self._since = 0
 
     def _agree(self, flat: FlatParameters) -> None:
@@ -142,11 +135,6 @@ class AllReduceDiLoCo(PeriodicRounds):
             self.rounds += 1
         self._since = 0
         return stepping_ranks
-
-    @property
-    def bytes_per_round(self) -> int:
-        """Bytes this rank hands MPI in one round."""
-        return self._gather.bytes_sent if self._gather else self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
 
     def state_dict(self) -> dict:
         state = {"calls": self.calls, "rounds": self.rounds, "since": self._since, "center": self.center,

@@ -27,7 +27,6 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.compressed import GatheredSum
 from mpi_easgd.collectives.base import (
     CollectiveGuard,
     FlatCache,
@@ -35,11 +34,9 @@ from mpi_easgd.collectives.base import (
     bcast_module_state,
     bcast_tensor,
 )
-from mpi_easgd.compress import codec as codec_of
-from mpi_easgd.flat import FlatParameters, flat_buffer, flat_like
+from mpi_easgd.flat import FlatParameters, flat_like
 from mpi_easgd.rules.elastic import ea_local_move
-from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
-from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
+from mpi_easgd.transfer import allreduce, chunk_size
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:
@@ -65,8 +62,7 @@ class AllReduceEA(PeriodicRounds):
                  topk_fraction: float = 0.02, error_feedback: bool = True, transfer: str = "auto",
                  chunk_bytes: int | None = None, timeout: float | None = 300.0, on_timeout: str = "warn"):
         check_tau_alpha(tau, alpha)
-        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
-        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
+        self._exchange_format(exchange_dtype, topk_fraction, error_feedback)
         self.chunk_bytes = chunk_size(chunk_bytes)
         self.comm = comm
         self.tau = tau
@@ -92,11 +88,8 @@ class AllReduceEA(PeriodicRounds):
             bcast_module_state(self.comm, model, self._cache.data, root=0)
         self.center = flat_like(flat.data).copy_(flat.data)
         # d_i and, in one extra slot of the same Allreduce, whether this rank still steps
-        self._round_buffer = flat_buffer(flat.numel + 1, flat.device)
+        self._round_buffers(flat, flags=1)
         self._diff = self._round_buffer[: flat.numel]
-        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
-        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
-                                    self.error_feedback) if self.codec else None)
         self.calls = 0
 
     def _agree(self, flat: FlatParameters) -> None:
@@ -118,11 +111,6 @@ class AllReduceEA(PeriodicRounds):
         self.center.add_(self._diff)
         self.rounds += 1
         return int(self._round_buffer[-1] > 0)  # > 0: a 16-bit sum of many ones may be inexact
-
-    @property
-    def bytes_per_round(self) -> int:
-        """Bytes this rank hands MPI in one round."""
-        return self._gather.bytes_sent if self._gather else self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
 
     def state_dict(self) -> dict:
         state = {"calls": self.calls, "rounds": self.rounds, "center": self.center}

@@ -14,8 +14,11 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.flat import FlatParameters
+from mpi_easgd.collectives.compressed import GatheredSum
+from mpi_easgd.compress import codec as codec_of
+from mpi_easgd.flat import FlatParameters, flat_buffer
 from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
 class FlatCache:
@@ -108,6 +111,29 @@ class PeriodicRounds(Collective, abc.ABC):
     center: torch.Tensor | None
     tau: int
     rounds: int
+    _gather: GatheredSum | None = None
+
+    def _exchange_format(self, exchange_dtype: str, topk_fraction: float, error_feedback: bool) -> None:
+        """Check and keep the format of the rounds: a floating type (:attr:`wire`) or a
+        codec (:attr:`codec`, with error feedback unless ``error_feedback`` is False)."""
+        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
+        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
+
+    def _round_buffers(self, flat: FlatParameters, flags: int) -> None:
+        """The round's float32 buffer (the model's entries, then ``flags`` slots) and its
+        MPI view in the wire type; with a codec, the gathered round (:mod:`.compressed`)
+        that carries the same."""
+        self._round_buffer = flat_buffer(flat.numel + flags, flat.device)
+        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
+        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
+                                    self.error_feedback) if self.codec else None)
+
+    @property
+    def bytes_per_round(self) -> int:
+        """Bytes this rank hands MPI in one round."""
+        if self._gather is not None:
+            return self._gather.bytes_sent
+        return self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
 
     @abc.abstractmethod
     def synchronize_parameters(self, model: nn.Module) -> None:
