@@ -41,6 +41,8 @@ import math
 
 import torch
 
+from mpi_easgd.transfer import exchange_dtype
+
 FORMATS = ("int8", "int4", "topk")  # the --exchange-dtype values handled here (the others are floating types)
 TOPK_FRACTION = 0.02
 
@@ -228,6 +230,11 @@ def codec(name: str, topk_fraction: float = TOPK_FRACTION) -> Codec | None:
     if name == "topk":
         return TopK(topk_fraction)
     return None
+
+
+def wire_format(name: str, topk_fraction: float = TOPK_FRACTION) -> torch.dtype | Codec:
+    """What ``--exchange-dtype name`` sends: a floating torch dtype, or a :class:`Codec`."""
+    return codec(name, topk_fraction) or exchange_dtype(name)
 
 
 def message_buffer(codec: Codec, n: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -15,10 +15,9 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd.collectives.compressed import GatheredSum
-from mpi_easgd.compress import codec as codec_of
+from mpi_easgd.compress import Codec, wire_format
 from mpi_easgd.flat import FlatParameters, flat_buffer
 from mpi_easgd.transfer import MPIBuffer
-from mpi_easgd.transfer import exchange_dtype as exchange_dtype_of
 
 
 class FlatCache:
@@ -116,8 +115,9 @@ class PeriodicRounds(Collective, abc.ABC):
     def _exchange_format(self, exchange_dtype: str, topk_fraction: float, error_feedback: bool) -> None:
         """Check and keep the format of the rounds: a floating type (:attr:`wire`) or a
         codec (:attr:`codec`, with error feedback unless ``error_feedback`` is False)."""
-        self.codec, self.error_feedback = codec_of(exchange_dtype, topk_fraction), error_feedback
-        self.wire = torch.float32 if self.codec else exchange_dtype_of(exchange_dtype)
+        wire = wire_format(exchange_dtype, topk_fraction)
+        self.codec, self.error_feedback = (wire if isinstance(wire, Codec) else None), error_feedback
+        self.wire = torch.float32 if self.codec else wire
 
     def _round_buffers(self, flat: FlatParameters, flags: int) -> None:
         """The round's float32 buffer (the model's entries, then ``flags`` slots) and its

@@ -47,6 +47,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd import registry
+from mpi_easgd.compress import wire_format
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import say_dropped
 from mpi_easgd.ps.policies import loss_policy
@@ -62,7 +63,7 @@ from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import PeerLost, Preempted
 from mpi_easgd.runtime.loop import Action, EpochStats, NonFiniteError, Position, finite, nonfinite_note
 from mpi_easgd.runtime.watchdog import Watchdog
-from mpi_easgd.transfer import MPIBuffer, exchange_dtype
+from mpi_easgd.transfer import MPIBuffer
 
 
 class AsyncTraining:
@@ -293,7 +294,7 @@ class AsyncTraining:
                         test_every=cfg.test_every, save=commit, samples_per_exchange=cfg.tau * self.samples_per_step,
                         audit=cfg.audit, peer_timeout=cfg.worker_timeout,
                         policy=loss_policy(cfg.on_worker_loss, spares), checkpoint_every=cfg.checkpoint_every,
-                        wire=exchange_dtype(cfg.exchange_dtype), wait_replies=not cfg.overlap_exchange)
+                        wire=wire_format(cfg.exchange_dtype, cfg.topk_fraction), wait_replies=not cfg.overlap_exchange)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
         return server

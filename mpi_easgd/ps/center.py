@@ -9,7 +9,9 @@ never waits for it.
 With a narrower exchange dtype (``--exchange-dtype float16|bfloat16``) messages arrive in,
 and replies leave from, buffers of that type (a pool of their own); the center and every
 update stay float32: an arriving message is cast up before the rule applies it, a reply is
-cast down into a fresh wire buffer.
+cast down into a fresh wire buffer. A compressed format (``int8|int4|topk``) arrives in and
+leaves from byte buffers: a message is decoded, a reply encoded, each through the worker's
+:class:`~.wire.ServerChannel`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
+from mpi_easgd.compress import Codec
 from mpi_easgd.flat import flat_buffer
+from mpi_easgd.ps.wire import ServerChannel
 from mpi_easgd.rules.asynchronous import Arrival, ServerRule
 from mpi_easgd.runtime import ft
 from mpi_easgd.transfer import mpi_view
@@ -79,28 +83,51 @@ class CenterVersions:
     after :meth:`settle`, when it has finished; it is never recycled. ``wire``: the dtype
     of the workers' messages and of the replies (module docstring)."""
 
-    def __init__(self, home: torch.Tensor, rule: ServerRule, wire: torch.dtype = torch.float32) -> None:
+    def __init__(self, home: torch.Tensor, rule: ServerRule, wire: torch.dtype | Codec = torch.float32) -> None:
         self.home = home
         self.current = home
         self.rule = rule
+        self.codec = wire if isinstance(wire, Codec) else None
         self.pool = BufferPool(home.numel())
-        self.wire_pool = self.pool if wire == torch.float32 else BufferPool(home.numel(), wire)
+        if self.codec is not None:
+            self.wire_pool = BufferPool(self.codec.nbytes(home.numel()), torch.uint8)
+        else:
+            self.wire_pool = self.pool if wire == torch.float32 else BufferPool(home.numel(), wire)
         self._pools = [self.pool] + ([self.wire_pool] if self.wire_pool is not self.pool else [])
 
-    def apply(self, x: torch.Tensor, arrival: Arrival | None = None) -> torch.Tensor:
-        """Apply one worker's message ``x`` (a buffer from :meth:`take`, now the pool's);
-        returns the buffer to reply from (of the wire dtype). A cast-down reply buffer is
-        already released: it must be sent (:meth:`send`) before the next :meth:`take`."""
-        if self.wire_pool is not self.pool:
-            wire, x = x, self.pool.take().copy_(x)  # cast up
-            self.wire_pool.release(wire)  # no send from it: free again
+    def arrived(self, buf: torch.Tensor, channel: ServerChannel | None = None) -> torch.Tensor:
+        """A worker's message as the rule takes it (float32, the pool's): ``buf`` (from
+        :meth:`take`) cast up or decoded through its worker's ``channel``."""
+        if self.wire_pool is self.pool:
+            return buf
+        x = self.pool.take()
+        if self.codec is None:
+            x.copy_(buf)  # cast up
+        elif channel.up is not None:
+            x.copy_(channel.up.decode(buf))  # a state, against the reference both ends hold
+        else:
+            self.codec.decode(buf, x)  # an increment
+        self.wire_pool.release(buf)  # no send from it: free again
+        return x
+
+    def apply(self, x: torch.Tensor, arrival: Arrival | None = None,
+              channel: ServerChannel | None = None) -> torch.Tensor:
+        """Apply one worker's message ``x`` (from :meth:`arrived`); returns the buffer to
+        reply from (in the wire format, encoded through ``channel`` if compressed). A
+        wire-format reply buffer is already released: it must be sent (:meth:`send`) before
+        the next :meth:`take`."""
         new, reply = self.rule.apply(self.current, x, arrival)
         if new is not self.current:
             self.retire_after_sends(self.current)  # the reply may still be read from it
         self.current = new
         if self.wire_pool is not self.pool:
-            reply = self.wire_pool.take().copy_(reply)  # cast down, reused once sent
-            self.wire_pool.release(reply)
+            out = self.wire_pool.take()  # reused once sent
+            if self.codec is None:
+                out.copy_(reply)  # cast down
+            else:
+                channel.down.encode(reply, out)
+            self.wire_pool.release(out)
+            reply = out
         return reply
 
     def take(self) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 from mpi4py import MPI
 
+from mpi_easgd.ps.wire import ServerChannel
+
 
 class State(enum.Enum):
     """Where a worker is, as the server sees it."""
@@ -58,6 +60,7 @@ class WorkerRecord:
     epoch: int = 0  # the epoch it was in at its last save (-1: the save failed)
     deaths: list[float] = field(default_factory=list)  # (ULFM) when each death was known (time.time())
     replacements: list[dict] = field(default_factory=list)  # (respawn) each process that took its place
+    channel: ServerChannel | None = None  # a compressed format's state for its exchanges (.wire)
 
     def staleness_at(self, updates: int) -> int:
         """Center updates by others since this worker's previous exchange, if one applied

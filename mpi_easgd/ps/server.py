@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
+from mpi_easgd.compress import Codec
 from mpi_easgd.ps.barrier import CheckpointBarrier, Phase
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
@@ -57,6 +58,7 @@ from mpi_easgd.ps.protocol import Command, Tag, control_message, wait_politely
 from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Roster, WorkerRecord
 from mpi_easgd.ps.stats import ServerStats
 from mpi_easgd.ps.tester_feed import TesterFeed
+from mpi_easgd.ps.wire import ServerChannel
 from mpi_easgd.rules.asynchronous import Arrival, ServerRule
 from mpi_easgd.rules.audit import AuditLog
 from mpi_easgd.runtime import faults, ft
@@ -89,11 +91,12 @@ class Server:
     def __init__(self, comm: MPI.Comm, live: MPI.Comm, center: torch.Tensor, rule: ServerRule,
                  worker_ranks: list[int], tester_rank: int, *, test_every: float, samples_per_exchange: int,
                  save: Callable[[int, dict, bool], Path], audit: bool = False, peer_timeout: float = 300.0,
-                 policy: Abort | None = None, checkpoint_every: str = "", wire: torch.dtype = torch.float32,
+                 policy: Abort | None = None, checkpoint_every: str = "", wire: torch.dtype | Codec = torch.float32,
                  wait_replies: bool = True) -> None:
         self.save = save
         self.roster = Roster(comm, live, worker_ranks)
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
+        self.state_messages = getattr(rule.worker_rule, "message", "state") == "state"
         self.feed = TesterFeed(comm, self.versions, tester_rank, test_every, samples_per_exchange)
         self.policy = policy or Abort()
         self.liveness = ServerLiveness(comm, live, self.roster, peer_timeout, self.policy.keeps_going)
@@ -115,6 +118,7 @@ class Server:
         """Serve until every worker is done or lost, then hand the tester the final center
         and write the final checkpoint."""
         self.endpoints = Endpoints(self.roster, self.versions.take, self.liveness.wake_receive)
+        self._connect(self.roster)  # every worker starts from the center as it is now
         self.liveness.start()
         start = time.perf_counter()
         self.policy.start()
@@ -164,11 +168,22 @@ class Server:
 
     # ---- events ----------------------------------------------------------------------
 
-    def _exchange(self, record: WorkerRecord, x: torch.Tensor) -> None:
+    def _connect(self, records) -> None:
+        """A compressed format's channels (:mod:`.wire`) for ``records``, from the current center."""
+        if self.versions.codec is None:
+            return
+        for record in records:
+            if record.channel is None:
+                record.channel = ServerChannel(self.versions.codec, self.center, self.state_messages)
+            else:
+                record.channel.reset(self.center)
+
+    def _exchange(self, record: WorkerRecord, buf: torch.Tensor) -> None:
         arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates)
+        x = self.versions.arrived(buf, record.channel)
         if self.audit is not None:
             self.audit.record(arrival, x)  # as the rule gets it
-        reply = self.versions.apply(x, arrival)
+        reply = self.versions.apply(x, arrival, record.channel)
         comm, _, rank = record.link
         with ft.survivable() as death:  # it died after sending (ULFM): its message counts, as sent
             sent = self.versions.send(comm, reply, rank, Tag.REPLY)
@@ -257,6 +272,7 @@ class Server:
         for record, link in self.policy.replacements():
             self.versions.send(link.comm, self.center, link.rank, Tag.START)  # no copy: the center is immutable
             record.link, record.state = link, TRAINING
+            self._connect([record])
             self.endpoints.repost(record.index, self.versions.take())
             self.liveness.expect(record.index)
 

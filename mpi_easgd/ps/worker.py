@@ -29,15 +29,16 @@ from collections.abc import Callable
 import torch
 from mpi4py import MPI
 
+from mpi_easgd.compress import wire_format
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import watch_server
 from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
 from mpi_easgd.ps.stats import WorkerStats
+from mpi_easgd.ps.wire import WorkerWire
 from mpi_easgd.rules.asynchronous import worker_rule
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.loop import Action, Position
-from mpi_easgd.transfer import MPIBuffer, exchange_dtype
 
 
 class WorkerDropped(Exception):
@@ -61,6 +62,10 @@ class AsyncWorker:
         self.endpoint, self.write = endpoint, save
         self.optimizer = optimizer
         self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha, overlap=cfg.overlap_exchange)
+        # x is the center the server started this worker from: both ends of a compressed
+        # exchange start their references there
+        self.wire = WorkerWire(self.rule, wire_format(cfg.exchange_dtype, cfg.topk_fraction), ctx.transfer,
+                               flat.data)
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run
         if saved is not None:
@@ -68,11 +73,9 @@ class AsyncWorker:
                 self.model.load_state_dict(saved["model"])  # copies into the flat buffer
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.rule.load_state_dict(saved["rule"])
+                self.wire.load_state_dict(saved.get("wire", {}))
             self.position = Position.from_state(saved["position"])
             self.exchanges = int(saved["position"].get("exchanges", 0))
-        wire = exchange_dtype(cfg.exchange_dtype)
-        self.send = MPIBuffer(self.rule.send, ctx.transfer, wire)
-        self.reply = MPIBuffer(self.rule.reply, ctx.transfer, wire)
         self.latencies: list[float] = []  # from each send to its reply landing
         self.waited = 0.0  # seconds this worker spent blocked on exchanges
         self.steps_in_flight = 0  # local steps taken while an exchange was in flight
@@ -122,7 +125,7 @@ class AsyncWorker:
         position = dict(pos.state_dict(), exchanges=self.exchanges + len(self.latencies),
                         seconds=time.perf_counter() - self.started)
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    rule=self.rule.state_dict(), position=position)
+                    rule=self.rule.state_dict(), wire=self.wire.state_dict(), position=position)
 
     # ---- the exchange and the end ----------------------------------------------------
 
@@ -131,15 +134,16 @@ class AsyncWorker:
         reply lands in :meth:`_land`)."""
         self._land()  # at most one in flight
         self.rule.prepare()
-        self.send.before_send()
+        applied = self.wire.before_send()
         if self.cfg.audit:
-            self.checksums.append(float(self.send.sent.double().sum()))  # as it travels
+            self.checksums.append(float(applied.double().sum()))  # as the server will apply it
         t0 = time.perf_counter()
         self.watchdog.expect("server")
+        send, reply = self.wire.send.mpi, self.wire.reply.mpi
         if self.cfg.overlap_exchange:
-            self._flight = (self.endpoint.start_exchange(self.send.mpi, self.reply.mpi), t0)
+            self._flight = (self.endpoint.start_exchange(send, reply), t0)
             return
-        self.endpoint.exchange(self.send.mpi, self.reply.mpi)
+        self.endpoint.exchange(send, reply)
         if self.delay:
             time.sleep(max(0.0, t0 + self.delay - time.perf_counter()))
         self.waited += time.perf_counter() - t0
@@ -169,7 +173,7 @@ class AsyncWorker:
     def _landed(self, t0: float) -> None:
         self.watchdog.release("server")
         self.latencies.append(time.perf_counter() - t0)
-        self.reply.after_recv()
+        self.wire.after_recv()
         self.rule.absorb()
 
     def _from_server(self) -> tuple[int, int, int]:

@@ -50,7 +50,13 @@ class WorkerRule:
     Overlapped exchange (``overlap=True``): ``sent`` is a snapshot of ``x`` taken by
     :meth:`prepare`, so the training loop may go on stepping ``x`` while the message and
     the reply are in flight; :meth:`absorb` then applies the move computed from ``sent``
-    and keeps the steps taken meanwhile."""
+    and keeps the steps taken meanwhile.
+
+    ``message`` says what :attr:`send` is, for a compressed exchange
+    (:mod:`mpi_easgd.ps.wire`): ``"state"`` (parameters: sent against a reference both ends
+    hold) or ``"delta"`` (an increment: sent with the worker's residual)."""
+
+    message = "state"
 
     def __init__(self, x: torch.Tensor, overlap: bool = False) -> None:
         self.x = x
@@ -93,6 +99,8 @@ class ElasticWorker(WorkerRule):
 class DownpourWorker(WorkerRule):
     """DOWNPOUR worker side: send ``sent - anchor``; on reply ``c``: ``x = c + (x - sent)``
     (``x = c`` for a blocking exchange), ``anchor = c``."""
+
+    message = "delta"
 
     def __init__(self, x: torch.Tensor, overlap: bool = False) -> None:
         super().__init__(x, overlap)

@@ -11,13 +11,16 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from mpi_easgd import compress
 from mpi_easgd.flat import flat_buffer
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
 from mpi_easgd.ps.protocol import Command, Inbox, Tag
 from mpi_easgd.ps.roster import Roster
-from mpi_easgd.rules.asynchronous import server_rule
+from mpi_easgd.ps.wire import ServerChannel, WorkerWire
+from mpi_easgd.rules.asynchronous import server_rule, worker_rule
+from mpi_easgd.transfer import mpi_view
 
 SELF = MPI.COMM_SELF
 
@@ -90,7 +93,7 @@ def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
     x = versions.take()
     assert x.dtype == torch.float16
     x.fill_(1.0 / 3)  # not a float16 number: rounded on the wire
-    reply = versions.apply(x)
+    reply = versions.apply(versions.arrived(x))
     assert versions.current.dtype == torch.float32 and reply.dtype == torch.float16
     assert torch.equal(versions.current, torch.full((3,), 1.0 / 3).half().float()), "the message as it travelled"
     request = versions.send(SELF, reply, 0, 7)
@@ -100,6 +103,46 @@ def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
     request.Wait()
     assert torch.equal(got, versions.current.half())
     assert any(versions.take() is b for b in (reply, x)), "wire buffers are recycled"
+
+
+@pytest.mark.parametrize("algo", ["easgd", "downpour"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "topk"])
+def test_a_compressed_exchange_agrees_at_both_ends(algo, fmt):
+    """Worker and server ends of a compressed exchange over MPI (to this process): the
+    server applies exactly what the worker's end says it sent, and the worker gets exactly
+    the reply the server's channel holds, exchange after exchange; the bytes are the codec's."""
+    n = 3000
+    codec = compress.codec(fmt)
+    center = flat_buffer(n)
+    center.copy_(torch.randn(n))
+    x = center.clone()
+    rule = server_rule(algo, 0.5)
+    versions = CenterVersions(center, rule, codec)
+    worker = worker_rule(algo, x, 0.5)
+    wire = WorkerWire(worker, codec, "auto", x)
+    channel = ServerChannel(codec, center, rule.worker_rule.message == "state")
+    assert wire.bytes_each_way == (codec.nbytes(n), codec.nbytes(n))
+    meant, applied_sum = torch.zeros(n), torch.zeros(n)
+    for _ in range(5):
+        x.add_(0.01 * torch.randn(n))  # local steps
+        worker.prepare()
+        applied = wire.before_send()
+        meant += worker.send
+        applied_sum += applied
+        buf = versions.take()
+        SELF.Sendrecv(wire.send.mpi, 0, 3, mpi_view(buf), 0, 3)
+        got = versions.arrived(buf, channel)
+        assert torch.equal(got, applied), "the server applies what the worker's end says it sent"
+        reply = versions.apply(got, None, channel)
+        assert reply.dtype == torch.uint8 and reply.numel() == codec.nbytes(n)
+        request = versions.send(SELF, reply, 0, 4)
+        SELF.Recv(wire.reply.mpi, source=0, tag=4)
+        request.Wait()
+        wire.after_recv()
+        assert torch.equal(worker.reply, channel.down.reference), "both ends hold the same reference"
+        worker.absorb()
+    if algo == "downpour":  # increments: what arrived and what the residual still owes add up to what was meant
+        torch.testing.assert_close(applied_sum + wire.up.residual, meant, atol=1e-5, rtol=0)
 
 
 def test_checkpoint_barrier_completes_when_every_member_answered_or_was_lost():

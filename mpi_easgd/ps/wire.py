@@ -1,0 +1,90 @@
+"""The exchange's two directions in the run's format, at the worker and at the server.
+
+A floating format (``--exchange-dtype float32|float16|bfloat16``) is a cast: the worker's
+:class:`~mpi_easgd.transfer.MPIBuffer` does it on its side, the server's buffer pool on its
+own (:mod:`.center`). A compressed one (``int8|int4|topk``, :mod:`mpi_easgd.compress`)
+keeps state at both ends of each direction, with error feedback in both:
+
+- worker to server: a message that is a state (EASGD's parameters, ``message = "state"``
+  on the worker rule) travels against a reference both ends hold; one that is an increment
+  (DOWNPOUR's update, a pseudo-gradient: ``"delta"``) carries the worker's residual;
+- server to worker: the reply (the center) travels against a reference both ends hold.
+
+So the server keeps, per worker, one float32 copy of the model for the reply's reference
+and, for state messages, one more for the message's: 4 or 8 bytes per parameter and worker
+(an 11 M-parameter model: 44 or 88 MB per worker). Both ends' references start from the
+center the worker started from (the broadcast at the start of a run or segment, the
+center a replacement is sent), so they need no checkpoint; the worker's residual is in its
+checkpoint file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpi_easgd.compress import Codec, DeltaSender, StateReceiver, StateSender, message_buffer
+from mpi_easgd.rules.asynchronous import WorkerRule
+from mpi_easgd.transfer import MPIBuffer
+
+
+class WorkerWire:
+    """A worker's end of the exchange in format ``wire`` (a floating dtype or a codec:
+    :func:`mpi_easgd.compress.wire_format`): :attr:`send` and :attr:`reply` are the MPI
+    buffers of its message and of the server's reply. :meth:`before_send` fills the message from ``rule.send``
+    and returns what the server will apply; :meth:`after_recv` writes the reply into
+    ``rule.reply``. ``start``: the center this worker starts from."""
+
+    def __init__(self, rule: WorkerRule, wire: torch.dtype | Codec, transfer: str, start: torch.Tensor) -> None:
+        self.rule = rule
+        self.codec = codec = wire if isinstance(wire, Codec) else None
+        if codec is None:
+            self.send = MPIBuffer(rule.send, transfer, wire)
+            self.reply = MPIBuffer(rule.reply, transfer, wire)
+            return
+        n, device = rule.send.numel(), rule.send.device
+        self.up = (StateSender(codec, start) if getattr(rule, "message", "state") == "state"
+                   else DeltaSender(codec, n, device))
+        self.down = StateReceiver(codec, start)
+        self.send = MPIBuffer(message_buffer(codec, n, device), transfer)
+        self.reply = MPIBuffer(message_buffer(codec, n, device), transfer)
+
+    @property
+    def bytes_each_way(self) -> tuple[int, int]:
+        """(bytes of a message, bytes of a reply)."""
+        return (self.send.sent.numel() * self.send.sent.element_size(),
+                self.reply.sent.numel() * self.reply.sent.element_size())
+
+    def before_send(self) -> torch.Tensor:
+        if self.codec is None:
+            self.send.before_send()
+            return self.send.sent
+        applied = self.up.encode(self.rule.send, self.send.tensor)
+        self.send.before_send()
+        return applied
+
+    def after_recv(self) -> None:
+        self.reply.after_recv()
+        if self.codec is not None:
+            self.rule.reply.copy_(self.down.decode(self.reply.tensor))
+
+    def state_dict(self) -> dict:
+        return {"residual": self.up.residual} if isinstance(getattr(self, "up", None), DeltaSender) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "residual" in state and isinstance(getattr(self, "up", None), DeltaSender):
+            self.up.residual.copy_(state["residual"])
+
+
+class ServerChannel:
+    """The server's end of one worker's exchanges in a compressed format: the reference
+    of its messages (state messages only) and of its replies."""
+
+    def __init__(self, codec: Codec, center: torch.Tensor, state_messages: bool) -> None:
+        self.up = StateReceiver(codec, center) if state_messages else None
+        self.down = StateSender(codec, center)
+
+    def reset(self, center: torch.Tensor) -> None:
+        """A new process takes this worker's place, starting from ``center``."""
+        for end in (self.up, self.down):
+            if end is not None:
+                end.reset(center)
