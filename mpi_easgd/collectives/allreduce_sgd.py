@@ -108,6 +108,7 @@ class AllReduceSGD(Collective):
         """One round: this rank's gradients (zeros without data) and its count, summed."""
         if has_data:
             self.steps += 1
+        self.all_rounds += 1
         if self._reducer is not None:
             return self._reducer.finish(has_data)
         buf = self._cache.grad
@@ -131,6 +132,10 @@ class AllReduceSGD(Collective):
                                         "hooks, which start the reductions, from its device thread)")
             self._reducer = BucketReducer(self.comm, flat, self._cache.transfer, self.chunk_bytes)
         return flat
+
+    def round_bytes(self) -> tuple[int, int]:
+        sent = self._cache.grad.sent.numel() * self._cache.grad.sent.element_size()  # one gradient Allreduce
+        return sent, sent
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

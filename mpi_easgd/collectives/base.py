@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import sys
+import time
 import weakref
 
 import numpy as np
@@ -83,6 +84,29 @@ class Collective:
         """The flat parameter/gradient buffers of ``model`` (built on first use)."""
         return self._cache.get(model)
 
+    @property
+    def exchange_seconds(self) -> float:
+        """Seconds this rank has spent in this object's calls that communicate."""
+        return self._guard.seconds
+
+    all_rounds = 0  # collective rounds this rank took part in (with those that moved nothing)
+
+    def round_bytes(self) -> tuple[int, int]:
+        """(bytes this rank hands MPI to send, bytes MPI hands back) in one round: buffer
+        sizes; what a reduction moves on the wire is MPI's choice (a ring: ``2 (p - 1) /
+        p`` of the buffer each way)."""
+        raise NotImplementedError
+
+    @property
+    def bytes_per_round(self) -> int:
+        """Bytes this rank hands MPI in one round."""
+        return self.round_bytes()[0]
+
+    def traffic(self) -> tuple[int, int]:
+        """:meth:`round_bytes` over every round so far."""
+        sent, received = self.round_bytes()
+        return sent * self.all_rounds, received * self.all_rounds
+
     def close(self) -> None:
         """Stop watching this object's calls (idempotent)."""
         self._guard.close()
@@ -128,12 +152,11 @@ class PeriodicRounds(Collective, abc.ABC):
         self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
                                     self.error_feedback) if self.codec else None)
 
-    @property
-    def bytes_per_round(self) -> int:
-        """Bytes this rank hands MPI in one round."""
-        if self._gather is not None:
-            return self._gather.bytes_sent
-        return self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
+    def round_bytes(self) -> tuple[int, int]:
+        if self._gather is not None:  # every rank's message comes back
+            return self._gather.bytes_sent, self._gather.bytes_sent * self.comm.Get_size()
+        sent = self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
+        return sent, sent
 
     @abc.abstractmethod
     def synchronize_parameters(self, model: nn.Module) -> None:
@@ -161,6 +184,7 @@ class PeriodicRounds(Collective, abc.ABC):
             return False
         with self._guard("average_parameters"):
             self._round(self._cache.get(model), stepping=True)
+        self.all_rounds += 1
         return True
 
     def synchronize_center(self, model: nn.Module) -> None:
@@ -171,8 +195,9 @@ class PeriodicRounds(Collective, abc.ABC):
             raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
         with self._guard("synchronize_center"):
             flat = self._cache.get(model)
+            self.all_rounds += 1
             while self._round(flat, stepping=False):
-                pass
+                self.all_rounds += 1
             self._agree(flat)
         self.calls = 0
 
@@ -210,6 +235,8 @@ class CollectiveGuard:
     def __init__(self, comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str) -> None:
         self.watchdog = _watchdog(comm, owner, timeout, on_timeout)
         self.call = ""
+        self.seconds = 0.0  # spent in guarded calls, all told
+        self._entered = 0.0
         if self.watchdog is not None:  # a guard nobody closed: its thread ends with the guard
             weakref.finalize(self, self.watchdog.stop)
 
@@ -218,12 +245,14 @@ class CollectiveGuard:
         return self
 
     def __enter__(self) -> None:
+        self._entered = time.perf_counter()
         if self.watchdog is not None:
             self.watchdog.expect(self.call)
 
     def __exit__(self, *exc) -> None:
         if self.watchdog is not None:
             self.watchdog.release(self.call)
+        self.seconds += time.perf_counter() - self._entered
 
     def close(self) -> None:
         """End the watchdog's thread (within a second; idempotent)."""

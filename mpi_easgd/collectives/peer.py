@@ -39,7 +39,7 @@ from mpi_easgd.runtime import checkpoint, ft
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import Control, PeerLost, Preempted
 from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
-from mpi_easgd.runtime.metrics import run_summary
+from mpi_easgd.runtime.metrics import run_summary, traffic_summary
 from mpi_easgd.tasks import task
 
 
@@ -60,6 +60,8 @@ class Peer:
         self.periodic = isinstance(self.algo, PeriodicRounds)
         self.algo.synchronize_parameters(self.model)
         self.flat = self.algo.flat(self.model)
+        self.exchange_origin = self.algo.exchange_seconds  # (the start's broadcast is not training)
+        self.train_seconds = 0.0  # this rank's: its epochs' loops and their closing synchronization
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)
         # (--on-rank-loss shrink) who is in the run, by rank at its start: who died is said in those
         self.members = comm.allgather(ctx.rank) if cfg.on_rank_loss == "shrink" else []
@@ -102,11 +104,13 @@ class Peer:
         self.checkpoint = ckpt
 
     def end_epoch(self, pos: Position) -> None:
+        started = time.perf_counter()
         if not self.periodic:
             self.algo.synchronize_parameters(self.model)
         else:
             self.algo.synchronize_center(self.model)
         stats, comm = pos.stats, self.ctx.comm
+        self.train_seconds += stats.seconds + time.perf_counter() - started
         kind = task(self.ctx.cfg.task)
         with self.evaluated():
             loss, correct, count = evaluate(self.model, self.test.epoch(0), self.ctx.device, kind)
@@ -116,6 +120,16 @@ class Peer:
         self.last = dict(epoch=pos.epoch + 1, step=(pos.epoch + 1) * self.steps, samples=int(self.totals[0]),
                          train_loss=sums[3] / max(sums[4], 1), **kind.metrics(*sums[:3]))
         self.ctx.log.log_eval(**self.last)
+
+    def traffic(self) -> dict:
+        """Bytes and waiting of every rank (:func:`~mpi_easgd.runtime.metrics.traffic_summary`);
+        a collective call. Counted since this segment's start (or since the last shrink)."""
+        sent, received = self.algo.traffic()
+        mine = dict(rank=self.ctx.rank, bytes_sent=sent, bytes_received=received,
+                    exchange_seconds=self.algo.exchange_seconds - self.exchange_origin,
+                    train_seconds=self.train_seconds)
+        rows = self.ctx.comm.allgather(mine)
+        return dict(traffic_summary(rows, self.algo.round_bytes(), "round"), per_rank=rows)
 
     def evaluate_start(self) -> None:
         """The evaluation before the first step, a fresh run's first metrics row (epoch 0,
@@ -210,7 +224,7 @@ def run_peer(ctx: RunContext) -> dict:
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
                        **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
-                       **({"rounds": peer.algo.rounds} if peer.periodic else {}))
+                       **({"rounds": peer.algo.rounds} if peer.periodic else {}), **peer.traffic())
 
 
 def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpi_easgd.runtime.metrics import run_summary
+from mpi_easgd.runtime.metrics import run_summary, traffic_summary
 
 
 @dataclass
@@ -32,17 +32,27 @@ class WorkerStats:
     latency_ms_p99: float
     exchange_wait_seconds: float  # blocked on exchanges
     steps_in_flight: int  # local steps taken while an exchange was in flight
+    bytes_each_way: tuple[int, int] = (0, 0)  # of one message, of one reply
     audit_checksums: list[float] | None = None  # --audit: what it sent, in order
 
     @classmethod
     def of(cls, rank: int, exchanges: int, steps: int, samples: int, wall_seconds: float, skipped: int,
-           latencies: list[float], waited: float, in_flight: int, checksums: list[float] | None) -> WorkerStats:
+           latencies: list[float], waited: float, in_flight: int, bytes_each_way: tuple[int, int],
+           checksums: list[float] | None) -> WorkerStats:
         lat = np.asarray(latencies) * 1e3
         return cls(rank, exchanges, steps, samples, wall_seconds, skipped, float(lat.mean()),
-                   float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), waited, in_flight, checksums)
+                   float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), waited, in_flight,
+                   tuple(bytes_each_way), checksums)
+
+    def traffic(self) -> dict:
+        """This worker's row for :func:`~mpi_easgd.runtime.metrics.traffic_summary`."""
+        return dict(rank=self.rank, bytes_sent=self.exchanges * self.bytes_each_way[0],
+                    bytes_received=self.exchanges * self.bytes_each_way[1],
+                    exchange_seconds=self.exchange_wait_seconds, train_seconds=self.wall_seconds)
 
     def row(self) -> dict:
         row = dataclasses.asdict(self)
+        del row["bytes_each_way"]
         if self.audit_checksums is None:
             del row["audit_checksums"]
         return row
@@ -83,6 +93,12 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
     lost, dead = server.lost_workers, server.dead_workers
     per_worker = [dict(workers[s["rank"]].row() if s["rank"] in workers else {}, **s,
                        lost=s["rank"] in lost, died=s["rank"] in dead) for s in server.per_worker]
+    traffic = {rank: w.traffic() for rank, w in workers.items()}
+    each_way = next(iter(workers.values())).bytes_each_way if workers else (0, 0)
+    account = traffic_summary(list(traffic.values()), each_way, "exchange")  # (adds each one's utilization)
+    for row in per_worker:
+        if row["rank"] in traffic:
+            row.update({k: traffic[row["rank"]][k] for k in ("bytes_sent", "bytes_received", "compute_utilization")})
     present = [workers[r] for r in worker_ranks if r not in lost]
     samples = sum(w.samples for w in present)
     seconds = max((w.wall_seconds for w in present), default=0.0)
@@ -97,4 +113,5 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
                            if r["first_exchange"] else None) for r in server.replacements],
         spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
         final_metrics={k: v for k, v in tester.final.items() if k not in ("epoch", "step", "samples", "wall_time")},
+        **account,
     )

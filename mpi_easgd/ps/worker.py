@@ -204,7 +204,8 @@ class AsyncWorker:
                 command = self._from_server()
         self.watchdog.stop()
         stats = WorkerStats.of(self.ctx.rank, exchanges, pos.t, pos.samples, seconds, pos.skipped, self.latencies,
-                               self.waited, self.steps_in_flight, self.checksums if self.cfg.audit else None)
+                               self.waited, self.steps_in_flight, self.wire.bytes_each_way,
+                               self.checksums if self.cfg.audit else None)
         return stats, command[1], bool(command[2])
 
     def close(self) -> None:

@@ -49,6 +49,26 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
     )
 
 
+UTILIZATION = ("compute utilization: the share of a rank's training wall time not spent blocked in an "
+               "exchange (async: waiting for a reply; sync: inside the collective calls)")
+
+
+def traffic_summary(rows: list[dict], per_exchange: tuple[int, int], unit: str) -> dict:
+    """The summary's account of bytes and waiting. ``rows``: one per training rank, with
+    ``bytes_sent``, ``bytes_received``, ``exchange_seconds`` and ``train_seconds``;
+    ``per_exchange``: the bytes one exchange (``unit``: ``exchange`` or ``round``) hands
+    MPI to send and gets back. Adds each row's ``compute_utilization``
+    (:data:`UTILIZATION`)."""
+    for row in rows:
+        wall = row["train_seconds"]
+        row["compute_utilization"] = max(0.0, 1.0 - row["exchange_seconds"] / wall) if wall > 0 else None
+    shares = [r["compute_utilization"] for r in rows if r["compute_utilization"] is not None]
+    return {f"bytes_sent_per_{unit}": per_exchange[0], f"bytes_received_per_{unit}": per_exchange[1],
+            "bytes_sent": sum(r["bytes_sent"] for r in rows), "bytes_received": sum(r["bytes_received"] for r in rows),
+            "compute_utilization": sum(shares) / len(shares) if shares else None,
+            "compute_utilization_is": UTILIZATION}
+
+
 class RunLog:
     """Owner of one run directory: config, metrics rows, summary, console output."""
 
@@ -164,16 +184,19 @@ class NullRunLog:
 def format_summary(summary: dict) -> str:
     """A short human-readable table of a run's summary (per-worker rows when present)."""
     keys = ("algo", "model", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
-            "wall_seconds", "train_samples_per_second", "exchanges", "beta")
+            "wall_seconds", "train_samples_per_second", "exchanges", "beta", "exchange_dtype",
+            "bytes_sent_per_round", "bytes_sent_per_exchange", "bytes_received_per_exchange",
+            "compute_utilization")
     lines = ["", "run summary", "-" * 40]
     shown = [(k, summary[k]) for k in keys if summary.get(k) is not None]
     shown[5:5] = [(k, v) for k, v in summary.get("final_metrics", {}).items() if k not in summary]
     for k, v in shown:
-        lines.append(f"{k:<26}{v:.4f}" if isinstance(v, float) else f"{k:<26}{v}")
+        lines.append(f"{k:<29}{v:.4f}" if isinstance(v, float) else f"{k:<29}{v}")
     per_worker = summary.get("per_worker")
     if per_worker:
         cols = [c for c in ("rank", "exchanges", "latency_ms_mean", "latency_ms_p50", "latency_ms_p99",
-                            "staleness_mean", "samples", "wall_seconds") if any(c in w for w in per_worker)]
+                            "staleness_mean", "samples", "wall_seconds", "compute_utilization")
+                if any(c in w for w in per_worker)]
         lines.append("")
         lines.append("  ".join(f"{c:>15}" for c in cols))
         for w in per_worker:

@@ -24,6 +24,7 @@ from comm import one_side_fails_all
 from conftest import make_blobs, read_summary
 from mpi4py import MPI
 
+from mpi_easgd import compress
 from mpi_easgd.rules.audit import replay
 from mpi_easgd.train import run
 from mpi_easgd.transfer import exchange_dtype
@@ -88,8 +89,8 @@ def check_audit(run, summary, tau):
 
 
 @pytest.mark.parametrize("algo,ranks,tau,wire,overlap", [
-    ("easgd", 4, 4, "float32", True), ("eamsgd", 5, 8, "float16", False),
-    ("downpour", 4, 4, "float32", True), ("async-diloco", 5, 4, "bfloat16", False)])
+    ("easgd", 4, 4, "topk", True), ("eamsgd", 5, 8, "float16", False),
+    ("downpour", 4, 4, "int8", True), ("async-diloco", 5, 4, "int4", False)])
 @one_side_fails_all
 def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, shared, capsys, monkeypatch):
     """Overlapped runs (--overlap-exchange) get an emulated 15 ms network round trip, so that
@@ -123,8 +124,16 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, s
     assert 0 < summary["server_busy_fraction"] < 1
     check_audit(out / "run", summary, tau)
     payloads = torch.from_numpy(np.load(out / "run" / "audit.npz")["payloads"])
-    assert torch.equal(payloads.to(exchange_dtype(wire)).float(), payloads), f"every message travelled as {wire}"
+    codec = compress.codec(wire)
+    if codec is None:
+        assert torch.equal(payloads.to(exchange_dtype(wire)).float(), payloads), f"every message travelled as {wire}"
+        size = payloads.shape[1] * exchange_dtype(wire).itemsize
+    else:
+        size = codec.nbytes(payloads.shape[1])
     assert summary["exchange_dtype"] == wire
+    assert summary["bytes_sent_per_exchange"] == summary["bytes_received_per_exchange"] == size
+    for w in summary["per_worker"]:
+        assert w["bytes_sent"] == w["exchanges"] * size and 0 < w["compute_utilization"] <= 1
     rows = (out / "run" / "metrics.csv").read_text().splitlines()
     assert all(float(row.split(",")[4]) > 0 for row in rows[1:]), "every row has the center's train_loss"
     assert "run summary" in stdout and "latency_ms_p99" in stdout
@@ -165,7 +174,7 @@ SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "tes
 @one_side_fails_all
 def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     out = shared / f"sync-{algo}"
-    wire = "float16" if algo == "ea" else "float32"
+    wire = "int4" if algo == "ea" else "float32"
     status, stdout = train(2, "--algo", algo, "--dataset", str(shared / "blobs.h5"), "--model", "mlp", "--epochs",
                            "3", "--batch-size", "16", "--tau", "2", "--exchange-dtype", wire, "--out", str(out),
                            "--run-name", "run", capsys=capsys)
@@ -177,6 +186,11 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     assert SUMMARY_KEYS <= summary.keys()
     assert (summary["algo"], summary["world_size"], summary["epochs"]) == (algo, 2, 3)
     assert summary["test_accuracy"] > 0.6, "4 well-separated classes must be learnt"
+    ranks = summary["per_rank"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["compute_utilization"] <= 1 for r in ranks)
+    if algo == "ea":  # a gathered round: each rank gets both messages back
+        assert summary["bytes_received_per_round"] == 2 * summary["bytes_sent_per_round"]
+        assert all(r["bytes_sent"] == summary["rounds"] * summary["bytes_sent_per_round"] for r in ranks)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]  # 0: the model before the first step
     assert int(rows[0]["samples"]) == 0 and float(rows[0]["train_loss"]) > float(rows[-1]["train_loss"])
