@@ -42,7 +42,8 @@ def codecs(n: int = 11_000_000) -> None:
         buf = compress.message_buffer(codec, n)
         codec.encode(x, buf)  # warm: scratch buffers
         times = {}
-        for what, fn in (("encode", lambda: codec.encode(x, buf)), ("decode", lambda: codec.decode(buf, out))):
+        for what, fn in (("encode", lambda c=codec, b=buf: c.encode(x, b)),
+                         ("decode", lambda c=codec, b=buf: c.decode(b, out))):
             start = time.perf_counter()
             for _ in range(3):
                 fn()

@@ -66,6 +66,11 @@ class Config:
                                           "error feedback (center and sums stay float32)",
                                choices=("float32", "float16", "bfloat16", "int8", "int4", "topk"))
     topk_fraction: float = _opt(0.02, "--exchange-dtype topk: the fraction of each chunk's entries sent")
+    fragments: int = _opt(1, "diloco: streaming DiLoCo's fragments, a round every tau / fragments steps on the "
+                             "next one (each moves 1 / fragments of the bytes)")
+    overlap_steps: int = _opt(0, "diloco: local steps each round overlaps (nonblocking; < tau / fragments)")
+    mixing: float = _opt(0.0, "diloco: a fragment becomes mixing * x + (1 - mixing) * center when its round lands "
+                              "(0: the center; 0.5 is streaming DiLoCo's choice with --overlap-steps)")
     overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
                                          "is in flight; the move then uses the parameters that were sent")
     seed: int = _opt(0, "seed for initialisation and data order")
@@ -157,6 +162,12 @@ class Config:
             (0 <= self.outer_momentum < 1, f"--outer-momentum must be in [0, 1); got {self.outer_momentum}"),
             (self.outer_delay is None or self.outer_delay >= 1,
              f"--outer-delay must be an integer >= 1 (pushes per momentum step); got {self.outer_delay}"),
+            (1 <= self.fragments <= self.tau,
+             f"--fragments must be an integer in [1, --tau {self.tau}]; got {self.fragments}"),
+            (0 <= self.overlap_steps < max(1, self.tau // self.fragments),
+             f"--overlap-steps must be in [0, tau // fragments) = [0, {self.tau // max(1, self.fragments)}) "
+             f"(at most one round in flight); got {self.overlap_steps}"),
+            (0 <= self.mixing < 1, f"--mixing must be in [0, 1); got {self.mixing}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -201,6 +212,10 @@ class Config:
         if self.exchange_dtype != "float32" and "exchange_dtype" not in uses:
             raise ConfigError(f"--exchange-dtype {self.exchange_dtype} applies to ea, diloco and the async "
                               f"algorithms; {self.algo} sums its gradients in float32 (use --exchange-dtype float32)")
+        for name, default in (("fragments", 1), ("overlap_steps", 0), ("mixing", 0.0)):
+            if getattr(self, name) != default and name not in uses:
+                raise ConfigError(f"--{name.replace('_', '-')} applies to {_listed(registry.using(name))} "
+                                  f"(streaming DiLoCo); {self.algo} has no fragments: drop the flag")
         if self.topk_fraction != 0.02 and self.exchange_dtype != "topk":
             raise ConfigError(f"--topk-fraction applies only to --exchange-dtype topk (this run has "
                               f"{self.exchange_dtype}); add --exchange-dtype topk or drop --topk-fraction")

@@ -102,6 +102,7 @@ _ASYNC_USES = frozenset({"tau", "exchange_dtype", "overlap_exchange", "on_worker
 _RULES = "mpi_easgd.rules.asynchronous"
 _ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
 _OUTER = ("tau", "outer_lr", "outer_momentum")
+_STREAMING = ("fragments", "overlap_steps", "mixing")
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sgd", SYNC, "synchronous data-parallel SGD (AllReduceSGD: one gradient Allreduce per step)",
@@ -110,8 +111,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               uses=_SYNC_USES | {"tau", "alpha", "exchange_dtype"}, recorded=_ELASTIC,
               implementation="mpi_easgd.collectives.allreduce_ea:AllReduceEA"),
     Algorithm("diloco", SYNC, "DiLoCo: an outer Nesterov step on the averaged pseudo-gradient every tau steps",
-              uses=_SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype"},
-              recorded=(*_OUTER, "exchange_dtype"),
+              uses=_SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype", *_STREAMING},
+              recorded=(*_OUTER, "exchange_dtype", *_STREAMING),
               implementation="mpi_easgd.collectives.allreduce_diloco:AllReduceDiLoCo"),
     Algorithm("easgd", ASYNC, "asynchronous elastic averaging SGD around a parameter server",
               uses=_ASYNC_USES | {"alpha"}, recorded=(*_ELASTIC, "overlap_exchange"),

@@ -73,18 +73,27 @@ def chunk_size(chunk_bytes: int | None = None, environ=os.environ) -> int:
     return chunk_bytes
 
 
-def allreduce(comm: MPI.Comm, buf: MPIBuffer, chunk_bytes: int) -> None:
-    """Sum ``buf.mpi`` over ``comm`` in place with ``buf.op``, in pieces of ``chunk_bytes``
-    (0: one call); the caller does ``before_send`` / ``after_recv``."""
+def _pieces(buf: MPIBuffer, chunk_bytes: int) -> list:
+    """``buf.mpi`` in pieces of ``chunk_bytes`` (0: one piece)."""
     mpi = buf.mpi
     n = len(mpi)
     itemsize = mpi.itemsize if hasattr(mpi, "itemsize") else mpi.element_size()
     step = max(1, chunk_bytes // itemsize) if chunk_bytes else n
     if n <= step:  # the common small case: no slice to make
-        comm.Allreduce(MPI.IN_PLACE, mpi, op=buf.op)
-        return
-    for start in range(0, n, step):
-        comm.Allreduce(MPI.IN_PLACE, mpi[start:start + step], op=buf.op)
+        return [mpi]
+    return [mpi[start:start + step] for start in range(0, n, step)]
+
+
+def allreduce(comm: MPI.Comm, buf: MPIBuffer, chunk_bytes: int) -> None:
+    """Sum ``buf.mpi`` over ``comm`` in place with ``buf.op``, in pieces of ``chunk_bytes``
+    (0: one call); the caller does ``before_send`` / ``after_recv``."""
+    for piece in _pieces(buf, chunk_bytes):
+        comm.Allreduce(MPI.IN_PLACE, piece, op=buf.op)
+
+
+def iallreduce(comm: MPI.Comm, buf: MPIBuffer, chunk_bytes: int) -> list[MPI.Request]:
+    """:func:`allreduce` started, not waited for: one nonblocking reduction per piece."""
+    return [comm.Iallreduce(MPI.IN_PLACE, piece, op=buf.op) for piece in _pieces(buf, chunk_bytes)]
 
 
 _SUM_OPS: dict[torch.dtype, MPI.Op] = {}

@@ -36,7 +36,7 @@ from mpi_easgd.collectives.base import (
 )
 from mpi_easgd.flat import FlatParameters, flat_like
 from mpi_easgd.rules.elastic import ea_local_move
-from mpi_easgd.transfer import allreduce, chunk_size
+from mpi_easgd.transfer import chunk_size
 
 
 def check_tau_alpha(tau: int, alpha: float) -> None:
@@ -87,38 +87,35 @@ class AllReduceEA(PeriodicRounds):
             flat.check_views()
             bcast_module_state(self.comm, model, self._cache.data, root=0)
         self.center = flat_like(flat.data).copy_(flat.data)
-        # d_i and, in one extra slot of the same Allreduce, whether this rank still steps
-        self._round_buffers(flat, flags=1)
-        self._diff = self._round_buffer[: flat.numel]
-        self.calls = 0
+        # d_i and, in a flag of the same round, whether this rank still steps
+        self._round = self._round_buffer(flat.numel, flat.device)
+        self.calls = self.steps = 0
+
+    def _rounds_of(self) -> list:
+        return [self._round]
 
     def _agree(self, flat: FlatParameters) -> None:
         bcast_tensor(self.comm, self.center, root=0, transfer=self._cache.transfer)
 
-    def _round(self, flat: FlatParameters, stepping: bool) -> int:
-        """One elastic round; returns 1 if some rank is still stepping, else 0."""
-        ea_local_move(flat.data, self.center, self.alpha, self._diff)
-        if self._gather is not None:
-            total, (still,) = self._gather(self._diff, (1.0 if stepping else 0.0,))
-            self.center.add_(total)
-            self.rounds += 1
-            return int(still > 0)
-        self._round_buffer[-1] = 1.0 if stepping else 0.0
-        buf = self._round_mpi
-        buf.before_send()
-        allreduce(self.comm, buf, self.chunk_bytes)
-        buf.after_recv()
-        self.center.add_(self._diff)
+    def _launch(self, flat: FlatParameters, stepping: bool):
+        """Move by ``d_i`` and start summing it (with whether this rank still steps)."""
+        ea_local_move(flat.data, self.center, self.alpha, self._round.entries)
+        self._round.start((1.0 if stepping else 0.0,))
+        return self._round
+
+    def _land(self, flat: FlatParameters) -> int:
+        """The center takes the sum; returns 1 if some rank was still stepping, else 0."""
+        total, (still,) = self._round.finish()
+        self.center.add_(total)
         self.rounds += 1
-        return int(self._round_buffer[-1] > 0)  # > 0: a 16-bit sum of many ones may be inexact
+        return int(still > 0)  # > 0: a 16-bit sum of many ones may be inexact
 
     def state_dict(self) -> dict:
-        state = {"calls": self.calls, "rounds": self.rounds, "center": self.center}
-        return {**state, **self._gather.state_dict()} if self._gather else state
+        self._settle()
+        return {"calls": self.calls, "rounds": self.rounds, "center": self.center, **self._round.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
         self.rounds = int(state["rounds"])
         self.center.copy_(state["center"])
-        if self._gather is not None:
-            self._gather.load_state_dict(state)
+        self._round.load_state_dict(state)

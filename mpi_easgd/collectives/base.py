@@ -15,9 +15,10 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.compressed import GatheredSum
+from mpi_easgd.collectives.rounds import RoundBuffer
 from mpi_easgd.compress import Codec, wire_format
-from mpi_easgd.flat import FlatParameters, flat_buffer
+from mpi_easgd.flat import FlatParameters
+from mpi_easgd.runtime import faults
 from mpi_easgd.transfer import MPIBuffer
 
 
@@ -107,6 +108,12 @@ class Collective:
         sent, received = self.round_bytes()
         return sent * self.all_rounds, received * self.all_rounds
 
+    def _link(self) -> faults.Link | None:
+        """This rank's emulated network link, if ``$MPI_EASGD_FAULT`` sets one (read once)."""
+        if not hasattr(self, "_emulated"):
+            self._emulated = faults.emulated_link(MPI.COMM_WORLD.Get_rank())
+        return self._emulated
+
     def close(self) -> None:
         """Stop watching this object's calls (idempotent)."""
         self._guard.close()
@@ -123,18 +130,28 @@ class PeriodicRounds(Collective, abc.ABC):
     steps (AllReduceEA, AllReduceDiLoCo), as the seed's calls: :meth:`average_parameters`
     after every optimizer step, :meth:`synchronize_center` when a rank's epoch ends.
 
+    A round is started (:meth:`_launch`) and finished (:meth:`_land`) apart: with
+    ``fragments`` P > 1, a round starts every ``tau / P`` steps (at the offsets ``p tau //
+    P`` of each period), and with ``overlap_steps`` d it lands ``d`` steps after it started,
+    the rank stepping meanwhile; at most one is in flight. EA, and DiLoCo by default, have
+    P = 1 and d = 0: a whole round every ``tau`` steps.
+
     The contract for a subclass: its constructor sets ``comm``, ``tau``, ``center = None``
     (a flat tensor once :meth:`synchronize_parameters` has run), ``rounds = 0``, ``_cache``
     (:class:`FlatCache`) and ``_guard`` (:class:`CollectiveGuard`), and it implements the
-    three abstract methods below plus ``state_dict`` / ``load_state_dict``. The counting,
-    the guard and the seed's uneven-endings loop are here, once."""
+    four abstract methods below plus ``state_dict`` / ``load_state_dict``. The counting,
+    the schedule, the guard and the seed's uneven-endings loop are here, once."""
 
     calls = 0  # local steps since the last synchronize_parameters / synchronize_center
-    _since = 0  # local steps since this rank's last round
+    steps = 0  # local steps since synchronize_parameters
+    fragments = 1
+    overlap_steps = 0
     center: torch.Tensor | None
     tau: int
     rounds: int
-    _gather: GatheredSum | None = None
+    _due: int | None = None  # the call at which the round in flight lands (None: none in flight)
+    _flight: RoundBuffer | None = None
+    _started = 0.0
 
     def _exchange_format(self, exchange_dtype: str, topk_fraction: float, error_feedback: bool) -> None:
         """Check and keep the format of the rounds: a floating type (:attr:`wire`) or a
@@ -143,61 +160,97 @@ class PeriodicRounds(Collective, abc.ABC):
         self.codec, self.error_feedback = (wire if isinstance(wire, Codec) else None), error_feedback
         self.wire = torch.float32 if self.codec else wire
 
-    def _round_buffers(self, flat: FlatParameters, flags: int) -> None:
-        """The round's float32 buffer (the model's entries, then ``flags`` slots) and its
-        MPI view in the wire type; with a codec, the gathered round (:mod:`.compressed`)
-        that carries the same."""
-        self._round_buffer = flat_buffer(flat.numel + flags, flat.device)
-        self._round_mpi = MPIBuffer(self._round_buffer, self._cache.transfer, self.wire)
-        self._gather = (GatheredSum(self.comm, self.codec, flat.numel, flat.device, self._cache.transfer,
-                                    self.error_feedback) if self.codec else None)
+    def _round_buffer(self, n: int, device: torch.device) -> RoundBuffer:
+        """A round of ``n`` entries in this object's format."""
+        return RoundBuffer(self.comm, n, device, transfer=self._cache.transfer, wire=self.wire, codec=self.codec,
+                           feedback=self.error_feedback, chunk_bytes=self.chunk_bytes)
 
     def round_bytes(self) -> tuple[int, int]:
-        if self._gather is not None:  # every rank's message comes back
-            return self._gather.bytes_sent, self._gather.bytes_sent * self.comm.Get_size()
-        sent = self._round_mpi.sent.numel() * self._round_mpi.sent.element_size()
-        return sent, sent
+        return self._rounds_of()[0].round_bytes()
+
+    @abc.abstractmethod
+    def _rounds_of(self) -> list[RoundBuffer]:
+        """The round buffers (one per fragment)."""
 
     @abc.abstractmethod
     def synchronize_parameters(self, model: nn.Module) -> None:
         """Every rank takes rank 0's parameters (and buffers); the center starts there."""
 
     @abc.abstractmethod
-    def _round(self, flat: FlatParameters, stepping: bool) -> int:
-        """One collective round with this rank's state; ``stepping``: whether this rank
-        still takes local steps. Returns 1 if some rank still steps, else 0 (every rank
-        gets the same answer from the same reduction)."""
+    def _launch(self, flat: FlatParameters, stepping: bool) -> RoundBuffer:
+        """Start the next round with this rank's state; ``stepping``: whether this rank
+        still takes local steps. Returns the round's buffer."""
+
+    @abc.abstractmethod
+    def _land(self, flat: FlatParameters) -> int:
+        """Finish the round in flight and apply it. Returns 1 if some rank was still
+        stepping when it started, else 0 (every rank gets the same answer)."""
 
     @abc.abstractmethod
     def _agree(self, flat: FlatParameters) -> None:
         """Make every rank's copy of the center (and the algorithm's state) bitwise equal
         to rank 0's, after the epoch's rounds."""
 
+    def _start(self, flat: FlatParameters, stepping: bool) -> None:
+        self._started = time.perf_counter()
+        self._flight = self._launch(flat, stepping)
+        self._due = self.calls + self.overlap_steps
+
+    def _finish(self, flat: FlatParameters) -> int:
+        link = self._link()
+        if link is not None:  # an emulated slow network (MPI_EASGD_FAULT action=delay)
+            link.wait(self._started, self._flight.wire_bytes())
+        still = self._land(flat)
+        self._due, self._flight = None, None
+        self.all_rounds += 1
+        return still
+
+    def _settle(self) -> None:
+        """Land the round in flight, if any (before a checkpoint: every rank at the same step)."""
+        if self._due is not None:
+            with self._guard("state_dict"):
+                self._finish(self._cache.flat)
+
     def average_parameters(self, model: nn.Module) -> bool:
-        """Count one local step (after the optimizer step); every ``tau``-th call run one
-        round. Returns True when a round ran."""
+        """Count one local step (after the optimizer step): land the round in flight when
+        it is due, start one when the schedule says (the class docstring). Returns True
+        when a round started."""
         if self.center is None:
             raise RuntimeError("call synchronize_parameters(model) before average_parameters")
         self.calls += 1
-        self._since += 1
-        if self.calls % self.tau:
+        self.steps += 1
+        due = self._due is not None and self.calls >= self._due
+        starts = self.calls % self.tau in self._offsets()
+        if not (due or starts):
             return False
         with self._guard("average_parameters"):
-            self._round(self._cache.get(model), stepping=True)
-        self.all_rounds += 1
-        return True
+            flat = self._cache.get(model)
+            if self._due is not None:  # due, or one must land before the next starts
+                self._finish(flat)
+            if starts:
+                self._start(flat, stepping=True)
+                if not self.overlap_steps:
+                    self._finish(flat)
+        return starts
+
+    def _offsets(self) -> frozenset[int]:
+        return frozenset(p * self.tau // self.fragments for p in range(self.fragments))
 
     def synchronize_center(self, model: nn.Module) -> None:
-        """Finish the epoch: take part in rounds (with this rank's real state) until one in
-        which no rank is still stepping; then make every rank's copy of the center bitwise
-        equal to rank 0's (floating-point drift) and reset the step counter."""
+        """Finish the epoch: land the round in flight, then take part in rounds (with this
+        rank's real state) until ``fragments`` rounds in a row in which no rank is still
+        stepping (each fragment has had one); then make every rank's copy of the center
+        bitwise equal to rank 0's (floating-point drift) and reset the step counter."""
         if self.center is None:
             raise RuntimeError("call synchronize_parameters(model) before synchronize_center")
         with self._guard("synchronize_center"):
             flat = self._cache.get(model)
-            self.all_rounds += 1
-            while self._round(flat, stepping=False):
-                self.all_rounds += 1
+            if self._due is not None:
+                self._finish(flat)
+            quiet = 0
+            while quiet < self.fragments:
+                self._start(flat, stepping=False)
+                quiet = 0 if self._finish(flat) else quiet + 1
             self._agree(flat)
         self.calls = 0
 

@@ -80,7 +80,8 @@ class AsyncWorker:
         self.waited = 0.0  # seconds this worker spent blocked on exchanges
         self.steps_in_flight = 0  # local steps taken while an exchange was in flight
         self.checksums: list[float] = []  # audit: what this worker sent, in order
-        self.delay = faults.exchange_delay(ctx.rank)  # an emulated network round trip (0: none)
+        link = faults.emulated_link(ctx.rank)  # an emulated network: each exchange's least duration (0: none)
+        self.delay = link.seconds(sum(self.wire.bytes_each_way)) if link else 0.0
         self._flight: tuple[list[MPI.Request], float] | None = None  # overlapped: (requests, sent at)
         self.watchdog = watch_server(ctx.comm, endpoint.liveness, cfg.worker_timeout)
         self.started = time.perf_counter() - self.position.seconds

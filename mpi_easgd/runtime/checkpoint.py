@@ -145,7 +145,7 @@ def read_manifest(ckpt: Path) -> dict:
 # --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
 TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
                  "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
-                 "overlap_exchange", "seed", "uneven", "augment")
+                 "fragments", "overlap_steps", "mixing", "overlap_exchange", "seed", "uneven", "augment")
 OUTER = ("outer_lr", "outer_momentum", "outer_delay")
 UNUSED_KEYS = {"sgd": ("tau", "alpha", *OUTER), "diloco": ("alpha", "outer_delay"),
                "async-diloco": ("alpha",)}  # else: outer_*

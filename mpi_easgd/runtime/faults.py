@@ -13,9 +13,13 @@ replacement (``--on-worker-loss respawn``), ``*`` every one. A ``kill`` says whe
 stderr (``time.time()``), for the benchmarks. Unset: no cost.
 
 One more action is no fault but an emulated network: ``delay`` (``rank=R,action=delay,
-seconds=X``, on an async worker, beside any one action above) makes every exchange's
-reply land no sooner than X seconds after its message was sent, as over a network with
-that round-trip time (:func:`exchange_delay`).
+seconds=X[,mbps=B]``, beside any one action above) makes every exchange of that rank land
+no sooner than ``X + bytes / bandwidth`` seconds after it started, as over a network with
+that latency and B megabits per second (:func:`emulated_link`): on an async worker an
+exchange's bytes are its message's and its reply's; in a synchronous round they are what
+the collective moves through each rank's link (a ring Allreduce: ``2 (p - 1) / p`` of the
+buffer; a gather: the other ranks' ``(p - 1)`` messages). The wait is a sleep, as a real
+link's would be: it counts as time blocked in the exchange, never as compute.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Fault:
     step: int = 0
     seconds: float = 0.0
     after: float = 0.0
+    mbps: float = 0.0  # (delay) the emulated link's bandwidth; 0: unlimited
     read: float = field(default_factory=time.monotonic)  # when it was read (``after`` counts from it)
 
     def at_step(self, step: int) -> None:
@@ -86,7 +91,7 @@ def _specs(rank: int, environ) -> list[Fault]:
         if fields.get("action") not in ACTIONS:
             raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
         found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)),
-                           float(fields.get("after", 0))))
+                           float(fields.get("after", 0)), mbps=float(fields.get("mbps", 0))))
     return found
 
 
@@ -109,7 +114,22 @@ def from_env(rank: int, environ=os.environ) -> Faults | None:
     return Faults(f for f in _specs(rank, environ) if f.action != "delay") or None
 
 
-def exchange_delay(rank: int, environ=os.environ) -> float:
-    """Seconds of ``rank``'s ``action=delay`` spec (the emulated round trip of every
-    exchange), 0 if it has none."""
-    return next((f.seconds for f in _specs(rank, environ) if f.action == "delay"), 0.0)
+@dataclass(frozen=True)
+class Link:
+    """An emulated network link: an exchange of ``nbytes`` takes at least :meth:`seconds`."""
+
+    latency: float  # seconds per exchange
+    mbps: float = 0.0  # megabits per second; 0: unlimited
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency + (nbytes * 8 / (self.mbps * 1e6) if self.mbps > 0 else 0.0)
+
+    def wait(self, started: float, nbytes: int) -> None:
+        """Sleep until an exchange of ``nbytes`` started at ``started`` (``time.perf_counter``)
+        could have landed."""
+        time.sleep(max(0.0, started + self.seconds(nbytes) - time.perf_counter()))
+
+
+def emulated_link(rank: int, environ=os.environ) -> Link | None:
+    """``rank``'s ``action=delay`` spec as a :class:`Link`, None if it has none."""
+    return next((Link(f.seconds, f.mbps) for f in _specs(rank, environ) if f.action == "delay"), None)

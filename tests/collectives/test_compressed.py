@@ -19,7 +19,7 @@ class CountingComm:
 
     def __getattr__(self, name):
         attr = getattr(self.comm, name)
-        if name in ("Allreduce", "Allgather", "Bcast", "Send", "Isend", "Sendrecv"):
+        if name in ("Allreduce", "Iallreduce", "Allgather", "Iallgather", "Bcast", "Send", "Isend", "Sendrecv"):
             def counted(*args, **kwargs):
                 buf = args[1] if args[0] is MPI.IN_PLACE else args[0]
                 self.sent += buf.nbytes
