@@ -25,6 +25,8 @@ parameters of the rank that took the most steps are given to every rank. An expl
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from mpi4py import MPI
 from torch import nn
@@ -109,18 +111,25 @@ class AllReduceSGD(Collective):
         if has_data:
             self.steps += 1
         self.all_rounds += 1
+        started = time.perf_counter()
         if self._reducer is not None:
-            return self._reducer.finish(has_data)
-        buf = self._cache.grad
-        if has_data:
-            flat.gather_grads()
+            count = self._reducer.finish(has_data)
         else:
-            flat.zero_grad()
-        buf.before_send()
-        buf.mpi[-1] = 1.0 if has_data else 0.0
-        allreduce(self.comm, buf, self.chunk_bytes)
-        buf.after_recv()
-        return int(buf.mpi[-1])
+            buf = self._cache.grad
+            if has_data:
+                flat.gather_grads()
+            else:
+                flat.zero_grad()
+            buf.before_send()
+            buf.mpi[-1] = 1.0 if has_data else 0.0
+            allreduce(self.comm, buf, self.chunk_bytes)
+            buf.after_recv()
+            count = int(buf.mpi[-1])
+        link = self._link()
+        if link is not None:  # an emulated slow network: a ring moves 2 (p - 1) / p of the buffer
+            p = self.comm.Get_size()
+            link.wait(started, 2 * (p - 1) * self.bytes_per_round // p)
+        return count
 
     def flat(self, model: nn.Module) -> FlatParameters:
         """The flat parameter/gradient buffers of ``model`` (built on first use; with

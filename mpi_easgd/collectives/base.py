@@ -222,6 +222,8 @@ class PeriodicRounds(Collective, abc.ABC):
         due = self._due is not None and self.calls >= self._due
         starts = self.calls % self.tau in self._offsets()
         if not (due or starts):
+            if self._flight is not None:
+                self._flight.progress()
             return False
         with self._guard("average_parameters"):
             flat = self._cache.get(model)

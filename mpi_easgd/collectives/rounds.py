@@ -112,6 +112,11 @@ class RoundBuffer:
         self.mpi.before_send()
         self._requests = iallreduce(self.comm, self.mpi, self.chunk_bytes)
 
+    def progress(self) -> None:
+        """Let MPI move the round on (it progresses only inside MPI calls): one ``Testall``."""
+        if self._requests:
+            MPI.Request.Testall(self._requests)
+
     def finish(self) -> tuple[torch.Tensor, list[float]]:
         """Wait for the round; ``(sum of the entries over ranks, sum of each flag)``."""
         MPI.Request.Waitall(self._requests)
