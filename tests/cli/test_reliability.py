@@ -229,14 +229,15 @@ def latest_checkpoint(run_dir):
 
 
 def test_async_periodic_checkpoints_survive_a_crash_and_resume(tmp_path):
-    """--checkpoint-every for async: the server pauses every worker at a step boundary, all
-    roles write, then training goes on. A crash later resumes from the last one, and each
-    worker's exchange count still agrees with the server's over both segments. Then a
-    worker's checkpoint write fails (ENOSPC via /dev/full): it says so in one line, the
-    server removes the incomplete checkpoint once every write is over, and the job ends."""
+    """--checkpoint-every for async (downpour, int8 exchanges): the server pauses every
+    worker at a step boundary, all roles write (a worker's residual too), then training
+    goes on. A crash later resumes from the last one, and each worker's exchange count
+    still agrees with the server's over both segments. Then a worker's checkpoint write
+    fails (ENOSPC via /dev/full): it says so in one line, the server removes the
+    incomplete checkpoint once every write is over, and the job ends."""
     run = tmp_path / "periodic"
-    args = ["--algo", "easgd", "--epochs", "3", "--tau", "4", "--checkpoint-every", "15",
-            "--out", str(tmp_path), "--run-name", "periodic"]
+    args = ["--algo", "downpour", "--exchange-dtype", "int8", "--epochs", "3", "--tau", "4", "--checkpoint-every",
+            "15", "--out", str(tmp_path), "--run-name", "periodic"]
     cut = train(4, *args, env={"MPI_EASGD_FAULT": "rank=2,action=raise,step=140"}, timeout=90)
     assert cut.returncode != 0 and "InjectedFault" in cut.stderr
     ckpts = sorted((run / "checkpoints").glob("step-*"))
@@ -248,6 +249,7 @@ def test_async_periodic_checkpoints_survive_a_crash_and_resume(tmp_path):
     # The fault raises as step 140 (0-based) starts, when 140 steps are complete: a
     # checkpoint taken at that very boundary is still from before the crash.
     assert 0 < saved["position"]["t"] <= 140, "the checkpoint is from before the crash"
+    assert saved["wire"]["residual"].abs().sum() > 0, "what the worker's compressed messages still owe is saved"
     resumed = train(4, *args, "--resume", "auto", timeout=90)
     assert resumed.returncode == 0, resumed.output
     summary = read_summary(run)

@@ -170,14 +170,18 @@ SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "tes
                 "wall_seconds", "train_samples_per_second"}
 
 
-@pytest.mark.parametrize("algo", ["sgd", "ea"])
+STREAMING = ("--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--mixing", "0.5")
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ea", "diloco"])
 @one_side_fails_all
 def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
+    """sgd; ea with int4 rounds; diloco streaming (2 fragments, rounds overlapping a step) in int8."""
     out = shared / f"sync-{algo}"
-    wire = "int4" if algo == "ea" else "float32"
+    wire = {"sgd": "float32", "ea": "int4", "diloco": "int8"}[algo]
     status, stdout = train(2, "--algo", algo, "--dataset", str(shared / "blobs.h5"), "--model", "mlp", "--epochs",
                            "3", "--batch-size", "16", "--tau", "2", "--exchange-dtype", wire, "--out", str(out),
-                           "--run-name", "run", capsys=capsys)
+                           "--run-name", "run", *(STREAMING if algo == "diloco" else ()), capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
@@ -188,9 +192,12 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     assert summary["test_accuracy"] > 0.6, "4 well-separated classes must be learnt"
     ranks = summary["per_rank"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["compute_utilization"] <= 1 for r in ranks)
-    if algo == "ea":  # a gathered round: each rank gets both messages back
+    if algo != "sgd":  # a gathered round: each rank gets both messages back
         assert summary["bytes_received_per_round"] == 2 * summary["bytes_sent_per_round"]
+    if algo == "ea":
         assert all(r["bytes_sent"] == summary["rounds"] * summary["bytes_sent_per_round"] for r in ranks)
+    if algo == "diloco":
+        assert (summary["fragments"], summary["overlap_steps"], summary["mixing"]) == (2, 1, 0.5)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]  # 0: the model before the first step
     assert int(rows[0]["samples"]) == 0 and float(rows[0]["train_loss"]) > float(rows[-1]["train_loss"])

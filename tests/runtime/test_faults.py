@@ -1,0 +1,29 @@
+"""The emulated network link of ``MPI_EASGD_FAULT`` (``action=delay``), in this process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mpi_easgd.runtime import faults
+
+
+def test_a_link_is_latency_plus_bytes_over_bandwidth():
+    env = {faults.ENV: "rank=1,action=delay,seconds=0.002,mbps=40;rank=2,action=delay,seconds=0.015"}
+    link = faults.emulated_link(1, env)
+    assert link.seconds(0) == pytest.approx(0.002)
+    assert link.seconds(5_000_000) == pytest.approx(0.002 + 1.0)  # 40 Mbit: 5 MB a second
+    assert faults.emulated_link(2, env).seconds(10**9) == pytest.approx(0.015), "no mbps: latency only"
+    assert faults.emulated_link(0, env) is None
+    assert faults.from_env(1, env) is None, "a link is no fault"
+
+
+def test_waiting_on_a_link_counts_from_the_start():
+    link = faults.Link(0.0, mbps=8.0)  # a megabyte a second
+    started = time.perf_counter()
+    link.wait(started, 50_000)
+    assert time.perf_counter() - started >= 0.05
+    begun = time.perf_counter()
+    link.wait(started - 1.0, 50_000)  # landed long ago: no wait
+    assert time.perf_counter() - begun < 0.01
