@@ -33,3 +33,15 @@ def comm_under_test() -> MPI.Comm:
     if os.environ.get("MPI_EASGD_TEST_COMM") == "reversed":
         return world.Split(color=0, key=world.Get_size() - 1 - world.Get_rank())
     return world
+
+
+def sent_with_feedback(codec, message, residual):
+    """What a compressed message with error feedback delivers, written from the rule:
+    ``(decoded (message + residual), the new residual)``."""
+    from mpi_easgd import compress
+
+    owed = message + residual
+    buf = compress.message_buffer(codec, len(owed))
+    codec.encode(owed, buf)
+    sent = codec.decode(buf, owed.new_empty(owed.shape))
+    return sent, owed - sent

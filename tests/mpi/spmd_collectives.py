@@ -25,7 +25,7 @@ from mpi_easgd import AllReduceEA, AllReduceSGD, compress
 from mpi_easgd.transfer import exchange_dtype
 
 sys.path.insert(0, os.path.dirname(__file__))
-from comm import comm_under_test  # noqa: E402
+from comm import comm_under_test, sent_with_feedback  # noqa: E402
 
 COMM = comm_under_test()
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -162,11 +162,7 @@ def _serial_ea(steps, tau, alpha, lr, have_data=lambda r, s: True, wire="float32
                 x = params(m)
                 d = alpha * (x - center)
                 if codec is not None:
-                    message = d + residuals[r]
-                    buf = compress.message_buffer(codec, len(x))
-                    codec.encode(message, buf)
-                    sent = codec.decode(buf, torch.empty_like(x))
-                    residuals[r] = message - sent
+                    sent, residuals[r] = sent_with_feedback(codec, d, residuals[r])
                 else:
                     sent = d.to(exchange_dtype(wire))
                 total = sent if total is None else total + sent

@@ -22,10 +22,18 @@ from mpi_easgd import AllReduceDiLoCo, compress
 from mpi_easgd.transfer import exchange_dtype
 
 sys.path.insert(0, os.path.dirname(__file__))
-from comm import comm_under_test  # noqa: E402
+from comm import comm_under_test, sent_with_feedback  # noqa: E402
 
 COMM = comm_under_test()
 TAU, LR, OUTER_LR, OUTER_MOMENTUM = 4, 0.1, 0.7, 0.9
+
+
+def first_ranks(ranks: int) -> MPI.Comm:
+    """The first ``ranks`` ranks (2 in the 2-rank job, 3 of the 4-rank job; skipped
+    otherwise); COMM_NULL on the others."""
+    if COMM.Get_size() < ranks or (ranks == 2 and COMM.Get_size() > 2):
+        pytest.skip("2 ranks in the 2-rank job, 3 in the 4-rank job")
+    return COMM.Split(0 if COMM.Get_rank() < ranks else MPI.UNDEFINED, COMM.Get_rank())
 
 
 def fake_grad(rank: int, step: int, n: int) -> torch.Tensor:
@@ -57,11 +65,8 @@ def serial(x0: torch.Tensor, steps: list[int], wire: str = "float32") -> tuple[t
             else:
                 parts = []
                 for r, x in enumerate(xs):
-                    message = center.data - x + residuals[r]
-                    buf = compress.message_buffer(codec, len(x0))
-                    codec.encode(message, buf)
-                    parts.append(codec.decode(buf, torch.empty_like(x0)))
-                    residuals[r] = message - parts[-1]
+                    sent, residuals[r] = sent_with_feedback(codec, center.data - x, residuals[r])
+                    parts.append(sent)
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
@@ -76,9 +81,7 @@ def serial(x0: torch.Tensor, steps: list[int], wire: str = "float32") -> tuple[t
 @pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "int8", "int4", "topk"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_diloco_equals_a_serial_simulation_with_uneven_endings(ranks, wire):
-    if COMM.Get_size() < ranks or (ranks == 2 and COMM.Get_size() > 2):
-        pytest.skip("2 ranks in the 2-rank job, 3 in the 4-rank job")
-    comm = COMM.Split(0 if COMM.Get_rank() < ranks else MPI.UNDEFINED, COMM.Get_rank())
+    comm = first_ranks(ranks)
     if comm == MPI.COMM_NULL:
         return
     rank = comm.Get_rank()
@@ -139,12 +142,7 @@ def streaming_rank(rank, x0, n_steps, p, fragments, overlap, mixing, codec):
         state["next"] = (f + 1) % fragments
         message = center[parts[f]] - x[parts[f]]
         if codec is not None:
-            message = message + residuals[f]
-            buf = compress.message_buffer(codec, len(message))
-            codec.encode(message, buf)
-            sent = codec.decode(buf, torch.empty_like(message))
-            residuals[f] = message - sent
-            message = sent
+            message, residuals[f] = sent_with_feedback(codec, message, residuals[f])
         yield ("launch", f, message, (1.0 if stepping else 0.0, 1.0 if state["steps"] > launched_at[f] else 0.0))
         launched_at[f] = state["steps"]
         state["flight"] = f
@@ -219,9 +217,7 @@ def test_streaming_diloco_equals_a_serial_simulation(ranks, fragments, overlap, 
     """Fragments, rounds that land steps after they started (nonblocking), mixing, uneven
     endings: bit for bit at 2 ranks (and with a compressed format, added in rank order),
     within 1e-6 at 3 (the reduction's order is the library's)."""
-    if COMM.Get_size() < ranks or (ranks == 2 and COMM.Get_size() > 2):
-        pytest.skip("2 ranks in the 2-rank job, 3 in the 4-rank job")
-    comm = COMM.Split(0 if COMM.Get_rank() < ranks else MPI.UNDEFINED, COMM.Get_rank())
+    comm = first_ranks(ranks)
     if comm == MPI.COMM_NULL:
         return
     rank = comm.Get_rank()
