@@ -9,6 +9,7 @@
 
     python benchmarks/compression.py                          # diloco, async-diloco; float32, int4, topk
     python benchmarks/compression.py --algos ea easgd --formats float32 int8 --seeds 0 --epochs 3
+    python benchmarks/compression.py --algos async-diloco --formats float32 topk --outer-momentum 0.5
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def run(algo: str, fmt: str, seed: int, args, out: str) -> dict:
     ranks = args.workers + 2 * lookup(algo).is_async
     cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_easgd.train", "--algo", algo,
            "--epochs", str(args.epochs), "--tau", str(args.tau), "--seed", str(seed), "--no-progress",
+           *(["--outer-momentum", str(args.outer_momentum)] if lookup(algo).outer else []),
            "--out", out, "--run-name", f"{algo}-{fmt}-{seed}"]
     if fmt != "float32":
         cmd += ["--exchange-dtype", fmt]
@@ -76,12 +78,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--tau", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4, help="ranks that train")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="diloco, async-diloco")
     parser.add_argument("--no-codecs", action="store_true", help="skip part 1")
     args = parser.parse_args()
     if not args.no_codecs:
         codecs()
         print()
     print(f"mnist5k, lenet, {args.workers} ranks training, {args.epochs} epochs, tau {args.tau}, "
+          f"outer momentum {args.outer_momentum}, "
           f"seeds {args.seeds}; bytes: what every training rank handed MPI to send")
     print(f"{'algo':<14}{'format':<9}{'accuracy mean':>14}{'spread':>8}{'vs float32':>11}"
           f"{'bytes/exchange':>16}{'vs float32':>11}{'run bytes vs sgd':>18}")

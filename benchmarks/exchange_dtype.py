@@ -1,11 +1,13 @@
-"""What a 16-bit exchange buys the synchronous elastic algorithms, against float32.
+"""What a 16-bit or compressed exchange costs the synchronous elastic algorithms, against float32.
 
 For each parameter count, one elastic round of ``AllReduceEA`` (tau 1: every
 ``average_parameters`` call is a round) and one outer round of ``AllReduceDiLoCo``,
-with ``exchange_dtype`` float32 and float16/bfloat16, timed alternately in one run; prints
-seconds per round and the ratio 16-bit / float32 (median of pairs; below 1: faster). Run::
+with ``exchange_dtype`` float32 and float16/bfloat16 (or int8, int4, topk), timed
+alternately in one run; prints seconds per round and the ratio format / float32 (median of
+pairs; below 1: faster). Run::
 
     mpiexec -n 2 python -m mpi4py benchmarks/exchange_dtype.py
+    mpiexec -n 2 python -m mpi4py benchmarks/exchange_dtype.py --dtypes int8 int4 topk
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main() -> None:
     torch.manual_seed(comm.rank)
     if comm.rank == 0:
         print(f"{comm.size} ranks; seconds per round, median of {args.pairs} alternating pairs")
-        print(f"{'algorithm':>16}{'parameters':>12}{'dtype':>10}{'16-bit':>10}{'float32':>10}{'ratio':>8}")
+        print(f"{'algorithm':>16}{'parameters':>12}{'dtype':>10}{'format':>10}{'float32':>10}{'ratio':>8}")
     for cls in (AllReduceEA, AllReduceDiLoCo):
         for size in args.sizes:
             n = int(size)

@@ -7,8 +7,10 @@ Public API::
 ``AllReduceSGD(comm)`` averages gradients with one ``Allreduce`` per step;
 ``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging;
 ``AllReduceDiLoCo(comm, tau, outer_lr, outer_momentum)`` runs DiLoCo (an outer Nesterov
-step on the averaged pseudo-gradient every ``tau`` local steps); both take
-``exchange_dtype="float16"`` or ``"bfloat16"`` to halve the bytes of each round.
+step on the averaged pseudo-gradient every ``tau`` local steps; ``fragments`` and
+``overlap_steps`` for streaming DiLoCo); both take ``exchange_dtype="float16"`` or
+``"bfloat16"`` to halve the bytes of each round, or ``"int8"``, ``"int4"``, ``"topk"``
+(:mod:`mpi_easgd.compress`, with error feedback) to send 1/4, 1/8 or 1/85 of them.
 ``AsyncTraining(comm, model, optimizer, algo="easgd", ...)`` runs the asynchronous family
 (EASGD, EAMSGD, DOWNPOUR, async DiLoCo, or a rule of your own) around your own loop, with
 a parameter-server rank and a tester rank; the command line

@@ -23,9 +23,9 @@ Rank 0 is the server (it holds the center: the model's parameters), the last ran
 tester (it evaluates snapshots of the center with ``evaluate(model) -> {name: value}``,
 rows in ``metrics.csv``, TensorBoard and the summary), the others workers. Every setting of
 the command line is a keyword (``algo`` with ``tau``, ``alpha``, ``outer_lr``...,
-``exchange_dtype``, ``overlap_exchange``, ``checkpoint_every``, ``resume``, ``audit``,
-``on_worker_loss``, ``worker_timeout``, ``test_every``, ``out``, ``run_name``,
-``epochs``...); ``algo`` may be a rule class of your own (:mod:`mpi_easgd.rules.asynchronous`).
+``exchange_dtype`` (with ``topk_fraction``), ``overlap_exchange``, ``checkpoint_every``,
+``resume``, ``audit``, ``on_worker_loss``, ``worker_timeout``, ``test_every``, ``out``,
+``run_name``, ``epochs``...); ``algo`` may be a rule class of your own (:mod:`mpi_easgd.rules.asynchronous`).
 Under ULFM, ``on_worker_loss="respawn"`` reruns the script as a spare process: there the
 constructor waits to be assigned a dead worker's place and returns as that worker.
 
