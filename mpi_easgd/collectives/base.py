@@ -205,6 +205,16 @@ class PeriodicRounds(Collective, abc.ABC):
         self.all_rounds += 1
         return still
 
+    def abandon(self, keep_residuals: bool = True) -> None:
+        """After a rank died (``--on-rank-loss shrink``): forget the round in flight (its
+        communicator is broken; what it carried is lost) and, unless ``keep_residuals``,
+        what this rank's compressed messages still owed (a survivor that takes another
+        rank's state must not send that rank's residual a second time)."""
+        self._due = self._flight = None
+        if not keep_residuals:
+            for round_ in self._rounds_of():
+                round_.load_state_dict({"residual": torch.zeros(round_.n)})
+
     def _settle(self) -> None:
         """Land the round in flight, if any (before a checkpoint: every rank at the same step)."""
         if self._due is not None:

@@ -241,6 +241,8 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     the survivors (module docstring). Returns the new (context, peer, loader, position) and
     the world ranks that died. Another death meanwhile starts it over."""
     comm = ctx.comm
+    if peer.periodic:
+        peer.algo.abandon()  # a round in flight died with the communicator
     while True:
         with ft.survivable() as death:
             comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
@@ -266,6 +268,8 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     loader, steps = _shard(ctx)
     peer = Peer(ctx, steps)
     pos = peer.load_state_dict(state)
+    if peer.periodic and new.Get_rank() != furthest:
+        peer.algo.abandon(keep_residuals=False)  # the furthest rank's residual is its own: sent once
     pos.step = pos.step * steps // old_steps  # as far into the re-sharded epoch
     ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
                  f"step {pos.step} of {steps}, the data re-sharded over them (--on-rank-loss shrink)")

@@ -90,3 +90,23 @@ def test_a_checkpoint_mid_epoch_resumes_bit_for_bit(make):
     again.load_state_dict(state)
     resumed = steps(again, again_model, 13, 30)
     assert torch.equal(went_on[0], resumed[0]) and torch.equal(went_on[1], resumed[1])
+
+
+def test_a_round_in_flight_is_abandoned_and_residuals_forgotten_after_a_death():
+    """What --on-rank-loss shrink does before it takes the furthest rank's state: no
+    waiting on the dead communicator's round, and (on the others) no residual sent twice."""
+    model = torch.nn.Linear(300, 30)
+    algo = AllReduceDiLoCo(MPI.COMM_SELF, 6, exchange_dtype="int4", fragments=2, overlap_steps=2)
+    algo.synchronize_parameters(model)
+    flat = algo.flat(model)
+    for step in range(4):  # a round started at step 3, due at 5
+        flat.data.sub_(0.1 * fake_grad(step, flat.numel))
+        algo.average_parameters(model)
+    assert algo._due is not None
+    owed = [r.gather.sender.residual.abs().sum() for r in algo._rounds_of()]
+    assert max(owed) > 0
+    algo.abandon()
+    assert algo._due is None and algo.state_dict()["rounds"] == 0, "nothing landed"
+    assert [r.gather.sender.residual.abs().sum() for r in algo._rounds_of()] == owed
+    algo.abandon(keep_residuals=False)
+    assert all(r.gather.sender.residual.abs().sum() == 0 for r in algo._rounds_of())
