@@ -263,6 +263,10 @@ class Config:
             kind = "elastic" if algo.elastic else "outer"
             notes.append(f"--tau {self.tau} exceeds the {steps} steps per epoch: the only {kind} rounds are "
                          f"those that finish each epoch; lower --tau to average within epochs")
+        if algo.is_async and algo.outer and self.exchange_dtype == "topk" and self.outer_momentum > 0.5:
+            notes.append(f"--exchange-dtype topk with async DiLoCo's --outer-momentum {self.outer_momentum:g}: the "
+                         f"bursts its residuals release meet the outer momentum, and such runs diverged (mnist5k, "
+                         f"2 of 3 seeds at 0.9); --outer-momentum 0.5 kept them stable, or use int4")
         if self.optimizer == "adamw" and self.momentum:
             notes.append(f"--momentum {self.momentum} is not used by --optimizer adamw (its betas are 0.9, 0.999)")
         if self.augment and (shape[0] == 1 or any(k in dataset.lower() for k in ("mnist", "digit"))):

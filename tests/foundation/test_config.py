@@ -54,6 +54,10 @@ def test_resolve_defaults_and_beta_warning():
     notes = Config(algo="ea", alpha=0.4).resolve(workers=3).advice(3, 1000, (3, 32, 32), "cifar10")
     assert len(notes) == 1 and "beta = workers * alpha = 1.2 >= 1" in notes[0]
     assert Config(algo="easgd").resolve(workers=1).alpha == 0.5, "one worker: alpha 0.5 (README)"
+    topk = Config(algo="async-diloco", exchange_dtype="topk").resolve(2).advice(2, 1000, (3, 32, 32), "cifar10")
+    assert len(topk) == 1 and "--outer-momentum 0.5 kept them stable" in topk[0]
+    assert Config(algo="async-diloco", exchange_dtype="topk", outer_momentum=0.5).resolve(2).advice(
+        2, 1000, (3, 32, 32), "cifar10") == []
 
 
 def test_topology_roles():
