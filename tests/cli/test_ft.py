@@ -63,12 +63,18 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     assert summary["per_worker"][1]["exchanges"] > second["exchanges_before"], why
 
 
-def test_sgd_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs):
+@pytest.mark.parametrize("flags", [
+    ("--algo", "sgd", "--momentum", "0.9"),
+    ("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4")],
+    ids=["sgd", "streaming-diloco-int4"])
+def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags):
+    """sgd; and streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a
+    round in flight on the survivors' broken communicator, which they must abandon."""
     import torch
 
     rank, step = at_random(1, 3, salt=2), at_random(2, 20, salt=3)  # of the 3 x 8 steps of 4 ranks
     why = f"rank {rank} of 4 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
-    result = ulfm_train(4, "--algo", "sgd", "--on-rank-loss", "shrink", "--momentum", "0.9", "--dataset", str(blobs),
+    result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
                         "--out", str(tmp_path), "--run-name", "shrink",
                         env={"MPI_EASGD_FAULT": f"rank={rank},action=kill,step={step}"})
