@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mpi_easgd.data.convert import READERS, guess_format
-from mpi_easgd.data.layout import DataError, read_info, write_dataset
+from mpi_easgd.data.layout import DataError, open_hdf5, read_checked, read_info, write_dataset
 
 
 def convert(src: Path, out: Path, fmt: str | None, name: str | None, labels: str) -> None:
@@ -48,15 +48,20 @@ def info(path: Path) -> None:
 
 def verify(path: Path) -> None:
     d = read_info(path)  # layout, shapes, label range
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:
+        checked = all(f[f"{split}/{key}"].fletcher32 for split in ("train", "test") for key in ("images", "labels")
+                      if len(f[f"{split}/{key}"]))
         for split in ("train", "test"):
             images = f[f"{split}/images"]
             step = 4096
             for a in tqdm(range(0, len(images), step), desc=f"verify {split}", leave=False, disable=None):
-                block = images[a : a + step]  # reads every byte: catches a truncated file
+                block = read_checked(path, images, a, a + step)  # every byte, against its checksum
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     raise DataError(f"{path}: {split}/images has NaN or Inf values near index {a}")
-    print(f"{path}: OK ({d.sizes['train']} train, {d.sizes['test']} test, {d.num_classes} classes)")
+            read_checked(path, f[f"{split}/labels"], 0, len(images))
+    note = ("every chunk matches its checksum" if checked else
+            "no checksums: written before mpi_easgd kept them; convert it again to have them")
+    print(f"{path}: OK ({d.sizes['train']} train, {d.sizes['test']} test, {d.num_classes} classes; {note})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,6 +137,9 @@ def to_nchw(x: np.ndarray, where: str) -> np.ndarray:
 def read_npz(src: Path) -> tuple[Arrays, Arrays, int]:
     # A truncated or damaged archive fails on opening or on reading a member, in several ways.
     damaged = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    if not zipfile.is_zipfile(src):  # else numpy takes it for a pickle and advises loading it unsafely
+        raise DataError(f"{src}: not a .npz archive (a .npz is a zip of .npy arrays, as numpy.savez writes it: "
+                        f"np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)); truncated or not one")
     try:
         data = np.load(src, allow_pickle=False)
         arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}

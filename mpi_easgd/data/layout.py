@@ -62,7 +62,7 @@ def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
         raise DataError(f"dataset file {path} not found; {hint}")
     if not h5py.is_hdf5(path):
         raise DataError(f"{path} is not an HDF5 file; {hint}")
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:
         try:
             num_classes = int(f.attrs["num_classes"])
         except KeyError:
@@ -84,7 +84,7 @@ def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
             shape = images.shape[1:]
             sizes[split] = len(labels)
             if check_labels and len(labels):
-                lab = labels[...]
+                lab = read_checked(path, labels, 0, len(labels))
                 if lab.min() < 0 or lab.max() >= num_classes:
                     raise DataError(
                         f"{path}: {split} labels span [{lab.min()}, {lab.max()}] but num_classes "
@@ -95,6 +95,28 @@ def read_info(path: str | Path, check_labels: bool = True) -> DatasetInfo:
         std = np.asarray(f.attrs.get("std", np.ones(channels)), dtype=np.float32)
         name = str(f.attrs.get("name", path.stem))
     return DatasetInfo(path, name, num_classes, tuple(shape), sizes, mean, std)
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """``path`` opened for reading; a truncated or damaged file is a :class:`DataError`
+    that names it (h5py's own message does not)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path} is truncated or damaged, HDF5 cannot open it ({exc}); copy it again, or convert "
+                        f"the data again with 'python -m mpi_easgd.data convert'") from None
+
+
+def read_checked(path: Path, array: h5py.Dataset, a: int, b: int) -> np.ndarray:
+    """``array[a:b]``; a chunk whose checksum does not match (or that cannot be read) is a
+    :class:`DataError` that names the file, the array and where."""
+    try:
+        return array[a:b]
+    except OSError as exc:
+        where = f"{array.name.lstrip('/')}[{a}:{min(b, len(array))}]"
+        raise DataError(f"{path}: {where} is damaged (its data does not match the checksum written with it: "
+                        f"{exc}); the file changed after it was written: copy it again, or convert the data "
+                        f"again") from None
 
 
 def class_labels(y: np.ndarray, where: str) -> np.ndarray:
@@ -147,8 +169,10 @@ def write_dataset(
         f.attrs.update(format=FORMAT, version=VERSION, name=name, num_classes=num_classes, mean=mean, std=std)
         for split, (x, _), y in zip(SPLITS, (train, test), labels):
             chunk = (max(1, min(len(x), 256)), *x.shape[1:])  # ~ the loader's batch reads
-            f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None)
-            f.create_dataset(f"{split}/labels", data=y)
+            # fletcher32: a checksum per chunk, checked by HDF5 at every read (a damaged file fails, named)
+            f.create_dataset(f"{split}/images", data=x, chunks=chunk if len(x) else None, fletcher32=bool(len(x)))
+            f.create_dataset(f"{split}/labels", data=y, chunks=(max(1, min(len(y), 65536)),) if len(y) else None,
+                             fletcher32=bool(len(y)))
     return path
 
 

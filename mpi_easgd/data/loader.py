@@ -13,11 +13,10 @@ import queue
 import threading
 from collections.abc import Iterator
 
-import h5py
 import numpy as np
 import torch
 
-from mpi_easgd.data.layout import DatasetInfo
+from mpi_easgd.data.layout import DatasetInfo, open_hdf5, read_checked
 from mpi_easgd.data.sharding import num_batches, shard_range
 
 
@@ -62,13 +61,14 @@ class ShardLoader:
         self.block = max(block, batch_size)
         self._mean = torch.from_numpy(info.mean).view(1, -1, 1, 1)
         self._std = torch.from_numpy(info.std).view(1, -1, 1, 1)
-        with h5py.File(info.path, "r") as f:
+        with open_hdf5(info.path) as f:
             images = f[f"{split}/images"]
             self._uint8 = images.dtype == np.uint8
             nbytes = self.length * int(np.prod(images.shape[1:])) * images.dtype.itemsize
             self._memory = None
             if nbytes <= memory_limit:
-                self._memory = (images[self.start : self.stop], f[f"{split}/labels"][self.start : self.stop])
+                self._memory = (read_checked(info.path, images, self.start, self.stop),
+                                read_checked(info.path, f[f"{split}/labels"], self.start, self.stop))
 
     def __len__(self) -> int:
         return self.steps
@@ -84,12 +84,12 @@ class ShardLoader:
         if self.shuffle:
             starts = rng.permutation(starts)
         window = 8  # blocks shuffled together: 8 * 4096 samples in memory at a time
-        with h5py.File(self.info.path, "r") as f:
+        with open_hdf5(self.info.path) as f:
             images, labels = f[f"{self.split}/images"], f[f"{self.split}/labels"]
             for i in range(0, len(starts), window):
                 parts = [(s, min(s + self.block, self.stop)) for s in starts[i : i + window]]
-                x = np.concatenate([images[a:b] for a, b in parts])
-                y = np.concatenate([labels[a:b] for a, b in parts])
+                x = np.concatenate([read_checked(self.info.path, images, a, b) for a, b in parts])
+                y = np.concatenate([read_checked(self.info.path, labels, a, b) for a, b in parts])
                 order = rng.permutation(len(y)) if self.shuffle else slice(None)
                 yield x[order], y[order]
 

@@ -194,6 +194,7 @@ def exit_status(comm, exc: BaseException, resume_hint: str = "--resume auto") ->
     """What ``exc``, raised out of a run on this rank, means for the process: the status
     to exit with, after saying why in one line (a traceback only for the unexpected).
     Every other rank is ended with ``MPI_Abort`` where the run cannot go on."""
+    from mpi_easgd.data import DataError
     from mpi_easgd.runtime.checkpoint import CheckpointError, CheckpointFailed
     from mpi_easgd.runtime.control import EXIT_PREEMPTED, PeerLost, Preempted, abort
     from mpi_easgd.runtime.loop import NonFiniteError
@@ -216,7 +217,7 @@ def exit_status(comm, exc: BaseException, resume_hint: str = "--resume auto") ->
         return EXIT_PREEMPTED
     if isinstance(exc, CheckpointFailed):  # the rank that failed has said why
         pass
-    elif isinstance(exc, (NonFiniteError, CheckpointError, PeerLost)):  # expected: one line, no traceback
+    elif isinstance(exc, (NonFiniteError, CheckpointError, PeerLost, DataError)):  # expected: one line, no traceback
         print(f"mpi_easgd: error: {exc}", file=sys.stderr)
     else:
         from mpi_easgd.runtime import ft

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mpi_easgd.data import read_info
 from mpi_easgd.data.__main__ import main
+from mpi_easgd.data.layout import write_dataset
 
 RNG = np.random.default_rng(0)
 
@@ -119,7 +120,7 @@ def _bad_cases(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:300])
     return [
         ("test class without a train folder", "stray", "class folders ['dgo'] have no folder in"),
-        ("truncated npz", "cut.npz", "not a readable .npz, truncated or damaged"),
+        ("truncated npz", "cut.npz", "not a .npz archive"),
         ("truncated IDX", "truncated", "truncated or padded IDX data"),
         ("wrong magic", "magic", "not an IDX file (bad magic number"),
         ("mismatched counts", "counts", "train has 30 images but 29 labels"),
@@ -143,7 +144,7 @@ def test_info_and_verify_cli(tmp_path, blobs):
     # the real command line, once
     ok = subprocess.run([sys.executable, "-m", "mpi_easgd.data", "verify", str(blobs)],
                         capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0 and "OK (512 train, 128 test, 4 classes)" in ok.stdout
+    assert ok.returncode == 0 and "OK (512 train, 128 test, 4 classes; every chunk matches its checksum)" in ok.stdout
     info = subprocess.run([sys.executable, "-m", "mpi_easgd.data", "info", str(blobs)],
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0 and "4 classes" in info.stdout and "per class" in info.stdout
@@ -156,3 +157,40 @@ def test_info_and_verify_cli(tmp_path, blobs):
     truncated = tmp_path / "cut.h5"
     truncated.write_bytes(blobs.read_bytes()[:20000])
     assert main(["verify", str(truncated)]) == 2
+
+
+def test_a_damaged_dataset_is_found_and_named_not_trained_on(tmp_path, capsys):
+    """200 KB overwritten in the middle of a dataset we wrote: verify, the loader and a
+    run each say which file and array, in one line; a truncated file is named too."""
+    from mpi_easgd.data import read_info, shard_loader
+    from mpi_easgd.data.layout import DataError
+
+    rng = np.random.default_rng(0)
+    path = write_dataset(tmp_path / "d.h5", (rng.integers(0, 255, (4000, 1, 28, 28), dtype=np.uint8),
+                                              rng.integers(0, 10, 4000)),
+                         (rng.integers(0, 255, (100, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, 100)), 10, "d")
+    assert main(["verify", str(path)]) == 0
+    assert "every chunk matches its checksum" in capsys.readouterr().out
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 200_000] = rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+    assert main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: train/images[" in err[0] and "is damaged" in err[0], err
+    assert "allow_pickle" not in err[0]
+    with pytest.raises(DataError, match=r"train/images\[\d+:\d+\] is damaged"):
+        loader = shard_loader(read_info(path), "train", batch_size=64, memory_limit=0)
+        for _ in loader.epoch(0):
+            pass
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(bytes(raw[: len(raw) // 3]))
+    with pytest.raises(DataError, match=f"{cut} is truncated or damaged"):
+        read_info(cut)
+
+
+def test_a_text_file_named_npz_gets_no_unsafe_advice(tmp_path, capsys):
+    (tmp_path / "t.npz").write_text("x_train,y_train\n1,2\n")
+    assert main(["convert", str(tmp_path / "t.npz"), str(tmp_path / "t.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "not a .npz archive" in err and "allow_pickle" not in err and "unsafe" not in err
