@@ -60,6 +60,8 @@ def run(algo: str, fmt: str, seed: int, args, out: str) -> dict:
            "--out", out, "--run-name", f"{algo}-{fmt}-{seed}"]
     if fmt != "float32":
         cmd += ["--exchange-dtype", fmt]
+    if fmt == "topk":
+        cmd += ["--topk-fraction", str(args.topk_fraction)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -79,13 +81,14 @@ def main() -> None:
     parser.add_argument("--tau", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4, help="ranks that train")
     parser.add_argument("--outer-momentum", type=float, default=0.9, help="diloco, async-diloco")
+    parser.add_argument("--topk-fraction", type=float, default=0.02)
     parser.add_argument("--no-codecs", action="store_true", help="skip part 1")
     args = parser.parse_args()
     if not args.no_codecs:
         codecs()
         print()
     print(f"mnist5k, lenet, {args.workers} ranks training, {args.epochs} epochs, tau {args.tau}, "
-          f"outer momentum {args.outer_momentum}, "
+          f"outer momentum {args.outer_momentum}, top-k fraction {args.topk_fraction}, "
           f"seeds {args.seeds}; bytes: what every training rank handed MPI to send")
     print(f"{'algo':<14}{'format':<9}{'accuracy mean':>14}{'spread':>8}{'vs float32':>11}"
           f"{'bytes/exchange':>16}{'vs float32':>11}{'run bytes vs sgd':>18}")

@@ -98,7 +98,8 @@ def load_user_object(path: str, flag: str, error: type[Exception]):
 
 
 _SYNC_USES = frozenset({"on_rank_loss"})
-_ASYNC_USES = frozenset({"tau", "exchange_dtype", "overlap_exchange", "on_worker_loss", "test_every", "audit"})
+_ASYNC_USES = frozenset({"tau", "exchange_dtype", "topk_fraction", "overlap_exchange", "on_worker_loss", "test_every",
+                         "audit"})
 _RULES = "mpi_easgd.rules.asynchronous"
 _ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
 _OUTER = ("tau", "outer_lr", "outer_momentum")
@@ -108,10 +109,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sgd", SYNC, "synchronous data-parallel SGD (AllReduceSGD: one gradient Allreduce per step)",
               uses=_SYNC_USES, recorded=(), implementation="mpi_easgd.collectives.allreduce_sgd:AllReduceSGD"),
     Algorithm("ea", SYNC, "synchronous elastic averaging (AllReduceEA)",
-              uses=_SYNC_USES | {"tau", "alpha", "exchange_dtype"}, recorded=_ELASTIC,
+              uses=_SYNC_USES | {"tau", "alpha", "exchange_dtype", "topk_fraction"}, recorded=_ELASTIC,
               implementation="mpi_easgd.collectives.allreduce_ea:AllReduceEA"),
     Algorithm("diloco", SYNC, "DiLoCo: an outer Nesterov step on the averaged pseudo-gradient every tau steps",
-              uses=_SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype", *_STREAMING},
+              uses=_SYNC_USES | {"tau", "outer_lr", "outer_momentum", "exchange_dtype", "topk_fraction", *_STREAMING},
               recorded=(*_OUTER, "exchange_dtype", *_STREAMING),
               implementation="mpi_easgd.collectives.allreduce_diloco:AllReduceDiLoCo"),
     Algorithm("easgd", ASYNC, "asynchronous elastic averaging SGD around a parameter server",

@@ -146,9 +146,24 @@ def read_manifest(ckpt: Path) -> dict:
 TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
                  "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
                  "fragments", "overlap_steps", "mixing", "overlap_exchange", "seed", "uneven", "augment")
-OUTER = ("outer_lr", "outer_momentum", "outer_delay")
-UNUSED_KEYS = {"sgd": ("tau", "alpha", *OUTER), "diloco": ("alpha", "outer_delay"),
-               "async-diloco": ("alpha",)}  # else: outer_*
+ALGORITHM_KEYS = ("tau", "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
+                  "fragments", "overlap_steps", "mixing", "overlap_exchange")  # count where the algorithm uses them
+
+
+def _uses(algo: str) -> frozenset[str] | None:
+    """The settings ``algo`` uses (None: unknown, as for a rule that no longer imports)."""
+    from mpi_easgd import registry
+
+    try:
+        return registry.lookup(algo).uses
+    except Exception:  # noqa: BLE001 - a checkpoint's algorithm may be a user's rule that is gone
+        return None
+
+
+def _relevant(key: str, *algos: str) -> bool:
+    """Whether ``key`` changes training for every one of ``algos`` (an algorithm's own
+    setting counts only where it is used: sgd has no alpha)."""
+    return key not in ALGORITHM_KEYS or all(u is None or key in u for u in map(_uses, algos))
 
 
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
@@ -161,11 +176,11 @@ def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> Non
             f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
             f"{world_size}; resume with mpirun -np {manifest['world_size']}"
         )
-    unused = UNUSED_KEYS.get(saved["algo"], OUTER)
-    differ = [k for k in TRAINING_KEYS if k in saved and k not in unused and saved[k] != config[k]]
+    algos = (saved["algo"], config["algo"])
+    differ = [k for k in TRAINING_KEYS if k in saved and _relevant(k, *algos) and saved[k] != config[k]]
     if differ:
-        def flags(values: dict) -> str:
-            return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ)
+        def flags(values: dict) -> str:  # (each side's settings as its algorithm uses them)
+            return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ if _relevant(k, values["algo"]))
 
         raise CheckpointError(
             f"checkpoint {ckpt} is from {flags(saved)}, this run has {flags(config)}; resume with "
