@@ -18,4 +18,9 @@ done
 for algo in easgd eamsgd downpour; do
   $MPIEXEC -n $((RANKS + 2)) python -m mpi_easgd.train --algo "$algo" --device cuda --epochs 1 --no-progress --out "$OUT" | tail -3
 done
+# compressed exchanges on the GPU: sync streaming DiLoCo in int4, async DiLoCo in top-k, both directions
+$MPIEXEC -n "$RANKS" python -m mpi_easgd.train --algo diloco --fragments 2 --overlap-steps 2 --exchange-dtype int4 \
+  --device cuda --epochs 1 --no-progress --out "$OUT" | tail -3
+$MPIEXEC -n $((RANKS + 2)) python -m mpi_easgd.train --algo async-diloco --exchange-dtype topk --outer-momentum 0.5 \
+  --device cuda --epochs 1 --no-progress --out "$OUT" | tail -3
 echo "all algorithms ran on the GPU; run directories in $OUT"
