@@ -139,7 +139,7 @@ class PeriodicRounds(Collective, abc.ABC):
     The contract for a subclass: its constructor sets ``comm``, ``tau``, ``center = None``
     (a flat tensor once :meth:`synchronize_parameters` has run), ``rounds = 0``, ``_cache``
     (:class:`FlatCache`) and ``_guard`` (:class:`CollectiveGuard`), and it implements the
-    four abstract methods below plus ``state_dict`` / ``load_state_dict``. The counting,
+    abstract methods below plus ``state_dict`` / ``load_state_dict``. The counting,
     the schedule, the guard and the seed's uneven-endings loop are here, once."""
 
     calls = 0  # local steps since the last synchronize_parameters / synchronize_center
