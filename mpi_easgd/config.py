@@ -71,6 +71,8 @@ class Config:
     overlap_steps: int = _opt(0, "diloco: local steps each round overlaps (nonblocking; < tau / fragments)")
     mixing: float = _opt(0.0, "diloco: a fragment becomes mixing * x + (1 - mixing) * center when its round lands "
                               "(0: the center; 0.5 is streaming DiLoCo's choice with --overlap-steps)")
+    max_staleness: int = _opt(0, "async: an exchange whose worker missed more than K center updates since its "
+                                 "previous one moves the center by K / staleness of what it would (0: off)")
     overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
                                          "is in flight; the move then uses the parameters that were sent")
     seed: int = _opt(0, "seed for initialisation and data order")
@@ -168,6 +170,7 @@ class Config:
              f"--overlap-steps must be in [0, tau // fragments) = [0, {self.tau // max(1, self.fragments)}) "
              f"(at most one round in flight); got {self.overlap_steps}"),
             (0 <= self.mixing < 1, f"--mixing must be in [0, 1); got {self.mixing}"),
+            (self.max_staleness >= 0, f"--max-staleness must be an integer >= 0 (0: off); got {self.max_staleness}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -205,6 +208,10 @@ class Config:
         if self.on_rank_loss == "shrink" and "on_rank_loss" not in uses:
             raise ConfigError(f"--on-rank-loss shrink applies to {_listed(registry.using('on_rank_loss'))}; "
                               f"{self.algo} goes on without a dead worker with --on-worker-loss continue (or respawn)")
+        if self.max_staleness and "max_staleness" not in uses:
+            raise ConfigError(f"--max-staleness applies to the async algorithms "
+                              f"({', '.join(registry.using('max_staleness'))}); {self.algo}'s rounds are never stale: "
+                              f"drop the flag")
         if self.overlap_exchange and "overlap_exchange" not in uses:
             raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm "
                               f"({', '.join(registry.using('overlap_exchange'))}): {self.algo} exchanges in "

@@ -66,6 +66,8 @@ class Algorithm:
         settings = {name: cfg.alpha * workers if name == "beta" else getattr(cfg, name) for name in self.recorded}
         if settings.get("exchange_dtype") == "topk":
             settings["topk_fraction"] = cfg.topk_fraction
+        if "max_staleness" in self.uses and cfg.max_staleness:
+            settings["max_staleness"] = cfg.max_staleness
         return settings
 
 
@@ -99,7 +101,7 @@ def load_user_object(path: str, flag: str, error: type[Exception]):
 
 _SYNC_USES = frozenset({"on_rank_loss"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "topk_fraction", "overlap_exchange", "on_worker_loss", "test_every",
-                         "audit"})
+                         "audit", "max_staleness"})
 _RULES = "mpi_easgd.rules.asynchronous"
 _ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
 _OUTER = ("tau", "outer_lr", "outer_momentum")

@@ -280,7 +280,7 @@ class AsyncTraining:
                                                       wall_seconds=time.perf_counter() - ctx.started, **extra))
             return ckpt
 
-        rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay)
+        rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness)
         spares = None
         if cfg.on_worker_loss == "respawn":
             # The command line's spares run python -m mpi_easgd.ps.join; a script's rerun the

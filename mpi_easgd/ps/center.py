@@ -116,7 +116,7 @@ class CenterVersions:
         reply from (in the wire format, encoded through ``channel`` if compressed). A
         wire-format reply buffer is already released: it must be sent (:meth:`send`) before
         the next :meth:`take`."""
-        new, reply = self.rule.apply(self.current, x, arrival)
+        new, reply = self.rule.exchange(self.current, x, arrival)
         if new is not self.current:
             self.retire_after_sends(self.current)  # the reply may still be read from it
         self.current = new

@@ -61,6 +61,7 @@ class WorkerRecord:
     deaths: list[float] = field(default_factory=list)  # (ULFM) when each death was known (time.time())
     replacements: list[dict] = field(default_factory=list)  # (respawn) each process that took its place
     channel: ServerChannel | None = None  # a compressed format's state for its exchanges (.wire)
+    damped: int = 0  # exchanges damped for staleness (--max-staleness)
 
     def staleness_at(self, updates: int) -> int:
         """Center updates by others since this worker's previous exchange, if one applied
@@ -89,7 +90,7 @@ class WorkerRecord:
         count, total, most = self.staleness
         return dict(rank=self.rank, server_exchanges=self.exchanges,
                     staleness_mean=total / count if count else 0.0, staleness_max=most,
-                    reported_exchanges=int(self.totals[0]))
+                    reported_exchanges=int(self.totals[0]), damped=self.damped)
 
 
 class Roster:
@@ -133,7 +134,7 @@ class Roster:
 
     def state_dict(self) -> dict:
         return {"exchanges": [r.exchanges for r in self.records], "last_seen": [r.last_seen for r in self.records],
-                "staleness": [list(r.staleness) for r in self.records]}
+                "staleness": [list(r.staleness) for r in self.records], "damped": [r.damped for r in self.records]}
 
     def load_state_dict(self, state: dict, updates: int) -> None:
         for i, r in enumerate(self.records):
@@ -141,3 +142,4 @@ class Roster:
             r.last_seen = int(state["last_seen"][i]) if "last_seen" in state else updates
             if "staleness" in state:
                 r.staleness = [int(v) for v in state["staleness"][i]]
+            r.damped = int(state["damped"][i]) if "damped" in state else 0

@@ -180,6 +180,7 @@ class Server:
 
     def _exchange(self, record: WorkerRecord, buf: torch.Tensor) -> None:
         arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates)
+        record.damped += self.versions.rule.damps(arrival) != 1.0
         x = self.versions.arrived(buf, record.channel)
         if self.audit is not None:
             self.audit.record(arrival, x)  # as the rule gets it

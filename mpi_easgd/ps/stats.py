@@ -113,5 +113,6 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
                            if r["first_exchange"] else None) for r in server.replacements],
         spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
         final_metrics={k: v for k, v in tester.final.items() if k not in ("epoch", "step", "samples", "wall_time")},
+        damped_exchanges=sum(s.get("damped", 0) for s in server.per_worker),  # (--max-staleness)
         **account,
     )

@@ -141,8 +141,9 @@ class ServerRule(abc.ABC):
     write a new algorithm, subclass both (or reuse a worker side) and name the server
     class on the command line, ``--algo package.module:MyRule``, or pass it to the API.
     The engine does the rest unchanged: checkpoints (:meth:`state_dict`), overlapped and
-    16-bit exchanges, the audit (which rebuilds the rule from :meth:`params` and replays
-    every :class:`Arrival` through :meth:`apply`), worker loss and replacement.
+    compressed exchanges, the audit (which rebuilds the rule from :meth:`params` and replays
+    every :class:`Arrival` through :meth:`exchange`), ``--max-staleness`` (:meth:`exchange`
+    damps what :meth:`apply` does), worker loss and replacement.
 
     Class attributes a rule sets:
 
@@ -158,15 +159,37 @@ class ServerRule(abc.ABC):
     nesterov = False
 
     def __init__(self, algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 outer_delay: int = 1) -> None:
+                 outer_delay: int = 1, max_staleness: int = 0) -> None:
         self.algo = algo  # the registry's name (the audit rebuilds the rule from it)
         self.alpha = alpha
         self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
+        self.max_staleness = max_staleness
 
     def params(self) -> dict:
         """The constructor's arguments (an audit log keeps them to replay the run)."""
         return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
-                    outer_delay=self.outer_delay)
+                    outer_delay=self.outer_delay, max_staleness=self.max_staleness)
+
+    def damps(self, arrival: Arrival | None) -> float:
+        """The factor ``--max-staleness K`` puts on this exchange: ``K / staleness`` when
+        its staleness exceeds K, else 1 (and always 1 without K)."""
+        stale = arrival.staleness if arrival is not None else 0
+        return self.max_staleness / stale if self.max_staleness and stale > self.max_staleness else 1.0
+
+    def exchange(self, center: torch.Tensor, incoming: torch.Tensor,
+                 arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`apply`, damped by :meth:`damps`: an exchange staler than ``K`` moves the
+        center by ``K / staleness`` of what it would have. A message that is an increment
+        (DOWNPOUR's update, a pseudo-gradient) is scaled before the rule takes it (an outer
+        optimizer's momentum sees the damped one); for a state (EASGD's parameters) the
+        center's move is scaled. The engine and the audit's replay both call this."""
+        factor = self.damps(arrival)
+        if factor == 1.0:
+            return self.apply(center, incoming, arrival)
+        if self.worker_rule.message == "delta":
+            return self.apply(center, incoming.mul_(factor), arrival)
+        new, reply = self.apply(center, incoming, arrival)
+        return torch.lerp(center, new, factor, out=new), reply
 
     @abc.abstractmethod
     def apply(self, center: torch.Tensor, incoming: torch.Tensor,
@@ -241,9 +264,12 @@ class OuterServer(ServerRule):
 
 
 def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                outer_delay: int = 1) -> ServerRule:
-    """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`)."""
-    return lookup(algo).load()(algo, alpha, outer_lr, outer_momentum, outer_delay)
+                outer_delay: int = 1, max_staleness: int = 0) -> ServerRule:
+    """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`); with
+    ``max_staleness`` K > 0, exchanges staler than K are damped (:meth:`ServerRule.exchange`)."""
+    rule = lookup(algo).load()(algo, alpha, outer_lr, outer_momentum, outer_delay)
+    rule.max_staleness = max_staleness  # (set here: a user's rule need not take it in its constructor)
+    return rule
 
 
 def worker_rule(algo: str, x: torch.Tensor, alpha: float = 0.0, overlap: bool = False) -> WorkerRule:

@@ -54,7 +54,7 @@ def replay(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     through the run's rule (rebuilt from its settings, a user's rule imported by its
     name), with the arrival it had."""
     log = np.load(path)
-    rule = server_rule(**json.loads(str(log["rule"])))
+    rule = server_rule(**json.loads(str(log["rule"])))  # (older logs have no max_staleness: 0)
     state = {k[len(STATE):]: torch.from_numpy(log[k]) if log[k].ndim else log[k].item()
              for k in log.files if k.startswith(STATE)}
     rule.load_state_dict(state)
@@ -64,5 +64,5 @@ def replay(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     versions = log["versions"] if "versions" in log.files else np.arange(n)
     for payload, worker, stale, version in zip(log["payloads"], log["order"], staleness, versions):
         arrival = Arrival(int(worker), int(stale), int(version))
-        center, _ = rule.apply(center, torch.from_numpy(payload.copy()), arrival)
+        center, _ = rule.exchange(center, torch.from_numpy(payload.copy()), arrival)
     return center, torch.from_numpy(log["final"])

@@ -145,9 +145,10 @@ def read_manifest(ckpt: Path) -> dict:
 # --epochs, --checkpoint-every or --worker-timeout, may change from one segment to the next).
 TRAINING_KEYS = ("algo", "model", "dataset", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "tau",
                  "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
-                 "fragments", "overlap_steps", "mixing", "overlap_exchange", "seed", "uneven", "augment")
+                 "fragments", "overlap_steps", "mixing", "overlap_exchange", "max_staleness", "seed", "uneven",
+                 "augment")
 ALGORITHM_KEYS = ("tau", "alpha", "outer_lr", "outer_momentum", "outer_delay", "exchange_dtype", "topk_fraction",
-                  "fragments", "overlap_steps", "mixing", "overlap_exchange")  # count where the algorithm uses them
+                  "fragments", "overlap_steps", "mixing", "overlap_exchange", "max_staleness")  # where used
 
 
 def _uses(algo: str) -> frozenset[str] | None:

@@ -43,6 +43,8 @@ def test_a_bad_input_leaves_nothing_written(tmp_path, blobs):
     (2, ["--exchange-dtype", "int2"], ConfigError, "argument --exchange-dtype: invalid choice: 'int2'"),
     (2, ["--topk-fraction", "0.05"], ConfigError, "--topk-fraction applies only to --exchange-dtype topk"),
     (2, ["--algo", "ea", "--fragments", "2"], ConfigError, "--fragments applies to diloco (streaming DiLoCo)"),
+    (2, ["--algo", "diloco", "--max-staleness", "2"], ConfigError, "--max-staleness applies to the async algorithms"),
+    (4, ["--max-staleness", "-1"], ConfigError, "--max-staleness must be an integer >= 0"),
     (2, ["--algo", "diloco", "--fragments", "2", "--overlap-steps", "5"], ConfigError,
      "--overlap-steps must be in [0, tau // fragments) = [0, 5)"),
     (2, ["--algo", "diloco", "--fragments", "11"], ConfigError, "--fragments must be an integer in [1, --tau 10]"),

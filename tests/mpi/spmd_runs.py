@@ -100,9 +100,11 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, s
     if overlap:
         monkeypatch.setenv("MPI_EASGD_FAULT", ";".join(f"rank={r},action=delay,seconds=0.015"
                                                        for r in range(1, ranks - 1)))
+    bounded = algo == "async-diloco"  # (3 workers: stale exchanges, damped beyond 1 by --max-staleness)
     status, stdout = train(ranks, "--algo", algo, "--epochs", "3", "--tau", str(tau), "--audit", "--test-every",
                            "0.5", "--exchange-dtype", wire, "--out", str(out), "--run-name", "run",
-                           *(["--overlap-exchange"] if overlap else []), capsys=capsys)
+                           *(["--overlap-exchange"] if overlap else []),
+                           *(["--max-staleness", "1"] if bounded else []), capsys=capsys)
     if WORLD.rank:
         return
     assert status == 0
@@ -122,7 +124,12 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, s
         else:
             assert w["steps_in_flight"] == 0
     assert 0 < summary["server_busy_fraction"] < 1
-    check_audit(out / "run", summary, tau)
+    check_audit(out / "run", summary, tau)  # (the replay damps as the run did)
+    stale = np.load(out / "run" / "audit.npz")["staleness"]
+    assert summary["damped_exchanges"] == (int((stale > 1).sum()) if bounded else 0)
+    assert sum(w["damped"] for w in summary["per_worker"]) == summary["damped_exchanges"]
+    if bounded:
+        assert summary["max_staleness"] == 1 and summary["damped_exchanges"] > 0, "3 workers: some are stale"
     payloads = torch.from_numpy(np.load(out / "run" / "audit.npz")["payloads"])
     codec = compress.codec(wire)
     if codec is None:

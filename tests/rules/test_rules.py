@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpi_easgd.rules.asynchronous import DownpourWorker, ElasticWorker, OuterWorker, server_rule, worker_rule
+from mpi_easgd.rules.asynchronous import Arrival, DownpourWorker, ElasticWorker, OuterWorker, server_rule, worker_rule
 from mpi_easgd.rules.elastic import ea_local_move
 
 
@@ -150,3 +150,24 @@ def test_ea_local_move():
     x, c, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.empty(2)
     ea_local_move(x, c, 0.25, d)
     assert torch.equal(d, torch.tensor([0.25, 0.5])) and torch.equal(x, torch.tensor([0.75, 1.5]))
+
+
+@pytest.mark.parametrize("algo", ["easgd", "downpour", "async-diloco"])
+def test_max_staleness_damps_a_stale_exchange_by_k_over_its_staleness(algo):
+    """A state message (easgd's x): the center's move is scaled; an increment (downpour's
+    update, async-diloco's pseudo-gradient): the message is, before the rule (and its
+    momentum) take it. Within K, or without K, the rule applies as it is."""
+    torch.manual_seed(0)
+    center, x = torch.randn(50), torch.randn(50)
+    fresh = server_rule(algo, 0.3, outer_delay=1)
+    bounded = server_rule(algo, 0.3, outer_delay=1, max_staleness=2)
+    for stale in (0, 2):  # within K: the same bits
+        a, b = fresh.exchange(center, x.clone(), Arrival(0, stale, 5)), bounded.exchange(center, x.clone(),
+                                                                                          Arrival(0, stale, 5))
+        assert torch.equal(a[0], b[0]) and bounded.damps(Arrival(0, stale, 5)) == 1.0
+    fresh, bounded = server_rule(algo, 0.3, outer_delay=1), server_rule(algo, 0.3, outer_delay=1, max_staleness=2)
+    assert bounded.damps(Arrival(0, 8, 5)) == 0.25
+    whole = fresh.exchange(center, x.clone(), Arrival(0, 8, 5))[0] - center
+    damped = bounded.exchange(center, x.clone(), Arrival(0, 8, 5))[0] - center
+    torch.testing.assert_close(damped, 0.25 * whole, rtol=1e-5, atol=1e-6)
+    assert bounded.params()["max_staleness"] == 2, "the audit's replay rebuilds the damping"
