@@ -117,7 +117,7 @@ def run(argv: list[str] | None, comm) -> int:
         from mpi_easgd.collectives.peer import run_peer
 
         summary = run_peer(ctx)
-    session.close_run(ctx, summary, f"{transfer} ({why})" if device.type != "cpu" else "direct (CPU)")
+    session.close_run(ctx, summary)
     return 0
 
 

@@ -238,7 +238,7 @@ class AsyncTraining:
             self._work(self.stopped if stopped is None else stopped)
         else:
             self.summary = self._test()
-            session.close_run(self.ctx, self.summary, self._transfer())
+            session.close_run(self.ctx, self.summary)
         return self.summary
 
     def close(self) -> None:
@@ -352,14 +352,6 @@ class AsyncTraining:
         if note:
             ctx.log.warn(note)
         return summary
-
-    def _transfer(self) -> str:
-        """How GPU tensors reached MPI, for the summary."""
-        if self.ctx.device.type == "cpu":
-            return "direct (CPU)"
-        from mpi_easgd.transfer import cuda_aware
-
-        return f"{self.ctx.transfer} ({cuda_aware(self.ctx.cfg.cuda_aware)[1]})"
 
 
 def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:

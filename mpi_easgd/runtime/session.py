@@ -148,14 +148,24 @@ def open_log(cfg, topo, run_dir: Path, resume: Path | None, manifest: dict, note
     return log, started
 
 
-def close_run(ctx, summary: dict | None, transfer: str) -> None:
+def transfer_description(ctx) -> str:
+    """How tensors reached MPI, for the summary: ``direct (CPU)``, or a GPU run's transfer
+    path and why it was chosen."""
+    if ctx.device.type == "cpu":
+        return "direct (CPU)"
+    from mpi_easgd.transfer import cuda_aware
+
+    return f"{ctx.transfer} ({cuda_aware(ctx.cfg.cuda_aware)[1]})"
+
+
+def close_run(ctx, summary: dict | None) -> None:
     """On the rank that logs: complete and write the summary; end a job whose dropped
     workers still hang (MPI cannot let them go another way; exit 3)."""
     if not ctx.topo.logs or summary is None:
         return
     summary["wall_seconds"] = time.perf_counter() - ctx.started
     summary["device"] = str(ctx.device)
-    summary["transfer"] = transfer
+    summary["transfer"] = transfer_description(ctx)
     summary["run_dir"] = str(ctx.run_dir)
     from mpi_easgd.runtime.environment import describe
 

@@ -137,7 +137,7 @@ def test_async_run_learns_and_loses_no_update(algo, ranks, tau, wire, overlap, s
         size = payloads.shape[1] * exchange_dtype(wire).itemsize
     else:
         size = codec.nbytes(payloads.shape[1])
-    assert summary["exchange_dtype"] == wire
+    assert summary["exchange_dtype"] == wire and summary["transfer"] == "direct (CPU)"
     assert summary["bytes_sent_per_exchange"] == summary["bytes_received_per_exchange"] == size
     for w in summary["per_worker"]:
         assert w["bytes_sent"] == w["exchanges"] * size and 0 < w["compute_utilization"] <= 1
@@ -197,6 +197,7 @@ def test_sync_run_writes_a_complete_run_directory(algo, shared, capsys):
     assert SUMMARY_KEYS <= summary.keys()
     assert (summary["algo"], summary["world_size"], summary["epochs"]) == (algo, 2, 3)
     assert summary["test_accuracy"] > 0.6, "4 well-separated classes must be learnt"
+    assert summary["transfer"] == "direct (CPU)"
     ranks = summary["per_rank"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["compute_utilization"] <= 1 for r in ranks)
     if algo != "sgd":  # a gathered round: each rank gets both messages back
@@ -350,6 +351,7 @@ def test_the_api_and_the_command_line_end_with_the_same_center(algo, momentum, s
         center, final = replay(d / "run" / "audit.npz")
         assert torch.equal(center, final)
     assert read_summary(api / "run")["exchanges"] == read_summary(cli / "run")["exchanges"]
+    assert read_summary(api / "run")["transfer"] == read_summary(cli / "run")["transfer"] == "direct (CPU)"
 
 
 @pytest.mark.parametrize("algo", ["easgd", "async-diloco", "user_rules:StalenessAwareEASGD"])
