@@ -43,7 +43,6 @@ import torch
 
 from mpi_easgd.transfer import exchange_dtype
 
-FORMATS = ("int8", "int4", "topk")  # the --exchange-dtype values handled here (the others are floating types)
 TOPK_FRACTION = 0.02
 
 
@@ -72,31 +71,22 @@ class Codec(abc.ABC):
     def rows(self, n: int) -> int:
         return -(-n // self.row)
 
-    def _layout(self, n: int) -> list[tuple[torch.dtype, int, int]]:
-        """(dtype, byte offset, entries per row) of each region."""
+    def _layout(self, n: int) -> tuple[list[tuple[torch.dtype, int, int]], int]:
+        """``([(dtype, byte offset, bytes) of each region], the message's size)`` for ``n`` entries."""
         r, offset, layout = self.rows(n), 0, []
         for dtype, per_row in self.regions():
-            itemsize = torch.empty(0, dtype=dtype).element_size()
             offset = _align(offset)
-            layout.append((dtype, offset, per_row))
-            offset += r * per_row * itemsize
-        return layout
+            layout.append((dtype, offset, r * per_row * dtype.itemsize))
+            offset += layout[-1][2]
+        return layout, _align(offset)
 
     def nbytes(self, n: int) -> int:
         """The size of the message for ``n`` entries."""
-        r = self.rows(n)
-        end = 0
-        for dtype, offset, per_row in self._layout(n):
-            end = offset + r * per_row * torch.empty(0, dtype=dtype).element_size()
-        return _align(end)
+        return self._layout(n)[1]
 
     def _parts(self, buf: torch.Tensor, n: int) -> list[torch.Tensor]:
         r = self.rows(n)
-        parts = []
-        for dtype, offset, per_row in self._layout(n):
-            size = r * per_row * torch.empty(0, dtype=dtype).element_size()
-            parts.append(buf[offset:offset + size].view(dtype).view(r, per_row))
-        return parts
+        return [buf[offset:offset + size].view(dtype).view(r, -1) for dtype, offset, size in self._layout(n)[0]]
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Write ``x`` (float32, 1-D) into the uint8 buffer ``out`` of :meth:`nbytes` bytes."""
@@ -136,7 +126,7 @@ class Int8(Codec):
     def regions(self) -> list[tuple[torch.dtype, int]]:
         return [(torch.bfloat16, 1), (torch.uint8, self.row)]
 
-    def scratch(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _scratch_for(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (rows.shape, rows.device, dtype)
         if key not in self._scratch:
             self._scratch[key] = torch.empty(rows.shape, dtype=dtype, device=rows.device)
@@ -145,7 +135,7 @@ class Int8(Codec):
     def _codes(self, rows: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
         """``rows / scale`` shifted to ``0.5 .. 2 levels + 0.5``: a uint8 copy floors it
         (the bfloat16 scale rounded first: encoder and decoder use the same)."""
-        tmp = self.scratch(rows)
+        tmp = self._scratch_for(rows)
         top = torch.amax(torch.abs(rows, out=tmp), dim=1, keepdim=True)
         scale_out.copy_(top / self.levels)
         scale = scale_out.float()
@@ -169,7 +159,7 @@ class Int4(Int8):
         return [(torch.bfloat16, 1), (torch.uint8, self.row // 2)]
 
     def _encode(self, rows: torch.Tensor, out: list[torch.Tensor]) -> None:
-        q = self.scratch(rows, torch.uint8).copy_(self._codes(rows, out[0]))
+        q = self._scratch_for(rows, torch.uint8).copy_(self._codes(rows, out[0]))
         torch.bitwise_or(q[:, 0::2], q[:, 1::2].bitwise_left_shift(4), out=out[1])
 
     def _decode(self, parts: list[torch.Tensor], rows: torch.Tensor) -> None:
@@ -264,12 +254,13 @@ class DeltaSender:
 
 class StateSender:
     """Sends a state against a reference both ends hold (module docstring). ``reference``:
-    the state both ends start from (copied)."""
+    the state both ends start from (copied). ``scratch``: a float32 vector of its size to
+    work in, which ends used one at a time may share (default: its own)."""
 
-    def __init__(self, codec: Codec, reference: torch.Tensor) -> None:
+    def __init__(self, codec: Codec, reference: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
         self.codec = codec
         self.reference = reference.detach().to(torch.float32, copy=True)
-        self._step = torch.empty_like(self.reference)
+        self._step = torch.empty_like(self.reference) if scratch is None else scratch
 
     def reset(self, reference: torch.Tensor) -> None:
         """Both ends start again from ``reference`` (a new connection, a resumed run)."""

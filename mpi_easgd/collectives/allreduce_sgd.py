@@ -33,6 +33,7 @@ from torch import nn
 
 from mpi_easgd.collectives.base import Collective, CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.collectives.overlap import BucketReducer
+from mpi_easgd.collectives.rounds import ring_bytes
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.runtime.watchdog import require_thread_multiple
 from mpi_easgd.transfer import allreduce, chunk_size
@@ -126,9 +127,8 @@ class AllReduceSGD(Collective):
             buf.after_recv()
             count = int(buf.mpi[-1])
         link = self._link()
-        if link is not None:  # an emulated slow network: a ring moves 2 (p - 1) / p of the buffer
-            p = self.comm.Get_size()
-            link.wait(started, 2 * (p - 1) * self.bytes_per_round // p)
+        if link is not None:  # an emulated slow network
+            link.wait(started, ring_bytes(self.bytes_per_round, self.comm.Get_size()))
         return count
 
     def flat(self, model: nn.Module) -> FlatParameters:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import sys
 import time
 import weakref
@@ -72,7 +73,7 @@ def bcast_module_state(comm: MPI.Comm, model: nn.Module, data: MPIBuffer, root: 
             bcast_tensor(comm, t, root, data.mode)
 
 
-class Collective:
+class Collective(abc.ABC):
     """What every synchronous class shares: a guard on its collectives (:class:`CollectiveGuard`)
     and the flat buffers of the one model it serves. Use it as a context manager, or call
     :meth:`close` when done: that ends the guard's watchdog thread (it also ends once the
@@ -92,11 +93,11 @@ class Collective:
 
     all_rounds = 0  # collective rounds this rank took part in (with those that moved nothing)
 
+    @abc.abstractmethod
     def round_bytes(self) -> tuple[int, int]:
         """(bytes this rank hands MPI to send, bytes MPI hands back) in one round: buffer
         sizes; what a reduction moves on the wire is MPI's choice (a ring: ``2 (p - 1) /
         p`` of the buffer each way)."""
-        raise NotImplementedError
 
     @property
     def bytes_per_round(self) -> int:
@@ -125,7 +126,7 @@ class Collective:
         self.close()
 
 
-class PeriodicRounds(Collective, abc.ABC):
+class PeriodicRounds(Collective):
     """The algorithms that keep a center and run a collective round every ``tau`` local
     steps (AllReduceEA, AllReduceDiLoCo), as the seed's calls: :meth:`average_parameters`
     after every optimizer step, :meth:`synchronize_center` when a rank's epoch ends.
@@ -230,7 +231,7 @@ class PeriodicRounds(Collective, abc.ABC):
         self.calls += 1
         self.steps += 1
         due = self._due is not None and self.calls >= self._due
-        starts = self.calls % self.tau in self._offsets()
+        starts = self.calls % self.tau in self._offsets
         if not (due or starts):
             if self._flight is not None:
                 self._flight.progress()
@@ -245,7 +246,9 @@ class PeriodicRounds(Collective, abc.ABC):
                     self._finish(flat)
         return starts
 
+    @functools.cached_property
     def _offsets(self) -> frozenset[int]:
+        """The steps of each period at which a round starts (``tau`` and ``fragments`` are fixed)."""
         return frozenset(p * self.tau // self.fragments for p in range(self.fragments))
 
     def synchronize_center(self, model: nn.Module) -> None:

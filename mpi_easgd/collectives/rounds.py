@@ -32,6 +32,12 @@ from mpi_easgd.transfer import MPIBuffer, iallreduce
 FLAG_BYTES = 8  # room for two float32 flags
 
 
+def ring_bytes(nbytes: int, ranks: int) -> int:
+    """What a ring Allreduce of ``nbytes`` moves through each rank's link: ``2 (p - 1) / p``
+    of the buffer."""
+    return 2 * (ranks - 1) * nbytes // ranks
+
+
 class GatheredSum:
     """Sum of every rank's ``x`` over ``comm`` in ``codec``'s format, with error feedback
     (``feedback=False`` drops what was left out). ``flags``: up to two small numbers per
@@ -54,11 +60,6 @@ class GatheredSum:
         """Bytes this rank hands MPI per round."""
         return self.message.numel()
 
-    def __call__(self, x: torch.Tensor, flags: tuple[float, ...] = ()) -> tuple[torch.Tensor, list[float]]:
-        """``(sum over ranks of the decoded messages, sum of each flag)``."""
-        self.start(x, flags).Wait()
-        return self.finish(len(flags))
-
     def start(self, x: torch.Tensor, flags: tuple[float, ...] = ()) -> MPI.Request:
         """Encode ``x`` and start the gather (nonblocking); :meth:`finish` once it completed."""
         self.sender.encode(x, self.message[:self.size])
@@ -67,7 +68,8 @@ class GatheredSum:
         return self.comm.Iallgather(self._mine.mpi, self._all.mpi)
 
     def finish(self, flags: int = 2) -> tuple[torch.Tensor, list[float]]:
-        """The sum of a completed gather, as :meth:`__call__` returns it."""
+        """``(sum over ranks of the decoded messages, sum of each of the first ``flags``
+        flags)`` of a completed gather."""
         self._all.after_recv()
         stride, sums = self.message.numel(), [0.0, 0.0]
         self.total.zero_()
@@ -139,7 +141,7 @@ class RoundBuffer:
         """Bytes one round moves through each rank's link: a gather receives the other
         ranks' messages; a ring Allreduce ``2 (p - 1) / p`` of the buffer."""
         p, (sent, _) = self.comm.Get_size(), self.round_bytes()
-        return (p - 1) * sent if self.gather is not None else 2 * (p - 1) * sent // p
+        return (p - 1) * sent if self.gather is not None else ring_bytes(sent, p)
 
     def state_dict(self) -> dict:
         return self.gather.state_dict() if self.gather is not None else {}

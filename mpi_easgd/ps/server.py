@@ -59,7 +59,7 @@ from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Roster, WorkerRecord
 from mpi_easgd.ps.stats import ServerStats
 from mpi_easgd.ps.tester_feed import TesterFeed
 from mpi_easgd.ps.wire import ServerChannel
-from mpi_easgd.rules.asynchronous import Arrival, ServerRule
+from mpi_easgd.rules.asynchronous import Arrival, ServerRule, message_kind
 from mpi_easgd.rules.audit import AuditLog
 from mpi_easgd.runtime import faults, ft
 from mpi_easgd.runtime.control import PeerLost
@@ -96,7 +96,8 @@ class Server:
         self.save = save
         self.roster = Roster(comm, live, worker_ranks)
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
-        self.state_messages = getattr(rule.worker_rule, "message", "state") == "state"
+        self.state_messages = message_kind(rule.worker_rule) == "state"
+        self._scratch: torch.Tensor | None = None  # what every compressed channel works in (made on first use)
         self.feed = TesterFeed(comm, self.versions, tester_rank, test_every, samples_per_exchange)
         self.policy = policy or Abort()
         self.liveness = ServerLiveness(comm, live, self.roster, peer_timeout, self.policy.keeps_going)
@@ -172,9 +173,11 @@ class Server:
         """A compressed format's channels (:mod:`.wire`) for ``records``, from the current center."""
         if self.versions.codec is None:
             return
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.center)
         for record in records:
             if record.channel is None:
-                record.channel = ServerChannel(self.versions.codec, self.center, self.state_messages)
+                record.channel = ServerChannel(self.versions.codec, self.center, self.state_messages, self._scratch)
             else:
                 record.channel.reset(self.center)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from mpi_easgd.compress import Codec, DeltaSender, StateReceiver, StateSender, message_buffer
-from mpi_easgd.rules.asynchronous import WorkerRule
+from mpi_easgd.rules.asynchronous import WorkerRule, message_kind
 from mpi_easgd.transfer import MPIBuffer
 
 
@@ -37,14 +37,16 @@ class WorkerWire:
     def __init__(self, rule: WorkerRule, wire: torch.dtype | Codec, transfer: str, start: torch.Tensor) -> None:
         self.rule = rule
         self.codec = codec = wire if isinstance(wire, Codec) else None
+        self.up = self.down = None  # a compressed format's two ends
         if codec is None:
             self.send = MPIBuffer(rule.send, transfer, wire)
             self.reply = MPIBuffer(rule.reply, transfer, wire)
             return
         n, device = rule.send.numel(), rule.send.device
-        self.up = (StateSender(codec, start) if getattr(rule, "message", "state") == "state"
+        scratch = torch.empty(n, dtype=torch.float32, device=device)  # (both ends work in it, one at a time)
+        self.up = (StateSender(codec, start, scratch) if message_kind(type(rule)) == "state"
                    else DeltaSender(codec, n, device))
-        self.down = StateReceiver(codec, start)
+        self.down = StateReceiver(codec, start, scratch)
         self.send = MPIBuffer(message_buffer(codec, n, device), transfer)
         self.reply = MPIBuffer(message_buffer(codec, n, device), transfer)
 
@@ -68,20 +70,21 @@ class WorkerWire:
             self.rule.reply.copy_(self.down.decode(self.reply.tensor))
 
     def state_dict(self) -> dict:
-        return {"residual": self.up.residual} if isinstance(getattr(self, "up", None), DeltaSender) else {}
+        return {"residual": self.up.residual} if isinstance(self.up, DeltaSender) else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if "residual" in state and isinstance(getattr(self, "up", None), DeltaSender):
+        if "residual" in state and isinstance(self.up, DeltaSender):
             self.up.residual.copy_(state["residual"])
 
 
 class ServerChannel:
     """The server's end of one worker's exchanges in a compressed format: the reference
-    of its messages (state messages only) and of its replies."""
+    of its messages (state messages only) and of its replies. ``scratch``: a vector of the
+    center's size that every channel works in (the server uses one at a time)."""
 
-    def __init__(self, codec: Codec, center: torch.Tensor, state_messages: bool) -> None:
-        self.up = StateReceiver(codec, center) if state_messages else None
-        self.down = StateSender(codec, center)
+    def __init__(self, codec: Codec, center: torch.Tensor, state_messages: bool, scratch: torch.Tensor) -> None:
+        self.up = StateReceiver(codec, center, scratch) if state_messages else None
+        self.down = StateSender(codec, center, scratch)
 
     def reset(self, center: torch.Tensor) -> None:
         """A new process takes this worker's place, starting from ``center``."""

@@ -186,7 +186,7 @@ class ServerRule(abc.ABC):
         factor = self.damps(arrival)
         if factor == 1.0:
             return self.apply(center, incoming, arrival)
-        if self.worker_rule.message == "delta":
+        if message_kind(self.worker_rule) == "delta":
             return self.apply(center, incoming.mul_(factor), arrival)
         new, reply = self.apply(center, incoming, arrival)
         return torch.lerp(center, new, factor, out=new), reply
@@ -261,6 +261,13 @@ class OuterServer(ServerRule):
         self.pushes = int(state.get("pushes", 0))
         if "momentum" in state:
             self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
+
+
+def message_kind(worker: type) -> str:
+    """What a worker side's message is, for a compressed exchange: ``"state"`` or
+    ``"delta"`` (:attr:`WorkerRule.message`; a worker side of a user's own that does not
+    say is taken for a state, which is always safe)."""
+    return getattr(worker, "message", "state")
 
 
 def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,

@@ -161,10 +161,10 @@ def _uses(algo: str) -> frozenset[str] | None:
         return None
 
 
-def _relevant(key: str, *algos: str) -> bool:
-    """Whether ``key`` changes training for every one of ``algos`` (an algorithm's own
-    setting counts only where it is used: sgd has no alpha)."""
-    return key not in ALGORITHM_KEYS or all(u is None or key in u for u in map(_uses, algos))
+def _relevant(key: str, uses: list[frozenset[str] | None]) -> bool:
+    """Whether ``key`` changes training for every algorithm whose settings are ``uses``
+    (an algorithm's own setting counts only where it is used: sgd has no alpha)."""
+    return key not in ALGORITHM_KEYS or all(u is None or key in u for u in uses)
 
 
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
@@ -177,11 +177,12 @@ def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> Non
             f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
             f"{world_size}; resume with mpirun -np {manifest['world_size']}"
         )
-    algos = (saved["algo"], config["algo"])
-    differ = [k for k in TRAINING_KEYS if k in saved and _relevant(k, *algos) and saved[k] != config[k]]
+    uses = {algo: _uses(algo) for algo in (saved["algo"], config["algo"])}
+    differ = [k for k in TRAINING_KEYS if k in saved and _relevant(k, list(uses.values())) and saved[k] != config[k]]
     if differ:
         def flags(values: dict) -> str:  # (each side's settings as its algorithm uses them)
-            return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ if _relevant(k, values["algo"]))
+            return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ
+                            if _relevant(k, [uses[values["algo"]]]))
 
         raise CheckpointError(
             f"checkpoint {ckpt} is from {flags(saved)}, this run has {flags(config)}; resume with "

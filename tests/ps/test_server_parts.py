@@ -120,7 +120,7 @@ def test_a_compressed_exchange_agrees_at_both_ends(algo, fmt):
     versions = CenterVersions(center, rule, codec)
     worker = worker_rule(algo, x, 0.5)
     wire = WorkerWire(worker, codec, "auto", x)
-    channel = ServerChannel(codec, center, rule.worker_rule.message == "state")
+    channel = ServerChannel(codec, center, rule.worker_rule.message == "state", torch.empty(n))
     assert wire.bytes_each_way == (codec.nbytes(n), codec.nbytes(n))
     meant, applied_sum = torch.zeros(n), torch.zeros(n)
     for _ in range(5):
