@@ -171,3 +171,24 @@ def test_max_staleness_damps_a_stale_exchange_by_k_over_its_staleness(algo):
     damped = bounded.exchange(center, x.clone(), Arrival(0, 8, 5))[0] - center
     torch.testing.assert_close(damped, 0.25 * whole, rtol=1e-5, atol=1e-6)
     assert bounded.params()["max_staleness"] == 2, "the audit's replay rebuilds the damping"
+
+
+def test_a_worker_side_that_does_not_say_what_it_sends_is_taken_for_a_state():
+    """A user's worker side need not subclass WorkerRule: without ``message``, damping
+    (and a compressed exchange) treat its message as a state, never fail on it."""
+    from mpi_easgd.rules.asynchronous import ServerRule, message_kind
+
+    class Worker:  # build / prepare / absorb would be here
+        pass
+
+    class Pull(ServerRule):
+        worker_rule = Worker
+
+        def apply(self, center, incoming, arrival=None):
+            return torch.lerp(center, incoming, 0.5, out=incoming), center
+
+    assert message_kind(Worker) == "state"
+    rule = Pull("pull", max_staleness=1)
+    center, x = torch.zeros(4), torch.ones(4)
+    new, _ = rule.exchange(center, x.clone(), Arrival(0, 4, 9))
+    assert torch.equal(new, torch.full((4,), 0.125)), "the center's move (0.5) damped by 1/4"
