@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
-from mpi_easgd.runtime import mpienv
+from mpi_easgd.runtime import ft, mpienv
 
 EXIT_BAD_INPUT = 2  # (as runtime.session says)
 
@@ -138,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
         return exit_status(comm, exc)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ft.finalize_at_exit(main()))

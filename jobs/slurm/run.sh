@@ -26,6 +26,7 @@ read -r -a extra <<< "${ARGS:-}"
 train=("$PYTHON" -m mpi_easgd.train --config "$CONFIG" --out "$OUT" --run-name "$RUN_NAME"
        --resume auto --no-progress "${extra[@]}")
 
+started=$(mktemp)  # (a summary newer than this was written by this start)
 echo "mpi_easgd: job ${SLURM_JOB_ID:-?} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} tasks, launcher $LAUNCHER"
 case "$LAUNCHER" in
   srun)   srun --mpi=pmi2 --kill-on-bad-exit=1 "${train[@]}" & ;;
@@ -42,6 +43,14 @@ while true; do
   wait "$step"; rc=$?
   kill -0 "$step" 2>/dev/null || break
 done
+# Open MPI's mpirun exits 137 when a process it spawned (a replacement worker) was killed,
+# even though the run went on and completed: the run's own summary tells the truth.
+if [ "$LAUNCHER" = mpirun-ft ] && [ "$rc" -eq 137 ] && [ "$OUT/$RUN_NAME/summary.json" -nt "$started" ]; then
+  echo "mpi_easgd: mpirun exited 137 because a replacement worker it spawned was killed; the run completed" \
+       "($OUT/$RUN_NAME/summary.json), exit status 0"
+  rc=0
+fi
+rm -f "$started"
 if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "mpi_easgd: checkpoint written; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"

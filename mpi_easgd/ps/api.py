@@ -256,6 +256,7 @@ class AsyncTraining:
         if exc is None:
             try:
                 self.finish()
+                ft.finalize_at_exit(0)  # (under ULFM: MPI_Finalize may wait on a process that died)
                 return False
             except BaseException as error:  # noqa: BLE001 - every way out gets its status
                 exc = error

@@ -21,6 +21,7 @@ import sys
 
 import mpi_easgd  # noqa: F401 - applies the pre-MPI-init settings
 from mpi_easgd.ps.protocol import Tag, receive_object  # (no torch: MPI starts here, at once)
+from mpi_easgd.runtime import ft
 
 
 def main() -> int:
@@ -150,4 +151,4 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ft.finalize_at_exit(main()))

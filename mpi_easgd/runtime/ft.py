@@ -10,6 +10,8 @@ ending the job. This module is the one place that knows how to tell:
   survivors; TCP loopback does not), applied by :mod:`mpi_easgd.runtime.mpienv`;
 - :func:`enabled` (after): this run can survive a death, and :func:`refusal` the one line
   that says what to install and how to launch when it cannot;
+- :func:`finalize`, :func:`finalize_at_exit`: ``MPI_Finalize`` with a time limit (its closing fence can wait forever
+  on a process that died);
 - :func:`survivable`: the one way to make MPI calls that may fail because a peer died
   (``with ft.survivable() as death:``); :func:`is_failure`, :func:`failed_ranks`,
   :func:`is_dead`, :func:`test`: an MPI error that is a peer's death, and which peers are
@@ -21,8 +23,11 @@ job, as the launcher does by default.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
+import threading
 
 _FT_ENV = "OMPI_MCA_mpi_ft_enable"  # set by mpirun --with-ft ulfm for every process it starts
 _BTL_ENV = "OMPI_MCA_btl"
@@ -159,3 +164,65 @@ def openmpi_environment(prefix) -> dict[str, str]:
             "MPI4PY_LIBMPI": str(prefix / "lib" / "libmpi.so.40"),
             "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+FINALIZE_GRACE = 30.0  # seconds; MPI_Finalize takes well under one when it does not hang
+_exit_status: int | None = None  # what this process exits with if MPI_Finalize hangs at exit
+
+
+def finalize_at_exit(status: int) -> int:
+    """Under ULFM, make the ``MPI_Finalize`` at this process's exit the watched
+    :func:`finalize`, with ``status`` as the exit status should it hang; returns ``status``
+    (``sys.exit(ft.finalize_at_exit(main()))``). For a process whose run is over: an
+    :mod:`atexit` handler runs before mpi4py's own ``MPI_Finalize``, and ``python -m mpi4py``'s
+    ``MPI_Abort`` of a later error would find MPI finalized already."""
+    global _exit_status
+    if enabled():
+        if _exit_status is None:
+            atexit.register(lambda: finalize(_exit_status))
+        _exit_status = status
+    return status
+
+
+def finalize(status: int, grace: float | None = None) -> None:
+    """``MPI_Finalize``; under ULFM watched: if it has not returned after ``grace`` seconds,
+    the process says so and exits with ``status`` without it. Open MPI's closing fence
+    spans every process of the job and, after one of them died, sometimes waits on it
+    forever (the survivors of a completed run hung in it in 1 of 7 CI runs); its
+    ``mpirun --with-ft ulfm`` takes the status of a process that leaves without finalizing.
+
+    The call goes through ctypes, which lets go of the interpreter while MPI waits, so
+    that the watch (a timer thread: no MPI call) can run; mpi4py's own ``Finalize`` holds it."""
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        return
+    grace = FINALIZE_GRACE if grace is None else grace
+    lib = _libmpi() if enabled() else None
+    if lib is None:
+        MPI.Finalize()
+        return
+
+    def expire() -> None:
+        sys.stderr.write(f"mpi_easgd: warning: MPI_Finalize did not return within {grace:g}s (its closing fence waits "
+                         f"for every process, a dead one too); leaving without it, exit status {status}\n")
+        sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(grace, expire)
+    timer.daemon = True
+    timer.start()
+    lib.MPI_Finalize()
+    timer.cancel()
+
+
+def _libmpi():
+    """The MPI library mpi4py loaded, through ctypes (None if it cannot be found)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libmpi.so" in line}
+    except OSError:
+        return None
+    return ctypes.CDLL(paths.pop()) if len(paths) == 1 else None

@@ -193,10 +193,9 @@ def leave(status: int) -> None:
     turn it into ``MPI_Abort`` and a line of its own on every rank."""
     sys.stdout.flush()
     sys.stderr.flush()
-    from mpi4py import MPI
+    from mpi_easgd.runtime import ft
 
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
+    ft.finalize(status)
     os._exit(status)
 
 

@@ -323,3 +323,16 @@ def test_sgd_overlap_starts_reductions_during_backward():
     loss(m, batch(RANK, 1)).backward()
     with pytest.raises(RuntimeError, match="once per step"):
         loss(m, batch(RANK, 2)).backward()
+
+
+def test_plan_calibration_measures_the_same_constants_on_every_rank():
+    """mpi_easgd.plan's calibration (ranks 0 and 1 measure, every rank gets the result);
+    benchmarks/plan_validation.py compares the model it feeds with measured runs."""
+    from mpi_easgd.plan import calibrate
+
+    if SIZE < 2:
+        pytest.skip("the calibration measures between two ranks")
+    m = calibrate(COMM, params=1 << 16, repeats=2)
+    assert COMM.allgather(m) == [m] * SIZE
+    assert 0 < m.latency < 0.01 and 1e8 < m.bandwidth < 1e12, m  # shared memory or loopback
+    assert m.reduce >= 0 and 0 < m.server_update < 1e-7 and 0 < m.worker_update < 1e-7, m
