@@ -1,16 +1,18 @@
 """The cost model (:mod:`mpi_easgd.plan`) against measured runs on this machine.
 
 Each configuration is a real run of the package's own engine: ``AsyncTraining`` (server,
-tester, workers) or ``AllReduceSGD`` / ``AllReduceEA``, around a loop whose step is a sleep
-of ``--step-ms`` (each worker emulates its own accelerator: on 2 shared cores real compute
-would measure the cores, not the exchanges) with a model of ``--params`` parameters. The
-optimizer's step is done on the emulated accelerator too (a no-op here), so a step's time
-is the sleep plus the engine's own per-step work. The model is given the calibration
-measured first, in the same invocation, and the per-step time each run measured outside
-its exchanges; it predicts the exchange rate and the compute utilization, compared here
-with what the run's summary reports. Some configurations add an emulated link
-(``MPI_EASGD_FAULT=rank=*,action=delay,...``: each exchange takes at least its latency
-plus its bytes at that rate). Run::
+tester, workers) or ``AllReduceSGD`` / ``AllReduceEA``, around a loop whose step is a
+sleep of ``step_ms`` (each worker emulates its own accelerator: on 2 shared cores real
+compute would measure the cores, not the exchanges) with a model of ``params``
+parameters. The optimizer's step is done on the emulated accelerator too (a no-op here),
+so a step's time is the sleep plus the engine's own per-step work.
+
+The model is given the calibration measured first, in the same invocation, at each
+configuration's model size, and the per-step time each run measured outside its
+exchanges. It predicts the exchange rate and the compute utilization, compared here with
+what the run reports. Some configurations add an emulated link
+(``MPI_EASGD_FAULT=rank=R,action=delay,...`` on every worker: each exchange takes at least
+its latency plus its bytes at that rate; :func:`emulated` says how the model sees it). Run::
 
     python benchmarks/plan_validation.py              # ~3 minutes; a table and plan_validation.csv
 """
@@ -123,6 +125,20 @@ def one_run(args) -> None:
                                         for w in workers])))))
 
 
+def emulated(machine, link: tuple[float, float], algo: str, workers: int):
+    """The machine as the model sees an emulated link (:mod:`mpi_easgd.runtime.faults`):
+    each worker's exchange (async) or round (sync) takes its latency once, plus its bytes
+    at the link's rate; the server's own link stays this machine's. The emulation waits
+    until that much time has passed, so it is a floor; the model adds it to the real
+    transfer, which is small beside it here."""
+    seconds, mbps = link[0] / 1e3, link[1]
+    rate = mbps * 1e6 / 8 if mbps else machine.bandwidth
+    if algo in ("sgd", "ea"):  # a ring has 2 (n - 1) latencies
+        return dataclasses.replace(machine, latency=machine.latency + seconds / (2 * (workers - 1)), bandwidth=rate)
+    return dataclasses.replace(machine, latency=machine.latency + seconds / 2, bandwidth=rate,
+                               server_bandwidth=machine.bandwidth)
+
+
 def mpiexec() -> str:
     local = Path(sys.executable).with_name("mpiexec")
     return str(local) if local.exists() else "mpiexec"
@@ -147,9 +163,12 @@ def main() -> int:
     from mpi_easgd.plan import Machine, Workload, predict, table, wire_bytes
 
     tmp = Path(tempfile.mkdtemp(prefix="plan_validation."))
-    calib = tmp / "machine.json"
-    subprocess.run([sys.executable, "-m", "mpi_easgd.plan", "--calibrate", str(calib)], check=True, timeout=600)
-    machine = Machine(**json.loads(calib.read_text()))
+    machines = {}  # params -> the calibration at that size
+    for params in sorted({c[2] for i, c in enumerate(CONFIGS) if args.only is None or i in args.only}):
+        calib = tmp / f"machine{params}.json"
+        subprocess.run([sys.executable, "-m", "mpi_easgd.plan", "--calibrate", str(calib), "--params", str(params)],
+                       check=True, timeout=600)
+        machines[params] = Machine(**json.loads(calib.read_text()))
     rows = []
     for i, (algo, workers, params, step_ms, tau, link) in enumerate(CONFIGS):
         if args.only is not None and i not in args.only:
@@ -157,8 +176,10 @@ def main() -> int:
         out = tmp / f"run{i}.json"
         ranks = workers + (2 if algo not in ("sgd", "ea") else 0)
         env = dict(os.environ)
-        if link is not None:
-            env["MPI_EASGD_FAULT"] = f"rank=*,action=delay,seconds={link[0] / 1e3},mbps={link[1]}"
+        if link is not None:  # every worker's link (async: ranks 1..W; sync: every rank)
+            trainers = range(1, workers + 1) if ranks > workers else range(workers)
+            env["MPI_EASGD_FAULT"] = ";".join(f"rank={r},action=delay,seconds={link[0] / 1e3},mbps={link[1]}"
+                                              for r in trainers)
         steps = max(200, 40 * tau)
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(HERE), "--run", "--algo", algo,
                "--params", str(params), "--step-ms", str(step_ms), "--tau", str(tau), "--steps", str(steps),
@@ -168,10 +189,9 @@ def main() -> int:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
             return 1
         measured = json.loads(out.read_text())
-        m = machine
-        if link is not None:  # the emulated link: its latency per exchange, its rate for the bytes
-            m = dataclasses.replace(machine, latency=machine.latency + link[0] / 1e3 / 2,
-                                    bandwidth=link[1] * 1e6 / 8 if link[1] else machine.bandwidth)
+        m = machines[params]
+        if link is not None:  # the emulated link (see the module docstring)
+            m = emulated(m, link, algo, workers)
         w = Workload(params=params, step_seconds=measured["step_seconds"], tau=tau, workers=workers,
                      wire_bytes=wire_bytes("float32"))
         pred = predict(algo, w, m)
@@ -184,7 +204,8 @@ def main() -> int:
                          util_ratio=measured["compute_utilization"] / pred.compute_utilization,
                          bottleneck=pred.bottleneck))
         print(table(rows[-1:], list(rows[-1])), flush=True)
-    print(f"\nmachine: {json.dumps(dataclasses.asdict(machine))}\n")
+    for params, machine in machines.items():
+        print(f"machine at {params:,} parameters: {json.dumps(dataclasses.asdict(machine))}")
     print(table(rows, list(rows[0])))
     within = sum(0.85 <= r["x_ratio"] <= 1.15 and 0.85 <= r["util_ratio"] <= 1.15 for r in rows)
     print(f"\n{within} of {len(rows)} configurations within +-15% (exchange rate and utilization)")

@@ -43,7 +43,7 @@ import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ASYNC = ("easgd", "downpour", "async-diloco")
@@ -56,14 +56,26 @@ class Machine:
     """The constants of the machine (or cluster) a run is planned for."""
 
     latency: float  # seconds, one way
-    bandwidth: float  # bytes per second of one rank's link
+    bandwidth: float  # bytes per second of a worker's link
     reduce: float  # seconds per byte an Allreduce spends reducing (beyond moving the bytes)
-    server_update: float  # seconds per parameter of the server's update, per exchange
-    worker_update: float  # seconds per parameter of a worker's side of the rule
+    server_update: float  # seconds per parameter of the server's update, per exchange (easgd)
+    worker_update: float  # seconds per parameter of an async worker's side of the rule
+    round_overhead: dict = field(default_factory=dict)  # sync algo -> seconds per parameter a round
+    # spends beyond its ring Allreduce (the rule, copies, scaling), measured on 2 ranks
+    server_rules: dict = field(default_factory=dict)  # async algo -> its server update, if not easgd's
+    server_bandwidth: float | None = None  # a server rank's link, if not a worker's
+    params: int | None = None  # the model size the per-parameter costs were measured at (caches
+    # make them depend on it: an ea round cost 1.7 ns a parameter at 4 M here, 3.6 at 11 M)
 
     def with_link(self, bandwidth: float | None = None, latency: float | None = None) -> Machine:
-        return dataclasses.replace(self, bandwidth=bandwidth or self.bandwidth,
+        """The same machine with the links given (server links too)."""
+        return dataclasses.replace(self, bandwidth=bandwidth or self.bandwidth, server_bandwidth=None
+                                   if bandwidth else self.server_bandwidth,
                                    latency=self.latency if latency is None else latency)
+
+    @property
+    def server_link(self) -> float:
+        return self.server_bandwidth or self.bandwidth
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,8 @@ class Prediction:
     compute_utilization: float  # a worker's computing share of its time
     samples_per_second: float
     bytes_per_sample: float  # sent and received by a worker (or rank), per sample it computes
-    bottleneck: str  # compute, worker link, server link, server arithmetic, network
+    bottleneck: str  # the largest share of a worker's cycle: compute, worker link, server link,
+    # server arithmetic (async); compute, network, round arithmetic (sync)
     server_busy: float | None = None  # the server ranks' busy share (async)
 
 
@@ -132,20 +145,21 @@ def predict_async(algo: str, w: Workload, m: Machine) -> Prediction:
     """The asynchronous family (module docstring)."""
     msg = w.params * w.wire_bytes
     compute = w.tau * w.step_seconds
-    link_server = 2 * msg / (w.servers * m.bandwidth)
-    arithmetic = w.params / w.servers * m.server_update
+    link_server = 2 * msg / (w.servers * m.server_link)
+    arithmetic = w.params / w.servers * m.server_rules.get(algo, m.server_update)
     demand = link_server + arithmetic
-    think = compute + w.params * m.worker_update + 2 * m.latency + 2 * msg * (1 - 1 / w.servers) / m.bandwidth
+    own_link = max(2 * msg / m.bandwidth - link_server, 0.0)  # what the server links do not carry
+    think = compute + w.params * m.worker_update + 2 * m.latency + own_link
     rate = closed_network(think, demand, w.workers)
+    at_server = w.workers / rate - think  # waiting for a server rank, and being served
+    # The bottleneck: what takes the largest share of a worker's cycle (the server's share,
+    # queueing included, named by the larger part of its demand).
+    server = "server arithmetic" if arithmetic >= link_server else "server link"
+    shares = {"compute": compute, "worker update": w.params * m.worker_update,
+              "worker link": 2 * m.latency + own_link, server: at_server}
+    neck = max(shares, key=shares.get)
     busy = rate * demand
     utilization = compute * rate / w.workers
-    # Which resource limits: the server once it is nearly always busy, else what the
-    # worker's own cycle spends most on besides computing.
-    if busy > 0.8:
-        neck = "server arithmetic" if arithmetic >= link_server else "server link"
-    else:
-        worker_link = 2 * m.latency + 2 * msg / m.bandwidth
-        neck = "compute" if compute >= max(worker_link, arithmetic) else "worker link"
     samples = rate * w.tau * w.batch
     return Prediction(algo, rate, utilization, samples, 2 * msg / (w.tau * w.batch), neck, busy)
 
@@ -159,10 +173,11 @@ def predict_sync(algo: str, w: Workload, m: Machine) -> Prediction:
         network, moved = ring_allgather(n, msg, m), 2 * (n - 1) * msg
     else:
         network, moved = ring_allreduce(n, msg, m), 4 * (n - 1) / n * msg
-    rule = 0.0 if algo == "sgd" else w.params * m.worker_update
+    rule = w.params * m.round_overhead.get(algo, m.worker_update)
     compute = steps * w.step_seconds
     cycle = compute + network + rule
-    neck = "compute" if compute >= network else "network"
+    shares = {"compute": compute, "network": network, "round arithmetic": rule}  # (the reduction is network)
+    neck = max(shares, key=shares.get)
     return Prediction(algo, 1 / cycle, compute / cycle, n * steps * w.batch / cycle, moved / (steps * w.batch), neck)
 
 
@@ -183,12 +198,16 @@ def servers_needed(w: Workload, m: Machine, busy: float = 0.8, most: int = 1024)
 # ---- calibration --------------------------------------------------------------------
 
 
-def calibrate(comm, params: int = 4 << 20, repeats: int = 8) -> Machine:
+def calibrate(comm, params: int = 11_200_000, repeats: int = 8, gap: float = 0.01) -> Machine:
     """Measure this machine's constants on ranks 0 and 1 of ``comm`` (every rank returns
-    them): the one-way latency of an 8-byte message and the bandwidth of messages of 1 to
-    32 MB (round trips between the two), the seconds per byte an ``Allreduce`` spends
-    beyond moving bytes (its reduction), and rank 0's seconds per parameter of the easgd
-    server's and worker's updates on ``params`` parameters."""
+    them; medians, as a run lives with typical times, not the best): the one-way latency
+    of an 8-byte message and the bandwidth of messages of 1 to 32 MB (round trips between
+    the two); the seconds per byte an ``Allreduce`` of ``params`` floats spends beyond the
+    ring formula's transfers (its reduction); what a round of sgd, ea and diloco (the
+    package's own classes) spends beyond that Allreduce, per parameter, each round after
+    ``gap`` seconds idle as in a run (straight after another it took 20% less here); and
+    each async server rule's update and the easgd worker's, per parameter. Measure at the size of the
+    model planned for: the per-parameter costs depend on it."""
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -216,38 +235,65 @@ def calibrate(comm, params: int = 4 << 20, repeats: int = 8) -> Machine:
         big = np.array(sizes[1:], float)
         bandwidth = float(big @ big / (big @ (np.array(one_way[1:]) - latency)))  # least squares through L
         reduced = np.ones(params, np.float32)
-        nbytes = reduced.nbytes
+        ring = 2 * latency + reduced.nbytes / bandwidth  # the ring formula's transfers for 2 ranks
         allreduce = _seconds(lambda: pair.Allreduce(MPI.IN_PLACE, reduced), repeats, pair)
-        moved = 2 * latency + nbytes / bandwidth  # the ring formula's traffic for 2 ranks
-        reduce = max(allreduce - moved, 0.0) / (nbytes / 2)
-        server = worker = 0.0
+        reduce = max(allreduce - ring, 0.0) / (reduced.nbytes / 2)
+        overhead = {algo: max(_seconds(call, repeats, pair, gap) - allreduce, 0.0) / params
+                    for algo, call in _sync_rounds(pair, params).items()}
+        rules, worker = {}, 0.0
         if pair.rank == 0:
             center, incoming, x = (torch.randn(params) for _ in range(3))
-            rule, side = server_rule("easgd", 0.45), worker_rule("easgd", x, 0.45)
-            server = _seconds(lambda: rule.exchange(center, incoming), repeats) / params
+            for algo in ASYNC:
+                rule = server_rule(algo, 0.45)
+                rules[algo] = _seconds(lambda rule=rule: rule.exchange(center, incoming), repeats) / params
+            side = worker_rule("easgd", x, 0.45)
             side.reply.copy_(center)  # (what a worker reads after an exchange)
             worker = _seconds(side.absorb, repeats) / params
-        constants = pair.bcast((latency, bandwidth, reduce, server, worker), root=0)
+        constants = pair.bcast(dict(latency=latency, bandwidth=bandwidth, reduce=reduce,
+                                    server_update=rules.get("easgd", 0.0), server_rules=rules, worker_update=worker,
+                                    round_overhead=overhead, params=params), root=0)
         pair.Free()
-    latency, bandwidth, reduce, server, worker = comm.bcast(constants, root=0)
-    return Machine(latency=latency, bandwidth=bandwidth, reduce=reduce, server_update=server, worker_update=worker)
+    return Machine(**comm.bcast(constants, root=0))
 
 
-def _seconds(fn, repeats: int, comm=None) -> float:
-    """The fastest of ``repeats`` calls of ``fn`` (after one to warm up); with ``comm``,
-    every call starts together on its ranks and the slowest rank's time counts."""
+def _sync_rounds(comm, params: int) -> dict:
+    """One round of each synchronous class on ``comm``, as calls (a model of ``params``
+    parameters each; ea and diloco with tau 1, so that every call is a round)."""
+    import torch
+
+    from mpi_easgd import AllReduceDiLoCo, AllReduceEA, AllReduceSGD
+
+    rounds = {}
+    for algo, make in (("sgd", lambda: AllReduceSGD(comm)), ("ea", lambda: AllReduceEA(comm, tau=1, alpha=0.3)),
+                       ("diloco", lambda: AllReduceDiLoCo(comm, tau=1))):
+        model = torch.nn.Linear(params, 1, bias=False)
+        model.weight.grad = torch.zeros_like(model.weight)
+        sync = make()
+        sync.synchronize_parameters(model)
+        call = sync.sum_and_normalize_gradients if algo == "sgd" else sync.average_parameters
+        rounds[algo] = lambda call=call, model=model: call(model)
+    return rounds
+
+
+def _seconds(fn, repeats: int, comm=None, gap: float = 0.0) -> float:
+    """The median of ``repeats`` calls of ``fn`` (after one to warm up), each after ``gap``
+    seconds idle; with ``comm``, every call starts together on its ranks and the slowest
+    rank's time counts."""
+    import statistics
     import time
 
     fn()
-    best = math.inf
+    took = []
     for _ in range(repeats):
         if comm is not None:
             comm.Barrier()
+        time.sleep(gap)
         t0 = time.perf_counter()
         fn()
-        took = time.perf_counter() - t0
-        best = min(best, comm.allreduce(took, op=_max()) if comm is not None else took)
-    return best
+        took.append(time.perf_counter() - t0)
+        if comm is not None:
+            took[-1] = comm.allreduce(took[-1], op=_max())
+    return statistics.median(took)
 
 
 def _max():
@@ -333,7 +379,7 @@ def parser() -> argparse.ArgumentParser:
                    choices=("float32", "float16", "bfloat16", "int8", "int4", "topk"))
     p.add_argument("--calibration", type=Path, help="a JSON file written by --calibrate (default: measure now)")
     p.add_argument("--calibrate", type=Path, metavar="FILE",
-                   help="measure this machine (under mpiexec -n 2, or it launches that) and write FILE")
+                   help="measure this machine at --params (under mpiexec -n 2, or it launches that) and write FILE")
     p.add_argument("--bandwidth-gbps", type=float, help="a link's bandwidth instead of the calibrated one")
     p.add_argument("--latency-us", type=float, help="a link's one-way latency instead of the calibrated one")
     p.add_argument("--project", type=int, nargs="*", default=[64, 256, 512], help="workers to project to")
@@ -350,12 +396,12 @@ def machine_from(args) -> Machine:
             raise SystemExit(f"mpi_easgd.plan: error: cannot read the calibration {args.calibration} ({exc}); "
                              f"write one with python -m mpi_easgd.plan --calibrate FILE") from None
     else:
-        m = _measure()
+        m = _measure(int(args.params))
     return m.with_link(args.bandwidth_gbps * 1e9 / 8 if args.bandwidth_gbps else None,
                        args.latency_us * 1e-6 if args.latency_us is not None else None)
 
 
-def _measure(path: Path | None = None) -> Machine:
+def _measure(params: int, path: Path | None = None) -> Machine:
     """Calibrate on two ranks: here if this process is one of two, else by launching them."""
     import os
     import subprocess
@@ -365,14 +411,14 @@ def _measure(path: Path | None = None) -> Machine:
 
     comm = MPI.COMM_WORLD
     if comm.size >= 2:
-        m = calibrate(comm)
+        m = calibrate(comm, params)
         if path is not None and comm.rank == 0:
             path.write_text(json.dumps(dataclasses.asdict(m), indent=1) + "\n")
         return m
     out = path or Path(tempfile.mkstemp(suffix=".json")[1])
     mpiexec = Path(sys.executable).with_name("mpiexec")
     cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", "2", sys.executable, "-m", "mpi_easgd.plan",
-           "--calibrate", str(out)]
+           "--calibrate", str(out), "--params", str(params)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     if done.returncode != 0:
         raise SystemExit(f"mpi_easgd.plan: error: the calibration failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -385,7 +431,7 @@ def _measure(path: Path | None = None) -> Machine:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.calibrate is not None:
-        m = _measure(args.calibrate)
+        m = _measure(int(args.params), args.calibrate)
         if args.calibrate.exists():
             print(f"calibration written to {args.calibrate}: {_describe(m)}")
         return 0
@@ -419,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(m: Machine) -> str:
+    rounds = ", ".join(f"{algo} {v * 1e9:.3g}" for algo, v in m.round_overhead.items())
+    at = f" (measured at {m.params:,} parameters)" if m.params else ""
+    servers = ", ".join(f"{algo} {v * 1e9:.3g}" for algo, v in (m.server_rules or {"easgd": m.server_update}).items())
     return (f"link {m.bandwidth * 8 / 1e9:.3g} Gb/s, latency {m.latency * 1e6:.3g} us, reduction "
-            f"{m.reduce * 1e9:.3g} ns/byte; server update "
-            f"{m.server_update * 1e9:.3g} ns/parameter, worker update {m.worker_update * 1e9:.3g} ns/parameter")
+            f"{m.reduce * 1e9:.3g} ns/byte; per parameter: server update {servers} ns, "
+            f"worker update {m.worker_update * 1e9:.3g} ns, a sync round beyond its Allreduce: {rounds or '-'} ns{at}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from conftest import ROOT
 
 from mpi_easgd import plan
 
-M = plan.Machine(latency=5e-6, bandwidth=12.5e9, reduce=1e-10, server_update=3e-10, worker_update=3e-10)
+M = plan.Machine(latency=5e-6, bandwidth=12.5e9, reduce=1e-10, server_update=3e-10, worker_update=3e-10,
+                 round_overhead={"sgd": 1e-10, "ea": 5e-10, "diloco": 1e-9})
 
 
 def test_closed_network_is_exact_at_the_limits():
@@ -49,6 +50,15 @@ def test_a_busy_server_limits_the_exchanges_and_shards_lift_the_limit():
     assert plan.predict("easgd", dataclasses.replace(w, servers=s // 2), M).server_busy > 0.8
     slow_update = dataclasses.replace(M, server_update=5e-9)
     assert plan.predict("easgd", w, slow_update).bottleneck == "server arithmetic"
+    fast_server = dataclasses.replace(M, bandwidth=1.25e9, server_bandwidth=100e9)  # a slow worker link
+    assert plan.predict("easgd", dataclasses.replace(w, workers=2), fast_server).bottleneck == "worker link"
+
+
+def test_the_bottleneck_is_the_largest_share_of_a_cycle_queueing_included():
+    """Two workers whose server is 73% busy wait for it (in all) longer than they compute."""
+    w = plan.Workload(params=11_000_000, step_seconds=0.005, tau=2, workers=2)
+    p = plan.predict("easgd", w, M)
+    assert p.server_busy < 0.8 and p.compute_utilization < 0.5 and p.bottleneck == "server link"
 
 
 def test_ring_formulas_and_the_sync_algorithms():
@@ -57,7 +67,8 @@ def test_ring_formulas_and_the_sync_algorithms():
     assert plan.ring_allgather(4, 1e6, M) == pytest.approx(3 * (5e-6 + 1e6 / 12.5e9))
     w = plan.Workload(params=1_000_000, step_seconds=0.01, tau=10, workers=8)
     sgd, ea = plan.predict("sgd", w, M), plan.predict("ea", w, M)
-    assert sgd.exchanges_per_second == pytest.approx(1 / (0.01 + plan.ring_allreduce(8, 4e6, M)))
+    assert sgd.exchanges_per_second == pytest.approx(1 / (0.01 + plan.ring_allreduce(8, 4e6, M) + 1e6 * 1e-10))
+    assert ea.compute_utilization == pytest.approx(0.1 / (0.1 + plan.ring_allreduce(8, 4e6, M) + 1e6 * 5e-10))
     assert ea.compute_utilization > sgd.compute_utilization  # one round in ten steps
     int4 = dataclasses.replace(w, wire_bytes=plan.wire_bytes("int4", w.params))
     assert plan.predict("ea", int4, M).bytes_per_sample == pytest.approx(2 * 7 * int4.params * int4.wire_bytes / 320)
