@@ -3,6 +3,7 @@
 Public API::
 
     from mpi_easgd import AllReduceSGD, AllReduceEA, AllReduceDiLoCo, AsyncTraining, FlatParameters
+    from mpi_easgd import HierarchicalAveraging
 
 ``AllReduceSGD(comm)`` averages gradients with one ``Allreduce`` per step;
 ``AllReduceEA(comm, tau, alpha)`` runs synchronous elastic averaging;
@@ -11,6 +12,8 @@ step on the averaged pseudo-gradient every ``tau`` local steps; ``fragments`` an
 ``overlap_steps`` for streaming DiLoCo); both take ``exchange_dtype="float16"`` or
 ``"bfloat16"`` to halve the bytes of each round, or ``"int8"``, ``"int4"``, ``"topk"``
 (:mod:`mpi_easgd.compress`, with error feedback) to send 1/4, 1/8 or 1/85 of them.
+``HierarchicalAveraging(comm, {4: "node", 16: comm.size})`` averages the parameters at
+several levels with their own periods (torch's ``HierarchicalModelAverager`` on MPI).
 ``AsyncTraining(comm, model, optimizer, algo="easgd", ...)`` runs the asynchronous family
 (EASGD, EAMSGD, DOWNPOUR, async DiLoCo, or a rule of your own) around your own loop, with
 a parameter-server rank and a tester rank; the command line
@@ -30,12 +33,13 @@ from mpi_easgd.runtime import mpienv
 
 mpienv.prepare()  # must run before mpi4py initialises MPI
 
-__all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "AsyncTraining", "FlatParameters"]
+__all__ = ["AllReduceDiLoCo", "AllReduceEA", "AllReduceSGD", "AsyncTraining", "FlatParameters",
+           "HierarchicalAveraging"]
 __version__ = "0.1.0"
 _HOMES = {"AllReduceDiLoCo": "mpi_easgd.collectives.allreduce_diloco",
           "AllReduceEA": "mpi_easgd.collectives.allreduce_ea",
           "AllReduceSGD": "mpi_easgd.collectives.allreduce_sgd", "AsyncTraining": "mpi_easgd.ps.api",
-          "FlatParameters": "mpi_easgd.flat"}
+          "FlatParameters": "mpi_easgd.flat", "HierarchicalAveraging": "mpi_easgd.collectives.hierarchical"}
 
 
 def __getattr__(name: str):

@@ -46,7 +46,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ASYNC = ("easgd", "downpour", "async-diloco")
+from mpi_easgd import registry
+
+ASYNC = ("easgd", "downpour", "async-diloco")  # what the table shows (eamsgd's exchanges are easgd's)
 SYNC = ("sgd", "ea", "diloco")
 WIRE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 
@@ -167,8 +169,9 @@ def predict_async(algo: str, w: Workload, m: Machine) -> Prediction:
 def predict_sync(algo: str, w: Workload, m: Machine) -> Prediction:
     """sgd (every step) and ea / diloco (every ``tau`` steps), on ``w.workers`` ranks."""
     n, msg = w.workers, w.params * w.wire_bytes
-    steps = 1 if algo == "sgd" else w.tau
-    gathered = algo != "sgd" and w.wire_bytes < 2  # the compressed formats are gathered, not reduced
+    periodic = "tau" in registry.lookup(algo).uses  # (sgd reduces gradients every step)
+    steps = w.tau if periodic else 1
+    gathered = periodic and w.wire_bytes < 2  # the compressed formats are gathered, not reduced
     if gathered:
         network, moved = ring_allgather(n, msg, m), 2 * (n - 1) * msg
     else:
@@ -181,9 +184,14 @@ def predict_sync(algo: str, w: Workload, m: Machine) -> Prediction:
     return Prediction(algo, 1 / cycle, compute / cycle, n * steps * w.batch / cycle, moved / (steps * w.batch), neck)
 
 
+def _wire(w: Workload, algo: str) -> Workload:
+    """``w`` as ``algo`` runs it: float32 where it has no other exchange format (sgd)."""
+    return w if "exchange_dtype" in registry.lookup(algo).uses else dataclasses.replace(w, wire_bytes=4.0)
+
+
 def predict(algo: str, w: Workload, m: Machine) -> Prediction:
     """:func:`predict_async` or :func:`predict_sync`, by ``algo``."""
-    return predict_async(algo, w, m) if algo in ASYNC or algo == "eamsgd" else predict_sync(algo, w, m)
+    return predict_async(algo, w, m) if registry.lookup(algo).is_async else predict_sync(algo, w, m)
 
 
 def servers_needed(w: Workload, m: Machine, busy: float = 0.8, most: int = 1024) -> int:
@@ -270,7 +278,7 @@ def _sync_rounds(comm, params: int) -> dict:
         model.weight.grad = torch.zeros_like(model.weight)
         sync = make()
         sync.synchronize_parameters(model)
-        call = sync.sum_and_normalize_gradients if algo == "sgd" else sync.average_parameters
+        call = getattr(sync, "average_parameters", None) or sync.sum_and_normalize_gradients
         rounds[algo] = lambda call=call, model=model: call(model)
     return rounds
 
@@ -328,7 +336,7 @@ def projection(w: Workload, m: Machine, scales: list[int]) -> list[dict]:
         at = dataclasses.replace(w, workers=n)
         needed = servers_needed(at, m)
         one, shard = predict("easgd", at, m), predict("easgd", dataclasses.replace(at, servers=needed), m)
-        sgd, ea = predict("sgd", dataclasses.replace(at, wire_bytes=4.0), m), predict("ea", at, m)
+        sgd, ea = predict("sgd", _wire(at, "sgd"), m), predict("ea", at, m)
         rows.append(dict(workers=n, easgd_S1_util=one.compute_utilization, S1_bottleneck=one.bottleneck,
                          servers_needed=needed, easgd_util=shard.compute_utilization,
                          sgd_util=sgd.compute_utilization, ea_util=ea.compute_utilization,
@@ -350,8 +358,7 @@ def plot(w: Workload, m: Machine, path: Path, most: int = 512) -> None:
         ys = [predict("easgd", dataclasses.replace(w, workers=n, servers=s), m).compute_utilization for n in ns]
         ax.plot(ns, ys, marker="o", label=f"easgd, {s} server rank{'s' * (s > 1)}")
     for algo, style in (("sgd", "--"), ("ea", ":")):
-        ys = [predict(algo, dataclasses.replace(w, workers=n, wire_bytes=4.0 if algo == "sgd" else w.wire_bytes),
-                      m).compute_utilization for n in ns]
+        ys = [predict(algo, _wire(dataclasses.replace(w, workers=n), algo), m).compute_utilization for n in ns]
         ax.plot(ns, ys, style, color="k", label=f"{algo} (ring Allreduce)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("workers")
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{w.servers} server rank(s), batch {w.batch}, {args.exchange_dtype} ({w.wire_bytes:.3g} bytes/parameter)\n")
     rows = []
     for algo in (*ASYNC, *SYNC):
-        at = dataclasses.replace(w, wire_bytes=4.0) if algo == "sgd" else w
+        at = _wire(w, algo)
         p = predict(algo, at, m)
         rows.append(dict(algo=algo, exchanges_s=p.exchanges_per_second, utilization=p.compute_utilization,
                          samples_s=p.samples_per_second, bytes_per_sample=p.bytes_per_sample,

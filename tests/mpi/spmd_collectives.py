@@ -336,3 +336,50 @@ def test_plan_calibration_measures_the_same_constants_on_every_rank():
     assert COMM.allgather(m) == [m] * SIZE
     assert 0 < m.latency < 0.01 and 1e8 < m.bandwidth < 1e12, m  # shared memory or loopback
     assert m.reduce >= 0 and 0 < m.server_update < 1e-7 and 0 < m.worker_update < 1e-7, m
+
+
+@pytest.mark.skipif(SIZE < 2, reason="averaging needs 2+ processes")
+def test_hierarchical_averaging_equals_torch_hierarchical_model_averager():
+    """The same models, batches and schedule: HierarchicalAveraging on MPI and torch's
+    HierarchicalModelAverager on gloo give the same parameters after every step (4 ranks:
+    pairs every 2 steps, all every 4 after 3 warm-up steps; 2 ranks: all every 3)."""
+    from collections import OrderedDict
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.model_averaging.hierarchical_model_averager import HierarchicalModelAverager
+
+    from mpi_easgd.collectives.hierarchical import HierarchicalAveraging
+
+    levels, warmup = (OrderedDict([(2, 2), (4, 4)]), 3) if SIZE == 4 else (OrderedDict([(3, SIZE)]), 0)
+    folder = COMM.bcast(tempfile.mkdtemp(prefix="mpi_easgd-hier-") if RANK == 0 else None, root=0)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=RANK, world_size=SIZE)
+    try:
+        theirs, ours = model(), model()
+        torch_avg = HierarchicalModelAverager(levels, warmup_steps=warmup)
+        with HierarchicalAveraging(COMM, dict(levels), warmup_steps=warmup) as avg:
+            avg.synchronize_parameters(ours)
+            opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+            opt_o = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+            averaged = []
+            for step in range(9):
+                xy = batch(RANK, step)
+                for m, opt in ((theirs, opt_t), (ours, opt_o)):
+                    opt.zero_grad()
+                    loss(m, xy).backward()
+                    opt.step()
+                torch_avg.average_parameters(theirs.parameters())
+                averaged.append(avg.average_parameters(ours))
+                torch.testing.assert_close(params(ours), params(theirs), rtol=0, atol=1e-6)
+                if SIZE == 4 and step == 6:  # pairs averaged: equal within a pair, not across
+                    sums = COMM.allgather(float(params(ours).double().sum()))
+                    assert sums[0] == sums[1] and sums[2] == sums[3] and sums[0] != sums[2], sums
+        if SIZE == 4:
+            assert averaged == [False, False, False, False, True, False, True, False, True]  # steps 4, 6, 8
+            assert avg.averages == [1, 2]  # pairs at 6; everyone at 4 and 8
+        else:
+            assert averaged == [True, False, False, True, False, False, True, False, False]
+    finally:
+        dist.destroy_process_group()
+        COMM.Barrier()
+        if RANK == 0:
+            shutil.rmtree(folder, ignore_errors=True)
