@@ -73,6 +73,8 @@ class Config:
                               "(0: the center; 0.5 is streaming DiLoCo's choice with --overlap-steps)")
     max_staleness: int = _opt(0, "async: an exchange whose worker missed more than K center updates since its "
                                  "previous one moves the center by K / staleness of what it would (0: off)")
+    servers: int = _opt(1, "async: server ranks the center is split over (ranks 0..S-1, one contiguous shard "
+                           "each); a worker's exchange goes to all of them at once")
     overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
                                          "is in flight; the move then uses the parameters that were sent")
     seed: int = _opt(0, "seed for initialisation and data order")
@@ -171,6 +173,7 @@ class Config:
              f"(at most one round in flight); got {self.overlap_steps}"),
             (0 <= self.mixing < 1, f"--mixing must be in [0, 1); got {self.mixing}"),
             (self.max_staleness >= 0, f"--max-staleness must be an integer >= 0 (0: off); got {self.max_staleness}"),
+            (self.servers >= 1, f"--servers must be an integer >= 1 (server ranks); got {self.servers}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -212,6 +215,12 @@ class Config:
             raise ConfigError(f"--max-staleness applies to the async algorithms "
                               f"({', '.join(registry.using('max_staleness'))}); {self.algo}'s rounds are never stale: "
                               f"drop the flag")
+        if self.servers != 1 and "servers" not in uses:
+            raise ConfigError(f"--servers applies to the async algorithms ({', '.join(registry.using('servers'))}); "
+                              f"{self.algo} has no server: drop the flag")
+        if self.servers != 1 and self.on_worker_loss == "respawn":
+            raise ConfigError(f"--on-worker-loss respawn works with one server rank; this run has --servers "
+                              f"{self.servers}: use --on-worker-loss continue, or --servers 1")
         if self.overlap_exchange and "overlap_exchange" not in uses:
             raise ConfigError(f"--overlap-exchange needs an asynchronous algorithm "
                               f"({', '.join(registry.using('overlap_exchange'))}): {self.algo} exchanges in "

@@ -68,6 +68,8 @@ class Algorithm:
             settings["topk_fraction"] = cfg.topk_fraction
         if "max_staleness" in self.uses and cfg.max_staleness:
             settings["max_staleness"] = cfg.max_staleness
+        if "servers" in self.uses and cfg.servers > 1:
+            settings["servers"] = cfg.servers
         return settings
 
 
@@ -101,7 +103,7 @@ def load_user_object(path: str, flag: str, error: type[Exception]):
 
 _SYNC_USES = frozenset({"on_rank_loss"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "topk_fraction", "overlap_exchange", "on_worker_loss", "test_every",
-                         "audit", "max_staleness"})
+                         "audit", "max_staleness", "servers"})
 _RULES = "mpi_easgd.rules.asynchronous"
 _ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
 _OUTER = ("tau", "outer_lr", "outer_momentum")

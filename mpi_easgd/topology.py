@@ -2,8 +2,10 @@
 
 Synchronous algorithms (sgd, ea, diloco; :mod:`mpi_easgd.registry` says which): every rank
 is a ``peer``. Asynchronous ones (easgd, eamsgd, downpour, async-diloco): rank 0 is the
-``server`` (it owns the center), the last rank is the ``tester``, ranks 1..n-2 are
-``worker`` s, sharded by worker index (rank - 1).
+``server`` (it owns the center, or with ``--servers S`` its first shard, and coordinates
+the run: liveness, checkpoints, the tester), ranks 1..S-1 are ``shard`` servers (one
+contiguous shard of the center each), the last rank is the ``tester``, ranks S..n-2 are
+``worker`` s, sharded by worker index (rank - S).
 :meth:`Topology.build` is pure and validates before any MPI traffic.
 """
 
@@ -24,29 +26,34 @@ class Topology:
     world_size: int
     rank: int
     algo: str
-    role: str  # "peer" | "server" | "worker" | "tester"
+    role: str  # "peer" | "server" | "shard" | "worker" | "tester"
+    servers: int = 1  # server ranks (async)
 
     @classmethod
-    def build(cls, world_size: int, rank: int, algo: str) -> Topology:
+    def build(cls, world_size: int, rank: int, algo: str, servers: int = 1) -> Topology:
         try:
             is_async = registry.lookup(algo).is_async
         except registry.AlgorithmError as exc:
             raise ConfigError(str(exc)) from None
         if is_async:
-            if world_size < 3:
+            if world_size < servers + 2:
+                what = "server" if servers == 1 else f"{servers} servers"
                 raise ConfigError(
-                    f"async {algo} needs at least 3 ranks (server, tester, 1+ worker); got "
-                    f"{world_size}: run mpirun -np 4 ..., or use --algo sgd/ea with fewer ranks"
+                    f"async {algo} needs at least {servers + 2} ranks ({what}, tester, 1+ worker); got "
+                    f"{world_size}: run mpirun -np {servers + 3} ..., "
+                    + ("or use --algo sgd/ea with fewer ranks" if servers == 1 else "or lower --servers")
                 )
             if rank == SERVER_RANK:
                 role = "server"
+            elif rank < servers:
+                role = "shard"
             elif rank == world_size - 1:
                 role = "tester"
             else:
                 role = "worker"
         else:
             role = "peer"
-        return cls(world_size=world_size, rank=rank, algo=algo, role=role)
+        return cls(world_size=world_size, rank=rank, algo=algo, role=role, servers=servers if is_async else 1)
 
     @property
     def is_async(self) -> bool:
@@ -57,12 +64,17 @@ class Topology:
         return SERVER_RANK
 
     @property
+    def server_ranks(self) -> list[int]:
+        """Every server rank, the one that coordinates first (its shard is the first)."""
+        return list(range(self.servers))
+
+    @property
     def tester_rank(self) -> int:
         return self.world_size - 1 if self.is_async else 0
 
     @property
     def worker_ranks(self) -> list[int]:
-        return list(range(1, self.world_size - 1)) if self.is_async else list(range(self.world_size))
+        return list(range(self.servers, self.world_size - 1)) if self.is_async else list(range(self.world_size))
 
     @property
     def num_workers(self) -> int:

@@ -28,7 +28,7 @@ def _validate(argv, rank: int, size: int):
     from mpi_easgd.topology import Topology
 
     cfg = parse_args(argv)
-    topo = Topology.build(size, rank, cfg.algo)
+    topo = Topology.build(size, rank, cfg.algo, cfg.servers)
     cfg = cfg.resolve(topo.num_workers)
     check_model_name(cfg.model)
     from mpi_easgd.tasks import task

@@ -51,8 +51,9 @@ from mpi_easgd.compress import wire_format
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import say_dropped
 from mpi_easgd.ps.policies import loss_policy
-from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, wait_politely
+from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, shard_bounds, wait_politely
 from mpi_easgd.ps.server import Server
+from mpi_easgd.ps.shards import ShardServer, ShardServers
 from mpi_easgd.ps.spares import Spares
 from mpi_easgd.ps.stats import ServerStats, WorkerStats, summarise
 from mpi_easgd.ps.tester import Evaluate, run_tester
@@ -113,17 +114,22 @@ class AsyncTraining:
         else:
             self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
             saved = saved_state(ctx.resume, topo.rank) if ctx.resume else None
-            if topo.role == "server":
+            if topo.role in ("server", "shard"):
                 self.server = self._make_server(saved)
-            start = MPIBuffer(self.flat.data, ctx.transfer)  # the server's parameters: everyone's starting point
-            start.before_send()
-            comm.Bcast(start.mpi, root=topo.server_rank)
-            start.after_recv()
+            # The center, each shard from its server: everyone's starting point (a resumed
+            # server holds only its own shard of it)
+            for root, (a, b) in zip(topo.server_ranks, shard_bounds(self.flat.numel, topo.servers)):
+                start = MPIBuffer(self.flat.data[a:b], ctx.transfer)
+                start.before_send()
+                comm.Bcast(start.mpi, root=root)
+                start.after_recv()
         if ctx.resume is not None:
             ctx.log.info(f"resumed from {ctx.resume}")
         p, algo = topo.num_workers, registry.lookup(cfg.algo)
+        servers = f"server rank {topo.server_rank}" if topo.servers == 1 else \
+            f"server ranks 0-{topo.servers - 1} (a shard of the center each)"
         ctx.log.info(
-            f"{cfg.algo}: server rank {topo.server_rank}, tester rank {topo.tester_rank}, {p} workers; "
+            f"{cfg.algo}: {servers}, tester rank {topo.tester_rank}, {p} workers; "
             f"model {cfg.model} ({self.flat.numel:,} parameters), {dataset}, tau {cfg.tau}, "
             + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
                if algo.outer else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
@@ -134,7 +140,7 @@ class AsyncTraining:
         if topo.role == "worker":
             if optimizer is None:
                 raise ValueError("a worker needs an optimizer: AsyncTraining(comm, model, optimizer, ...)")
-            endpoint = WorkerEndpoint(comm, self.live, topo.server_rank)
+            endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks)
             self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
                                       lambda step, state: _save_rank(ctx, step, state), saved)
         self._fault = faults.from_env(ctx.rank)  # injected faults (tests): once per step, as in the loop
@@ -282,6 +288,17 @@ class AsyncTraining:
             return ckpt
 
         rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness)
+        start, stop = shard_bounds(self.flat.numel, topo.servers)[topo.rank]  # this rank's shard of the center
+        options = dict(test_every=cfg.test_every, samples_per_exchange=cfg.tau * self.samples_per_step,
+                       audit=cfg.audit, peer_timeout=cfg.worker_timeout, checkpoint_every=cfg.checkpoint_every,
+                       wire=wire_format(cfg.exchange_dtype, cfg.topk_fraction), wait_replies=not cfg.overlap_exchange)
+        if topo.role == "shard":
+            server = ShardServer(ctx.comm, self.live, self.flat.data[start:stop], rule, topo.worker_ranks,
+                                 topo.tester_rank, save=lambda step, extra, written: _save_rank(
+                                     ctx, step, server.state_dict()), **options)
+            if saved is not None:
+                server.load_state_dict(saved)
+            return server
         spares = None
         if cfg.on_worker_loss == "respawn":
             # The command line's spares run python -m mpi_easgd.ps.join; a script's rerun the
@@ -291,25 +308,33 @@ class AsyncTraining:
             setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
                          cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
             spares = Spares(setup, script)
-        server = Server(ctx.comm, self.live, self.flat.data, rule, topo.worker_ranks, topo.tester_rank,
-                        test_every=cfg.test_every, save=commit, samples_per_exchange=cfg.tau * self.samples_per_step,
-                        audit=cfg.audit, peer_timeout=cfg.worker_timeout,
-                        policy=loss_policy(cfg.on_worker_loss, spares), checkpoint_every=cfg.checkpoint_every,
-                        wire=wire_format(cfg.exchange_dtype, cfg.topk_fraction), wait_replies=not cfg.overlap_exchange)
+        shards = ShardServers(ctx.comm, topo.server_ranks[1:], cfg.worker_timeout) if topo.servers > 1 else None
+        server = Server(ctx.comm, self.live, self.flat.data[start:stop], rule, topo.worker_ranks, topo.tester_rank,
+                        save=commit, policy=loss_policy(cfg.on_worker_loss, spares), shards=shards, **options)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
         return server
 
     def _serve(self) -> None:
-        ctx, cfg, server = self.ctx, self.ctx.cfg, self.server
+        ctx, cfg, server, topo = self.ctx, self.ctx.cfg, self.server, self.ctx.topo
+        audit = ctx.run_dir / ("audit.npz" if topo.servers == 1 else f"audit-shard{topo.rank}.npz")
+        if isinstance(server, ShardServer):  # its shard and counters go to rank 0 at the end
+            server.run()
+            if server.audit is not None:
+                server.audit.write(audit, server.versions.rule, server.center)
+            return
+        shards = []
         try:
             server.run()
+            if server.shards is not None:  # the whole center, for center.pt and the summary
+                shards = server.shards.end(self.flat.data, shard_bounds(self.flat.numel, topo.servers))
         finally:  # the server owns the center: keep it even if a peer was lost at the end
             checkpoint.save_model(self.model, ctx.run_dir / "center.pt")
         stats = server.stats()
+        stats.shards = shards
         stats.relayed = server.policy.relayed(server.roster, cfg.worker_timeout)
         if server.audit is not None:
-            server.audit.write(ctx.run_dir / "audit.npz", server.versions.rule, self.flat.data)
+            server.audit.write(audit, server.versions.rule, server.center)
         # Sent once everything is on disk: the tester may end the job after its summary.
         _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
         if ft.enabled():
@@ -341,7 +366,7 @@ class AsyncTraining:
     def _test(self) -> dict:
         ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
         final = run_tester(ctx.comm, self.flat, self.evaluate or (lambda model: {}), topo.server_rank, ctx.log,
-                           ctx.transfer, self.evaluations, self.samples_per_epoch)
+                           ctx.transfer, self.evaluations, self.samples_per_epoch, topo.server_ranks)
         server, workers = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
         if ft.enabled():
             ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
@@ -375,7 +400,7 @@ def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
             values["algo"] = f"{algo.__module__}:{algo.__qualname__}"
         cfg = Config.from_mapping(values, "AsyncTraining(...)")
         cfg.validate()
-        topo = Topology.build(size, rank, cfg.algo)
+        topo = Topology.build(size, rank, cfg.algo, cfg.servers)
         if not topo.is_async:
             raise ConfigError(f"AsyncTraining runs the asynchronous algorithms; for {cfg.algo} use the "
                               f"synchronous classes (AllReduceSGD, AllReduceEA, AllReduceDiLoCo)")
@@ -420,7 +445,7 @@ def _join(parent: MPI.Intercomm, model: nn.Module, samples_per_step: int,
     start = MPIBuffer(flat.data, "direct" if device.type == "cpu" else "staged")
     parent.Recv(start.mpi, source=0, tag=Tag.START)
     start.after_recv()
-    topo = Topology.build(setup["world_size"], rank, cfg.algo)
+    topo = Topology.build(setup["world_size"], rank, cfg.algo, cfg.servers)
     steps = samples_per_epoch // (topo.num_workers * samples_per_step) if samples_per_epoch else None
     ctx = RunContext(cfg, parent, topo, None, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
                      None, start.mode, time.perf_counter(), identity=rank)

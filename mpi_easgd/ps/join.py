@@ -137,7 +137,7 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     start = MPIBuffer(flat.data, "staged" if device.type != "cpu" else "direct")
     parent.Recv(start.mpi, source=0, tag=Tag.START)
     start.after_recv()
-    topo = Topology.build(setup["world_size"], rank, cfg.algo)
+    topo = Topology.build(setup["world_size"], rank, cfg.algo, cfg.servers)
     # Where the dead worker's exchanges had taken it (it exchanged at every tau-th step).
     steps = shard_loader(info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
                         seed=cfg.seed, even=not cfg.uneven).steps

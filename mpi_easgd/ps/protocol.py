@@ -31,6 +31,7 @@ class Tag(IntEnum):
     JOIN = 20  # server -> spare worker, pickled: the run's set-up, then its assignment (or None: not needed)
     START = 21  # server -> replacement worker: float32[n] the center it starts from
     GATHERED = 22  # tester -> server, pickled None: (ULFM) every role's statistics are in
+    SHARD = 23  # rank 0 -> shard server: int64[CONTROL_LEN] (ShardCommand, value); shard -> rank 0: its final shard
 
 
 class Kind(IntEnum):
@@ -48,6 +49,16 @@ class Command(IntEnum):
     END = 3  # the run is over (third field: 1 if it was stopped by a signal)
     DROPPED = 4  # (liveness) --on-worker-loss continue: you were silent too long and no longer count
     HEARTBEAT = 5  # (liveness) the server is alive (sent every second to ranks that may wait on it)
+
+
+class ShardCommand(IntEnum):
+    """What rank 0 tells a shard server (``--servers S``; first field of a control message on
+    Tag.SHARD; see :mod:`.shards`)."""
+
+    SNAPSHOT = 1  # send the tester your shard (second field: the snapshot's Kind)
+    SAVE = 2  # write your file of checkpoint (second field), answer SAVED
+    DROP = 3  # withdraw worker (second field: its index)'s receives: it no longer counts
+    END = 4  # training is over: send rank 0 your shard and your counters
 
 
 DONE_LEN = 4
@@ -126,24 +137,35 @@ class WorkerEndpoint:
     """A worker's end of the protocol with the server (see :mod:`.server`): the exchange,
     DONE, SAVED, and two inboxes of the server's commands: :attr:`inbox` (SAVE, RESUME,
     END; main thread) on ``comm``, :attr:`liveness` (heartbeats, DROPPED; the liveness
-    thread) on ``live``. Buffers are whatever mpi4py takes (numpy views of the flat
-    buffers); the caller times and watches the calls."""
+    thread) on ``live``. ``servers``: every server rank, when the center is split over
+    several (``--servers``): an exchange then goes to each, its shard of the message and of
+    the reply; everything else only to ``server``. Buffers are whatever mpi4py takes
+    (numpy views of the flat buffers); the caller times and watches the calls."""
 
-    def __init__(self, comm: MPI.Comm, live: MPI.Comm, server: int) -> None:
+    def __init__(self, comm: MPI.Comm, live: MPI.Comm, server: int, servers: list[int] | None = None) -> None:
         self.comm, self.server = comm, server
+        self.servers = servers or [server]
         self.inbox = Inbox(comm, server)
         self.liveness = Inbox(live, server)
 
-    def exchange(self, send, reply) -> None:
-        """Send this worker's message (parameters, or DOWNPOUR's update) and receive the reply."""
-        self.comm.Sendrecv(send, dest=self.server, sendtag=Tag.EXCHANGE, recvbuf=reply, source=self.server,
-                           recvtag=Tag.REPLY)
+    def exchange(self, buffers: list[tuple[object, object]]) -> None:
+        """Send this worker's message (parameters, or DOWNPOUR's update) and receive the
+        reply: ``buffers`` holds (message, reply) for each server rank."""
+        if len(buffers) == 1:
+            send, reply = buffers[0]
+            self.comm.Sendrecv(send, dest=self.server, sendtag=Tag.EXCHANGE, recvbuf=reply, source=self.server,
+                               recvtag=Tag.REPLY)
+        else:
+            MPI.Request.Waitall(self.start_exchange(buffers))
 
-    def start_exchange(self, send, reply) -> list[MPI.Request]:
-        """:meth:`exchange` without waiting: the requests of the receive and the send. Until
-        both complete, ``send`` must not change and ``reply`` must not be read."""
-        return [self.comm.Irecv(reply, source=self.server, tag=Tag.REPLY),
-                self.comm.Isend(send, dest=self.server, tag=Tag.EXCHANGE)]
+    def start_exchange(self, buffers: list[tuple[object, object]]) -> list[MPI.Request]:
+        """:meth:`exchange` without waiting: the requests of the receives and the sends.
+        Until all complete, the messages must not change and the replies must not be read."""
+        requests = []
+        for (send, reply), server in zip(buffers, self.servers):
+            requests += [self.comm.Irecv(reply, source=server, tag=Tag.REPLY),
+                         self.comm.Isend(send, dest=server, tag=Tag.EXCHANGE)]
+        return requests
 
     def done(self, exchanges: int, steps: int, samples: int, stopped: bool) -> None:
         """Training is over for this worker (after its last exchange): its totals."""
@@ -158,6 +180,21 @@ class WorkerEndpoint:
         the server gave up on this worker."""
         sleep_until(lambda: self.inbox.ready() or self.liveness.dropped)
         return control_tuple(Command.DROPPED) if self.liveness.dropped else self.inbox.poll()
+
+
+SHARD_ALIGN = 4096  # entries a shard boundary is a multiple of (where the model is large enough)
+
+
+def shard_bounds(numel: int, shards: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
+    """``shards`` contiguous ``[start, stop)`` ranges that cover ``numel`` entries, of
+    near-equal size, their boundaries multiples of ``align`` where every shard still gets
+    some (the last one is the shorter)."""
+    if shards > numel:
+        raise ValueError(f"cannot split {numel} parameters over {shards} server ranks")
+    step = -(-numel // shards)
+    if numel >= shards * align:
+        step = -(-step // align) * align
+    return [(min(k * step, numel), min((k + 1) * step, numel)) for k in range(shards)]
 
 
 def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.ndarray:

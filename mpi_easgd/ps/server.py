@@ -54,7 +54,7 @@ from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
 from mpi_easgd.ps.policies import Abort
-from mpi_easgd.ps.protocol import Command, Tag, control_message, wait_politely
+from mpi_easgd.ps.protocol import Command, ShardCommand, Tag, control_message, wait_politely
 from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Roster, WorkerRecord
 from mpi_easgd.ps.stats import ServerStats
 from mpi_easgd.ps.tester_feed import TesterFeed
@@ -86,19 +86,24 @@ class Server:
     returning its directory (or, if a worker's write failed, removes it and raises).
     ``policy``: what to do when a worker is lost (:mod:`.policies`; default: end the job).
     ``wait_replies=False``: the workers overlap their exchanges (``--overlap-exchange``).
+    ``shards``: with ``--servers S``, rank 0's side of the other server ranks
+    (:class:`~mpi_easgd.ps.shards.ShardServers`): ``center`` is then shard 0, and they
+    snapshot, save and drop workers with this server.
     """
 
     def __init__(self, comm: MPI.Comm, live: MPI.Comm, center: torch.Tensor, rule: ServerRule,
                  worker_ranks: list[int], tester_rank: int, *, test_every: float, samples_per_exchange: int,
                  save: Callable[[int, dict, bool], Path], audit: bool = False, peer_timeout: float = 300.0,
                  policy: Abort | None = None, checkpoint_every: str = "", wire: torch.dtype | Codec = torch.float32,
-                 wait_replies: bool = True) -> None:
+                 wait_replies: bool = True, shards=None) -> None:
         self.save = save
         self.roster = Roster(comm, live, worker_ranks)
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
         self.state_messages = message_kind(rule.worker_rule) == "state"
         self._scratch: torch.Tensor | None = None  # what every compressed channel works in (made on first use)
-        self.feed = TesterFeed(comm, self.versions, tester_rank, test_every, samples_per_exchange)
+        self.shards = shards  # the other server ranks' shards (--servers S; :class:`.shards.ShardServers`)
+        self.feed = TesterFeed(comm, self.versions, tester_rank, test_every, samples_per_exchange,
+                               on_send=shards and (lambda kind: shards.tell(ShardCommand.SNAPSHOT, int(kind))))
         self.policy = policy or Abort()
         self.liveness = ServerLiveness(comm, live, self.roster, peer_timeout, self.policy.keeps_going)
         self.endpoints: Endpoints | None = None  # posted in run()
@@ -262,6 +267,8 @@ class Server:
         self.versions.retire_after_sends(self.endpoints.withdraw(record.index))  # (None if it had finished)
         self.versions.abandon(record.link.comm, record.link.rank)
         record.state = LOST
+        if self.shards is not None:
+            self.shards.tell(ShardCommand.DROP, record.index)
         self.liveness.dropped(record.index, died)  # a hung one is told, in case it wakes up: it then stays idle
         replaced = self.policy.lost(self.roster, record, why, died, newest)
         if record.index in self.barrier.awaiting and self.barrier.lost(record.index):
@@ -293,6 +300,8 @@ class Server:
     def _complete_checkpoint(self) -> None:
         lost = [r.rank for r in self.roster.where(LOST)]
         step, written, seconds = self.barrier.finish()
+        if self.shards is not None:  # no exchange is in flight anywhere: every shard saves the same moment
+            written = self.shards.save(step) and written
         stopped = self.roster.stopped
         finished = self.feed.final and not stopped and not lost  # a resume would have nothing to do
         self.totals.checkpoint = self.save(step, dict(lost_ranks=lost, rejoin=self.roster.rejoin(),

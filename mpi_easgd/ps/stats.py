@@ -76,6 +76,7 @@ class ServerStats:
     replacements: list[dict]  # (respawn) rank, generation, detected, assigned, first_exchange, exchanges_before
     spawn_seconds: list[float]
     relayed: dict[int, WorkerStats] = field(default_factory=dict)  # the replacements' own statistics
+    shards: list[dict] = field(default_factory=list)  # (--servers S) each other server rank's counters
 
 
 @dataclass
@@ -114,5 +115,8 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
         spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
         final_metrics={k: v for k, v in tester.final.items() if k not in ("epoch", "step", "samples", "wall_time")},
         damped_exchanges=sum(s.get("damped", 0) for s in server.per_worker),  # (--max-staleness)
+        **({"shard_servers": [dict(rank=0, updates=server.updates,
+                                   busy_seconds=server.server_busy_fraction * server.server_wall_seconds),
+                              *server.shards]} if server.shards else {}),
         **account,
     )

@@ -24,7 +24,7 @@ from torch import nn
 
 from mpi_easgd.data import ShardLoader, shard_loader
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.ps.protocol import META_LEN, Kind, Tag, wait_politely
+from mpi_easgd.ps.protocol import META_LEN, Kind, Tag, shard_bounds, wait_politely
 from mpi_easgd.ps.stats import TesterStats
 from mpi_easgd.runtime import faults
 from mpi_easgd.runtime.loop import evaluate
@@ -72,19 +72,25 @@ def task_evaluator(kind: Task, test: ShardLoader, train: ShardLoader, device: to
 
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, server: int, log,
-               transfer: str = "auto", evaluations: int = 0, samples_per_epoch: int | None = None) -> TesterStats:
+               transfer: str = "auto", evaluations: int = 0, samples_per_epoch: int | None = None,
+               servers: list[int] | None = None) -> TesterStats:
     """Evaluate every snapshot with ``evaluate_fn(model) -> metrics`` until the final one
     (counting on from ``evaluations``, for a resumed run); each row goes to ``log`` with the
     center's version and the samples before it (and the epochs, given
-    ``samples_per_epoch``); returns the final evaluation."""
+    ``samples_per_epoch``); returns the final evaluation. ``servers``: every server rank
+    when the center is split over several (``--servers``; each sends its shard)."""
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
-    center = MPIBuffer(flat.data, transfer)  # snapshots land straight in the model's parameters
+    servers = servers or [server]
+    # snapshots land straight in the model's parameters, each shard in its place
+    pieces = [(rank, MPIBuffer(flat.data[a:b], transfer))
+              for rank, (a, b) in zip(servers, shard_bounds(flat.numel, len(servers)))]
     fault = faults.from_env(comm.Get_rank())
     while True:
         wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
-        comm.Recv(center.mpi, source=server, tag=Tag.SNAPSHOT)  # already on its way
-        center.after_recv()
+        for rank, piece in pieces:
+            comm.Recv(piece.mpi, source=rank, tag=Tag.SNAPSHOT)  # already on its way
+            piece.after_recv()
         if fault:
             fault.at_step(evaluations)
         kind, updates, samples = (int(v) for v in meta)

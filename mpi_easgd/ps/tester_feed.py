@@ -21,11 +21,12 @@ from mpi_easgd.ps.roster import Roster
 class TesterFeed:
     """Snapshots of ``center`` for rank ``tester`` of ``comm``, each with the center's
     version and the samples trained on before it (``samples_per_exchange`` a worker
-    exchange brings, counted from the roster)."""
+    exchange brings, counted from the roster). ``on_send(kind)``: called as each one goes."""
 
     def __init__(self, comm: MPI.Comm, center: CenterVersions, tester: int, test_every: float,
-                 samples_per_exchange: int) -> None:
+                 samples_per_exchange: int, on_send=None) -> None:
         self.comm, self.center, self.tester, self.test_every = comm, center, tester, test_every
+        self.on_send = on_send  # called with each snapshot's Kind as it goes (the other shards send theirs)
         self.samples_per_exchange = samples_per_exchange
         self.snapshots = 0  # sent (the tester evaluates every one: its checkpoint state)
         self.final = False
@@ -56,5 +57,7 @@ class TesterFeed:
             self.comm.Isend(self._meta, dest=self.tester, tag=Tag.SNAPSHOT_META),
             self.center.send(self.comm, self.center.current, self.tester, Tag.SNAPSHOT),  # no copy: immutable
         ]
+        if self.on_send:
+            self.on_send(kind)
         self.snapshots += 1
         self._last = time.perf_counter()

@@ -29,30 +29,79 @@ from mpi_easgd.transfer import MPIBuffer
 
 class WorkerWire:
     """A worker's end of the exchange in format ``wire`` (a floating dtype or a codec:
-    :func:`mpi_easgd.compress.wire_format`): :attr:`send` and :attr:`reply` are the MPI
-    buffers of its message and of the server's reply. :meth:`before_send` fills the message from ``rule.send``
-    and returns what the server will apply; :meth:`after_recv` writes the reply into
-    ``rule.reply``. ``start``: the center this worker starts from."""
+    :func:`mpi_easgd.compress.wire_format`). :attr:`buffers` are the MPI buffers of its
+    message and of the reply, one pair per server shard (``bounds``: each shard's
+    ``[start, stop)`` in the flat parameters; default: one, the whole). :meth:`before_send`
+    fills the messages from ``rule.send`` and returns what the servers will apply (a float32
+    vector of the model's size); :meth:`after_recv` writes the replies into ``rule.reply``.
+    ``start``: the center this worker starts from."""
 
-    def __init__(self, rule: WorkerRule, wire: torch.dtype | Codec, transfer: str, start: torch.Tensor) -> None:
+    def __init__(self, rule: WorkerRule, wire: torch.dtype | Codec, transfer: str, start: torch.Tensor,
+                 bounds: list[tuple[int, int]] | None = None) -> None:
         self.rule = rule
+        self.codec = wire if isinstance(wire, Codec) else None
+        state = message_kind(type(rule)) == "state"
+        bounds = bounds or [(0, rule.send.numel())]
+        self.parts = [_Part(rule.send[a:b], rule.reply[a:b], state, wire, transfer, start[a:b]) for a, b in bounds]
+        self._applied = torch.empty_like(rule.send) if self.codec is not None and len(self.parts) > 1 else None
+
+    @property
+    def buffers(self) -> list[tuple[object, object]]:
+        """(message, reply) as MPI takes them, one pair per server shard."""
+        return [(part.send.mpi, part.reply.mpi) for part in self.parts]
+
+    @property
+    def bytes_each_way(self) -> tuple[int, int]:
+        """(bytes of a message, bytes of a reply), every shard's together."""
+        return tuple(sum(part.bytes_each_way[i] for part in self.parts) for i in (0, 1))
+
+    def before_send(self) -> torch.Tensor:
+        applied = [part.before_send() for part in self.parts]
+        if len(applied) == 1:
+            return applied[0]
+        if self._applied is None:  # a floating format: what is sent (cast)
+            return torch.cat([a.to(torch.float32) for a in applied])
+        torch.cat(applied, out=self._applied)
+        return self._applied
+
+    def after_recv(self) -> None:
+        for part in self.parts:
+            part.after_recv()
+
+    def state_dict(self) -> dict:
+        residuals = [part.up.residual for part in self.parts if isinstance(part.up, DeltaSender)]
+        return {"residual": torch.cat(residuals)} if residuals else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "residual" in state and isinstance(self.parts[0].up, DeltaSender):
+            offset = 0
+            for part in self.parts:
+                n = part.up.residual.numel()
+                part.up.residual.copy_(state["residual"][offset:offset + n])
+                offset += n
+
+
+class _Part:
+    """One shard's message and reply (the whole exchange with one server rank)."""
+
+    def __init__(self, send: torch.Tensor, reply: torch.Tensor, state: bool, wire: torch.dtype | Codec,
+                 transfer: str, start: torch.Tensor) -> None:
+        self.rule_send, self.rule_reply = send, reply
         self.codec = codec = wire if isinstance(wire, Codec) else None
         self.up = self.down = None  # a compressed format's two ends
         if codec is None:
-            self.send = MPIBuffer(rule.send, transfer, wire)
-            self.reply = MPIBuffer(rule.reply, transfer, wire)
+            self.send = MPIBuffer(send, transfer, wire)
+            self.reply = MPIBuffer(reply, transfer, wire)
             return
-        n, device = rule.send.numel(), rule.send.device
+        n, device = send.numel(), send.device
         scratch = torch.empty(n, dtype=torch.float32, device=device)  # (both ends work in it, one at a time)
-        self.up = (StateSender(codec, start, scratch) if message_kind(type(rule)) == "state"
-                   else DeltaSender(codec, n, device))
+        self.up = StateSender(codec, start, scratch) if state else DeltaSender(codec, n, device)
         self.down = StateReceiver(codec, start, scratch)
         self.send = MPIBuffer(message_buffer(codec, n, device), transfer)
         self.reply = MPIBuffer(message_buffer(codec, n, device), transfer)
 
     @property
     def bytes_each_way(self) -> tuple[int, int]:
-        """(bytes of a message, bytes of a reply)."""
         return (self.send.sent.numel() * self.send.sent.element_size(),
                 self.reply.sent.numel() * self.reply.sent.element_size())
 
@@ -60,21 +109,14 @@ class WorkerWire:
         if self.codec is None:
             self.send.before_send()
             return self.send.sent
-        applied = self.up.encode(self.rule.send, self.send.tensor)
+        applied = self.up.encode(self.rule_send, self.send.tensor)
         self.send.before_send()
         return applied
 
     def after_recv(self) -> None:
         self.reply.after_recv()
         if self.codec is not None:
-            self.rule.reply.copy_(self.down.decode(self.reply.tensor))
-
-    def state_dict(self) -> dict:
-        return {"residual": self.up.residual} if isinstance(self.up, DeltaSender) else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "residual" in state and isinstance(self.up, DeltaSender):
-            self.up.residual.copy_(state["residual"])
+            self.rule_reply.copy_(self.down.decode(self.reply.tensor))
 
 
 class ServerChannel:

@@ -32,7 +32,7 @@ from mpi4py import MPI
 from mpi_easgd.compress import wire_format
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.liveness import watch_server
-from mpi_easgd.ps.protocol import Command, WorkerEndpoint, sleep_until
+from mpi_easgd.ps.protocol import Command, WorkerEndpoint, shard_bounds, sleep_until
 from mpi_easgd.ps.stats import WorkerStats
 from mpi_easgd.ps.wire import WorkerWire
 from mpi_easgd.rules.asynchronous import worker_rule
@@ -65,7 +65,7 @@ class AsyncWorker:
         # x is the center the server started this worker from: both ends of a compressed
         # exchange start their references there
         self.wire = WorkerWire(self.rule, wire_format(cfg.exchange_dtype, cfg.topk_fraction), ctx.transfer,
-                               flat.data)
+                               flat.data, shard_bounds(flat.numel, ctx.topo.servers))
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run
         if saved is not None:
@@ -140,11 +140,10 @@ class AsyncWorker:
             self.checksums.append(float(applied.double().sum()))  # as the server will apply it
         t0 = time.perf_counter()
         self.watchdog.expect("server")
-        send, reply = self.wire.send.mpi, self.wire.reply.mpi
         if self.cfg.overlap_exchange:
-            self._flight = (self.endpoint.start_exchange(send, reply), t0)
+            self._flight = (self.endpoint.start_exchange(self.wire.buffers), t0)
             return
-        self.endpoint.exchange(send, reply)
+        self.endpoint.exchange(self.wire.buffers)
         if self.delay:
             time.sleep(max(0.0, t0 + self.delay - time.perf_counter()))
         self.waited += time.perf_counter() - t0

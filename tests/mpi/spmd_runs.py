@@ -176,6 +176,53 @@ def test_a_users_rule_runs_with_checkpoints_overlap_and_the_audit(shared, capsys
     assert state["damped"] == int((audit["staleness"] > 0).sum()), "the rule's own state is checkpointed"
 
 
+def check_shards(run, summary, servers, since=0):
+    """Every shard's audit replays bit for bit, each worker's logged payloads add up, over
+    the shards, to what it sent, and center.pt is the shards' finals end to end (``since``:
+    the updates before this segment, which its logs do not hold)."""
+    audits = [np.load(run / f"audit-shard{k}.npz") for k in range(servers)]
+    for k, audit in enumerate(audits):
+        assert len(audit["order"]) == summary["exchanges"] - since, "every exchange reached every shard"
+        center, final = replay(run / f"audit-shard{k}.npz")
+        assert torch.equal(center, final), f"shard {k}'s replay differs from its center"
+    for i, w in enumerate(summary["per_worker"]):
+        received = sum(a["payloads"][a["order"] == i].astype(np.float64).sum(axis=1) for a in audits)
+        np.testing.assert_allclose(received, w["audit_checksums"], rtol=1e-6)
+    saved = torch.load(run / "center.pt")
+    flat = torch.cat([v.reshape(-1) for v in saved.values()])
+    assert torch.equal(flat, torch.cat([torch.from_numpy(a["final"]) for a in audits])), "center.pt is not whole"
+    assert [s["updates"] for s in summary["shard_servers"]] == [summary["exchanges"]] * servers
+
+
+@one_side_fails_all
+def test_a_center_split_over_two_servers_replays_each_shard_and_resumes(shared, capsys, monkeypatch):
+    """--servers 2 (ranks 0 and 1 each hold half of the center; 2 workers; the tester):
+    DOWNPOUR in int4 (each shard its own compressed channel, the residual in the workers'
+    checkpoints), overlapped over an emulated 15 ms round trip, periodic checkpoints; then
+    resumed for one more epoch. Each segment's shard audits replay bit for bit: the resumed
+    servers start from their own shards, and the workers from the whole center."""
+    out, tau = shared / "sharded", 4
+    monkeypatch.setenv("MPI_EASGD_FAULT", ";".join(f"rank={r},action=delay,seconds=0.015" for r in (2, 3)))
+    flags = ("--algo", "downpour", "--servers", "2", "--tau", str(tau), "--audit", "--overlap-exchange",
+             "--exchange-dtype", "int4", "--checkpoint-every", "20", "--out", str(out), "--run-name", "run")
+    status, stdout = train(5, *flags, "--epochs", "3", capsys=capsys)
+    if WORLD.rank == 0:
+        assert status == 0 and "server ranks 0-1 (a shard of the center each)" in stdout, stdout
+        summary = read_summary(out / "run")
+        assert summary["servers"] == 2 and summary["workers"] == 2 and summary["checkpoints"] >= 3
+        assert summary["test_accuracy"] > 0.85, summary["test_accuracy"]
+        check_shards(out / "run", summary, 2)
+        for w in summary["per_worker"]:
+            assert w["server_exchanges"] == w["exchanges"] == math.ceil(w["steps"] / tau) + 1
+    before = summary["exchanges"] if WORLD.rank == 0 else 0
+    status, stdout = train(5, *flags, "--epochs", "4", "--resume", "auto", capsys=capsys)
+    if WORLD.rank == 0:
+        assert status == 0 and "resumed from" in stdout, stdout
+        summary = read_summary(out / "run")
+        assert summary["epochs"] == 4 and summary["test_accuracy"] > 0.85
+        check_shards(out / "run", summary, 2, since=before)  # (the resumed segment's own logs)
+
+
 SUMMARY_KEYS = {"algo", "world_size", "workers", "epochs", "test_accuracy", "test_loss",
                 "wall_seconds", "train_samples_per_second"}
 

@@ -16,7 +16,7 @@ from mpi_easgd.flat import flat_buffer
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
-from mpi_easgd.ps.protocol import Command, Inbox, Tag
+from mpi_easgd.ps.protocol import Command, Inbox, Tag, shard_bounds
 from mpi_easgd.ps.roster import Roster
 from mpi_easgd.ps.wire import ServerChannel, WorkerWire
 from mpi_easgd.rules.asynchronous import server_rule, worker_rule
@@ -105,23 +105,28 @@ def test_center_versions_with_a_16_bit_wire_keep_a_float32_center():
     assert any(versions.take() is b for b in (reply, x)), "wire buffers are recycled"
 
 
+@pytest.mark.parametrize("shards", [1, 2], ids=["one-server", "two-shards"])
 @pytest.mark.parametrize("algo", ["easgd", "downpour"])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "topk"])
-def test_a_compressed_exchange_agrees_at_both_ends(algo, fmt):
+def test_a_compressed_exchange_agrees_at_both_ends(algo, fmt, shards):
     """Worker and server ends of a compressed exchange over MPI (to this process): the
     server applies exactly what the worker's end says it sent, and the worker gets exactly
-    the reply the server's channel holds, exchange after exchange; the bytes are the codec's."""
+    the reply the server's channel holds, exchange after exchange; the bytes are the codec's.
+    With two shards (--servers 2) each travels on its own, to its own server's channel."""
     n = 3000
     codec = compress.codec(fmt)
     center = flat_buffer(n)
     center.copy_(torch.randn(n))
     x = center.clone()
     rule = server_rule(algo, 0.5)
-    versions = CenterVersions(center, rule, codec)
+    bounds = shard_bounds(n, shards)
+    assert bounds[-1][1] == n and all(b > a for a, b in bounds)
+    servers = [(CenterVersions(center[a:b], rule, codec),
+                ServerChannel(codec, center[a:b], rule.worker_rule.message == "state", torch.empty(b - a)))
+               for a, b in bounds]
     worker = worker_rule(algo, x, 0.5)
-    wire = WorkerWire(worker, codec, "auto", x)
-    channel = ServerChannel(codec, center, rule.worker_rule.message == "state", torch.empty(n))
-    assert wire.bytes_each_way == (codec.nbytes(n), codec.nbytes(n))
+    wire = WorkerWire(worker, codec, "auto", x, bounds)
+    assert wire.bytes_each_way == (sum(codec.nbytes(b - a) for a, b in bounds),) * 2
     meant, applied_sum = torch.zeros(n), torch.zeros(n)
     for _ in range(5):
         x.add_(0.01 * torch.randn(n))  # local steps
@@ -129,20 +134,22 @@ def test_a_compressed_exchange_agrees_at_both_ends(algo, fmt):
         applied = wire.before_send()
         meant += worker.send
         applied_sum += applied
-        buf = versions.take()
-        SELF.Sendrecv(wire.send.mpi, 0, 3, mpi_view(buf), 0, 3)
-        got = versions.arrived(buf, channel)
-        assert torch.equal(got, applied), "the server applies what the worker's end says it sent"
-        reply = versions.apply(got, None, channel)
-        assert reply.dtype == torch.uint8 and reply.numel() == codec.nbytes(n)
-        request = versions.send(SELF, reply, 0, 4)
-        SELF.Recv(wire.reply.mpi, source=0, tag=4)
-        request.Wait()
+        for (a, b), (versions, channel), (message, reply_buf) in zip(bounds, servers, wire.buffers):
+            buf = versions.take()
+            SELF.Sendrecv(message, 0, 3, mpi_view(buf), 0, 3)
+            got = versions.arrived(buf, channel)
+            assert torch.equal(got, applied[a:b]), "the server applies what the worker's end says it sent"
+            reply = versions.apply(got, None, channel)
+            assert reply.dtype == torch.uint8 and reply.numel() == codec.nbytes(b - a)
+            request = versions.send(SELF, reply, 0, 4)
+            SELF.Recv(reply_buf, source=0, tag=4)
+            request.Wait()
         wire.after_recv()
-        assert torch.equal(worker.reply, channel.down.reference), "both ends hold the same reference"
+        reference = torch.cat([channel.down.reference for _, channel in servers])
+        assert torch.equal(worker.reply, reference), "both ends hold the same reference"
         worker.absorb()
     if algo == "downpour":  # increments: what arrived and what the residual still owes add up to what was meant
-        torch.testing.assert_close(applied_sum + wire.up.residual, meant, atol=1e-5, rtol=0)
+        torch.testing.assert_close(applied_sum + wire.state_dict()["residual"], meant, atol=1e-5, rtol=0)
 
 
 def test_checkpoint_barrier_completes_when_every_member_answered_or_was_lost():
