@@ -187,13 +187,14 @@ SHARD_ALIGN = 4096  # entries a shard boundary is a multiple of (where the model
 
 def shard_bounds(numel: int, shards: int, align: int = SHARD_ALIGN) -> list[tuple[int, int]]:
     """``shards`` contiguous ``[start, stop)`` ranges that cover ``numel`` entries, of
-    near-equal size, their boundaries multiples of ``align`` where every shard still gets
-    some (the last one is the shorter)."""
+    near-equal size (the last one the shorter), their boundaries multiples of ``align``
+    where every shard still gets some."""
     if shards > numel:
         raise ValueError(f"cannot split {numel} parameters over {shards} server ranks")
     step = -(-numel // shards)
-    if numel >= shards * align:
-        step = -(-step // align) * align
+    aligned = -(-step // align) * align
+    if (shards - 1) * aligned < numel:  # (else the last shard would be empty)
+        step = aligned
     return [(min(k * step, numel), min((k + 1) * step, numel)) for k in range(shards)]
 
 

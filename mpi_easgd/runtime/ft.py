@@ -166,7 +166,7 @@ def openmpi_environment(prefix) -> dict[str, str]:
             "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
-FINALIZE_GRACE = 30.0  # seconds; MPI_Finalize takes well under one when it does not hang
+FINALIZE_GRACE = 10.0  # seconds; MPI_Finalize takes well under one when it does not hang
 _exit_status: int | None = None  # what this process exits with if MPI_Finalize hangs at exit
 
 

@@ -40,6 +40,30 @@ def test_easgd_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
     assert dead["died"] and dead["server_exchanges"] >= step // 10, why  # tau 10: it had exchanged
 
 
+def test_a_center_over_two_servers_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
+    """--servers 2: both server ranks find the death (each on its own receives) and go on;
+    each shard's audit replays bit for bit (a worker killed between its messages to the two
+    shards leaves them an exchange apart: allowed)."""
+    import torch
+
+    from mpi_easgd.rules.audit import replay
+
+    step = at_random(5, 200, salt=5)  # of the 4 x 62 steps each worker takes
+    why = f"worker rank 3 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
+    result = ulfm_train(5, "--algo", "easgd", "--servers", "2", "--audit", "--dataset", "mnist5k", "--epochs", "4",
+                        "--out", str(tmp_path), "--run-name", "shards", "--on-worker-loss", "continue",
+                        "--checkpoint-every", "30", env={"MPI_EASGD_FAULT": f"rank=3,action=kill,step={step}"})
+    assert result.returncode == 0, f"{why}\n{result.output}"
+    summary = read_summary(tmp_path / "shards")
+    assert summary["lost_workers"] == [3] and summary["dead_workers"] == [3], why
+    assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"  # (4 epochs, one worker for most)
+    updates = [s["updates"] for s in summary["shard_servers"]]
+    assert updates[0] == summary["exchanges"] and abs(updates[1] - updates[0]) <= 1, (why, updates)
+    for k in (0, 1):
+        center, final = replay(tmp_path / "shards" / f"audit-shard{k}.npz")
+        assert torch.equal(center, final), f"{why}: shard {k}"
+
+
 def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     """The worker dies, and so does its first replacement (a spawned process: MPI reports
     its death on another communicator); the second one finishes the run."""

@@ -30,6 +30,9 @@ def test_config_precedence_and_types(tmp_path):
     ('algo = "sgd"\non_worker_loss = "continue"', "--on-worker-loss continue needs an asynchronous algorithm"),
     ('checkpoint_every = "5d"', "--checkpoint-every must be a number of steps"),
     ('algo = "ea"\noverlap_exchange = true', "--overlap-exchange needs an asynchronous algorithm"),
+    ("servers = 0", "--servers must be an integer >= 1"),
+    ('algo = "sgd"\nservers = 2', "--servers applies to the async algorithms .*sgd has no server"),
+    ('algo = "easgd"\nservers = 2\non_worker_loss = "respawn"', "respawn works with one server rank"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"
@@ -70,6 +73,31 @@ def test_topology_roles():
     assert Topology.build(2, 0, "ea").logs and not Topology.build(2, 1, "ea").logs
     with pytest.raises(ConfigError, match="needs at least 3 ranks .*got 2"):
         Topology.build(2, 0, "easgd")
+
+
+def test_topology_with_the_center_over_two_servers():
+    roles = [Topology.build(6, r, "easgd", servers=2).role for r in range(6)]
+    assert roles == ["server", "shard", "worker", "worker", "worker", "tester"]
+    t = Topology.build(6, 3, "easgd", servers=2)
+    assert (t.server_ranks, t.worker_ranks, t.worker_index, t.num_workers) == ([0, 1], [2, 3, 4], 1, 3)
+    with pytest.raises(ConfigError, match="needs at least 5 ranks .*3 servers.*got 4.*lower --servers"):
+        Topology.build(4, 0, "easgd", servers=3)
+
+
+def test_shard_bounds_cover_the_center_in_aligned_near_equal_pieces():
+    from mpi_easgd.ps.protocol import shard_bounds
+
+    assert shard_bounds(10, 1) == [(0, 10)]
+    assert shard_bounds(11_173_962, 2) == [(0, 5_591_040), (5_591_040, 11_173_962)]  # resnet18: 4096-aligned
+    assert shard_bounds(61_706, 4) == [(0, 16_384), (16_384, 32_768), (32_768, 49_152), (49_152, 61_706)]
+    assert shard_bounds(10, 3) == [(0, 4), (4, 8), (8, 10)]  # too small to align: near-equal
+    assert shard_bounds(12_289, 3) == [(0, 4_097), (4_097, 8_194), (8_194, 12_289)]  # aligned: one empty
+    for n, s in ((61_706, 3), (1_000_003, 7), (5, 5), (12_289, 3), (4_096 * 3, 3)):
+        bounds = shard_bounds(n, s)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n and all(b > a for a, b in bounds)
+        assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    with pytest.raises(ValueError, match="cannot split 3 parameters over 4 server ranks"):
+        shard_bounds(3, 4)
 
 
 def test_config_round_trips_through_written_toml(tmp_path):
