@@ -32,20 +32,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 
-# (algo, workers, params, step_ms, tau, link: (latency_ms, mbps) or None)
+# (algo, workers, params, step_ms, tau, link: (latency_ms, mbps) or None, server ranks)
 CONFIGS = [
-    ("easgd", 1, 1_000_000, 10, 4, None),
-    ("easgd", 2, 1_000_000, 10, 4, None),
-    ("easgd", 3, 1_000_000, 5, 2, None),
-    ("easgd", 2, 11_000_000, 20, 4, None),
-    ("easgd", 3, 11_000_000, 10, 2, None),
-    ("easgd", 2, 1_000_000, 10, 4, (20.0, 0)),
-    ("easgd", 2, 1_000_000, 10, 4, (5.0, 2000)),
-    ("downpour", 2, 4_000_000, 10, 4, None),
-    ("sgd", 2, 4_000_000, 20, 1, None),
-    ("sgd", 4, 1_000_000, 10, 1, None),
-    ("ea", 2, 11_000_000, 10, 4, None),
-    ("ea", 4, 1_000_000, 10, 4, (20.0, 0)),
+    ("easgd", 1, 1_000_000, 10, 4, None, 1),
+    ("easgd", 2, 1_000_000, 10, 4, None, 1),
+    ("easgd", 3, 1_000_000, 5, 2, None, 1),
+    ("easgd", 2, 11_000_000, 20, 4, None, 1),
+    ("easgd", 3, 11_000_000, 10, 2, None, 1),
+    ("easgd", 2, 1_000_000, 10, 4, (20.0, 0), 1),
+    ("easgd", 2, 1_000_000, 10, 4, (5.0, 2000), 1),
+    ("downpour", 2, 4_000_000, 10, 4, None, 1),
+    ("easgd", 2, 11_000_000, 5, 1, None, 1),  # the server is the bottleneck ...
+    ("easgd", 2, 11_000_000, 5, 1, None, 2),  # ... and split over two ranks
+    ("sgd", 2, 4_000_000, 20, 1, None, 1),
+    ("sgd", 4, 1_000_000, 10, 1, None, 1),
+    ("ea", 2, 11_000_000, 10, 4, None, 1),
+    ("ea", 4, 1_000_000, 10, 4, (20.0, 0), 1),
 ]
 
 
@@ -108,6 +110,7 @@ def one_run(args) -> None:
                 step_seconds=float(np.mean([(t - w) / args.steps for t, w in rows])))))
         return
     with mpi_easgd.AsyncTraining(comm, model, optimizer, algo=args.algo, tau=args.tau, alpha=0.3, epochs=1,
+                                 servers=args.servers,
                                  out=str(out.parent / "runs"), run_name=out.stem, test_every=10**9,
                                  progress=False) as run:
         for _ in run.epochs():
@@ -151,6 +154,7 @@ def main() -> int:
     p.add_argument("--params", type=int, default=1_000_000)
     p.add_argument("--step-ms", type=float, default=10.0)
     p.add_argument("--tau", type=int, default=4)
+    p.add_argument("--servers", type=int, default=1)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default="")
     p.add_argument("--csv", type=Path, default=Path("plan_validation.csv"))
@@ -170,19 +174,20 @@ def main() -> int:
                        check=True, timeout=600)
         machines[params] = Machine(**json.loads(calib.read_text()))
     rows = []
-    for i, (algo, workers, params, step_ms, tau, link) in enumerate(CONFIGS):
+    for i, (algo, workers, params, step_ms, tau, link, servers) in enumerate(CONFIGS):
         if args.only is not None and i not in args.only:
             continue
         out = tmp / f"run{i}.json"
-        ranks = workers + (2 if algo not in ("sgd", "ea") else 0)
+        ranks = workers + (servers + 1 if algo not in ("sgd", "ea") else 0)
         env = dict(os.environ)
         if link is not None:  # every worker's link (async: ranks 1..W; sync: every rank)
-            trainers = range(1, workers + 1) if ranks > workers else range(workers)
+            trainers = range(servers, servers + workers) if ranks > workers else range(workers)
             env["MPI_EASGD_FAULT"] = ";".join(f"rank={r},action=delay,seconds={link[0] / 1e3},mbps={link[1]}"
                                               for r in trainers)
         steps = max(200, 40 * tau)
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(HERE), "--run", "--algo", algo,
                "--params", str(params), "--step-ms", str(step_ms), "--tau", str(tau), "--steps", str(steps),
+               "--servers", str(servers),
                "--out", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if done.returncode != 0:
@@ -193,9 +198,10 @@ def main() -> int:
         if link is not None:  # the emulated link (see the module docstring)
             m = emulated(m, link, algo, workers)
         w = Workload(params=params, step_seconds=measured["step_seconds"], tau=tau, workers=workers,
-                     wire_bytes=wire_bytes("float32"))
+                     servers=servers, wire_bytes=wire_bytes("float32"))
         pred = predict(algo, w, m)
-        rows.append(dict(algo=algo, workers=workers, params=f"{params / 1e6:g}M", step_ms=step_ms, tau=tau,
+        rows.append(dict(algo=algo, workers=workers, servers=servers, params=f"{params / 1e6:g}M", step_ms=step_ms,
+                         tau=tau,
                          link="-" if link is None else f"{link[0]:g}ms/{link[1] or 'inf'}Mbps",
                          measured_step_ms=measured["step_seconds"] * 1e3,
                          predicted_x=pred.exchanges_per_second, measured_x=measured["exchanges_per_second"],

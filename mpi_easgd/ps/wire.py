@@ -32,8 +32,8 @@ class WorkerWire:
     :func:`mpi_easgd.compress.wire_format`). :attr:`buffers` are the MPI buffers of its
     message and of the reply, one pair per server shard (``bounds``: each shard's
     ``[start, stop)`` in the flat parameters; default: one, the whole). :meth:`before_send`
-    fills the messages from ``rule.send`` and returns what the servers will apply (a float32
-    vector of the model's size); :meth:`after_recv` writes the replies into ``rule.reply``.
+    fills the messages from ``rule.send`` and returns what the servers will apply, shard by
+    shard; :meth:`after_recv` writes the replies into ``rule.reply``.
     ``start``: the center this worker starts from."""
 
     def __init__(self, rule: WorkerRule, wire: torch.dtype | Codec, transfer: str, start: torch.Tensor,
@@ -43,7 +43,6 @@ class WorkerWire:
         state = message_kind(type(rule)) == "state"
         bounds = bounds or [(0, rule.send.numel())]
         self.parts = [_Part(rule.send[a:b], rule.reply[a:b], state, wire, transfer, start[a:b]) for a, b in bounds]
-        self._applied = torch.empty_like(rule.send) if self.codec is not None and len(self.parts) > 1 else None
 
     @property
     def buffers(self) -> list[tuple[object, object]]:
@@ -55,14 +54,9 @@ class WorkerWire:
         """(bytes of a message, bytes of a reply), every shard's together."""
         return tuple(sum(part.bytes_each_way[i] for part in self.parts) for i in (0, 1))
 
-    def before_send(self) -> torch.Tensor:
-        applied = [part.before_send() for part in self.parts]
-        if len(applied) == 1:
-            return applied[0]
-        if self._applied is None:  # a floating format: what is sent (cast)
-            return torch.cat([a.to(torch.float32) for a in applied])
-        torch.cat(applied, out=self._applied)
-        return self._applied
+    def before_send(self) -> list[torch.Tensor]:
+        """Fill the messages; returns what each server will apply (one tensor per shard)."""
+        return [part.before_send() for part in self.parts]
 
     def after_recv(self) -> None:
         for part in self.parts:

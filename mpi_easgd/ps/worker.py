@@ -136,8 +136,8 @@ class AsyncWorker:
         self._land()  # at most one in flight
         self.rule.prepare()
         applied = self.wire.before_send()
-        if self.cfg.audit:
-            self.checksums.append(float(applied.double().sum()))  # as the server will apply it
+        if self.cfg.audit:  # as the servers will apply it
+            self.checksums.append(sum(float(part.double().sum()) for part in applied))
         t0 = time.perf_counter()
         self.watchdog.expect("server")
         if self.cfg.overlap_exchange:

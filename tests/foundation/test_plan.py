@@ -19,13 +19,16 @@ M = plan.Machine(latency=5e-6, bandwidth=12.5e9, reduce=1e-10, server_update=3e-
                  round_overhead={"sgd": 1e-10, "ea": 5e-10, "diloco": 1e-9})
 
 
-def test_closed_network_is_exact_at_the_limits():
+def test_closed_network_is_exact_at_the_limits_and_between_them():
     assert plan.closed_network(1.0, 0.1, 1) == pytest.approx(1 / 1.1)  # alone: no queue
     assert plan.closed_network(1.0, 0.1, 200) == pytest.approx(10.0, rel=1e-6)  # saturated: 1 / demand
     rates = [plan.closed_network(1.0, 0.1, n) for n in range(1, 30)]
-    assert all(b > a for a, b in zip(rates, rates[1:])) and rates[-1] < 10.0
+    assert all(b >= a for a, b in zip(rates, rates[1:])) and rates[5] < rates[10] <= 10.0
     assert all(x <= min(n / 1.1, 10.0) + 1e-12 for n, x in enumerate(rates, 1))  # under both bounds
     assert plan.closed_network(2.0, 0.0, 4) == 2.0
+    # two customers, service of fixed length: the second waits half a service on average
+    x = plan.closed_network(1.0, 0.5, 2)
+    assert x == pytest.approx(2 / (1.0 + 0.5 * (1 + (1 / 1.5) * 0.5 - (0.5 / 1.5) / 2)))
 
 
 def test_one_async_worker_waits_for_its_round_trip_and_the_updates():
