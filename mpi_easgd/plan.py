@@ -158,13 +158,14 @@ def predict_async(algo: str, w: Workload, m: Machine) -> Prediction:
     think = compute + w.params * m.worker_update + 2 * m.latency + own_link
     rate = closed_network(think, demand, w.workers)
     at_server = w.workers / rate - think  # waiting for a server rank, and being served
-    # The bottleneck: what takes the largest share of a worker's cycle (the server's share,
-    # queueing included, named by the larger part of its demand).
+    # The bottleneck: the server once it is saturated, else what takes the largest share of
+    # a worker's cycle (the server's share, queueing included, named by the larger part of
+    # its demand).
+    busy = rate * demand
     server = "server arithmetic" if arithmetic >= link_server else "server link"
     shares = {"compute": compute, "worker update": w.params * m.worker_update,
               "worker link": 2 * m.latency + own_link, server: at_server}
-    neck = max(shares, key=shares.get)
-    busy = rate * demand
+    neck = server if busy > 0.8 else max(shares, key=shares.get)
     utilization = compute * rate / w.workers
     samples = rate * w.tau * w.batch
     return Prediction(algo, rate, utilization, samples, 2 * msg / (w.tau * w.batch), neck, busy)

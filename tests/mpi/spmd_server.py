@@ -85,7 +85,7 @@ def take_snapshots(comm, quiet_after: float = 0.0) -> list[int]:
 def exchange(endpoint, times: int, pause: float = 0.0) -> None:
     x, reply = np.full(N, float(RANK), np.float32), np.zeros(N, np.float32)
     for _ in range(times):
-        endpoint.exchange(x, reply)
+        endpoint.exchange([(x, reply)])
         time.sleep(pause)
 
 
@@ -217,3 +217,9 @@ def test_the_server_benchmark_runs(capsys, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert RANK or ("100,000" in out and "ratio" in out), out
+    # the center over ranks 0 and 1 ("ours2"), one worker (rank 2)
+    monkeypatch.setattr(sys, "argv", [str(script), "--sizes", "1e5", "--pairs", "1", "--exchanges", "5",
+                                      "--servers", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert RANK or ("ours2/ours" in out and "1 workers" in out), out
