@@ -5,8 +5,10 @@ silent hang."""
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import functools
+import os
 import sys
 import time
 import weakref
@@ -19,7 +21,7 @@ from torch import nn
 from mpi_easgd.collectives.rounds import RoundBuffer
 from mpi_easgd.compress import Codec, wire_format
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.runtime import faults
+from mpi_easgd.runtime import faults, flight
 from mpi_easgd.transfer import MPIBuffer
 
 
@@ -340,17 +342,26 @@ def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str
 
     rank = comm.Get_rank()
     watchdog: Watchdog
+    _INSTANCES[owner] += 1
+    name = f"{owner}#{_INSTANCES[owner]}"  # (the same on every rank that makes its objects in the same order)
 
     def on_silent(call: str, seconds: float) -> bool:
         what = "ending the job" if on_timeout == "abort" else "still waiting"
         print(f"mpi_easgd: rank {rank} has waited {seconds:.0f}s in {owner}.{call} for the other ranks: "
               f"one of them has exited, hung, or is making a different call (every rank must make the "
               f"same calls in the same order; a rank out of data calls synchronize when its epoch "
-              f"ends); {what}", file=sys.stderr, flush=True)
+              f"ends); {what}; every rank's last calls: python -m mpi_easgd.flight "
+              f"{flight.RECORDER.folder or os.environ.get(flight.FOLDER_ENV, 'mpi_easgd-flight')}",
+              file=sys.stderr, flush=True)
         if on_timeout == "abort":
+            time.sleep(flight.GATHER)  # the other ranks' watchdogs write their rings too
             abort(comm, 1)
         watchdog.release(call)  # said once per call
         return True
 
-    watchdog = Watchdog(comm, timeout, lambda call: f"{owner}.{call} on rank {rank}", on_silent=on_silent)
+    watchdog = Watchdog(comm, timeout, lambda call: f"{owner}.{call} on rank {rank}", on_silent=on_silent,
+                        record=lambda call: f"{name}.{call}")
     return watchdog.start()
+
+
+_INSTANCES: collections.Counter[str] = collections.Counter()  # guards made so far in this process, by owner

@@ -506,6 +506,7 @@ def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo, timeout: float) -> tuple
     were lost), then each remaining worker's."""
     inbox = Inbox(live, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
     guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
+                     record=lambda rank: f"tester: the statistics of rank {rank}",
                      heard=lambda rank: inbox.heard() if rank == topo.server_rank else 0.0).start()
     guard.expect(topo.server_rank)
     server: ServerStats = comm.recv(source=topo.server_rank, tag=Tag.STATS)

@@ -165,5 +165,6 @@ def watch_server(comm: MPI.Comm, inbox: Inbox, timeout: float) -> Watchdog:
         return time.monotonic() - inbox.last_heard < timeout  # a late heartbeat: alive
 
     watchdog = Watchdog(comm, timeout, lambda _: f"the server (rank {inbox.server})", on_silent=server_silent,
-                        heard=lambda _: inbox.heard(), tick=inbox.pump)
+                        heard=lambda _: inbox.heard(), tick=inbox.pump,
+                        record=lambda _: f"AsyncWorker: the server (rank {inbox.server})")
     return watchdog.start()

@@ -64,8 +64,13 @@ class StopRequest:
         self.signum: int | None = None
 
     def install(self) -> StopRequest:
+        """Take over the stop signals, and make SIGUSR2 write the flight record
+        (:mod:`mpi_easgd.runtime.flight`)."""
+        from mpi_easgd.runtime import flight
+
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        flight.install_signal()
         return self
 
     def _handle(self, signum, frame) -> None:

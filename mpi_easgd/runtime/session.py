@@ -132,10 +132,11 @@ def open_log(cfg, topo, run_dir: Path, resume: Path | None, manifest: dict, note
     """``(log, started)``: the run log (the owner's :class:`RunLog`, elsewhere a null one;
     warnings said once) and the ``time.perf_counter()`` origin of the run's clock, which
     goes on from the checkpoint's."""
-    from mpi_easgd.runtime import mpienv
+    from mpi_easgd.runtime import flight, mpienv
     from mpi_easgd.runtime.checkpoint import checkpoint_step
     from mpi_easgd.runtime.metrics import NullRunLog, RunLog
 
+    flight.RECORDER.folder = Path(run_dir) / "flight"  # where a hang's records go
     if topo.rank == 0:
         for note in notes:  # the same on every rank: said once
             print(f"mpi_easgd: warning: {note}", file=sys.stderr, flush=True)

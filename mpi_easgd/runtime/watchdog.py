@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
+from mpi_easgd.runtime import flight
 from mpi_easgd.runtime.control import abort
 
 
@@ -34,8 +35,10 @@ class Watchdog:
     def __init__(self, comm: MPI.Comm, timeout: float, describe: Callable[[object], str],
                  on_silent: Callable[[object, float], bool] | None = None,
                  heard: Callable[[object], float] | None = None,
-                 tick: Callable[[], None] | None = None) -> None:
+                 tick: Callable[[], None] | None = None, record: Callable[[object], str] | None = None) -> None:
         self.comm = comm
+        # this rank's own waits, by name, for the flight recorder (not the peers a server watches)
+        self.record = record
         self.timeout = timeout
         self.describe = describe  # key -> "worker rank 2", "the server (rank 0)", ...
         # All three run on the watchdog thread:
@@ -59,9 +62,13 @@ class Watchdog:
 
     def expect(self, key) -> None:
         self._since[key] = time.monotonic()
+        if self.record is not None:
+            flight.RECORDER.opened((id(self), key), self.record(key))
 
     def release(self, key) -> None:
         self._since.pop(key, None)
+        if self.record is not None:
+            flight.RECORDER.closed((id(self), key))
 
     def silence(self, key) -> float:
         """Seconds since ``key``'s clock was (re)started; 0 when it is not watched."""
@@ -85,11 +92,15 @@ class Watchdog:
                 if self.heard is not None:
                     since = max(since, self.heard(key))
                 if now - since > self.timeout:
+                    if self.record is not None:  # before anything ends the job
+                        flight.RECORDER.dump(f"{self.describe(key)}: waited {now - since:.0f}s")
                     if self.on_silent is not None and self.on_silent(key, now - since):
                         continue  # handled: the handler releases the key if it is done with it
                     print(f"mpi_easgd: error: {self.describe(key)} sent nothing for {now - since:.0f}s "
                           f"(--worker-timeout {self.timeout:g}); it is hung or lost, ending the job",
                           file=sys.stderr, flush=True)
+                    if self.record is not None:
+                        time.sleep(flight.GATHER)  # the other ranks' watchdogs write their rings too
                     abort(self.comm, 1)  # MPI cannot drop one rank of a running job: end it loudly
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -354,3 +355,24 @@ def test_a_hung_rank_in_sync_training_ends_the_job(blobs, tmp_path):
         in lines[0] and "ending the job" in lines[0], r.stderr
     time.sleep(0.5)
     assert not subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+def test_a_mismatched_collective_is_named_by_the_flight_record(tmp_path):
+    """tests/mpi/mismatch.py: rank 1 reduces with another AllReduceSGD than ranks 0 and 2.
+    Every rank's watchdog writes its record before the job ends; python -m mpi_easgd.flight
+    names rank 1, its call and its line, against the others'."""
+    from conftest import mpirun
+
+    folder = tmp_path / "flight"
+    result = mpirun(3, "-m", "mpi4py", "tests/mpi/mismatch.py", timeout=60,
+                    env={"MPI_EASGD_FLIGHT_DIR": str(folder)})
+    assert result.returncode != 0 and result.seconds < 30, result.output
+    assert "python -m mpi_easgd.flight" in result.stderr, result.output
+    assert sorted(p.name for p in folder.glob("rank-*.json")) == [f"rank-0000{r}.json" for r in range(3)]
+    r = subprocess.run([sys.executable, "-m", "mpi_easgd.flight", str(folder)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    verdict = r.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("first mismatch: rank 1 is in AllReduceSGD#2.sum_and_normalize_gradients (call 1) "
+                              "from tests/mpi/mismatch.py:22, while ranks 0, 2 are in "
+                              "AllReduceSGD#1.sum_and_normalize_gradients (call 4)"), r.stdout
