@@ -73,6 +73,10 @@ class Config:
                               "(0: the center; 0.5 is streaming DiLoCo's choice with --overlap-steps)")
     max_staleness: int = _opt(0, "async: an exchange whose worker missed more than K center updates since its "
                                  "previous one moves the center by K / staleness of what it would (0: off)")
+    groups: str = _opt("1", "async: workers train in groups of this many ranks (or 'node': those sharing a node); "
+                            "a group averages every --group-tau steps, and its first rank exchanges with the "
+                            "server for all of it")
+    group_tau: int = _opt(0, "async with --groups: local steps between two averages within a group (0: tau)")
     servers: int = _opt(1, "async: server ranks the center is split over (ranks 0..S-1, one contiguous shard "
                            "each); a worker's exchange goes to all of them at once")
     overlap_exchange: bool = _opt(False, "async: send the parameters and keep taking local steps while the reply "
@@ -174,6 +178,9 @@ class Config:
             (0 <= self.mixing < 1, f"--mixing must be in [0, 1); got {self.mixing}"),
             (self.max_staleness >= 0, f"--max-staleness must be an integer >= 0 (0: off); got {self.max_staleness}"),
             (self.servers >= 1, f"--servers must be an integer >= 1 (server ranks); got {self.servers}"),
+            (self.groups == "node" or (self.groups.isdigit() and int(self.groups) >= 1),
+             f"--groups must be a number of ranks >= 1 or 'node'; got '{self.groups}'"),
+            (self.group_tau >= 0, f"--group-tau must be an integer >= 0 (0: tau); got {self.group_tau}"),
             (self.prefetch >= 0, f"--prefetch must be >= 0; got {self.prefetch}"),
             (self.threads >= 0, f"--threads must be >= 0 (0 = automatic); got {self.threads}"),
             (self.test_every > 0, f"--test-every must be > 0 seconds; got {self.test_every}"),
@@ -218,6 +225,20 @@ class Config:
         if self.servers != 1 and "servers" not in uses:
             raise ConfigError(f"--servers applies to the async algorithms ({', '.join(registry.using('servers'))}); "
                               f"{self.algo} has no server: drop the flag")
+        if self.groups != "1" or self.group_tau:
+            if "groups" not in uses:
+                raise ConfigError(f"--groups and --group-tau apply to the async algorithms "
+                                  f"({', '.join(registry.using('groups'))}); {self.algo} has no server: drop them "
+                                  f"(HierarchicalAveraging averages synchronous runs in groups)")
+            for bad, flag in ((self.groups == "1", "--group-tau needs --groups"),
+                              (self.overlap_exchange, "--groups works with blocking exchanges: drop "
+                                                      "--overlap-exchange"),
+                              (self.on_worker_loss != "abort", f"--groups works with --on-worker-loss abort; this run "
+                                                               f"has {self.on_worker_loss}"),
+                              (self.uneven, "--groups needs even shards (every member takes the same steps): "
+                                            "drop --uneven")):
+                if bad:
+                    raise ConfigError(flag)
         if self.servers != 1 and self.on_worker_loss == "respawn":
             raise ConfigError(f"--on-worker-loss respawn works with one server rank; this run has --servers "
                               f"{self.servers}: use --on-worker-loss continue, or --servers 1")
@@ -242,13 +263,15 @@ class Config:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
     def resolve(self, workers: int) -> Config:
-        """Fill the defaults that depend on the algorithm and the number of workers."""
+        """Fill the defaults that depend on the algorithm and the number of workers (those
+        that exchange with the server: one per group with ``--groups``)."""
         cfg = dataclasses.replace(self)
         algo = registry.lookup(cfg.algo)
         if cfg.lr is None:
             cfg.lr = 0.001 if cfg.optimizer == "adamw" else algo.default_lr
         if cfg.momentum is None:
             cfg.momentum = algo.default_momentum
+        workers = cfg.exchanging(workers)
         if cfg.alpha is None:
             # beta = p * alpha = 0.9 (the paper's choice); one worker gets 0.5, so that neither
             # the worker nor the center is pulled 90% of the way to the other at each exchange.
@@ -258,12 +281,18 @@ class Config:
             cfg.outer_delay = workers
         return cfg
 
+    def exchanging(self, workers: int) -> int:
+        """How many of ``workers`` exchange with the server: one per group with ``--groups N``
+        (with ``--groups node`` it is known only when the run starts: ``workers`` here)."""
+        return -(-workers // int(self.groups)) if self.groups.isdigit() else workers
+
     def advice(self, workers: int, shard: int, shape: tuple[int, ...], dataset: str) -> list[str]:
         """Warnings about a resolved configuration that is valid but likely not what was
         meant, for ``workers`` training ranks with ``shard`` training samples each, on
         images of ``shape`` from ``dataset`` (pure: said once by the job, kept in the summary)."""
         notes = []
         algo = registry.lookup(self.algo)
+        workers = self.exchanging(workers)  # (the elastic pull is per exchanging worker)
         if algo.elastic and workers * self.alpha >= 1:
             notes.append(f"beta = workers * alpha = {workers * self.alpha:.3g} >= 1: elastic averaging may be "
                          f"unstable; the paper uses beta = 0.9 (--alpha {0.9 / workers:.3g})")

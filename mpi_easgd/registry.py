@@ -70,6 +70,8 @@ class Algorithm:
             settings["max_staleness"] = cfg.max_staleness
         if "servers" in self.uses and cfg.servers > 1:
             settings["servers"] = cfg.servers
+        if "groups" in self.uses and cfg.groups != "1":
+            settings.update(groups=cfg.groups, group_tau=cfg.group_tau or cfg.tau)
         return settings
 
 
@@ -103,7 +105,7 @@ def load_user_object(path: str, flag: str, error: type[Exception]):
 
 _SYNC_USES = frozenset({"on_rank_loss"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "topk_fraction", "overlap_exchange", "on_worker_loss", "test_every",
-                         "audit", "max_staleness", "servers"})
+                         "audit", "max_staleness", "servers", "groups", "group_tau"})
 _RULES = "mpi_easgd.rules.asynchronous"
 _ELASTIC = ("tau", "alpha", "beta", "exchange_dtype")
 _OUTER = ("tau", "outer_lr", "outer_momentum")

@@ -44,13 +44,13 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd.collectives.base import (
-    CollectiveGuard,
     FlatCache,
     PeriodicRounds,
     bcast_module_state,
     bcast_tensor,
 )
 from mpi_easgd.flat import FlatParameters, flat_like
+from mpi_easgd.runtime.watchdog import CollectiveGuard
 from mpi_easgd.transfer import chunk_size
 
 

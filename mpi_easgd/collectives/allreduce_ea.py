@@ -28,7 +28,6 @@ from mpi4py import MPI
 from torch import nn
 
 from mpi_easgd.collectives.base import (
-    CollectiveGuard,
     FlatCache,
     PeriodicRounds,
     bcast_module_state,
@@ -36,6 +35,7 @@ from mpi_easgd.collectives.base import (
 )
 from mpi_easgd.flat import FlatParameters, flat_like
 from mpi_easgd.rules.elastic import ea_local_move
+from mpi_easgd.runtime.watchdog import CollectiveGuard
 from mpi_easgd.transfer import chunk_size
 
 

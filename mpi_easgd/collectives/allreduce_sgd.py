@@ -31,11 +31,11 @@ import numpy as np
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.base import Collective, CollectiveGuard, FlatCache, argmax_rank, bcast_module_state
+from mpi_easgd.collectives.base import Collective, FlatCache, argmax_rank, bcast_module_state
 from mpi_easgd.collectives.overlap import BucketReducer
 from mpi_easgd.collectives.rounds import ring_bytes
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.runtime.watchdog import require_thread_multiple
+from mpi_easgd.runtime.watchdog import CollectiveGuard, require_thread_multiple
 from mpi_easgd.transfer import allreduce, chunk_size
 
 

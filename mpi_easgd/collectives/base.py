@@ -1,15 +1,12 @@
-"""Pieces shared by the synchronous algorithms: flattening once, broadcasting, and a
-guard that turns a mismatch of collectives across ranks into a message instead of a
-silent hang."""
+"""Pieces shared by the synchronous algorithms: flattening once, broadcasting, and the
+base classes (the guard that turns a mismatch of collectives across ranks into a message
+instead of a silent hang is :class:`mpi_easgd.runtime.watchdog.CollectiveGuard`)."""
 
 from __future__ import annotations
 
 import abc
-import collections
 import contextlib
 import functools
-import os
-import sys
 import time
 import weakref
 
@@ -21,7 +18,8 @@ from torch import nn
 from mpi_easgd.collectives.rounds import RoundBuffer
 from mpi_easgd.compress import Codec, wire_format
 from mpi_easgd.flat import FlatParameters
-from mpi_easgd.runtime import faults, flight
+from mpi_easgd.runtime import faults
+from mpi_easgd.runtime.watchdog import CollectiveGuard
 from mpi_easgd.transfer import MPIBuffer
 
 
@@ -290,78 +288,3 @@ def argmax_rank(comm: MPI.Comm, value: int) -> int:
     """The rank with the largest ``value``; ties go to the lowest rank."""
     values = np.asarray(comm.allgather(int(value)))
     return int(np.argmax(values))
-
-
-class CollectiveGuard:
-    """``with guard("call"):`` around a public call that runs collectives.
-
-    A :class:`~mpi_easgd.runtime.watchdog.Watchdog` thread (no MPI call but ``MPI_Abort``) watches
-    the call a rank is in. When it has waited ``timeout`` seconds for the other ranks, one
-    line names it; with ``on_timeout="abort"`` the job then ends. The usual cause is a
-    mismatch (a rank that exited, hung, or makes another call), which MPI would otherwise
-    wait on forever. ``timeout=None``: no watching. Costs two dict operations a call.
-    """
-
-    def __init__(self, comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str) -> None:
-        self.watchdog = _watchdog(comm, owner, timeout, on_timeout)
-        self.call = ""
-        self.seconds = 0.0  # spent in guarded calls, all told
-        self._entered = 0.0
-        if self.watchdog is not None:  # a guard nobody closed: its thread ends with the guard
-            weakref.finalize(self, self.watchdog.stop)
-
-    def __call__(self, call: str) -> CollectiveGuard:
-        self.call = call
-        return self
-
-    def __enter__(self) -> None:
-        self._entered = time.perf_counter()
-        if self.watchdog is not None:
-            self.watchdog.expect(self.call)
-
-    def __exit__(self, *exc) -> None:
-        if self.watchdog is not None:
-            self.watchdog.release(self.call)
-        self.seconds += time.perf_counter() - self._entered
-
-    def close(self) -> None:
-        """End the watchdog's thread (within a second; idempotent)."""
-        if self.watchdog is not None:
-            self.watchdog.stop()
-
-
-def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str):
-    if on_timeout not in ("warn", "abort"):
-        raise ValueError(f"on_timeout must be 'warn' or 'abort'; got {on_timeout!r}")
-    if timeout is None:
-        return None
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds or None; got {timeout!r}")
-    from mpi_easgd.runtime.control import abort
-    from mpi_easgd.runtime.watchdog import Watchdog
-
-    rank = comm.Get_rank()
-    watchdog: Watchdog
-    _INSTANCES[owner] += 1
-    name = f"{owner}#{_INSTANCES[owner]}"  # (the same on every rank that makes its objects in the same order)
-
-    def on_silent(call: str, seconds: float) -> bool:
-        what = "ending the job" if on_timeout == "abort" else "still waiting"
-        print(f"mpi_easgd: rank {rank} has waited {seconds:.0f}s in {owner}.{call} for the other ranks: "
-              f"one of them has exited, hung, or is making a different call (every rank must make the "
-              f"same calls in the same order; a rank out of data calls synchronize when its epoch "
-              f"ends); {what}; every rank's last calls: python -m mpi_easgd.flight "
-              f"{flight.RECORDER.folder or os.environ.get(flight.FOLDER_ENV, 'mpi_easgd-flight')}",
-              file=sys.stderr, flush=True)
-        if on_timeout == "abort":
-            time.sleep(flight.GATHER)  # the other ranks' watchdogs write their rings too
-            abort(comm, 1)
-        watchdog.release(call)  # said once per call
-        return True
-
-    watchdog = Watchdog(comm, timeout, lambda call: f"{owner}.{call} on rank {rank}", on_silent=on_silent,
-                        record=lambda call: f"{name}.{call}")
-    return watchdog.start()
-
-
-_INSTANCES: collections.Counter[str] = collections.Counter()  # guards made so far in this process, by owner

@@ -19,7 +19,8 @@ from __future__ import annotations
 from mpi4py import MPI
 from torch import nn
 
-from mpi_easgd.collectives.base import Collective, CollectiveGuard, FlatCache, bcast_module_state
+from mpi_easgd.collectives.base import Collective, FlatCache, bcast_module_state
+from mpi_easgd.runtime.watchdog import CollectiveGuard
 
 NODE = "node"
 

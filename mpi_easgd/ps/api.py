@@ -49,6 +49,7 @@ from torch import nn
 from mpi_easgd import registry
 from mpi_easgd.compress import wire_format
 from mpi_easgd.flat import FlatParameters
+from mpi_easgd.ps.groups import LEADER, GroupMember, GroupRounds, make_groups
 from mpi_easgd.ps.liveness import say_dropped
 from mpi_easgd.ps.policies import loss_policy
 from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, shard_bounds, wait_politely
@@ -109,11 +110,15 @@ class AsyncTraining:
         self.flat = FlatParameters(model)
         self.server = None
         self.stats_to = topo.tester_rank  # where a worker's statistics go at the end
+        self.group_comm, self.leaders = None, topo.worker_ranks  # (--groups: only leaders talk to the server)
         if replacing is not None:  # (the server is the only rank a replacement knows)
             self.live, saved, self.stats_to = replacing["live"], {"position": replacing["position"]}, topo.server_rank
         else:
             self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
-            saved = saved_state(ctx.resume, topo.rank) if ctx.resume else None
+            self.group_comm, self.leaders = make_groups(comm, topo.worker_ranks, cfg.groups)
+            member = self.group_comm is not None and self.group_comm.Get_rank() != LEADER
+            # (a member writes no checkpoint file: it starts from its leader's state)
+            saved = saved_state(ctx.resume, topo.rank) if ctx.resume and not member else None
             if topo.role in ("server", "shard"):
                 self.server = self._make_server(saved)
             # The center, each shard from its server: everyone's starting point (a resumed
@@ -128,11 +133,13 @@ class AsyncTraining:
         p, algo = topo.num_workers, registry.lookup(cfg.algo)
         servers = f"server rank {topo.server_rank}" if topo.servers == 1 else \
             f"server ranks 0-{topo.servers - 1} (a shard of the center each)"
+        groups = "" if cfg.groups == "1" else \
+            f" in {len(self.leaders)} groups (--groups {cfg.groups}, averaging every {cfg.group_tau or cfg.tau} steps)"
         ctx.log.info(
-            f"{cfg.algo}: {servers}, tester rank {topo.tester_rank}, {p} workers; "
+            f"{cfg.algo}: {servers}, tester rank {topo.tester_rank}, {p} workers{groups}; "
             f"model {cfg.model} ({self.flat.numel:,} parameters), {dataset}, tau {cfg.tau}, "
             + (f"outer lr {cfg.outer_lr}, momentum {cfg.outer_momentum}, delay {cfg.outer_delay}"
-               if algo.outer else f"alpha {cfg.alpha:.4g} (beta {p * cfg.alpha:.3g})")
+               if algo.outer else f"alpha {cfg.alpha:.4g} (beta {len(self.leaders) * cfg.alpha:.3g})")
             + (", overlapped exchanges" if cfg.overlap_exchange else "")
         )
         self.worker: AsyncWorker | None = None
@@ -140,9 +147,16 @@ class AsyncTraining:
         if topo.role == "worker":
             if optimizer is None:
                 raise ValueError("a worker needs an optimizer: AsyncTraining(comm, model, optimizer, ...)")
-            endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks)
-            self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
-                                      lambda step, state: _save_rank(ctx, step, state), saved)
+            group = None if self.group_comm is None else GroupRounds(
+                self.group_comm, self.flat, cfg.group_tau or cfg.tau, cfg.tau, ctx.transfer, cfg.worker_timeout)
+            if group is not None and not group.leads:
+                self.worker = GroupMember(ctx, self.flat, optimizer, group)
+            else:
+                endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks)
+                self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
+                                          lambda step, state: _save_rank(ctx, step, state), saved, group)
+            if group is not None:  # the leader's parameters and position: the group's starting point
+                self.worker.position = group.start(self.worker.position)
         self._fault = faults.from_env(ctx.rank)  # injected faults (tests): once per step, as in the loop
         self.stopped = False
         self.finished = False
@@ -275,6 +289,8 @@ class AsyncTraining:
     def _make_server(self, saved: dict | None) -> Server:
         ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
 
+        members = sorted(set(topo.worker_ranks) - set(self.leaders))  # (--groups) no file: they take their leader's
+
         def commit(step: int, extra: dict, workers_written: bool) -> Path:
             ckpt = checkpoint.step_dir(ctx.run_dir, step)
             if not workers_written or not _save_rank(ctx, step, server.state_dict()):
@@ -283,17 +299,18 @@ class AsyncTraining:
             # The tester's only state is how many snapshots it has been sent (it evaluates each).
             checkpoint.save_rank(ckpt, topo.tester_rank, {"evaluations": server.feed.snapshots})
             checkpoint.commit(ctx.run_dir, ckpt, dict(config=dataclasses.asdict(cfg), world_size=topo.world_size,
-                                                      updates=server.updates,
+                                                      updates=server.updates, group_members=members,
                                                       wall_seconds=time.perf_counter() - ctx.started, **extra))
             return ckpt
 
         rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness)
         start, stop = shard_bounds(self.flat.numel, topo.servers)[topo.rank]  # this rank's shard of the center
-        options = dict(test_every=cfg.test_every, samples_per_exchange=cfg.tau * self.samples_per_step,
+        per_exchange = cfg.tau * self.samples_per_step * topo.num_workers / len(self.leaders)  # (a group's, on average)
+        options = dict(test_every=cfg.test_every, samples_per_exchange=round(per_exchange),
                        audit=cfg.audit, peer_timeout=cfg.worker_timeout, checkpoint_every=cfg.checkpoint_every,
                        wire=wire_format(cfg.exchange_dtype, cfg.topk_fraction), wait_replies=not cfg.overlap_exchange)
         if topo.role == "shard":
-            server = ShardServer(ctx.comm, self.live, self.flat.data[start:stop], rule, topo.worker_ranks,
+            server = ShardServer(ctx.comm, self.live, self.flat.data[start:stop], rule, self.leaders,
                                  topo.tester_rank, save=lambda step, extra, written: _save_rank(
                                      ctx, step, server.state_dict()), **options)
             if saved is not None:
@@ -309,7 +326,7 @@ class AsyncTraining:
                          cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
             spares = Spares(setup, script)
         shards = ShardServers(ctx.comm, topo.server_ranks[1:], cfg.worker_timeout) if topo.servers > 1 else None
-        server = Server(ctx.comm, self.live, self.flat.data[start:stop], rule, topo.worker_ranks, topo.tester_rank,
+        server = Server(ctx.comm, self.live, self.flat.data[start:stop], rule, self.leaders, topo.tester_rank,
                         save=commit, policy=loss_policy(cfg.on_worker_loss, spares), shards=shards, **options)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again

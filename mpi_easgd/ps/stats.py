@@ -105,6 +105,7 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
     seconds = max((w.wall_seconds for w in present), default=0.0)
     return run_summary(
         cfg, dataset, world_size, num_workers, test=tester.final, train_samples=samples, train_seconds=seconds,
+        exchanging=len(server.per_worker),  # (--groups: one per group)
         nonfinite_skipped=sum(w.nonfinite_skipped for w in present),
         evaluations=tester.evaluations, exchanges=server.updates,
         server_busy_fraction=server.server_busy_fraction, per_worker=per_worker,

@@ -52,12 +52,15 @@ class AsyncWorker:
 
     ``optimizer`` takes the local steps (on ``flat``'s model); ``save(step, state) ->
     written`` writes this worker's checkpoint file; ``saved`` is the state to start from (a
-    worker lost in the saved run has only a position)."""
+    worker lost in the saved run has only a position). ``group``: with ``--groups``, the
+    :class:`~mpi_easgd.ps.groups.GroupRounds` of the group this worker leads."""
 
     def __init__(self, ctx: RunContext, flat: FlatParameters, endpoint: WorkerEndpoint,
                  optimizer: torch.optim.Optimizer, save: Callable[[int, dict], bool],
-                 saved: dict | None = None) -> None:
+                 saved: dict | None = None, group=None) -> None:
         cfg = ctx.cfg
+        self.group = group  # (--groups) this leader's group: it averages first, then shares what it got
+        self.stopping = False  # (--groups) a rank of the group was asked to stop
         self.ctx, self.cfg, self.flat, self.model = ctx, cfg, flat, flat.module
         self.endpoint, self.write = endpoint, save
         self.optimizer = optimizer
@@ -92,14 +95,19 @@ class AsyncWorker:
     def step(self, pos: Position, has_grad: bool) -> None:
         if self._flight is not None:
             self._land(wait=False)
+        if self.group is not None and self.group.due(pos.t):
+            self.stopping |= self.group.average(self.ctx.stop.requested)
         if pos.t % self.cfg.tau == 0:
             self.exchange()
+            if self.group is not None:
+                self.group.share()
         self.steps_in_flight += self._flight is not None
         if has_grad:  # else x stays finite: no NaN reaches the center
             self.optimizer.step()
 
     def boundary(self, pos: Position) -> Action:
-        if self.ctx.stop.requested or self.endpoint.liveness.dropped:
+        stop = self.stopping if self.group is not None else self.ctx.stop.requested  # (a group stops together)
+        if stop or self.endpoint.liveness.dropped:
             return Action.STOP
         command = self.endpoint.inbox.poll()
         if command is None:
@@ -190,8 +198,12 @@ class AsyncWorker:
         of the final checkpoint, whether the run was stopped by a signal)."""
         if self.endpoint.liveness.dropped:
             raise WorkerDropped
+        if self.group is not None:
+            self.group.average(stopped)
         self.exchange()  # flush the steps since the last exchange
         self._land()
+        if self.group is not None:
+            self.group.share()
         exchanges = self.exchanges + len(self.latencies)
         self.endpoint.done(exchanges, pos.t, pos.samples, stopped)
         seconds = time.perf_counter() - self.started
@@ -203,6 +215,8 @@ class AsyncWorker:
             else:  # RESUME after a checkpoint: wait for the next command
                 command = self._from_server()
         self.watchdog.stop()
+        if self.group is not None:  # the members end with it
+            self.group.end(command[1], bool(command[2]))
         stats = WorkerStats.of(self.ctx.rank, exchanges, pos.t, pos.samples, seconds, pos.skipped, self.latencies,
                                self.waited, self.steps_in_flight, self.wire.bytes_each_way,
                                self.checksums if self.cfg.audit else None)
@@ -211,3 +225,5 @@ class AsyncWorker:
     def close(self) -> None:
         """Stop watching the server (also when training ended in an error)."""
         self.watchdog.stop()
+        if self.group is not None:
+            self.group.close()

@@ -34,11 +34,12 @@ def _toml_value(value) -> str:
 
 
 def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict, train_samples: int,
-                train_seconds: float, nonfinite_skipped: int, **specific) -> dict:
+                train_seconds: float, nonfinite_skipped: int, exchanging: int | None = None, **specific) -> dict:
     """The summary every run writes (``summary.json``): the same keys for every algorithm,
     then ``specific`` ones (async: exchanges, per-worker rows...). ``test``: the final
-    evaluation's ``test_accuracy`` and ``test_loss`` (None when there was none)."""
-    elastic = registry.lookup(cfg.algo).settings(cfg, workers)
+    evaluation's ``test_accuracy`` and ``test_loss`` (None when there was none).
+    ``exchanging``: the workers that exchange with the server, if not all (``--groups``)."""
+    elastic = registry.lookup(cfg.algo).settings(cfg, exchanging or workers)
     return dict(
         algo=cfg.algo, model=cfg.model, dataset=dataset, world_size=world_size, workers=workers,
         epochs=cfg.epochs, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, **elastic,

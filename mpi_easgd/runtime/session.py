@@ -71,7 +71,8 @@ def check_run(cfg, topo, rank: int, size: int) -> tuple[Path | None, dict]:
         if resume is not None:
             manifest = checkpoint.read_manifest(resume)
             checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume)
-            rejoins = str(rank) in manifest.get("rejoin", {})  # lost in that run: restarts from the center
+            # lost in that run: restarts from the center; a group's member (--groups): from its leader
+            rejoins = str(rank) in manifest.get("rejoin", {}) or rank in manifest.get("group_members", [])
             if not rejoins and not checkpoint.rank_file(resume, rank).is_file():
                 raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, rank)} is missing; "
                                                  f"use an earlier checkpoint")

@@ -1,4 +1,5 @@
-"""End the whole job when a peer this rank is waiting for has been silent too long.
+"""End the whole job when a peer this rank is waiting for has been silent too long; and
+:class:`CollectiveGuard`, the watch on a call that every rank of a group must make.
 
 Async roles wait in blocking MPI calls (the server in ``Waitany``, a worker in ``Sendrecv``):
 no spinning, but also no way to notice a peer that hung (stopped, swapping, lost node). A
@@ -18,9 +19,12 @@ peers blame a healthy rank.
 
 from __future__ import annotations
 
+import collections
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from mpi4py import MPI
@@ -113,3 +117,75 @@ def require_thread_multiple(what: str) -> None:
                            f"sends heartbeats while training goes on); this one provides MPI_THREAD_"
                            f"{names.get(provided, provided)}: leave mpi4py.rc.thread_level at 'multiple', or use "
                            f"an MPI built with thread support")
+
+
+class CollectiveGuard:
+    """``with guard("call"):`` around a public call that runs collectives.
+
+    A :class:`~mpi_easgd.runtime.watchdog.Watchdog` thread (no MPI call but ``MPI_Abort``) watches
+    the call a rank is in. When it has waited ``timeout`` seconds for the other ranks, one
+    line names it; with ``on_timeout="abort"`` the job then ends. The usual cause is a
+    mismatch (a rank that exited, hung, or makes another call), which MPI would otherwise
+    wait on forever. ``timeout=None``: no watching. Costs two dict operations a call.
+    """
+
+    def __init__(self, comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str) -> None:
+        self.watchdog = _watchdog(comm, owner, timeout, on_timeout)
+        self.call = ""
+        self.seconds = 0.0  # spent in guarded calls, all told
+        self._entered = 0.0
+        if self.watchdog is not None:  # a guard nobody closed: its thread ends with the guard
+            weakref.finalize(self, self.watchdog.stop)
+
+    def __call__(self, call: str) -> CollectiveGuard:
+        self.call = call
+        return self
+
+    def __enter__(self) -> None:
+        self._entered = time.perf_counter()
+        if self.watchdog is not None:
+            self.watchdog.expect(self.call)
+
+    def __exit__(self, *exc) -> None:
+        if self.watchdog is not None:
+            self.watchdog.release(self.call)
+        self.seconds += time.perf_counter() - self._entered
+
+    def close(self) -> None:
+        """End the watchdog's thread (within a second; idempotent)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+
+def _watchdog(comm: MPI.Comm, owner: str, timeout: float | None, on_timeout: str):
+    if on_timeout not in ("warn", "abort"):
+        raise ValueError(f"on_timeout must be 'warn' or 'abort'; got {on_timeout!r}")
+    if timeout is None:
+        return None
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds or None; got {timeout!r}")
+    rank = comm.Get_rank()
+    watchdog: Watchdog
+    _INSTANCES[owner] += 1
+    name = f"{owner}#{_INSTANCES[owner]}"  # (the same on every rank that makes its objects in the same order)
+
+    def on_silent(call: str, seconds: float) -> bool:
+        what = "ending the job" if on_timeout == "abort" else "still waiting"
+        print(f"mpi_easgd: rank {rank} has waited {seconds:.0f}s in {owner}.{call} for the other ranks: "
+              f"one of them has exited, hung, or is making a different call (every rank must make the "
+              f"same calls in the same order; a rank out of data calls synchronize when its epoch "
+              f"ends); {what}; every rank's last calls: python -m mpi_easgd.flight "
+              f"{flight.RECORDER.folder or os.environ.get(flight.FOLDER_ENV, 'mpi_easgd-flight')}",
+              file=sys.stderr, flush=True)
+        if on_timeout == "abort":
+            time.sleep(flight.GATHER)  # the other ranks' watchdogs write their rings too
+            abort(comm, 1)
+        watchdog.release(call)  # said once per call
+        return True
+
+    watchdog = Watchdog(comm, timeout, lambda call: f"{owner}.{call} on rank {rank}", on_silent=on_silent,
+                        record=lambda call: f"{name}.{call}")
+    return watchdog.start()
+
+
+_INSTANCES: collections.Counter[str] = collections.Counter()  # guards made so far in this process, by owner

@@ -33,6 +33,11 @@ def test_config_precedence_and_types(tmp_path):
     ("servers = 0", "--servers must be an integer >= 1"),
     ('algo = "sgd"\nservers = 2', "--servers applies to the async algorithms .*sgd has no server"),
     ('algo = "easgd"\nservers = 2\non_worker_loss = "respawn"', "respawn works with one server rank"),
+    ('algo = "easgd"\ngroups = "two"', "--groups must be a number of ranks >= 1 or 'node'; got 'two'"),
+    ('algo = "ea"\ngroups = "node"', "--groups and --group-tau apply to the async algorithms .*HierarchicalAveraging"),
+    ('algo = "easgd"\ngroup_tau = 2', "--group-tau needs --groups"),
+    ('algo = "easgd"\ngroups = "2"\noverlap_exchange = true', "--groups works with blocking exchanges"),
+    ('algo = "easgd"\ngroups = "2"\non_worker_loss = "continue"', "--groups works with --on-worker-loss abort"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"
@@ -73,6 +78,13 @@ def test_topology_roles():
     assert Topology.build(2, 0, "ea").logs and not Topology.build(2, 1, "ea").logs
     with pytest.raises(ConfigError, match="needs at least 3 ranks .*got 2"):
         Topology.build(2, 0, "easgd")
+
+
+def test_groups_count_one_exchanging_worker_each():
+    cfg = Config(algo="easgd", groups="2").resolve(workers=5)  # 3 groups exchange
+    assert cfg.alpha == pytest.approx(0.3) and cfg.exchanging(5) == 3
+    assert Config(algo="async-diloco", groups="2").resolve(4).outer_delay == 2
+    assert Config(algo="easgd", groups="node").exchanging(4) == 4  # (known when the run starts)
 
 
 def test_topology_with_the_center_over_two_servers():
