@@ -32,23 +32,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 
-# (algo, workers, params, step_ms, tau, link: (latency_ms, mbps) or None, server ranks)
+# (algo, workers, params, step_ms, tau, link: (latency_ms, mbps) or None, server ranks, workers per group)
 CONFIGS = [
-    ("easgd", 1, 1_000_000, 10, 4, None, 1),
-    ("easgd", 2, 1_000_000, 10, 4, None, 1),
-    ("easgd", 3, 1_000_000, 5, 2, None, 1),
-    ("easgd", 2, 11_000_000, 20, 4, None, 1),
-    ("easgd", 3, 11_000_000, 10, 2, None, 1),
-    ("easgd", 2, 1_000_000, 10, 4, (20.0, 0), 1),
-    ("easgd", 2, 1_000_000, 10, 4, (5.0, 2000), 1),
-    ("downpour", 2, 4_000_000, 10, 4, None, 1),
-    ("easgd", 2, 11_000_000, 5, 1, None, 1),  # the server is the bottleneck ...
-    ("easgd", 2, 11_000_000, 5, 1, None, 2),  # ... and split over two ranks
-    ("sgd", 2, 4_000_000, 20, 1, None, 1),
-    ("sgd", 4, 1_000_000, 10, 1, None, 1),
-    ("ea", 2, 11_000_000, 10, 4, None, 1),
-    ("ea", 4, 1_000_000, 10, 4, (20.0, 0), 1),
+    ("easgd", 1, 1_000_000, 10, 4, None, 1, 1),
+    ("easgd", 2, 1_000_000, 10, 4, None, 1, 1),
+    ("easgd", 3, 1_000_000, 5, 2, None, 1, 1),
+    ("easgd", 2, 11_000_000, 20, 4, None, 1, 1),
+    ("easgd", 3, 11_000_000, 10, 2, None, 1, 1),
+    ("easgd", 2, 1_000_000, 10, 4, (20.0, 0), 1, 1),
+    ("easgd", 2, 1_000_000, 10, 4, (5.0, 2000), 1, 1),
+    ("downpour", 2, 4_000_000, 10, 4, None, 1, 1),
+    ("easgd", 2, 11_000_000, 5, 1, None, 1, 1),  # the server is the bottleneck ...
+    ("easgd", 2, 11_000_000, 5, 1, None, 2, 1),  # ... and split over two ranks
+    ("easgd", 2, 4_000_000, 10, 4, None, 1, 2),  # one group of two (averaging every 2 steps)
+    ("sgd", 2, 4_000_000, 20, 1, None, 1, 1),
+    ("sgd", 4, 1_000_000, 10, 1, None, 1, 1),
+    ("ea", 2, 11_000_000, 10, 4, None, 1, 1),
+    ("ea", 4, 1_000_000, 10, 4, (20.0, 0), 1, 1),
 ]
+GROUP_TAU = 2
 
 
 class Emulated:
@@ -109,8 +111,9 @@ def one_run(args) -> None:
                 compute_utilization=float(np.mean([1 - w / t for t, w in rows])),
                 step_seconds=float(np.mean([(t - w) / args.steps for t, w in rows])))))
         return
+    groups = dict(groups=str(args.group), group_tau=GROUP_TAU) if args.group > 1 else {}
     with mpi_easgd.AsyncTraining(comm, model, optimizer, algo=args.algo, tau=args.tau, alpha=0.3, epochs=1,
-                                 servers=args.servers,
+                                 servers=args.servers, **groups,
                                  out=str(out.parent / "runs"), run_name=out.stem, test_every=10**9,
                                  progress=False) as run:
         for _ in run.epochs():
@@ -155,6 +158,7 @@ def main() -> int:
     p.add_argument("--step-ms", type=float, default=10.0)
     p.add_argument("--tau", type=int, default=4)
     p.add_argument("--servers", type=int, default=1)
+    p.add_argument("--group", type=int, default=1)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default="")
     p.add_argument("--csv", type=Path, default=Path("plan_validation.csv"))
@@ -174,7 +178,7 @@ def main() -> int:
                        check=True, timeout=600)
         machines[params] = Machine(**json.loads(calib.read_text()))
     rows = []
-    for i, (algo, workers, params, step_ms, tau, link, servers) in enumerate(CONFIGS):
+    for i, (algo, workers, params, step_ms, tau, link, servers, group) in enumerate(CONFIGS):
         if args.only is not None and i not in args.only:
             continue
         out = tmp / f"run{i}.json"
@@ -187,7 +191,7 @@ def main() -> int:
         steps = max(200, 40 * tau)
         cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(HERE), "--run", "--algo", algo,
                "--params", str(params), "--step-ms", str(step_ms), "--tau", str(tau), "--steps", str(steps),
-               "--servers", str(servers),
+               "--servers", str(servers), "--group", str(group),
                "--out", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if done.returncode != 0:
@@ -198,10 +202,11 @@ def main() -> int:
         if link is not None:  # the emulated link (see the module docstring)
             m = emulated(m, link, algo, workers)
         w = Workload(params=params, step_seconds=measured["step_seconds"], tau=tau, workers=workers,
-                     servers=servers, wire_bytes=wire_bytes("float32"))
+                     servers=servers, wire_bytes=wire_bytes("float32"), group=group,
+                     group_tau=GROUP_TAU if group > 1 else 0)
         pred = predict(algo, w, m)
-        rows.append(dict(algo=algo, workers=workers, servers=servers, params=f"{params / 1e6:g}M", step_ms=step_ms,
-                         tau=tau,
+        rows.append(dict(algo=algo, workers=workers, servers=servers, group=group, params=f"{params / 1e6:g}M",
+                         step_ms=step_ms, tau=tau,
                          link="-" if link is None else f"{link[0]:g}ms/{link[1] or 'inf'}Mbps",
                          measured_step_ms=measured["step_seconds"] * 1e3,
                          predicted_x=pred.exchanges_per_second, measured_x=measured["exchanges_per_second"],

@@ -23,6 +23,9 @@ per message; a link has latency ``L`` (one way) and bandwidth ``B``.
   Mean-value analysis of this closed network (service of fixed length) gives the exchange
   rate ``X``; a worker's cycle is ``W / X`` and its utilization ``tau t X / W``. (One worker alone: ``tau t + P
   c_w + 2 L + 2 m / B + P c / S``.)
+- **Groups** (``--groups G``, ``group_tau``): one worker in G exchanges, for its group; a
+  group's cycle adds its own rounds, ``tau / group_tau`` averages of the float32
+  parameters among G and the leader's broadcast (:func:`grouped`).
 - **Synchronous**, ring formulas: an Allreduce of ``m`` bytes among ``n`` ranks takes
   ``2 (n - 1)(L + m / (n B)) + (n - 1) m r / n`` (``r``: seconds per byte reduced), an
   Allgather of each rank's ``m`` (the compressed formats) ``(n - 1)(L + m / B)``. sgd
@@ -91,6 +94,8 @@ class Workload:
     servers: int = 1
     batch: int = 32  # samples per local step
     wire_bytes: float = 4.0  # bytes per parameter in a message (see wire_bytes)
+    group: int = 1  # (async --groups) workers per group: one of them exchanges for all
+    group_tau: int = 0  # steps between two averages within a group (0: tau)
 
 
 @dataclass(frozen=True)
@@ -155,20 +160,40 @@ def predict_async(algo: str, w: Workload, m: Machine) -> Prediction:
     arithmetic = w.params / w.servers * m.server_rules.get(algo, m.server_update)
     demand = link_server + arithmetic
     own_link = max(2 * msg / m.bandwidth - link_server, 0.0)  # what the server links do not carry
-    think = compute + w.params * m.worker_update + 2 * m.latency + own_link
-    rate = closed_network(think, demand, w.workers)
-    at_server = w.workers / rate - think  # waiting for a server rank, and being served
+    # (--groups) a group's rounds: averages every group_tau steps and a broadcast per exchange
+    group = grouped(w, m)
+    exchanging = -(-w.workers // w.group)
+    think = compute + group + w.params * m.worker_update + 2 * m.latency + own_link
+    rate = closed_network(think, demand, exchanging)
+    at_server = exchanging / rate - think  # waiting for a server rank, and being served
     # The bottleneck: the server once it is saturated, else what takes the largest share of
     # a worker's cycle (the server's share, queueing included, named by the larger part of
     # its demand).
     busy = rate * demand
     server = "server arithmetic" if arithmetic >= link_server else "server link"
     shares = {"compute": compute, "worker update": w.params * m.worker_update,
-              "worker link": 2 * m.latency + own_link, server: at_server}
+              "worker link": 2 * m.latency + own_link, server: at_server, "group rounds": group}
     neck = server if busy > 0.8 else max(shares, key=shares.get)
-    utilization = compute * rate / w.workers
-    samples = rate * w.tau * w.batch
-    return Prediction(algo, rate, utilization, samples, 2 * msg / (w.tau * w.batch), neck, busy)
+    utilization = compute * rate / exchanging
+    samples = rate * w.tau * w.batch * w.workers / exchanging
+    moved = 2 * msg / (w.group * w.tau * w.batch)  # to the server, per sample of the group
+    return Prediction(algo, rate, utilization, samples, moved, neck, busy)
+
+
+def grouped(w: Workload, m: Machine) -> float:
+    """Seconds a group spends in its own rounds per exchange (``--groups``): an average of
+    the float32 parameters every ``group_tau`` steps (``tau / group_tau`` of them, one more
+    before the exchange if that does not divide ``tau``), each a ring Allreduce plus what a
+    synchronous round adds to one (sgd's, calibrated: the scaling pass and the pieces), and
+    the leader's broadcast after the exchange (``log2 G`` latencies and the bytes once)."""
+    if w.group <= 1:
+        return 0.0
+    every = w.group_tau or w.tau
+    averages = w.tau // every + (w.tau % every != 0)
+    nbytes = w.params * 4.0
+    average = ring_allreduce(w.group, nbytes, m) + w.params * m.round_overhead.get("sgd", m.worker_update)
+    share = math.ceil(math.log2(w.group)) * m.latency + nbytes / m.bandwidth
+    return averages * average + share
 
 
 def predict_sync(algo: str, w: Workload, m: Machine) -> Prediction:
@@ -386,6 +411,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=int, default=10, help="local steps between exchanges (ea, diloco, async)")
     p.add_argument("--workers", type=int, default=8, help="workers (async) or ranks (sync)")
     p.add_argument("--servers", type=int, default=1, help="server ranks the center is split over (async)")
+    p.add_argument("--groups", type=int, default=1, help="workers per group, one exchanging for all (async)")
+    p.add_argument("--group-tau", type=int, default=0, help="steps between two averages in a group (0: tau)")
     p.add_argument("--batch", type=int, default=32, help="samples per local step")
     p.add_argument("--exchange-dtype", default="float32",
                    choices=("float32", "float16", "bfloat16", "int8", "int4", "topk"))
@@ -448,15 +475,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"calibration written to {args.calibrate}: {_describe(m)}")
         return 0
     bad = [f"--{k.replace('_', '-')} must be positive" for k in ("params", "step_ms", "tau", "workers", "servers",
-                                                                   "batch") if getattr(args, k) <= 0]
+                                                                   "batch", "groups") if getattr(args, k) <= 0]
     if bad:
         print(f"mpi_easgd.plan: error: {bad[0]}", file=sys.stderr)
         return 2
     m = machine_from(args)
     w = Workload(params=int(args.params), step_seconds=args.step_ms / 1e3, tau=args.tau, workers=args.workers,
-                 servers=args.servers, batch=args.batch, wire_bytes=wire_bytes(args.exchange_dtype, int(args.params)))
+                 servers=args.servers, batch=args.batch, wire_bytes=wire_bytes(args.exchange_dtype, int(args.params)),
+                 group=args.groups, group_tau=args.group_tau)
     print(f"machine: {_describe(m)}")
-    print(f"workload: {w.params:,} parameters, {args.step_ms:g} ms/step, tau {w.tau}, {w.workers} workers, "
+    groups = f" in groups of {w.group} (averaging every {w.group_tau or w.tau} steps)" if w.group > 1 else ""
+    print(f"workload: {w.params:,} parameters, {args.step_ms:g} ms/step, tau {w.tau}, {w.workers} workers{groups}, "
           f"{w.servers} server rank(s), batch {w.batch}, {args.exchange_dtype} ({w.wire_bytes:.3g} bytes/parameter)\n")
     rows = []
     for algo in (*ASYNC, *SYNC):

@@ -10,8 +10,9 @@ divisible by several periods only the largest one's group averages (it contains 
 smaller ones), and nothing is averaged during the first ``warmup_steps`` calls: torch's
 semantics exactly, tested against it.
 
-The average is one ``Allreduce`` of the flat parameters (each rank's share divided by the
-group's size first, as torch does) on a communicator made once per level by ``Split``.
+The average is an ``Allreduce`` of the flat parameters, in pieces as the other classes do
+(each rank's share divided by the group's size first, as torch does), on a communicator
+made once per level by ``Split``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from mpi_easgd.collectives.base import Collective, FlatCache, bcast_module_state
 from mpi_easgd.runtime.watchdog import CollectiveGuard
+from mpi_easgd.transfer import allreduce, chunk_size
 
 NODE = "node"
 
@@ -53,14 +55,15 @@ class HierarchicalAveraging(Collective):
     """Model averaging in a hierarchy of groups over ``comm`` (module docstring).
 
     ``levels``: ``{period: group}``, group a number of consecutive ranks or ``"node"``;
-    ``warmup_steps``: calls before the first average. ``transfer``, ``timeout`` and
-    ``on_timeout`` as for the other synchronous classes."""
+    ``warmup_steps``: calls before the first average. ``transfer``, ``chunk_bytes``,
+    ``timeout`` and ``on_timeout`` as for the other synchronous classes."""
 
     def __init__(self, comm: MPI.Comm, levels: dict, warmup_steps: int = 0, *, transfer: str = "auto",
-                 timeout: float | None = 300.0, on_timeout: str = "warn") -> None:
+                 chunk_bytes: int | None = None, timeout: float | None = 300.0, on_timeout: str = "warn") -> None:
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
         self.comm = comm
+        self.chunk_bytes = chunk_size(chunk_bytes)
         self.levels = check_levels(levels, comm.Get_size())
         self.warmup_steps = warmup_steps
         self.step = 0  # calls of average_parameters so far
@@ -103,7 +106,7 @@ class HierarchicalAveraging(Collective):
             flat.data.div_(group.Get_size())  # (before the sum, as torch's average does)
             buf = self._cache.data
             buf.before_send()
-            group.Allreduce(MPI.IN_PLACE, buf.mpi, op=MPI.SUM)
+            allreduce(group, buf, self.chunk_bytes)  # (in pieces, as the other classes: see transfer)
             buf.after_recv()
         self.averages[level] += 1
         self.all_rounds += 1

@@ -31,7 +31,7 @@ from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.stats import WorkerStats
 from mpi_easgd.runtime.loop import Action, Position
 from mpi_easgd.runtime.watchdog import CollectiveGuard
-from mpi_easgd.transfer import MPIBuffer
+from mpi_easgd.transfer import MPIBuffer, allreduce, chunk_size
 
 LEADER = 0  # a group's rank that talks to the server
 
@@ -63,6 +63,7 @@ class GroupRounds:
                  timeout: float) -> None:
         self.comm, self.every, self.tau = comm, every, tau
         self.size, self.leads = comm.Get_size(), comm.Get_rank() == LEADER
+        self.chunk_bytes = chunk_size()
         self.data = MPIBuffer(flat.data, transfer)
         self._flag = np.zeros(1, dtype=np.float64)
         self._guard = CollectiveGuard(comm, "WorkerGroup", timeout, "abort")
@@ -79,7 +80,7 @@ class GroupRounds:
         with self._guard("average"):
             self.data.tensor.div_(self.size)
             self.data.before_send()
-            self.comm.Allreduce(MPI.IN_PLACE, self.data.mpi, op=self.data.op)
+            allreduce(self.comm, self.data, self.chunk_bytes)  # (in pieces: one large Allreduce is slower)
             self.data.after_recv()
             self._flag[0] = float(stop)
             self.comm.Allreduce(MPI.IN_PLACE, self._flag, op=MPI.MAX)

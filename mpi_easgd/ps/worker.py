@@ -215,10 +215,12 @@ class AsyncWorker:
             else:  # RESUME after a checkpoint: wait for the next command
                 command = self._from_server()
         self.watchdog.stop()
-        if self.group is not None:  # the members end with it
+        waited = self.waited
+        if self.group is not None:  # the members end with it; its rounds were waits too, not compute
             self.group.end(command[1], bool(command[2]))
+            waited += sum(self.group.seconds)
         stats = WorkerStats.of(self.ctx.rank, exchanges, pos.t, pos.samples, seconds, pos.skipped, self.latencies,
-                               self.waited, self.steps_in_flight, self.wire.bytes_each_way,
+                               waited, self.steps_in_flight, self.wire.bytes_each_way,
                                self.checksums if self.cfg.audit else None)
         return stats, command[1], bool(command[2])
 

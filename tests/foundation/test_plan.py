@@ -64,6 +64,20 @@ def test_the_bottleneck_is_the_largest_share_of_a_cycle_queueing_included():
     assert p.server_busy < 0.8 and p.compute_utilization < 0.5 and p.bottleneck == "server link"
 
 
+def test_groups_send_one_exchange_per_group_and_pay_for_their_rounds():
+    w = plan.Workload(params=1_000_000, step_seconds=0.01, tau=10, workers=8)
+    pairs = dataclasses.replace(w, group=2, group_tau=5)
+    flat, grouped = plan.predict("easgd", w, M), plan.predict("easgd", pairs, M)
+    rounds = 2 * (plan.ring_allreduce(2, 4e6, M) + 1e6 * 1e-10) + (5e-6 + 4e6 / 12.5e9)  # 2 averages, 1 broadcast
+    assert plan.grouped(pairs, M) == pytest.approx(rounds)
+    alone = plan.predict("easgd", dataclasses.replace(pairs, workers=2), M)  # one group: no queue at the server
+    cycle = 0.1 + rounds + 1e6 * 3e-10 + 2 * 5e-6 + 2 * 4e6 / 12.5e9 + 1e6 * 3e-10
+    assert alone.exchanges_per_second == pytest.approx(1 / cycle)
+    assert alone.samples_per_second == pytest.approx(2 * 10 * 32 / cycle)  # the whole group's samples
+    assert grouped.exchanges_per_second < flat.exchanges_per_second and grouped.server_busy < flat.server_busy
+    assert grouped.bytes_per_sample == pytest.approx(flat.bytes_per_sample / 2)
+
+
 def test_ring_formulas_and_the_sync_algorithms():
     assert plan.ring_allreduce(1, 1e6, M) == 0.0
     assert plan.ring_allreduce(4, 4e6, M) == pytest.approx(6 * (5e-6 + 1e6 / 12.5e9) + 0.75 * 4e6 * 1e-10)
