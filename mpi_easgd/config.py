@@ -60,6 +60,9 @@ class Config:
     outer_momentum: float = _opt(0.9, "diloco, async-diloco: momentum of the outer Nesterov step")
     outer_delay: int | None = _opt(None, "async-diloco: pushes between two momentum steps of the delayed "
                                          "Nesterov outer optimizer (default: the number of workers)")
+    outer_quorum: float = _opt(0.0, "async-diloco: a momentum step once this share of --outer-delay distinct "
+                                    "workers has pushed, or once a grace window measured from the workers' "
+                                    "push intervals has passed (0: every --outer-delay pushes)")
     exchange_dtype: str = _opt("float32", "ea, diloco and async: the format parameters, differences and "
                                           "pseudo-gradients travel in: a floating type, or int8, int4 (a scale "
                                           "per block) or topk (the largest entries at 2 bits), these three with "
@@ -178,6 +181,7 @@ class Config:
             (0 <= self.mixing < 1, f"--mixing must be in [0, 1); got {self.mixing}"),
             (self.max_staleness >= 0, f"--max-staleness must be an integer >= 0 (0: off); got {self.max_staleness}"),
             (self.servers >= 1, f"--servers must be an integer >= 1 (server ranks); got {self.servers}"),
+            (0 <= self.outer_quorum <= 1, f"--outer-quorum must be in [0, 1] (0: off); got {self.outer_quorum}"),
             (self.groups == "node" or (self.groups.isdigit() and int(self.groups) >= 1),
              f"--groups must be a number of ranks >= 1 or 'node'; got '{self.groups}'"),
             (self.group_tau >= 0, f"--group-tau must be an integer >= 0 (0: tau); got {self.group_tau}"),
@@ -194,7 +198,7 @@ class Config:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
                                   f"got '{getattr(self, f.name)}'")
         for name in ("lr", "momentum", "weight_decay", "alpha", "outer_lr", "outer_momentum", "test_every",
-                     "worker_timeout"):
+                     "worker_timeout", "outer_quorum"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number; got {value}")
@@ -222,6 +226,9 @@ class Config:
             raise ConfigError(f"--max-staleness applies to the async algorithms "
                               f"({', '.join(registry.using('max_staleness'))}); {self.algo}'s rounds are never stale: "
                               f"drop the flag")
+        if self.outer_quorum and "outer_quorum" not in uses:
+            raise ConfigError(f"--outer-quorum applies to {_listed(registry.using('outer_quorum'))}; {self.algo} "
+                              f"has no outer momentum step: drop the flag")
         if self.servers != 1 and "servers" not in uses:
             raise ConfigError(f"--servers applies to the async algorithms ({', '.join(registry.using('servers'))}); "
                               f"{self.algo} has no server: drop the flag")

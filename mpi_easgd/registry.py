@@ -68,6 +68,8 @@ class Algorithm:
             settings["topk_fraction"] = cfg.topk_fraction
         if "max_staleness" in self.uses and cfg.max_staleness:
             settings["max_staleness"] = cfg.max_staleness
+        if "outer_quorum" in self.uses and cfg.outer_quorum:
+            settings["outer_quorum"] = cfg.outer_quorum
         if "servers" in self.uses and cfg.servers > 1:
             settings["servers"] = cfg.servers
         if "groups" in self.uses and cfg.groups != "1":
@@ -132,7 +134,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               uses=_ASYNC_USES, recorded=(*_ELASTIC, "overlap_exchange"),
               implementation=f"{_RULES}:DownpourServer"),
     Algorithm("async-diloco", ASYNC, "asynchronous DiLoCo: pseudo-gradients through a delayed Nesterov outer step",
-              uses=_ASYNC_USES | {"outer_lr", "outer_momentum", "outer_delay"},
+              uses=_ASYNC_USES | {"outer_lr", "outer_momentum", "outer_delay", "outer_quorum"},
               recorded=(*_OUTER, "outer_delay", "exchange_dtype", "overlap_exchange"),
               implementation=f"{_RULES}:OuterServer"),
 )}
@@ -183,7 +185,7 @@ def describe_rule(path: str) -> Algorithm:
                      implementation=path, nesterov=bool(rule.nesterov), default_momentum=0.9 if rule.nesterov else 0.0)
 
 
-_RULE_SETTINGS = frozenset({"alpha", "outer_lr", "outer_momentum", "outer_delay"})
+_RULE_SETTINGS = frozenset({"alpha", "outer_lr", "outer_momentum", "outer_delay", "outer_quorum"})
 
 
 def using(field: str) -> tuple[str, ...]:

@@ -303,7 +303,8 @@ class AsyncTraining:
                                                       wall_seconds=time.perf_counter() - ctx.started, **extra))
             return ckpt
 
-        rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness)
+        rule = server_rule(cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness,
+                           cfg.outer_quorum)
         start, stop = shard_bounds(self.flat.numel, topo.servers)[topo.rank]  # this rank's shard of the center
         per_exchange = cfg.tau * self.samples_per_step * topo.num_workers / len(self.leaders)  # (a group's, on average)
         options = dict(test_every=cfg.test_every, samples_per_exchange=round(per_exchange),

@@ -113,6 +113,7 @@ class Server:
         self.totals = Totals()
         self.audit: AuditLog | None = AuditLog(center, rule) if audit else None
         self._fault = faults.from_env(comm.Get_rank())
+        self._began = time.monotonic()  # (an arrival's time is counted from here)
 
     @property
     def center(self) -> torch.Tensor:
@@ -187,7 +188,8 @@ class Server:
                 record.channel.reset(self.center)
 
     def _exchange(self, record: WorkerRecord, buf: torch.Tensor) -> None:
-        arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates)
+        arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates,
+                          time.monotonic() - self._began)
         record.damped += self.versions.rule.damps(arrival) != 1.0
         x = self.versions.arrived(buf, record.channel)
         if self.audit is not None:

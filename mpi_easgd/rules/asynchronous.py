@@ -40,6 +40,7 @@ class Arrival:
     worker: int  # the worker's index (0 .. workers - 1)
     staleness: int  # center updates by other workers since this worker's previous exchange (0 at its first)
     version: int  # the center's version: updates applied before this one
+    time: float = 0.0  # seconds since the server started serving (the audit keeps it)
 
 
 class WorkerRule:
@@ -149,8 +150,8 @@ class ServerRule(abc.ABC):
 
     - ``worker_rule``: its worker side;
     - ``settings``: the configuration fields it reads (any of ``alpha``, ``outer_lr``,
-      ``outer_momentum``, ``outer_delay``); they are passed to the constructor and
-      recorded in the run's summary;
+      ``outer_momentum``, ``outer_delay``, ``outer_quorum``); they are passed to the
+      constructor and recorded in the run's summary;
     - ``nesterov``: whether the workers' local optimizer uses Nesterov momentum.
     """
 
@@ -159,16 +160,17 @@ class ServerRule(abc.ABC):
     nesterov = False
 
     def __init__(self, algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 outer_delay: int = 1, max_staleness: int = 0) -> None:
+                 outer_delay: int = 1, max_staleness: int = 0, outer_quorum: float = 0.0) -> None:
         self.algo = algo  # the registry's name (the audit rebuilds the rule from it)
         self.alpha = alpha
         self.outer_lr, self.outer_momentum, self.outer_delay = outer_lr, outer_momentum, outer_delay
         self.max_staleness = max_staleness
+        self.outer_quorum = outer_quorum
 
     def params(self) -> dict:
         """The constructor's arguments (an audit log keeps them to replay the run)."""
         return dict(algo=self.algo, alpha=self.alpha, outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,
-                    outer_delay=self.outer_delay, max_staleness=self.max_staleness)
+                    outer_delay=self.outer_delay, max_staleness=self.max_staleness, outer_quorum=self.outer_quorum)
 
     def damps(self, arrival: Arrival | None) -> float:
         """The factor ``--max-staleness K`` puts on this exchange: ``K / staleness`` when
@@ -231,34 +233,89 @@ class DownpourServer(ServerRule):
 class OuterServer(ServerRule):
     """Async DiLoCo: the pseudo-gradient through the delayed Nesterov outer optimizer; the
     reply is the new center. Its state (momentum, the pseudo-gradients pending since the
-    last momentum step, the push count) is the rule's own."""
+    last momentum step, the push count) is the rule's own.
+
+    When the momentum steps: every ``outer_delay`` pushes, whoever sent them; or with
+    ``outer_quorum`` q > 0, once ``ceil(q * outer_delay)`` *distinct* workers have pushed
+    since the last step (a fast worker's second push does not count twice), or once a
+    grace window has passed since the round's first push: the median interval between a
+    worker's pushes plus twice their spread (median absolute deviation), as measured over
+    the run's last :data:`INTERVALS` intervals, so that no timeout is guessed. The window
+    is looked at when a push arrives. The momentum then takes the mean of the round's
+    pushes, however many there were."""
 
     worker_rule = OuterWorker
-    settings = ("outer_lr", "outer_momentum", "outer_delay")
+    settings = ("outer_lr", "outer_momentum", "outer_delay", "outer_quorum")
+    INTERVALS = 64
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pushes = 0
         self.momentum: torch.Tensor | None = None  # allocated at the first push
         self.pending: torch.Tensor | None = None
+        # (quorum) this round's workers and pushes, when it began; intervals between a worker's pushes
+        self.round: set[int] = set()
+        self.round_pushes = 0
+        self.round_began: float | None = None
+        self.last_push: dict[int, float] = {}
+        self.intervals: list[float] = []
+        self.steps = {"quorum": 0, "grace": 0}  # momentum steps by what ended the round
 
     def apply(self, center: torch.Tensor, incoming: torch.Tensor,
               arrival: Arrival | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.momentum is None:
             self.momentum, self.pending = torch.zeros_like(center), torch.zeros_like(center)
         self.pushes += 1
-        new = delayed_nesterov_update(center, incoming, self.momentum, self.pending,
-                                      self.pushes % self.outer_delay == 0, self.outer_lr,
-                                      self.outer_momentum, self.outer_delay)
+        if self.outer_quorum:
+            milestone = self._round_ends(arrival or Arrival(0, 0, self.pushes))
+            mean_of = self.round_pushes
+            if milestone:
+                self.round, self.round_pushes, self.round_began = set(), 0, None
+        else:
+            milestone, mean_of = self.pushes % self.outer_delay == 0, self.outer_delay
+        new = delayed_nesterov_update(center, incoming, self.momentum, self.pending, milestone, self.outer_lr,
+                                      self.outer_momentum, self.outer_delay, mean_of)
         return new, new
 
+    def _round_ends(self, arrival: Arrival) -> bool:
+        """Count ``arrival`` in the round; whether the round ends with it (and why, in :attr:`steps`)."""
+        import math
+        import statistics
+
+        now, worker = arrival.time, arrival.worker
+        if worker in self.last_push:
+            self.intervals = (self.intervals + [now - self.last_push[worker]])[-self.INTERVALS:]
+        self.last_push[worker] = now
+        self.round.add(worker)
+        self.round_pushes += 1
+        if self.round_began is None:
+            self.round_began = now
+        if len(self.round) >= math.ceil(self.outer_quorum * self.outer_delay):
+            self.steps["quorum"] += 1
+            return True
+        if len(self.intervals) >= 3:
+            median = statistics.median(self.intervals)
+            spread = statistics.median(abs(i - median) for i in self.intervals)
+            if now - self.round_began > median + 2 * spread:
+                self.steps["grace"] += 1
+                return True
+        return False
+
     def state_dict(self) -> dict:
-        if self.momentum is None:
-            return {"pushes": self.pushes}
-        return {"pushes": self.pushes, "momentum": self.momentum.clone(), "pending": self.pending.clone()}
+        state = {"pushes": self.pushes, "round": sorted(self.round), "round_pushes": self.round_pushes,
+                 "intervals": list(self.intervals), "quorum_steps": self.steps["quorum"],
+                 "grace_steps": self.steps["grace"]}
+        if self.momentum is not None:
+            state.update(momentum=self.momentum.clone(), pending=self.pending.clone())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """(A resumed round starts its clock afresh: times are the serving segment's own.)"""
         self.pushes = int(state.get("pushes", 0))
+        self.round = {int(w) for w in state.get("round", [])}
+        self.round_pushes = int(state.get("round_pushes", 0))
+        self.intervals = [float(i) for i in state.get("intervals", [])]
+        self.steps = {"quorum": int(state.get("quorum_steps", 0)), "grace": int(state.get("grace_steps", 0))}
         if "momentum" in state:
             self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()
 
@@ -271,11 +328,13 @@ def message_kind(worker: type) -> str:
 
 
 def server_rule(algo: str, alpha: float = 0.0, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                outer_delay: int = 1, max_staleness: int = 0) -> ServerRule:
+                outer_delay: int = 1, max_staleness: int = 0, outer_quorum: float = 0.0) -> ServerRule:
     """The server side of ``algo`` (looked up in :mod:`mpi_easgd.registry`); with
-    ``max_staleness`` K > 0, exchanges staler than K are damped (:meth:`ServerRule.exchange`)."""
+    ``max_staleness`` K > 0, exchanges staler than K are damped (:meth:`ServerRule.exchange`);
+    ``outer_quorum``: see :class:`OuterServer`."""
     rule = lookup(algo).load()(algo, alpha, outer_lr, outer_momentum, outer_delay)
-    rule.max_staleness = max_staleness  # (set here: a user's rule need not take it in its constructor)
+    # (set here: a user's rule need not take them in its constructor)
+    rule.max_staleness, rule.outer_quorum = max_staleness, outer_quorum
     return rule
 
 

@@ -1,7 +1,7 @@
 """The audit log of an async run (``--audit``): every exchange the server applied, in order.
 
 ``RUN_DIR/audit.npz`` holds the center and the server rule's state at the start, the
-rule's settings, each exchange's arrival (worker index, staleness, center version) and
+rule's settings, each exchange's arrival (worker index, staleness, center version, time) and
 payload (float32, as the server applied it), and the final center. :func:`replay` feeds
 the payloads through the same pure rule and returns the center it computes, which equals
 the run's final center bit for bit::
@@ -46,7 +46,8 @@ class AuditLog:
         np.savez(path, initial=center.numpy(), final=final.numpy(), payloads=payloads, rule=json.dumps(rule.params()),
                  order=np.array([a.worker for a in arrivals], dtype=np.int64),
                  staleness=np.array([a.staleness for a in arrivals], dtype=np.int64),
-                 versions=np.array([a.version for a in arrivals], dtype=np.int64), **entries)
+                 versions=np.array([a.version for a in arrivals], dtype=np.int64),
+                 times=np.array([a.time for a in arrivals], dtype=np.float64), **entries)
 
 
 def replay(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,8 @@ def replay(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(log["payloads"])
     staleness = log["staleness"] if "staleness" in log.files else np.zeros(n, dtype=np.int64)  # (older logs)
     versions = log["versions"] if "versions" in log.files else np.arange(n)
-    for payload, worker, stale, version in zip(log["payloads"], log["order"], staleness, versions):
-        arrival = Arrival(int(worker), int(stale), int(version))
+    times = log["times"] if "times" in log.files else np.zeros(n)
+    for payload, worker, stale, version, when in zip(log["payloads"], log["order"], staleness, versions, times):
+        arrival = Arrival(int(worker), int(stale), int(version), float(when))
         center, _ = rule.exchange(center, torch.from_numpy(payload.copy()), arrival)
     return center, torch.from_numpy(log["final"])

@@ -62,7 +62,7 @@ def downpour_server_update(center: torch.Tensor, delta: torch.Tensor) -> torch.T
 
 def delayed_nesterov_update(center: torch.Tensor, g: torch.Tensor, momentum: torch.Tensor,
                             pending: torch.Tensor, milestone: bool, lr: float, beta: float,
-                            delay: int) -> torch.Tensor:
+                            delay: int, mean_of: int | None = None) -> torch.Tensor:
     """Async DiLoCo, server side: one push of the pseudo-gradient ``g`` through the delayed
     Nesterov outer optimizer (Liu et al. 2024, Algorithm 3 with c = 0)::
 
@@ -72,11 +72,12 @@ def delayed_nesterov_update(center: torch.Tensor, g: torch.Tensor, momentum: tor
 
     Over ``delay`` pushes the center moves by ``-lr (mean g + beta * momentum)``: one
     Nesterov step (torch's form) on the mean pseudo-gradient, while every push still moves
-    the center at once. ``delay = 1`` is plain Nesterov SGD on every push. The new center
-    is written over ``g`` and returned; ``center`` is not written."""
+    the center at once. ``delay = 1`` is plain Nesterov SGD on every push. ``mean_of``: the
+    pushes pending at a milestone, when rounds vary in length (a quorum; default ``delay``).
+    The new center is written over ``g`` and returned; ``center`` is not written."""
     pending.add_(g)
     if milestone:
-        momentum.mul_(beta).add_(pending, alpha=1.0 / delay)
+        momentum.mul_(beta).add_(pending, alpha=1.0 / (mean_of or delay))
         pending.zero_()
     new = g.mul_(-lr / delay).add_(center)
     if milestone:

@@ -93,6 +93,44 @@ def test_delayed_nesterov_state_resumes_exactly():
     assert torch.equal(outer_pushes(second, c, grads[4:]), whole)
 
 
+def quorum_pushes(rule, c, pushes):
+    """(worker, time) pushes of random pseudo-gradients; returns the center and which pushes
+    ended a round (a momentum step)."""
+    ends = []
+    for i, (worker, when) in enumerate(pushes):
+        before = rule.momentum.clone() if rule.momentum is not None else None
+        c, _ = rule.exchange(c, torch.full((4,), float(i + 1)), Arrival(worker, 0, i, when))
+        ends.append(before is None and bool(rule.momentum.any()) or before is not None
+                    and not torch.equal(before, rule.momentum))
+    return c, ends
+
+
+def test_a_quorum_of_distinct_workers_ends_an_outer_round():
+    """outer_quorum 2/3 of 3: a round ends at the second distinct worker's push; a fast
+    worker's second push does not count twice; the momentum takes the round's mean."""
+    rule = server_rule("async-diloco", 0.0, 0.5, 0.8, 3, outer_quorum=2 / 3)
+    c, ends = quorum_pushes(rule, torch.zeros(4), [(0, 0.0), (0, 0.1), (1, 0.2), (2, 0.3), (2, 0.35), (0, 0.4)])
+    assert ends == [False, False, True, False, False, True]
+    assert rule.steps == {"quorum": 2, "grace": 0}
+    # the second round's pushes were 4, 5, 6 (values): momentum = 0.8 * mean(1, 2, 3) + mean(4, 5, 6)
+    torch.testing.assert_close(rule.momentum, torch.full((4,), 0.8 * 2.0 + 5.0))
+    assert c.shape == (4,)
+
+
+def test_a_round_waiting_on_a_straggler_ends_after_the_grace_window():
+    """Intervals of about 1 s between a worker's pushes (median 1, spread 0): a round that
+    began more than 1 s before a push ends there, short of its quorum."""
+    rule = server_rule("async-diloco", 0.0, 0.5, 0.8, 2, outer_quorum=1.0)  # both workers, or the window
+    pushes = [(0, 0.0), (1, 0.5), (0, 1.0), (1, 1.5), (0, 2.0), (0, 3.2), (0, 4.0), (0, 4.5), (1, 5.4)]
+    _, ends = quorum_pushes(rule, torch.zeros(4), pushes)
+    # rounds: {0,1} at 0.5; {0,1} at 1.5; then worker 1 is late: 2.0 opens a round, 3.2 is past 1 s + 0
+    assert ends == [False, True, False, True, False, True, False, False, True]
+    assert rule.steps == {"quorum": 3, "grace": 1}
+    again = server_rule(**rule.params())  # resumes with the same counts and intervals
+    again.load_state_dict(rule.state_dict())
+    assert again.steps == rule.steps and again.intervals == rule.intervals and again.round == rule.round
+
+
 def test_outer_worker_sends_its_pseudo_gradient_and_restarts_from_the_center():
     x = torch.ones(3)
     worker = OuterWorker(x)
