@@ -35,7 +35,7 @@ from mpi_easgd import registry
 from mpi_easgd.collectives.base import PeriodicRounds
 from mpi_easgd.data import ShardLoader, shard_loader, steps_per_epoch
 from mpi_easgd.models import build_model
-from mpi_easgd.runtime import checkpoint, ft
+from mpi_easgd.runtime import checkpoint, faults, ft
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import Control, PeerLost, Preempted
 from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
@@ -185,14 +185,30 @@ def run_peer(ctx: RunContext) -> dict:
     """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank).
     Raises :class:`Preempted` on every rank after the checkpoint a stop signal asked for."""
     cfg, info, log = ctx.cfg, ctx.info, ctx.log
-    loader, steps = _shard(ctx)
-    peer = Peer(ctx, steps)
-    pos = Position()
-    if ctx.resume is None:
-        peer.evaluate_start()
-    else:
-        pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, ctx.comm.Get_rank()))
-        log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}")
+    lost: list[int] = []  # world ranks that died (--on-rank-loss shrink)
+    fault = faults.from_env(ctx.rank)
+    if fault:
+        fault.at_start()
+    first_steps = _shard(ctx)[1]  # (steps per epoch over every rank the run started with)
+    members = list(range(ctx.comm.Get_size()))  # (ranks as the run started: what a death is said in)
+    while True:  # the start: the first broadcast and evaluation (a death there: start again without it)
+        loader, steps = _shard(ctx)
+        try:
+            peer = Peer(ctx, steps)
+            pos = Position()
+            if ctx.resume is None:
+                peer.evaluate_start()
+            else:  # each rank its own file (by its rank in the world: the survivors of a death keep theirs)
+                pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, ctx.rank))
+                pos.step = pos.step * steps // first_steps  # as far into the epoch (re-sharded after a death)
+                log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}")
+            break
+        except MPI.Exception as exc:
+            if cfg.on_rank_loss != "shrink" or not ft.is_failure(exc):
+                raise
+            ctx, survivors = shrink_at_start(ctx, members)
+            lost += [r for r in members if r not in survivors]
+            members = survivors
     size = ctx.comm.Get_size()
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({peer.flat.numel:,} parameters), "
@@ -200,7 +216,6 @@ def run_peer(ctx: RunContext) -> dict:
         f"batch {cfg.batch_size} per rank, {steps} steps per epoch, device {ctx.device}"
     )
     resumed_at_end = pos.epoch >= cfg.epochs
-    lost: list[int] = []  # world ranks that died (--on-rank-loss shrink)
     while True:
         try:
             if train(peer, loader, pos, cfg, steps=peer.steps, rank=ctx.rank, device=ctx.device, log=log):
@@ -236,13 +251,11 @@ def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
     return loader, max(steps_per_epoch(info.sizes["train"], comm.Get_size(), cfg.batch_size, even))
 
 
-def shrink(ctx: RunContext, peer: Peer, pos: Position):
-    """``--on-rank-loss shrink``, after a collective failed because a rank died: go on with
-    the survivors (module docstring). Returns the new (context, peer, loader, position) and
-    the world ranks that died. Another death meanwhile starts it over."""
+def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object]:
+    """Revoke ``ctx.comm``, shrink it to the ranks alive, and (on the new communicator)
+    ``agree(new)``: (the new communicator, the survivors' world ranks, what ``agree``
+    returned). A death meanwhile starts it over."""
     comm = ctx.comm
-    if peer.periodic:
-        peer.algo.abandon()  # a round in flight died with the communicator
     while True:
         with ft.survivable() as death:
             comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
@@ -251,17 +264,48 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
             continue  # shrink it again
         with ft.survivable() as death:
             survivors = new.allgather(ctx.rank)
-            # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
-            marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
-            furthest = -max(marks)[2]
-            state = new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None, root=furthest)
+            agreed = agree(new) if agree is not None else None
         if not death:
-            break
+            return new, survivors, agreed
         comm = new  # a survivor died too: shrink again
-    dead = [r for r in peer.members if r not in survivors]
+
+
+def _rank0_lost(dead: list[int], checkpoint: Path | None) -> None:
     if 0 in dead:
         raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"
-                       + (f": {peer.checkpoint} is the newest checkpoint" if peer.checkpoint else ""))
+                       + (f": {checkpoint} is the newest checkpoint" if checkpoint else ""))
+
+
+def shrink_at_start(ctx: RunContext, members: list[int]) -> tuple[RunContext, list[int]]:
+    """``--on-rank-loss shrink``, when a rank died before training began (in the first
+    broadcast or the first evaluation): the survivors start again without it, from the
+    same state (a fresh run's is the seed's; a resumed one's is each rank's file).
+    ``members``: the ranks (as the run started) on ``ctx.comm``; returns the new context
+    and the survivors."""
+    new, survivors, _ = _survivors(ctx)
+    dead = [r for r in members if r not in survivors]
+    _rank0_lost(dead, None)
+    ctx.log.warn(f"rank(s) {dead} died before training began; starting with {new.Get_size()} ranks, the data "
+                 f"sharded over them (--on-rank-loss shrink)")
+    return dataclasses.replace(ctx, comm=new, identity=ctx.rank), survivors
+
+
+def shrink(ctx: RunContext, peer: Peer, pos: Position):
+    """``--on-rank-loss shrink``, after a collective failed because a rank died: go on with
+    the survivors (module docstring). Returns the new (context, peer, loader, position) and
+    the world ranks that died. Another death meanwhile starts it over."""
+    if peer.periodic:
+        peer.algo.abandon()  # a round in flight died with the communicator
+
+    def furthest_state(new: MPI.Comm):
+        # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
+        marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
+        furthest = -max(marks)[2]
+        return furthest, new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None, root=furthest)
+
+    new, survivors, (furthest, state) = _survivors(ctx, furthest_state)
+    dead = [r for r in peer.members if r not in survivors]
+    _rank0_lost(dead, peer.checkpoint)
     old_steps = peer.steps
     peer.algo.close()
     ctx = dataclasses.replace(ctx, comm=new, identity=ctx.rank)  # (faults, messages: the world rank)

@@ -6,7 +6,8 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
 A step is a training step on workers and peers, an evaluation on the tester, and an
-applied exchange on the async server; ``after=T`` waits, past step S, for the first step
+applied exchange on the async server; ``step=-1`` on a synchronous peer is its start,
+before the first parameter broadcast; ``after=T`` waits, past step S, for the first step
 at least T seconds after the fault was read (when training starts). ``gen`` is which process standing as rank R
 the fault applies to: 0 (the default) the one the launcher started, 1 its first
 replacement (``--on-worker-loss respawn``), ``*`` every one. A ``kill`` says when on
@@ -97,6 +98,12 @@ def _specs(rank: int, environ) -> list[Fault]:
 
 class Faults(tuple):
     """Every fault of one rank, each applied at every step (a kill after a slow-down...)."""
+
+    def at_start(self) -> None:
+        """The faults of ``step=-1``: at a run's start, before its first parameter broadcast."""
+        for fault in self:
+            if fault.step == -1 and fault.action in ("raise", "kill", "stop"):
+                fault.at_step(-1)
 
     def at_step(self, step: int) -> None:
         for fault in self:

@@ -87,29 +87,38 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     assert summary["per_worker"][1]["exchanges"] > second["exchanges_before"], why
 
 
-@pytest.mark.parametrize("flags", [
-    ("--algo", "sgd", "--momentum", "0.9"),
-    ("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4")],
-    ids=["sgd", "streaming-diloco-int4"])
-def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags):
-    """sgd; and streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a
-    round in flight on the survivors' broken communicator, which they must abandon."""
+@pytest.mark.parametrize("flags,at_start", [
+    (("--algo", "sgd", "--momentum", "0.9"), False),
+    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"), False),
+    (("--algo", "ea", "--tau", "4"), True)],
+    ids=["sgd", "streaming-diloco-int4", "ea-at-the-start"])
+def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, at_start):
+    """sgd; streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a round
+    in flight on the survivors' broken communicator, which they must abandon; and ea with
+    a rank that dies at the start, before the first broadcast (the survivors start again
+    without it)."""
     import torch
 
-    rank, step = at_random(1, 3, salt=2), at_random(2, 20, salt=3)  # of the 3 x 8 steps of 4 ranks
+    rank, step = at_random(1, 3, salt=2), -1 if at_start else at_random(2, 20, salt=3)  # of 3 x 8 steps
     why = f"rank {rank} of 4 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
     result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
                         "--out", str(tmp_path), "--run-name", "shrink",
                         env={"MPI_EASGD_FAULT": f"rank={rank},action=kill,step={step}"})
     assert result.returncode == 0, f"{why}\n{result.output}"
-    assert f"rank(s) [{rank}] died; going on with 3 ranks" in result.stderr, result.output
+    said = "died before training began; starting with 3 ranks" if at_start else "died; going on with 3 ranks"
+    assert f"rank(s) [{rank}] {said}" in result.stderr, result.output
     summary = read_summary(tmp_path / "shrink")
     assert summary["lost_ranks"] == [rank] and summary["world_size"] == 3, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
     final = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))[-1]
-    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True)["model"] for r in range(3)]
+    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(3)]
     assert not (final / "rank-00003.pt").exists()
+    if "ea" in flags:  # each rank keeps its own parameters: the centers are the same
+        assert all(torch.equal(states[0]["algorithm"]["center"], other["algorithm"]["center"])
+                   for other in states[1:]), why
+        return
+    states = [state["model"] for state in states]
     for other in states[1:]:
         assert all(torch.equal(states[0][k], other[k]) for k in states[0]), why
 
