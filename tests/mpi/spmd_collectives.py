@@ -383,3 +383,21 @@ def test_hierarchical_averaging_equals_torch_hierarchical_model_averager():
         COMM.Barrier()
         if RANK == 0:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("groups", ["1", "2", "node"])
+def test_workers_are_grouped_by_size_or_by_node(groups):
+    """mpi_easgd.ps.groups.make_groups on every rank: ranks 1.. are the workers; with
+    --groups 2 consecutive pairs, with node every worker of this machine in one group."""
+    from mpi_easgd.ps.groups import make_groups
+
+    workers = list(range(1, SIZE))
+    comm, leaders = make_groups(COMM, workers, groups)
+    expected = {"1": workers, "2": workers[::2], "node": workers[:1]}[groups]
+    assert leaders == expected
+    if RANK in workers and groups != "1":
+        size = {"2": 2 if workers.index(RANK) // 2 * 2 + 1 < len(workers) else 1, "node": len(workers)}[groups]
+        assert comm.Get_size() == size and (comm.Get_rank() == 0) == (RANK in leaders)
+        comm.Free()
+    else:
+        assert comm is None
