@@ -116,7 +116,7 @@ def run(argv: list[str] | None, comm) -> int:
     else:
         from mpi_easgd.collectives.peer import run_peer
 
-        summary = run_peer(ctx)
+        ctx, summary = run_peer(ctx)  # (after --on-rank-loss shrink: the survivors' context)
     session.close_run(ctx, summary)
     return 0
 

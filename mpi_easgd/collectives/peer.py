@@ -37,7 +37,7 @@ from mpi_easgd.data import ShardLoader, shard_loader, steps_per_epoch
 from mpi_easgd.models import build_model
 from mpi_easgd.runtime import checkpoint, faults, ft
 from mpi_easgd.runtime.context import RunContext
-from mpi_easgd.runtime.control import Control, PeerLost, Preempted
+from mpi_easgd.runtime.control import Control, Preempted
 from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
 from mpi_easgd.runtime.metrics import run_summary, traffic_summary
 from mpi_easgd.tasks import task
@@ -181,9 +181,11 @@ class Peer:
                 checkpoint.save_model(self.model, self.ctx.run_dir / "model.pt")
 
 
-def run_peer(ctx: RunContext) -> dict:
-    """Train for ``cfg.epochs`` epochs; returns the run summary (identical on every rank).
-    Raises :class:`Preempted` on every rank after the checkpoint a stop signal asked for."""
+def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
+    """Train for ``cfg.epochs`` epochs; returns the run's context at its end (another
+    communicator, and log owner, after ``--on-rank-loss shrink``) and its summary (identical
+    on every rank). Raises :class:`Preempted` on every rank after the checkpoint a stop
+    signal asked for."""
     cfg, info, log = ctx.cfg, ctx.info, ctx.log
     lost: list[int] = []  # world ranks that died (--on-rank-loss shrink)
     fault = faults.from_env(ctx.rank)
@@ -235,7 +237,7 @@ def run_peer(ctx: RunContext) -> dict:
     note = nonfinite_note(skipped, cfg.epochs * peer.steps * size)
     if note:
         log.warn(note)
-    return run_summary(cfg, info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
+    return ctx, run_summary(cfg, info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
                        **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
@@ -270,10 +272,21 @@ def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object
         comm = new  # a survivor died too: shrink again
 
 
-def _rank0_lost(dead: list[int], checkpoint: Path | None) -> None:
-    if 0 in dead:
-        raise PeerLost("rank 0 (which writes the run's log and summary) died; ending the run"
-                       + (f": {checkpoint} is the newest checkpoint" if checkpoint else ""))
+def _on_survivors(ctx: RunContext, new: MPI.Comm, members: list[int], dead: list[int],
+                  kept: int) -> RunContext:
+    """The run's context on the survivors' communicator ``new``. When the rank that owns
+    the run directory's log and summary (``members[0]``: rank 0 of the communicator that
+    failed) died, the new rank 0 takes them over: metrics.csv keeps its rows up to step
+    ``kept`` and goes on."""
+    log = ctx.log
+    if members[0] in dead and new.Get_rank() == 0:
+        from mpi_easgd.runtime.metrics import RunLog
+
+        cfg = ctx.cfg
+        log = RunLog(ctx.run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=ctx.started, resumed_at=kept)
+        log.warn(f"rank {members[0]}, which wrote the run's log and summary, died; rank {ctx.rank} writes them now")
+    topo = dataclasses.replace(ctx.topo, rank=new.Get_rank(), world_size=new.Get_size())  # (who logs: rank 0)
+    return dataclasses.replace(ctx, comm=new, identity=ctx.rank, topo=topo, log=log)
 
 
 def shrink_at_start(ctx: RunContext, members: list[int]) -> tuple[RunContext, list[int]]:
@@ -284,10 +297,11 @@ def shrink_at_start(ctx: RunContext, members: list[int]) -> tuple[RunContext, li
     and the survivors."""
     new, survivors, _ = _survivors(ctx)
     dead = [r for r in members if r not in survivors]
-    _rank0_lost(dead, None)
+    # (a fresh run's rows are redone from its start; a resumed one's were cut at its checkpoint already)
+    ctx = _on_survivors(ctx, new, members, dead, kept=-1 if ctx.resume is None else 1 << 62)
     ctx.log.warn(f"rank(s) {dead} died before training began; starting with {new.Get_size()} ranks, the data "
                  f"sharded over them (--on-rank-loss shrink)")
-    return dataclasses.replace(ctx, comm=new, identity=ctx.rank), survivors
+    return ctx, survivors
 
 
 def shrink(ctx: RunContext, peer: Peer, pos: Position):
@@ -305,10 +319,10 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
 
     new, survivors, (furthest, state) = _survivors(ctx, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
-    _rank0_lost(dead, peer.checkpoint)
-    old_steps = peer.steps
+    old_steps, members = peer.steps, peer.members
     peer.algo.close()
-    ctx = dataclasses.replace(ctx, comm=new, identity=ctx.rank)  # (faults, messages: the world rank)
+    kept = state["position"]["epoch"] * old_steps + state["position"]["step"]  # (metrics rows are this far)
+    ctx = _on_survivors(ctx, new, members, dead, kept)  # (faults, messages: each rank's own rank still)
     loader, steps = _shard(ctx)
     peer = Peer(ctx, steps)
     pos = peer.load_state_dict(state)

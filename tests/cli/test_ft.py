@@ -87,19 +87,21 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     assert summary["per_worker"][1]["exchanges"] > second["exchanges_before"], why
 
 
-@pytest.mark.parametrize("flags,at_start", [
-    (("--algo", "sgd", "--momentum", "0.9"), False),
-    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"), False),
-    (("--algo", "ea", "--tau", "4"), True)],
-    ids=["sgd", "streaming-diloco-int4", "ea-at-the-start"])
-def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, at_start):
-    """sgd; streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a round
-    in flight on the survivors' broken communicator, which they must abandon; and ea with
-    a rank that dies at the start, before the first broadcast (the survivors start again
-    without it)."""
+@pytest.mark.parametrize("flags,at_start,rank0", [
+    (("--algo", "sgd", "--momentum", "0.9"), False, True),
+    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"), False,
+     False),
+    (("--algo", "ea", "--tau", "4"), True, False)],
+    ids=["sgd-rank-0", "streaming-diloco-int4", "ea-at-the-start"])
+def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, at_start, rank0):
+    """sgd losing rank 0, which writes the log and summary: the new rank 0 takes them over;
+    streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a round in flight
+    on the survivors' broken communicator, which they must abandon; and ea with a rank that
+    dies at the start, before the first broadcast (the survivors start again without it)."""
     import torch
 
-    rank, step = at_random(1, 3, salt=2), -1 if at_start else at_random(2, 20, salt=3)  # of 3 x 8 steps
+    rank = 0 if rank0 else at_random(1, 3, salt=2)
+    step = -1 if at_start else at_random(2, 20, salt=3)  # of the 3 x 8 steps of 4 ranks
     why = f"rank {rank} of 4 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
     result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
@@ -108,6 +110,10 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
     assert result.returncode == 0, f"{why}\n{result.output}"
     said = "died before training began; starting with 3 ranks" if at_start else "died; going on with 3 ranks"
     assert f"rank(s) [{rank}] {said}" in result.stderr, result.output
+    if rank0:  # the log goes on: the rows before the death, then the survivors' to the last epoch
+        assert "rank 0, which wrote the run's log and summary, died; rank 1 writes them now" in result.stderr
+        epochs = [line.split(",")[1] for line in (tmp_path / "shrink" / "metrics.csv").read_text().splitlines()[1:]]
+        assert epochs[0] == "0" and epochs[-1] == "3" and len(epochs) == len(set(epochs)), (why, epochs)
     summary = read_summary(tmp_path / "shrink")
     assert summary["lost_ranks"] == [rank] and summary["world_size"] == 3, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
