@@ -87,39 +87,49 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     assert summary["per_worker"][1]["exchanges"] > second["exchanges_before"], why
 
 
-@pytest.mark.parametrize("flags,at_start,rank0", [
-    (("--algo", "sgd", "--momentum", "0.9"), False, True),
-    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"), False,
-     False),
-    (("--algo", "ea", "--tau", "4"), True, False)],
-    ids=["sgd-rank-0", "streaming-diloco-int4", "ea-at-the-start"])
-def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, at_start, rank0):
+@pytest.mark.parametrize("flags,when,deaths", [
+    (("--algo", "sgd", "--momentum", "0.9"), "rank 0", 1),
+    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"),
+     "random", 2),
+    (("--algo", "ea", "--tau", "4"), "start", 1)],
+    ids=["sgd-rank-0", "streaming-diloco-int4-two-deaths", "ea-at-the-start"])
+def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, when, deaths):
     """sgd losing rank 0, which writes the log and summary: the new rank 0 takes them over;
-    streaming DiLoCo in int4, whose rounds overlap a step: a death leaves a round in flight
-    on the survivors' broken communicator, which they must abandon; and ea with a rank that
-    dies at the start, before the first broadcast (the survivors start again without it)."""
+    streaming DiLoCo in int4 losing two ranks, one after the other (or together): its
+    rounds overlap a step, so a death leaves a round in flight on the survivors' broken
+    communicator, which they must abandon; and ea with a rank that dies at the start,
+    before the first broadcast (the survivors start again without it)."""
     import torch
 
-    rank = 0 if rank0 else at_random(1, 3, salt=2)
-    step = -1 if at_start else at_random(2, 20, salt=3)  # of the 3 x 8 steps of 4 ranks
-    why = f"rank {rank} of 4 killed at its step {step} (MPI_EASGD_FT_SEED={SEED})"
+    ranks = [0] if when == "rank 0" else random.Random(SEED + 2).sample([1, 2, 3], deaths)
+    # (of the 3 x 8 steps of 4 ranks; a survivor counts its steps again after a shrink, so the
+    # second death comes 2-8 steps after the first, or first, or with it)
+    first, second = at_random(2, 20 if deaths == 1 else 12, salt=3), at_random(2, 8, salt=4)
+    steps = [-1] if when == "start" else [first, second][:deaths]
+    why = f"ranks {ranks} of 4 killed at their steps {steps} (MPI_EASGD_FT_SEED={SEED})"
     result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
                         "--out", str(tmp_path), "--run-name", "shrink",
-                        env={"MPI_EASGD_FAULT": f"rank={rank},action=kill,step={step}"})
+                        env={"MPI_EASGD_FAULT": ";".join(f"rank={r},action=kill,step={s}"
+                                                         for r, s in zip(ranks, steps))})
     assert result.returncode == 0, f"{why}\n{result.output}"
-    said = "died before training began; starting with 3 ranks" if at_start else "died; going on with 3 ranks"
-    assert f"rank(s) [{rank}] {said}" in result.stderr, result.output
-    if rank0:  # the log goes on: the rows before the death, then the survivors' to the last epoch
+    left = 4 - deaths
+    said = [line for line in result.stderr.splitlines() if "died" in line and "rank(s) [" in line]
+    assert sorted(int(r) for line in said for r in line.split("rank(s) [")[1].split("]")[0].split(", ")) == \
+        sorted(ranks), (why, said)
+    ending = "died before training began; starting with 3 ranks" if when == "start" else \
+        f"died; going on with {left} ranks"
+    assert ending in said[-1], (why, said)
+    if when == "rank 0":  # the log goes on: the rows before the death, then the survivors' to the last epoch
         assert "rank 0, which wrote the run's log and summary, died; rank 1 writes them now" in result.stderr
         epochs = [line.split(",")[1] for line in (tmp_path / "shrink" / "metrics.csv").read_text().splitlines()[1:]]
         assert epochs[0] == "0" and epochs[-1] == "3" and len(epochs) == len(set(epochs)), (why, epochs)
     summary = read_summary(tmp_path / "shrink")
-    assert summary["lost_ranks"] == [rank] and summary["world_size"] == 3, why
+    assert sorted(summary["lost_ranks"]) == sorted(ranks) and summary["world_size"] == left, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
     final = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))[-1]
-    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(3)]
-    assert not (final / "rank-00003.pt").exists()
+    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(left)]
+    assert not (final / f"rank-{left:05d}.pt").exists()
     if "ea" in flags:  # each rank keeps its own parameters: the centers are the same
         assert all(torch.equal(states[0]["algorithm"]["center"], other["algorithm"]["center"])
                    for other in states[1:]), why
