@@ -53,20 +53,16 @@ CONFIGS = [
 GROUP_TAU = 2
 
 
-class Emulated:
-    """The optimizer of a model whose step runs on an emulated accelerator (nothing here)."""
+def emulated_optimizer(model):
+    """The optimizer of a model whose step runs on an emulated accelerator: its step does
+    nothing here."""
+    import torch
 
-    def __init__(self, model):
-        import torch
+    class OnTheAccelerator(torch.optim.Optimizer):
+        def step(self, closure=None):
+            return None
 
-        class _NoStep(torch.optim.Optimizer):
-            def __init__(self, params):
-                super().__init__(params, {})
-
-            def step(self, closure=None):
-                return None
-
-        self.optimizer = _NoStep(model.parameters())
+    return OnTheAccelerator(model.parameters(), {})
 
 
 def one_run(args) -> None:
@@ -81,7 +77,7 @@ def one_run(args) -> None:
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.zeros(args.params))
-    optimizer = Emulated(model).optimizer
+    optimizer = emulated_optimizer(model)
     sleep = args.step_ms / 1e3
     out = Path(args.out)
     if args.algo in ("sgd", "ea"):

@@ -191,7 +191,7 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
     fault = faults.from_env(ctx.rank)
     if fault:
         fault.at_start()
-    first_steps = _shard(ctx)[1]  # (steps per epoch over every rank the run started with)
+    first_steps = _steps(ctx)  # (per epoch over every rank the run started with)
     members = list(range(ctx.comm.Get_size()))  # (ranks as the run started: what a death is said in)
     while True:  # the start: the first broadcast and evaluation (a death there: start again without it)
         loader, steps = _shard(ctx)
@@ -244,13 +244,18 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
                        **({"rounds": peer.algo.rounds} if peer.periodic else {}), **peer.traffic())
 
 
+def _steps(ctx: RunContext) -> int:
+    """The steps every rank of ``ctx.comm`` takes per epoch."""
+    cfg = ctx.cfg
+    return max(steps_per_epoch(ctx.info.sizes["train"], ctx.comm.Get_size(), cfg.batch_size, not cfg.uneven))
+
+
 def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
     """This rank's training shard over ``ctx.comm``, and the steps every rank takes per epoch."""
-    cfg, comm, info = ctx.cfg, ctx.comm, ctx.info
-    even = not cfg.uneven
-    loader = shard_loader(info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
-                         seed=cfg.seed, even=even, augment=cfg.augment, prefetch=cfg.prefetch)
-    return loader, max(steps_per_epoch(info.sizes["train"], comm.Get_size(), cfg.batch_size, even))
+    cfg, comm = ctx.cfg, ctx.comm
+    loader = shard_loader(ctx.info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
+                         seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
+    return loader, _steps(ctx)
 
 
 def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object]:

@@ -266,9 +266,7 @@ class Server:
             return
         newest = f": {self.totals.checkpoint} is the newest checkpoint" if self.totals.checkpoint else ""
         self.policy.check(record, why, newest)  # (abort: ends the job here)
-        self.versions.retire_after_sends(self.endpoints.withdraw(record.index))  # (None if it had finished)
-        self.versions.abandon(record.link.comm, record.link.rank)
-        record.state = LOST
+        self._withdraw(record)
         if self.shards is not None:
             self.shards.tell(ShardCommand.DROP, record.index)
         self.liveness.dropped(record.index, died)  # a hung one is told, in case it wakes up: it then stays idle
@@ -277,6 +275,12 @@ class Server:
             self._complete_checkpoint()  # (which then replaces it)
         elif replaced and self.barrier.phase is Phase.IDLE:
             self._replace_dead()
+
+    def _withdraw(self, record: WorkerRecord) -> None:
+        """Withdraw everything posted for ``record`` and forget the sends to it: it is lost."""
+        self.versions.retire_after_sends(self.endpoints.withdraw(record.index))  # (None if it had finished)
+        self.versions.abandon(record.link.comm, record.link.rank)
+        record.state = LOST
 
     def _replace_dead(self) -> None:
         """A new process takes each dead worker's place (``--on-worker-loss respawn``),

@@ -144,9 +144,7 @@ class ShardServer(Server):
 
     def _forget(self, record) -> None:
         if record.state is not LOST:
-            self.versions.retire_after_sends(self.endpoints.withdraw(record.index))
-            self.versions.abandon(record.link.comm, record.link.rank)
-            record.state = LOST
+            self._withdraw(record)
 
     def _failures(self) -> None:
         """(ULFM) Forget every worker that MPI says died (rank 0 decides what it means)."""

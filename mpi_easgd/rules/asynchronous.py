@@ -18,6 +18,9 @@ pair; :func:`server_rule` and :func:`worker_rule` build them by the algorithm's 
 from __future__ import annotations
 
 import abc
+import collections
+import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -258,7 +261,7 @@ class OuterServer(ServerRule):
         self.round_pushes = 0
         self.round_began: float | None = None
         self.last_push: dict[int, float] = {}
-        self.intervals: list[float] = []
+        self.intervals: collections.deque[float] = collections.deque(maxlen=self.INTERVALS)
         self.steps = {"quorum": 0, "grace": 0}  # momentum steps by what ended the round
 
     def apply(self, center: torch.Tensor, incoming: torch.Tensor,
@@ -279,12 +282,9 @@ class OuterServer(ServerRule):
 
     def _round_ends(self, arrival: Arrival) -> bool:
         """Count ``arrival`` in the round; whether the round ends with it (and why, in :attr:`steps`)."""
-        import math
-        import statistics
-
         now, worker = arrival.time, arrival.worker
         if worker in self.last_push:
-            self.intervals = (self.intervals + [now - self.last_push[worker]])[-self.INTERVALS:]
+            self.intervals.append(now - self.last_push[worker])
         self.last_push[worker] = now
         self.round.add(worker)
         self.round_pushes += 1
@@ -314,7 +314,7 @@ class OuterServer(ServerRule):
         self.pushes = int(state.get("pushes", 0))
         self.round = {int(w) for w in state.get("round", [])}
         self.round_pushes = int(state.get("round_pushes", 0))
-        self.intervals = [float(i) for i in state.get("intervals", [])]
+        self.intervals = collections.deque((float(i) for i in state.get("intervals", [])), maxlen=self.INTERVALS)
         self.steps = {"quorum": int(state.get("quorum_steps", 0)), "grace": int(state.get("grace_steps", 0))}
         if "momentum" in state:
             self.momentum, self.pending = state["momentum"].clone(), state["pending"].clone()

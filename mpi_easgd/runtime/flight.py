@@ -47,11 +47,16 @@ class Recorder:
         self.calls: collections.Counter[str] = collections.Counter()  # entries per op
         self.open: dict[object, dict] = {}  # (watchdog, key) -> its entry, while it waits
         self.folder: Path | None = None  # where dumps go (None: $MPI_EASGD_FLIGHT_DIR or ./mpi_easgd-flight)
+        self.rank, self.world_size = -1, 0  # learnt on the main thread: a watchdog's dump makes no MPI call
         self._lock = threading.Lock()
         self._seq = 0
 
     def opened(self, key, op: str) -> None:
         """A watched wait ``op`` began (``key`` identifies it until :meth:`closed`)."""
+        if self.rank < 0:
+            from mpi4py import MPI
+
+            self.rank, self.world_size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         with self._lock:
             self._seq += 1
             self.calls[op] += 1
@@ -67,11 +72,9 @@ class Recorder:
                 entry["ended"] = time.time()
 
     def dump(self, reason: str) -> Path | None:
-        """Write this rank's ring; the file's path (None if it could not be written)."""
-        from mpi4py import MPI
-
-        rank = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() and not MPI.Is_finalized() else -1
-        size = MPI.COMM_WORLD.Get_size() if rank >= 0 else 0
+        """Write this rank's ring; the file's path (None if it could not be written). No MPI
+        call: a watchdog's thread calls this."""
+        rank, size = self.rank, self.world_size
         with self._lock:
             record = dict(rank=rank, world_size=size, host=socket.gethostname(), pid=os.getpid(), reason=reason,
                           time=time.time(), ring=[dict(e) for e in self.ring],

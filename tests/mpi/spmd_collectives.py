@@ -9,6 +9,7 @@ every rank can do on its own with all ranks' data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -248,13 +249,7 @@ def test_ea_rejects_bad_hyperparameters():
 @pytest.mark.parametrize("overlap", [False, True])
 def test_sgd_equals_pytorch_ddp(overlap):
     """Same initial model, same batches: AllReduceSGD and DDP (gloo) end equal."""
-    import torch.distributed as dist
-
-    # A file to meet at, not a TCP port: a port found free and handed on may be taken by
-    # another job meanwhile (EADDRINUSE was seen with the suite's other launches).
-    folder = COMM.bcast(tempfile.mkdtemp(prefix="mpi_easgd-ddp-") if RANK == 0 else None, root=0)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=RANK, world_size=SIZE)
-    try:
+    with gloo():
         ddp = nn.parallel.DistributedDataParallel(model())
         ours = model()
         sgd = AllReduceSGD(COMM, overlap=overlap, chunk_bytes=64)
@@ -271,6 +266,19 @@ def test_sgd_equals_pytorch_ddp(overlap):
             sgd.sum_and_normalize_gradients(ours)
             opt_o.step()
         torch.testing.assert_close(params(ours), params(ddp.module), rtol=1e-5, atol=1e-6)
+
+
+@contextlib.contextmanager
+def gloo():
+    """torch.distributed (gloo) on the same ranks, for the tests that compare with torch.
+    A file to meet at, not a TCP port: a port found free and handed on may be taken by
+    another job meanwhile (EADDRINUSE was seen with the suite's other launches)."""
+    import torch.distributed as dist
+
+    folder = COMM.bcast(tempfile.mkdtemp(prefix="mpi_easgd-gloo-") if RANK == 0 else None, root=0)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=RANK, world_size=SIZE)
+    try:
+        yield
     finally:
         dist.destroy_process_group()
         COMM.Barrier()
@@ -345,15 +353,12 @@ def test_hierarchical_averaging_equals_torch_hierarchical_model_averager():
     pairs every 2 steps, all every 4 after 3 warm-up steps; 2 ranks: all every 3)."""
     from collections import OrderedDict
 
-    import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.hierarchical_model_averager import HierarchicalModelAverager
 
     from mpi_easgd.collectives.hierarchical import HierarchicalAveraging
 
     levels, warmup = (OrderedDict([(2, 2), (4, 4)]), 3) if SIZE == 4 else (OrderedDict([(3, SIZE)]), 0)
-    folder = COMM.bcast(tempfile.mkdtemp(prefix="mpi_easgd-hier-") if RANK == 0 else None, root=0)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=RANK, world_size=SIZE)
-    try:
+    with gloo():
         theirs, ours = model(), model()
         torch_avg = HierarchicalModelAverager(levels, warmup_steps=warmup)
         with HierarchicalAveraging(COMM, dict(levels), warmup_steps=warmup) as avg:
@@ -378,11 +383,6 @@ def test_hierarchical_averaging_equals_torch_hierarchical_model_averager():
             assert avg.averages == [1, 2]  # pairs at 6; everyone at 4 and 8
         else:
             assert averaged == [True, False, False, True, False, False, True, False, False]
-    finally:
-        dist.destroy_process_group()
-        COMM.Barrier()
-        if RANK == 0:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("groups", ["1", "2", "node"])
