@@ -27,9 +27,9 @@ def _validate(argv, rank: int, size: int):
     from mpi_easgd.models import check_model, check_model_name
     from mpi_easgd.topology import Topology
 
-    cfg = parse_args(argv)
-    topo = Topology.build(size, rank, cfg.algo, cfg.servers)
-    cfg = cfg.resolve(topo.num_workers)
+    unresolved = parse_args(argv)
+    topo = Topology.build(size, rank, unresolved.algo, unresolved.servers)
+    cfg = unresolved.resolve(topo.num_workers)
     check_model_name(cfg.model)
     from mpi_easgd.tasks import task
 
@@ -57,7 +57,7 @@ def _validate(argv, rank: int, size: int):
             raise DataError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     from mpi_easgd.runtime.session import check_run
 
-    resume, manifest = check_run(cfg, topo, rank, size)
+    resume, manifest = check_run(cfg, topo, rank, size, unresolved)
     return cfg, topo, info, resume, manifest, notes
 
 

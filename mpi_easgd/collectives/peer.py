@@ -14,9 +14,10 @@ a rank that dies does not end the run (:func:`shrink`): the survivors revoke the
 communicator (so that every rank's pending collective fails too), shrink it to
 themselves, and agree all-or-nothing on the step in progress: the state of the survivor
 that got furthest (a step whose reduction completed anywhere, completed everywhere) goes
-to all of them. The data is then re-sharded over the survivors and training goes on;
-their parameters stay identical. Rank 0 writes the run's log and summary: its death ends
-the run (the newest checkpoint is intact).
+to all of them. The epoch's samples not taken yet are then re-sharded over the survivors
+(:mod:`mpi_easgd.data.rest`: each is taken once) and training goes on; their parameters
+stay identical. When rank 0, which writes the run's log and summary, dies, the new rank 0
+takes them over. A checkpoint resumes at another size in the same way (:func:`resume`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from mpi4py import MPI
 
 from mpi_easgd import registry
 from mpi_easgd.collectives.base import PeriodicRounds
-from mpi_easgd.data import ShardLoader, shard_loader, steps_per_epoch
+from mpi_easgd.data import shard_loader, steps_per_epoch
+from mpi_easgd.data.rest import Resharded, Rest, consumed, old_orders, rest_of_epoch, unseen
 from mpi_easgd.models import build_model
 from mpi_easgd.runtime import checkpoint, faults, ft
 from mpi_easgd.runtime.context import RunContext
@@ -49,6 +51,7 @@ class Peer:
     def __init__(self, ctx: RunContext, steps: int) -> None:
         cfg, comm = ctx.cfg, ctx.comm
         self.ctx, self.steps = ctx, steps
+        self.rest: Rest | None = None  # the current epoch's rest, re-sharded over these ranks (data.rest)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, ctx.info.shape, ctx.info.num_classes).to(ctx.device)
         self.optimizer = make_optimizer(cfg, self.model)
@@ -117,7 +120,7 @@ class Peer:
         sums = np.array([loss, correct, count, stats.loss_sum, stats.batches, stats.samples])
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         self.totals += (sums[5], comm.allreduce(stats.seconds, op=MPI.MAX))
-        self.last = dict(epoch=pos.epoch + 1, step=(pos.epoch + 1) * self.steps, samples=int(self.totals[0]),
+        self.last = dict(epoch=pos.epoch + 1, step=self.global_step(pos), samples=int(self.totals[0]),
                          train_loss=sums[3] / max(sums[4], 1), **kind.metrics(*sums[:3]))
         self.ctx.log.log_eval(**self.last)
 
@@ -153,12 +156,15 @@ class Peer:
     def state_dict(self, pos: Position) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     algorithm=self.algo.state_dict(), position=pos.state_dict(), totals=self.totals.tolist(),
-                    torch_rng=torch.get_rng_state())
+                    torch_rng=torch.get_rng_state(),
+                    rest=self.rest.state_dict() if self.rest is not None and self.rest.epoch == pos.epoch else None)
 
     # ---- set-up and end --------------------------------------------------------------
 
     def global_step(self, pos: Position) -> int:
-        return pos.epoch * self.steps + pos.step
+        """Steps taken since the run began (what checkpoints and metrics rows are numbered
+        by): ``epoch * steps + step``, until a change of size re-shards an epoch."""
+        return pos.t
 
     def load_state_dict(self, state: dict) -> Position:
         self.model.load_state_dict(state["model"])  # copies into the flat buffer's views
@@ -191,19 +197,15 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
     fault = faults.from_env(ctx.rank)
     if fault:
         fault.at_start()
-    first_steps = _steps(ctx)  # (per epoch over every rank the run started with)
     members = list(range(ctx.comm.Get_size()))  # (ranks as the run started: what a death is said in)
     while True:  # the start: the first broadcast and evaluation (a death there: start again without it)
-        loader, steps = _shard(ctx)
         try:
-            peer = Peer(ctx, steps)
+            peer = Peer(ctx, _steps(ctx))
             pos = Position()
             if ctx.resume is None:
                 peer.evaluate_start()
-            else:  # each rank its own file (by its rank in the world: the survivors of a death keep theirs)
-                pos = peer.load_state_dict(checkpoint.load_rank(ctx.resume, ctx.rank))
-                pos.step = pos.step * steps // first_steps  # as far into the epoch (re-sharded after a death)
-                log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}")
+            else:
+                pos = resume(ctx, peer)
             break
         except MPI.Exception as exc:
             if cfg.on_rank_loss != "shrink" or not ft.is_failure(exc):
@@ -212,6 +214,7 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
             lost += [r for r in members if r not in survivors]
             members = survivors
     size = ctx.comm.Get_size()
+    loader, steps = _loader(ctx, peer.rest), peer.steps
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({peer.flat.numel:,} parameters), "
         f"{info.name} {info.sizes['train']} train / {info.sizes['test']} test, "
@@ -250,12 +253,51 @@ def _steps(ctx: RunContext) -> int:
     return max(steps_per_epoch(ctx.info.sizes["train"], ctx.comm.Get_size(), cfg.batch_size, not cfg.uneven))
 
 
-def _shard(ctx: RunContext) -> tuple[ShardLoader, int]:
-    """This rank's training shard over ``ctx.comm``, and the steps every rank takes per epoch."""
+def _loader(ctx: RunContext, rest: Rest | None) -> Resharded:
+    """This rank's training shard over ``ctx.comm`` (in ``rest``'s epoch: its slice of the rest)."""
     cfg, comm = ctx.cfg, ctx.comm
     loader = shard_loader(ctx.info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
-                         seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
-    return loader, _steps(ctx)
+                          seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
+    return Resharded(loader, rest, comm.Get_rank())
+
+
+def resume(ctx: RunContext, peer: Peer) -> Position:
+    """Load checkpoint ``ctx.resume`` into ``peer``; returns the position. Written by as
+    many ranks, each rank loads its own file (by its rank in the world: the survivors of a
+    death at the start keep theirs); by another number N, rank r loads rank ``r % N``'s
+    (sgd: all alike; ea, diloco: the center alike, r's own parameters those of a rank
+    that had them), and the epoch's unseen samples are re-sharded (:func:`regroup`)."""
+    old = checkpoint.read_manifest(ctx.resume)["world_size"]
+    state = checkpoint.load_rank(ctx.resume, ctx.rank % old)
+    pos = peer.load_state_dict(state)
+    if ctx.rank >= old and peer.periodic:
+        peer.algo.abandon(keep_residuals=False)  # a copy of another rank's state: its residual is sent once
+    peer.rest = regroup(ctx, pos, old, Rest.from_state(state.get("rest")))
+    size = ctx.comm.Get_size()
+    resized = "" if old == size else f" (written by {old} ranks; the epoch's unseen samples re-sharded over {size})"
+    ctx.log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}{resized}")
+    return pos
+
+
+def regroup(ctx: RunContext, pos: Position, old_count: int, old_rest: Rest | None) -> Rest | None:
+    """The rest of epoch ``pos.epoch`` over ``ctx.comm``'s ranks, when ``old_count`` ranks
+    (in ``old_rest``, if the epoch was re-sharded before) reached ``pos``: the samples they
+    had not taken yet, each to be taken once (:mod:`mpi_easgd.data.rest`); ``pos.step``
+    moves to where the rest begins. None: the layout is the usual one."""
+    cfg, size = ctx.cfg, ctx.comm.Get_size()
+    old_rest = old_rest if old_rest is not None and old_rest.epoch == pos.epoch else None
+    if old_count == size or (pos.step == 0 and old_rest is None):
+        return old_rest if old_count == size else None
+
+    def old_loader(index: int):
+        return shard_loader(ctx.info, "train", index, old_count, batch_size=cfg.batch_size, seed=cfg.seed,
+                            even=not cfg.uneven, prefetch=0)
+
+    orders = old_orders(old_loader, old_rest, pos.epoch, old_count, cfg.seed)
+    taken = consumed(orders, pos.step, old_rest, pos.epoch, cfg.batch_size)
+    rest = rest_of_epoch(pos.epoch, unseen(orders, taken), size, _steps(ctx), cfg.batch_size)
+    pos.step = rest.first
+    return rest
 
 
 def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object]:
@@ -324,16 +366,16 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
 
     new, survivors, (furthest, state) = _survivors(ctx, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
-    old_steps, members = peer.steps, peer.members
+    members = peer.members
     peer.algo.close()
-    kept = state["position"]["epoch"] * old_steps + state["position"]["step"]  # (metrics rows are this far)
+    kept = state["position"]["t"]  # (metrics rows are this far)
     ctx = _on_survivors(ctx, new, members, dead, kept)  # (faults, messages: each rank's own rank still)
-    loader, steps = _shard(ctx)
-    peer = Peer(ctx, steps)
+    peer = Peer(ctx, _steps(ctx))
     pos = peer.load_state_dict(state)
     if peer.periodic and new.Get_rank() != furthest:
         peer.algo.abandon(keep_residuals=False)  # the furthest rank's residual is its own: sent once
-    pos.step = pos.step * steps // old_steps  # as far into the re-sharded epoch
+    peer.rest = regroup(ctx, pos, len(members), Rest.from_state(state.get("rest")))
     ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
-                 f"step {pos.step} of {steps}, the data re-sharded over them (--on-rank-loss shrink)")
-    return ctx, peer, loader, pos, dead
+                 f"step {pos.step} of {peer.steps}, the epoch's unseen samples re-sharded over them "
+                 f"(--on-rank-loss shrink)")
+    return ctx, peer, _loader(ctx, peer.rest), pos, dead

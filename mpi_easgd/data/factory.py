@@ -23,6 +23,8 @@ from mpi_easgd.data.layout import DataError, DatasetInfo
 from mpi_easgd.data.loader import prefetch
 from mpi_easgd.data.sharding import num_batches, shard_range
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 def open_factory(name: str) -> DatasetInfo:
     """Call the factory ``package.module:factory`` and describe what it returned (one line
@@ -80,14 +82,22 @@ class DatasetLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def order(self, epoch: int) -> np.ndarray:
+        """The items (indices into the dataset) that epoch ``epoch`` takes, in the order
+        its batches take them: what :mod:`~mpi_easgd.data.rest` re-shards from."""
         order = np.arange(self.start, self.stop)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, self.index]).permutation(order)
-        for n in range(start, self.steps):
-            items = [self.dataset[int(i)] for i in order[n * self.batch_size:(n + 1) * self.batch_size]]
-            x, y = default_collate(items)
+        return order[: self.steps * self.batch_size]
+
+    def take(self, indices: np.ndarray, batch: int, epoch: int = 0, number: int = 0) -> Iterator[Batch]:
+        """The items ``indices`` (in that order) as batches of ``batch``."""
+        for a in range(0, len(indices), batch):
+            x, y = default_collate([self.dataset[int(i)] for i in indices[a:a + batch]])
             yield torch.as_tensor(x), torch.as_tensor(y)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.take(self.order(epoch)[start * self.batch_size:], self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's batches ``(inputs, targets)`` from batch ``start`` on (to resume

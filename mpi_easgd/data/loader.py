@@ -19,6 +19,8 @@ import torch
 from mpi_easgd.data.layout import DatasetInfo, open_hdf5, read_checked
 from mpi_easgd.data.sharding import num_batches, shard_range
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 class ShardLoader:
     """Mini-batches of one shard of one split, reshuffled every epoch (seeded).
@@ -65,33 +67,68 @@ class ShardLoader:
             images = f[f"{split}/images"]
             self._uint8 = images.dtype == np.uint8
             nbytes = self.length * int(np.prod(images.shape[1:])) * images.dtype.itemsize
-            self._memory = None
-            if nbytes <= memory_limit:
-                self._memory = (read_checked(info.path, images, self.start, self.stop),
-                                read_checked(info.path, f[f"{split}/labels"], self.start, self.stop))
+        self.in_memory = nbytes <= memory_limit
+        self._memory = None  # (read at the first epoch: a loader made only for its order reads nothing)
 
     def __len__(self) -> int:
         return self.steps
 
-    def _windows(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Sample arrays in this epoch's order, one window at a time."""
-        if self._memory is not None:
-            x, y = self._memory
-            order = rng.permutation(self.length) if self.shuffle else slice(None)
-            yield x[order], y[order]
+    def _plan(self, rng: np.random.Generator) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+        """This epoch's windows: (the contiguous ranges to read, the order of their samples)."""
+        if self.in_memory:
+            yield [(self.start, self.stop)], rng.permutation(self.length) if self.shuffle else np.arange(self.length)
             return
         starts = np.arange(self.start, self.stop, self.block)
         if self.shuffle:
             starts = rng.permutation(starts)
         window = 8  # blocks shuffled together: 8 * 4096 samples in memory at a time
+        for i in range(0, len(starts), window):
+            parts = [(int(s), min(int(s) + self.block, self.stop)) for s in starts[i : i + window]]
+            n = sum(b - a for a, b in parts)
+            yield parts, rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def _windows(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Sample arrays in this epoch's order, one window at a time."""
+        if self.in_memory and self._memory is None:
+            with open_hdf5(self.info.path) as f:
+                self._memory = tuple(read_checked(self.info.path, f[f"{self.split}/{name}"], self.start, self.stop)
+                                     for name in ("images", "labels"))
+        if self._memory is not None:
+            for _, order in self._plan(rng):
+                yield self._memory[0][order], self._memory[1][order]
+            return
         with open_hdf5(self.info.path) as f:
             images, labels = f[f"{self.split}/images"], f[f"{self.split}/labels"]
-            for i in range(0, len(starts), window):
-                parts = [(s, min(s + self.block, self.stop)) for s in starts[i : i + window]]
+            for parts, order in self._plan(rng):
                 x = np.concatenate([read_checked(self.info.path, images, a, b) for a, b in parts])
                 y = np.concatenate([read_checked(self.info.path, labels, a, b) for a, b in parts])
-                order = rng.permutation(len(y)) if self.shuffle else slice(None)
                 yield x[order], y[order]
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The samples (indices into the split) that epoch ``epoch`` takes, in the order its
+        batches take them: what :mod:`~mpi_easgd.data.rest` re-shards from."""
+        rng = np.random.default_rng([self.seed, epoch, self.index])
+        order = np.concatenate([np.concatenate([np.arange(a, b) for a, b in parts])[o] for parts, o in self._plan(rng)])
+        return order[: self.steps * self.batch_size]
+
+    def take(self, indices: np.ndarray, batch: int, epoch: int, number: int) -> Iterator[Batch]:
+        """The samples ``indices`` (in that order) as prepared batches of ``batch``, the
+        first one the epoch's step ``number``; read in the contiguous blocks they fall in."""
+        rank = np.argsort(indices, kind="stable")
+        wanted = indices[rank]
+        xs, ys = [], []
+        with open_hdf5(self.info.path) as f:
+            images, labels = f[f"{self.split}/images"], f[f"{self.split}/labels"]
+            for a in np.unique(wanted // self.block) * self.block:
+                b = min(int(a) + self.block, self.info.sizes[self.split])
+                inside = wanted[(wanted >= a) & (wanted < b)] - a
+                xs.append(read_checked(self.info.path, images, int(a), b)[inside])
+                ys.append(read_checked(self.info.path, labels, int(a), b)[inside])
+        back = np.empty_like(rank)
+        back[rank] = np.arange(len(rank))
+        x, y = np.concatenate(xs)[back], np.concatenate(ys)[back]
+        for n, a in enumerate(range(0, len(y), batch), number):
+            yield self._prepare(x[a : a + batch], y[a : a + batch], epoch, n)
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).float()

@@ -167,16 +167,21 @@ def _relevant(key: str, uses: list[frozenset[str] | None]) -> bool:
     return key not in ALGORITHM_KEYS or all(u is None or key in u for u in uses)
 
 
-def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> None:
+def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path, at_saved_size: dict | None = None) -> None:
     """Refuse a checkpoint whose run differs from this one in a setting that changes
-    training (:data:`TRAINING_KEYS`, resolved values), in the world size, or that has gone
-    past this run's ``--epochs``; the message names each difference and the way on."""
+    training (:data:`TRAINING_KEYS`, resolved values), that has gone past this run's
+    ``--epochs``, or (an asynchronous run) in the world size; the message names each
+    difference and the way on. ``at_saved_size``: a synchronous run's configuration
+    resolved for the checkpoint's world size, to compare when the size changed (a default
+    that follows the size, as ea's alpha, follows it)."""
     saved = manifest["config"]
     if manifest["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has "
-            f"{world_size}; resume with mpirun -np {manifest['world_size']}"
-        )
+        if at_saved_size is None:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has {world_size}; an "
+                f"asynchronous run resumes on as many ranks (mpirun -np {manifest['world_size']}); a "
+                f"synchronous one (sgd, ea, diloco) resumes at any size")
+        config = dict(at_saved_size, epochs=config["epochs"])
     uses = {algo: _uses(algo) for algo in (saved["algo"], config["algo"])}
     differ = [k for k in TRAINING_KEYS if k in saved and _relevant(k, list(uses.values())) and saved[k] != config[k]]
     if differ:
@@ -187,6 +192,7 @@ def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path) -> Non
         raise CheckpointError(
             f"checkpoint {ckpt} is from {flags(saved)}, this run has {flags(config)}; resume with "
             f"{flags(saved)} or start a new run (another --run-name, or no --resume)"
+            + ("; the number of ranks may change" if at_saved_size is not None else "")
         )
     reached = manifest.get("epoch", 0) + bool(manifest.get("step"))  # sync: the epoch it is in
     if not manifest.get("finished") and reached > config["epochs"]:

@@ -38,9 +38,11 @@ class NothingToDo(Exception):
     """The checkpoint to resume is a finished run: it is left exactly as it is."""
 
 
-def check_run(cfg, topo, rank: int, size: int) -> tuple[Path | None, dict]:
+def check_run(cfg, topo, rank: int, size: int, unresolved=None) -> tuple[Path | None, dict]:
     """The checks that need no data and no traffic; returns the checkpoint to resume (or
-    None) and its manifest. Raises ``ConfigError`` or ``CheckpointError``."""
+    None) and its manifest. Raises ``ConfigError`` or ``CheckpointError``.
+    ``unresolved``: a synchronous run's configuration before
+    :meth:`~mpi_easgd.config.Config.resolve` (such a run resumes at another size)."""
     from mpi_easgd.config import ConfigError
 
     p = topo.num_workers
@@ -70,14 +72,17 @@ def check_run(cfg, topo, rank: int, size: int) -> tuple[Path | None, dict]:
         resume = checkpoint.locate(cfg.resume, cfg.out, cfg.run_name)
         if resume is not None:
             manifest = checkpoint.read_manifest(resume)
-            checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume)
+            saved_size = manifest["world_size"]
+            at_saved_size = None if topo.is_async or unresolved is None else \
+                dataclasses.asdict(unresolved.resolve(saved_size))
+            checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume, at_saved_size)
             # lost in that run: restarts from the center; a group's member (--groups): from its leader
             rejoins = str(rank) in manifest.get("rejoin", {}) or rank in manifest.get("group_members", [])
-            if not rejoins and not checkpoint.rank_file(resume, rank).is_file():
-                raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, rank)} is missing; "
-                                                 f"use an earlier checkpoint")
+            mine = checkpoint.rank_file(resume, rank % saved_size)  # (a sync run at another size: r % N's)
+            if not rejoins and not mine.is_file():
+                raise checkpoint.CheckpointError(f"{mine} is missing; use an earlier checkpoint")
             if checkpoint.finished(manifest, cfg.epochs) and not rejoins:
-                checkpoint.load_rank(resume, rank)  # a damaged file is reported, even with nothing to do
+                checkpoint.load_rank(resume, rank % saved_size)  # a damaged file is reported, even with nothing to do
     return resume, manifest
 
 

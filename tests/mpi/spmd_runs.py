@@ -10,6 +10,7 @@ the payloads the server logged per worker are, in order, what that worker sent.
 
 from __future__ import annotations
 
+import collections
 import csv
 import math
 import shutil
@@ -480,3 +481,35 @@ def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, ta
     else:
         unigram = 2.185  # nats per byte of predicting the test bytes' frequencies
         assert float(last["test_loss"]) < 0.5 * unigram, last
+
+
+@pytest.mark.parametrize(("algo", "old", "new"), [("ea", 4, 3), ("sgd", 3, 5), ("diloco", 5, 2)])
+@one_side_fails_all
+def test_a_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(algo, old, new, shared, capsys):
+    """A checkpoint in the middle of the only epoch, written by ``old`` ranks, resumed on
+    ``new``: counted by the dataset itself (what each process read for training), the
+    samples taken before the checkpoint and after the resume are, each once, those that
+    the old ranks took in their whole epoch."""
+    import user_data
+
+    n, batch = 1024, 16
+    out, stop = shared / f"resize-{algo}", (n // old) // batch // 2 + 1  # (kept: this checkpoint and the last)
+    flags = ["--algo", algo, "--dataset", "user_data:counted_regression", "--task", "regression", "--model",
+             "user_data:counting_mlp", "--epochs", "1", "--batch-size", str(batch), "--prefetch", "0",
+             "--out", str(out), "--run-name", "run", "--tau", "2"]
+    taken = []
+    for ranks, extra in ((old, ["--checkpoint-every", str(stop)]),
+                         (new, ["--resume", str(out / "run" / "checkpoints" / f"step-{stop:09d}")])):
+        status, stdout = train(ranks, *flags, *extra, capsys=capsys)
+        assert WORLD.rank or status == 0, stdout
+        taken.append(WORLD.gather(list(user_data.TAKEN) if WORLD.rank < ranks else []))
+    if WORLD.rank:
+        return
+    assert f"written by {old} ranks; the epoch's unseen samples re-sharded over {new}" in stdout
+    before = [i for r in range(old) for i in taken[0][r][:stop * batch]]  # each old rank's first `stop` steps
+    after = [i for r in range(new) for i in taken[1][r]]
+    epoch = {i for r in range(old) for i in taken[0][r]}  # what the old ranks took in the whole epoch
+    seen = collections.Counter(before + after)
+    assert max(seen.values()) == 1, f"{sum(v > 1 for v in seen.values())} samples taken twice"
+    assert set(seen) == epoch, f"{len(epoch - set(seen))} of the epoch's samples missed"
+    assert read_summary(out / "run")["world_size"] == new

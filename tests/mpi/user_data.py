@@ -57,3 +57,34 @@ def not_datasets():
 
 def broken():
     raise OSError("the data folder is not mounted")
+
+
+TAKEN: list[int] = []  # the training items this process took (counted_regression)
+
+
+class Counted(Dataset):
+    """A dataset that says which items a run trained on: every item read while autograd
+    is on (the training loop; evaluation reads under no_grad) is appended to ``TAKEN``,
+    which ``counting_mlp`` empties when the run builds its model (the set-up's reads of an
+    item, to learn its shape, come before)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        if torch.is_grad_enabled():
+            TAKEN.append(int(i))
+        return self.data[i]
+
+
+def counted_regression():
+    train, test = regression()
+    return Counted(train), test
+
+
+def counting_mlp(shape, outputs):
+    TAKEN.clear()
+    return regression_mlp(shape, outputs)

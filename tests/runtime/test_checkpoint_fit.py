@@ -37,3 +37,22 @@ def test_a_setting_counts_only_where_the_algorithm_uses_it():
      "--topk-fraction 0.02")])
 def test_compression_and_streaming_settings_must_match(saved, mine, named):
     assert named in refusal(Config(**saved), Config(**mine))
+
+
+def test_a_synchronous_run_resumes_at_another_size_and_an_asynchronous_one_says_how_many():
+    def fit(saved: Config, mine: Config, old: int, new: int, sync: bool) -> str | None:
+        manifest = {"config": dataclasses.asdict(saved.resolve(old)), "world_size": old}
+        try:
+            check_fits(manifest, dataclasses.asdict(mine.resolve(new)), new, "ckpt",
+                       dataclasses.asdict(mine.resolve(old)) if sync else None)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
+    # ea's default alpha follows the number of ranks: no difference; one set by hand must match
+    assert fit(Config(algo="ea"), Config(algo="ea"), 4, 3, sync=True) is None
+    message = fit(Config(algo="ea", alpha=0.2), Config(algo="ea", alpha=0.3), 4, 3, sync=True)
+    assert "--alpha 0.2" in message and message.endswith("; the number of ranks may change")
+    message = fit(Config(algo="easgd"), Config(algo="easgd"), 4, 3, sync=False)
+    assert "written by 4 ranks, this run has 3; an asynchronous run resumes on as many ranks (mpirun -np 4)" \
+        in message
