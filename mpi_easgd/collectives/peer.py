@@ -41,7 +41,7 @@ from mpi_easgd.runtime import checkpoint, faults, ft
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.control import Control, Preempted
 from mpi_easgd.runtime.loop import Action, Position, evaluate, make_optimizer, nonfinite_note, train
-from mpi_easgd.runtime.metrics import run_summary, traffic_summary
+from mpi_easgd.runtime.metrics import goodput, run_summary, traffic_summary
 from mpi_easgd.tasks import task
 
 
@@ -70,7 +70,7 @@ class Peer:
         self.members = comm.allgather(ctx.rank) if cfg.on_rank_loss == "shrink" else []
         self.test = shard_loader(ctx.info, "test", comm.Get_rank(), comm.Get_size(), batch_size=512,
                                 shuffle=False, even=False)
-        self.totals = np.zeros(2)  # train samples (all ranks), train seconds
+        self.totals = np.zeros(4)  # train samples (all ranks), train seconds, samples lost, deaths (goodput)
         self.last: dict = {}  # the last evaluation
         self.checkpoint: Path | None = None  # the last one written
 
@@ -119,7 +119,7 @@ class Peer:
             loss, correct, count = evaluate(self.model, self.test.epoch(0), self.ctx.device, kind)
         sums = np.array([loss, correct, count, stats.loss_sum, stats.batches, stats.samples])
         comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        self.totals += (sums[5], comm.allreduce(stats.seconds, op=MPI.MAX))
+        self.totals[:2] += (sums[5], comm.allreduce(stats.seconds, op=MPI.MAX))
         self.last = dict(epoch=pos.epoch + 1, step=self.global_step(pos), samples=int(self.totals[0]),
                          train_loss=sums[3] / max(sums[4], 1), **kind.metrics(*sums[:3]))
         self.ctx.log.log_eval(**self.last)
@@ -171,7 +171,7 @@ class Peer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["torch_rng"])
-        self.totals[:] = state["totals"]
+        self.totals[:len(state["totals"])] = state["totals"]
         # (checkpoints of earlier versions kept the position's fields at the top level)
         pos = Position.from_state(state.get("position") or {k: state[k] for k in ("epoch", "step", "stats", "skipped")
                                                             if k in state})
@@ -244,6 +244,7 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
                        **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
+                       **goodput(int(peer.totals[0]), peer.totals[2], int(peer.totals[3])),
                        **({"rounds": peer.algo.rounds} if peer.periodic else {}), **peer.traffic())
 
 
@@ -297,6 +298,10 @@ def regroup(ctx: RunContext, pos: Position, old_count: int, old_rest: Rest | Non
     taken = consumed(orders, pos.step, old_rest, pos.epoch, cfg.batch_size)
     rest = rest_of_epoch(pos.epoch, unseen(orders, taken), size, _steps(ctx), cfg.batch_size)
     pos.step = rest.first
+    # The epoch's statistics so far stand for the old ranks': summed over the new ones, they still add up
+    scale, stats = old_count / size, pos.stats
+    stats.samples, stats.batches, stats.loss_sum = (round(stats.samples * scale), round(stats.batches * scale),
+                                                    stats.loss_sum * scale)
     return rest
 
 
@@ -362,9 +367,12 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
         # Whoever got furthest (epoch, step; the lowest rank among equals) gives everyone its state.
         marks = new.allgather((pos.epoch, pos.step, -new.Get_rank()))
         furthest = -max(marks)[2]
-        return furthest, new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None, root=furthest)
+        # (goodput) a step no rank got past is redone: the samples computed for it are lost
+        redone = new.allreduce(pos.computing if max(marks)[:2] == (pos.epoch, pos.step) else 0)
+        return furthest, redone, new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None,
+                                           root=furthest)
 
-    new, survivors, (furthest, state) = _survivors(ctx, furthest_state)
+    new, survivors, (furthest, redone, state) = _survivors(ctx, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
     members = peer.members
     peer.algo.close()
@@ -372,6 +380,7 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
     ctx = _on_survivors(ctx, new, members, dead, kept)  # (faults, messages: each rank's own rank still)
     peer = Peer(ctx, _steps(ctx))
     pos = peer.load_state_dict(state)
+    peer.totals[2:] += (redone + len(dead) * ctx.cfg.batch_size, len(dead))  # (a dead rank's step: one batch)
     if peer.periodic and new.Get_rank() != furthest:
         peer.algo.abandon(keep_residuals=False)  # the furthest rank's residual is its own: sent once
     peer.rest = regroup(ctx, pos, len(members), Rest.from_state(state.get("rest")))

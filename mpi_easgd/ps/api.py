@@ -391,7 +391,7 @@ class AsyncTraining:
         if server.stopped:
             raise Preempted(Path(server.checkpoint), server.lost_workers)
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, server, final,
-                            workers)
+                            workers, self.samples_per_step)
         note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
         if note:
             ctx.log.warn(note)

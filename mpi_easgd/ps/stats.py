@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpi_easgd.runtime.metrics import run_summary, traffic_summary
+from mpi_easgd.runtime.metrics import goodput, run_summary, traffic_summary
 
 
 @dataclass
@@ -87,9 +87,29 @@ class TesterStats:
     evaluations: int
 
 
+def dead_generations(per_worker: list[dict], replacements: list[dict], reported: set[int],
+                     tau: int, samples_per_step: int) -> tuple[int, float, int]:
+    """The worker processes that ended without a report (dead, or lost, and each one a
+    replacement took over from): (the samples of theirs that reached the center, an
+    estimate of those lost, how many there were). A process's first exchange brings no
+    samples, each later one ``tau`` steps'; what it computed after its last exchange is
+    unknown: half an exchange interval, the expectation for a death at a random moment."""
+    useful, lost, count = 0, 0.0, 0
+    for row in per_worker:
+        starts = [0, *sorted(r["exchanges_before"] for r in replacements if r["rank"] == row["rank"])]
+        ends = [*starts[1:], row["server_exchanges"]]
+        unreported = len(starts) - (row["rank"] in reported and not row.get("lost", False))
+        for g in range(unreported):
+            useful += max(ends[g] - starts[g] - 1, 0) * tau * samples_per_step
+            lost += tau * samples_per_step / 2
+            count += 1
+    return useful, lost, count
+
+
 def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks: list[int], server: ServerStats,
-              tester: TesterStats, workers: dict[int, WorkerStats]) -> dict:
-    """The run's summary (``summary.json``) from every role's statistics."""
+              tester: TesterStats, workers: dict[int, WorkerStats], samples_per_step: int = 0) -> dict:
+    """The run's summary (``summary.json``) from every role's statistics; ``samples_per_step``
+    of a worker (for the samples of workers that died, in ``goodput``)."""
     workers = {**workers, **{int(rank): stats for rank, stats in server.relayed.items()}}
     lost, dead = server.lost_workers, server.dead_workers
     per_worker = [dict(workers[s["rank"]].row() if s["rank"] in workers else {}, **s,
@@ -102,6 +122,9 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
             row.update({k: traffic[row["rank"]][k] for k in ("bytes_sent", "bytes_received", "compute_utilization")})
     present = [workers[r] for r in worker_ranks if r not in lost]
     samples = sum(w.samples for w in present)
+    dead_useful, dead_lost, deaths = dead_generations(per_worker, server.replacements,
+                                                      {r for r in worker_ranks if r in workers}, cfg.tau,
+                                                      samples_per_step or cfg.batch_size)
     seconds = max((w.wall_seconds for w in present), default=0.0)
     return run_summary(
         cfg, dataset, world_size, num_workers, test=tester.final, train_samples=samples, train_seconds=seconds,
@@ -116,6 +139,7 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
         spawn_seconds=server.spawn_seconds, server_seconds=server.server_wall_seconds,
         final_metrics={k: v for k, v in tester.final.items() if k not in ("epoch", "step", "samples", "wall_time")},
         damped_exchanges=sum(s.get("damped", 0) for s in server.per_worker),  # (--max-staleness)
+        **goodput(samples + dead_useful, dead_lost, deaths),
         **({"shard_servers": [dict(rank=0, updates=server.updates,
                                    busy_seconds=server.server_busy_fraction * server.server_wall_seconds),
                               *server.shards]} if server.shards else {}),

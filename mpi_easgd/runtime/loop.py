@@ -61,6 +61,7 @@ class Position:
     samples: int = 0  # local samples trained on
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     seconds: float = 0.0  # async worker: training time before this segment (it keeps the clock)
+    computing: int = 0  # samples of the step in progress, between backward and its exchange (lost if it fails)
     stats: EpochStats = field(default_factory=EpochStats)  # the current epoch's so far
 
     def state_dict(self) -> dict:
@@ -128,13 +129,14 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
                 if batch is not None:
                     batch = (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
                     loss = forward_backward(batch)
+                    pos.computing = len(batch[1])
                     if not finite(loss, algo.flat.grad):
                         if cfg.on_nonfinite == "stop":
                             raise NonFiniteError(f"non-finite loss or gradient on rank {rank}; lower --lr or "
                                                  f"run with --on-nonfinite skip")
                         pos.skipped, loss = pos.skipped + 1, None  # no NaN reaches another rank
                 algo.step(pos, loss is not None)
-                pos.step, pos.t = pos.step + 1, pos.t + 1
+                pos.step, pos.t, pos.computing = pos.step + 1, pos.t + 1, 0
                 if batch is not None:
                     pos.samples += len(batch[1])
                 if loss is not None:

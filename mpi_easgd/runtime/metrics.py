@@ -50,6 +50,21 @@ def run_summary(cfg, dataset: str, world_size: int, workers: int, *, test: dict,
     )
 
 
+GOODPUT = ("goodput: useful samples (those whose effect reached the trained model: async, the center; sync, the "
+           "parameters the ranks share) over samples computed; lost are a dead rank's steps since its last "
+           "exchange (async) or its step in progress, and a step that no rank completed (sync, redone)")
+
+
+def goodput(useful: int, lost: float, deaths: int) -> dict:
+    """The summary's goodput (:data:`GOODPUT`) from the ``useful`` samples and those ``lost``;
+    what a dead process computed after its last message is unknown to the others: each of
+    ``deaths`` counts as half an exchange interval (async) or one batch (sync), said so."""
+    computed = useful + lost
+    return dict(goodput=useful / computed if computed else 1.0, useful_samples=int(useful),
+                lost_samples=int(round(lost)), goodput_is=GOODPUT + (
+                    f"; the {deaths} dead process(es)' last steps are estimated" if deaths else ""))
+
+
 UTILIZATION = ("compute utilization: the share of a rank's training wall time not spent blocked in an "
                "exchange (async: waiting for a reply; sync: inside the collective calls)")
 

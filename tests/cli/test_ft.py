@@ -10,6 +10,8 @@ import random
 import pytest
 from conftest import ROOT, finish, read_summary, ulfm_launch, ulfm_train
 
+from mpi_easgd.config import Config
+
 pytestmark = [pytest.mark.launch, pytest.mark.ulfm]
 
 SEED = int(os.environ.get("MPI_EASGD_FT_SEED", random.randrange(1 << 30)))  # printed on failure
@@ -38,6 +40,9 @@ def test_easgd_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
     survivor, dead = summary["per_worker"]
     assert survivor["exchanges"] == survivor["server_exchanges"] == survivor["reported_exchanges"], why
     assert dead["died"] and dead["server_exchanges"] >= step // 10, why  # tau 10: it had exchanged
+    batch = Config().batch_size  # goodput: the dead worker's exchanges after its first brought tau steps each
+    assert summary["useful_samples"] == survivor["samples"] + (dead["server_exchanges"] - 1) * 10 * batch, why
+    assert summary["lost_samples"] == 10 * batch // 2 and 0.9 < summary["goodput"] < 1, why  # (its last steps)
 
 
 def test_a_center_over_two_servers_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
@@ -85,6 +90,10 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     for worker in summary["per_worker"]:  # the replacements go on counting the dead worker's exchanges
         assert worker["exchanges"] == worker["server_exchanges"] == worker["reported_exchanges"], why
     assert summary["per_worker"][1]["exchanges"] > second["exchanges_before"], why
+    batch, (kept, replaced) = Config().batch_size, summary["per_worker"]  # goodput: two processes died
+    dead = (first["exchanges_before"] - 1) + (second["exchanges_before"] - first["exchanges_before"] - 1)
+    assert summary["useful_samples"] == kept["samples"] + replaced["samples"] + dead * 10 * batch, why
+    assert summary["lost_samples"] == 2 * 10 * batch // 2 and summary["goodput"] < 1, why
 
 
 @pytest.mark.parametrize("flags,when,deaths", [
@@ -126,6 +135,11 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
         assert epochs[0] == "0" and epochs[-1] == "3" and len(epochs) == len(set(epochs)), (why, epochs)
     summary = read_summary(tmp_path / "shrink")
     assert sorted(summary["lost_ranks"]) == sorted(ranks) and summary["world_size"] == left, why
+    assert summary["useful_samples"] == summary["train_samples"], why  # goodput: a step in progress is lost
+    if when == "start":  # (nothing computed yet)
+        assert summary["lost_samples"] == 0 and summary["goodput"] == 1, why
+    else:  # each dead rank's batch; the survivors' too where no rank completed the step
+        assert deaths * 16 <= summary["lost_samples"] <= 4 * 16 * deaths and summary["goodput"] < 1, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
     final = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))[-1]
     states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(left)]
