@@ -111,10 +111,15 @@ class AsyncTraining:
         self.server = None
         self.stats_to = topo.tester_rank  # where a worker's statistics go at the end
         self.group_comm, self.leaders = None, topo.worker_ranks  # (--groups: only leaders talk to the server)
+        self.spares: dict[int, MPI.Comm] = {}
         if replacing is not None:  # (the server is the only rank a replacement knows)
             self.live, saved, self.stats_to = replacing["live"], {"position": replacing["position"]}, topo.server_rank
         else:
             self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
+            # (ULFM, --servers S, uncompressed) where rank 0 would serve a shard whose server died (.shards)
+            self.spares = {k: comm.Dup() for k in topo.server_ranks[1:]} if ft.enabled() and \
+                wire_format(cfg.exchange_dtype, cfg.topk_fraction) in (torch.float32, torch.float16, torch.bfloat16) \
+                else {}
             self.group_comm, self.leaders = make_groups(comm, topo.worker_ranks, cfg.groups)
             member = self.group_comm is not None and self.group_comm.Get_rank() != LEADER
             # (a member writes no checkpoint file: it starts from its leader's state)
@@ -152,7 +157,7 @@ class AsyncTraining:
             if group is not None and not group.leads:
                 self.worker = GroupMember(ctx, self.flat, optimizer, group)
             else:
-                endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks)
+                endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks, self.spares)
                 self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
                                           lambda step, state: _save_rank(ctx, step, state), saved, group)
             if group is not None:  # the leader's parameters and position: the group's starting point
@@ -326,7 +331,26 @@ class AsyncTraining:
             setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
                          cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
             spares = Spares(setup, script)
-        shards = ShardServers(ctx.comm, topo.server_ranks[1:], cfg.worker_timeout) if topo.servers > 1 else None
+        shards = None
+        if topo.servers > 1:
+            def take_over(k: int) -> tuple[ShardServer, str]:
+                """Shard k's server, on rank 0, from its newest replica (its server rank died)."""
+                latest = checkpoint.latest(ctx.run_dir)
+                saved = checkpoint.load_rank(latest, k) if latest is not None else None
+                a, b = shard_bounds(self.flat.numel, topo.servers)[k]
+                spare = self.spares[k]
+                # (before the first checkpoint: the center as it started, which the start's broadcast left here)
+                shard = ShardServer(spare, spare, self.flat.data[a:b].clone(), server_rule(
+                    cfg.algo, cfg.alpha, cfg.outer_lr, cfg.outer_momentum, cfg.outer_delay, cfg.max_staleness,
+                    cfg.outer_quorum), self.leaders, topo.tester_rank, save=lambda step, extra, written:
+                    checkpoint.try_save_rank(checkpoint.step_dir(ctx.run_dir, step), k, shard.state_dict()),
+                    **dict(options, audit=False))
+                if saved is not None:
+                    shard.load_state_dict(saved)
+                return shard, str(latest) if latest is not None else "the center it started from"
+
+            shards = ShardServers(ctx.comm, topo.server_ranks[1:], cfg.worker_timeout, self.spares,
+                                  take_over if self.spares else None)
         server = Server(ctx.comm, self.live, self.flat.data[start:stop], rule, self.leaders, topo.tester_rank,
                         save=commit, policy=loss_policy(cfg.on_worker_loss, spares), shards=shards, **options)
         if saved is not None:
@@ -350,6 +374,7 @@ class AsyncTraining:
             checkpoint.save_model(self.model, ctx.run_dir / "center.pt")
         stats = server.stats()
         stats.shards = shards
+        stats.takeovers = server.shards.takeover_rows() if server.shards is not None else []
         stats.relayed = server.policy.relayed(server.roster, cfg.worker_timeout)
         if server.audit is not None:
             server.audit.write(audit, server.versions.rule, server.center)
@@ -384,7 +409,7 @@ class AsyncTraining:
     def _test(self) -> dict:
         ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
         final = run_tester(ctx.comm, self.flat, self.evaluate or (lambda model: {}), topo.server_rank, ctx.log,
-                           ctx.transfer, self.evaluations, self.samples_per_epoch, topo.server_ranks)
+                           ctx.transfer, self.evaluations, self.samples_per_epoch, topo.server_ranks, self.spares)
         server, workers = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
         if ft.enabled():
             ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)

@@ -1,7 +1,9 @@
 """The server's posted receives, as named groups that yield typed events.
 
 For every worker the server keeps three receives posted (its next exchange, DONE and
-SAVED), plus the liveness thread's wake-up call; :meth:`Endpoints.wait` completes whichever
+SAVED), plus the liveness thread's wake-up call (and on rank 0 of a sharded center under
+ULFM a watch on each shard server: a receive that completes only in error, when it dies);
+:meth:`Endpoints.wait` completes whichever
 arrives first with ``Waitany``, a blocking wait (no spinning on ``Test``, which would steal
 the CPU from workers sharing the node), and returns it as an :class:`Event`.
 
@@ -50,7 +52,7 @@ class Endpoints:
     fresh one with :meth:`post_exchange`. DONE is received once; SAVED and WAKE are
     re-armed here."""
 
-    def __init__(self, roster: Roster, take, wake) -> None:
+    def __init__(self, roster: Roster, take, wake, watches: list[MPI.Request] = ()) -> None:
         self.roster = roster
         p = len(roster)
         self._done = np.zeros((p, DONE_LEN), dtype=np.int64)
@@ -58,13 +60,15 @@ class Endpoints:
         self._incoming: list[torch.Tensor | None] = [None] * p
         self._wake = wake
         self._slots: list[tuple[Kind, int]] = [(kind, i) for kind in (Kind.EXCHANGE, Kind.DONE, Kind.SAVED)
-                                               for i in range(p)] + [(Kind.WAKE, -1)]
+                                               for i in range(p)]
+        self._slots += [(Kind.WAKE, -1)] + [(Kind.FAILED, -1)] * len(watches)
         self._index = {slot: n for n, slot in enumerate(self._slots)}
         self._requests: list[MPI.Request] = [MPI.REQUEST_NULL] * len(self._slots)
         self._told: list[tuple[np.ndarray, MPI.Request]] = []  # control messages in flight
         for i in range(p):
             self.repost(i, take())
-        self._requests[-1] = wake()
+        self._requests[p * 3] = wake()
+        self._requests[p * 3 + 1:] = watches  # (receives that complete only in error: a shard server died)
 
     def _post(self, kind: Kind, i: int) -> None:
         comm, _, rank = self.roster[i].link
@@ -96,6 +100,8 @@ class Endpoints:
         if death:  # MPI has set the failed request to null
             return Event(Kind.FAILED, -1, None)
         kind, i = self._slots[n]
+        if kind is Kind.FAILED:  # (a watch: nothing is ever sent to it)
+            return Event(kind, -1, None)
         if kind is Kind.EXCHANGE:
             buf, self._incoming[i] = self._incoming[i], None
             return Event(kind, i, buf)
@@ -136,7 +142,9 @@ class Endpoints:
         """Withdraw every receive still posted (at the end of the run)."""
         for i in range(len(self.roster)):
             self.withdraw(i)
-        if self._requests[-1]:
-            self._requests[-1].Cancel()
-            self._requests[-1].Wait()
+        for request in self._requests[3 * len(self.roster):]:  # the wake-up call, the watches
+            if request:
+                with ft.survivable():
+                    request.Cancel()
+                    request.Wait()
         self._requests = [MPI.REQUEST_NULL] * len(self._slots)

@@ -22,7 +22,7 @@ class Tag(IntEnum):
     EXCHANGE = 11  # worker -> server: wire[n] payload (parameters, DOWNPOUR's delta, a pseudo-gradient)
     REPLY = 12  # server -> worker: wire[n] center (wire: float32 unless --exchange-dtype)
     DONE = 13  # worker -> server: int64[DONE_LEN] (exchanges, steps, samples, stopped early)
-    SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples)
+    SNAPSHOT_META = 14  # server -> tester: int64[META_LEN] (kind, updates, samples, shards taken over: a bitmask)
     SNAPSHOT = 15  # server -> tester: float32[n] center
     CONTROL = 16  # server -> worker: int64[CONTROL_LEN] (Command, checkpoint step); liveness: HEARTBEAT, DROPPED
     SAVED = 17  # worker -> server: int64[SAVED_LEN] (epoch), after its checkpoint file is on disk
@@ -32,6 +32,7 @@ class Tag(IntEnum):
     START = 21  # server -> replacement worker: float32[n] the center it starts from
     GATHERED = 22  # tester -> server, pickled None: (ULFM) every role's statistics are in
     SHARD = 23  # rank 0 -> shard server: int64[CONTROL_LEN] (ShardCommand, value); shard -> rank 0: its final shard
+    WATCH = 24  # never sent: rank 0's receive from a shard server, which completes (in error) when it dies
 
 
 class Kind(IntEnum):
@@ -62,7 +63,7 @@ class ShardCommand(IntEnum):
 
 
 DONE_LEN = 4
-META_LEN = 3
+META_LEN = 4
 CONTROL_LEN = 3
 SAVED_LEN = 1
 
@@ -142,30 +143,67 @@ class WorkerEndpoint:
     the reply; everything else only to ``server``. Buffers are whatever mpi4py takes
     (numpy views of the flat buffers); the caller times and watches the calls."""
 
-    def __init__(self, comm: MPI.Comm, live: MPI.Comm, server: int, servers: list[int] | None = None) -> None:
+    def __init__(self, comm: MPI.Comm, live: MPI.Comm, server: int, servers: list[int] | None = None,
+                 spares: dict[int, MPI.Comm] | None = None) -> None:
         self.comm, self.server = comm, server
         self.servers = servers or [server]
+        self.spares = spares or {}  # (ULFM, --servers) where rank 0 serves a shard whose server died
+        self.taken_over: set[int] = set()  # those shards (by server rank)
+        self.failed: list[int] = []  # shards (by index) whose last exchange failed: their server died
         self.inbox = Inbox(comm, server)
         self.liveness = Inbox(live, server)
 
     def exchange(self, buffers: list[tuple[object, object]]) -> None:
         """Send this worker's message (parameters, or DOWNPOUR's update) and receive the
-        reply: ``buffers`` holds (message, reply) for each server rank."""
+        reply: ``buffers`` holds (message, reply) for each server rank (a shard whose
+        server died meanwhile: see :attr:`failed`)."""
         if len(buffers) == 1:
             send, reply = buffers[0]
             self.comm.Sendrecv(send, dest=self.server, sendtag=Tag.EXCHANGE, recvbuf=reply, source=self.server,
                                recvtag=Tag.REPLY)
         else:
-            MPI.Request.Waitall(self.start_exchange(buffers))
+            requests = self.start_exchange(buffers)
+            while not self.landed(requests, wait=True):
+                pass
 
     def start_exchange(self, buffers: list[tuple[object, object]]) -> list[MPI.Request]:
-        """:meth:`exchange` without waiting: the requests of the receives and the sends.
-        Until all complete, the messages must not change and the replies must not be read."""
+        """:meth:`exchange` without waiting: the requests of the receives and the sends
+        (a pair per shard). Until :meth:`landed`, the messages must not change and the
+        replies must not be read."""
+        from mpi_easgd.ps.shards import route
+
         requests = []
         for (send, reply), server in zip(buffers, self.servers):
-            requests += [self.comm.Irecv(reply, source=server, tag=Tag.REPLY),
-                         self.comm.Isend(send, dest=server, tag=Tag.EXCHANGE)]
+            comm, rank = route(self.comm, server, self.spares, server in self.taken_over)
+            requests += [comm.Irecv(reply, source=rank, tag=Tag.REPLY), comm.Isend(send, dest=rank, tag=Tag.EXCHANGE)]
+        self.failed = []
         return requests
+
+    def landed(self, requests: list[MPI.Request], wait: bool = False) -> bool:
+        """Whether every shard's exchange of ``requests`` is over (``wait``: waiting for it).
+        Under ULFM a shard whose server rank died is over too: it is in :attr:`failed`, and
+        its next exchanges go where rank 0 serves it (:mod:`.shards`)."""
+        from mpi_easgd.runtime import ft
+
+        for i, server in enumerate(self.servers):
+            pair = requests[2 * i:2 * i + 2]
+            with ft.survivable() as death:
+                if not (MPI.Request.Waitall(pair) if wait else MPI.Request.Testall(pair)):
+                    if not wait:
+                        return False
+            # (Open MPI may also end a wait on a dead peer with nothing received and no error)
+            if death or (server in self.spares and server not in self.taken_over and ft.is_dead(self.comm, server)):
+                for request in pair:  # (the other one of the pair may still be posted)
+                    with ft.survivable():
+                        if request:
+                            request.Cancel()
+                            request.Wait()
+                requests[2 * i:2 * i + 2] = [MPI.REQUEST_NULL] * 2
+                if server not in self.spares or server in self.taken_over:
+                    raise MPI.Exception(MPI.ERR_PROC_FAILED)  # (nothing takes it over: the run ends)
+                self.taken_over.add(server)
+                self.failed.append(i)
+        return True
 
     def done(self, exchanges: int, steps: int, samples: int, stopped: bool) -> None:
         """Training is over for this worker (after its last exchange): its totals."""
@@ -202,8 +240,8 @@ def done_message(exchanges: int, steps: int, samples: int, stopped: bool) -> np.
     return np.array([exchanges, steps, samples, int(stopped)], dtype=np.int64)
 
 
-def meta_message(kind: Kind, updates: int, samples: int) -> np.ndarray:
-    return np.array([int(kind), updates, samples], dtype=np.int64)
+def meta_message(kind: Kind, updates: int, samples: int, taken_over: int = 0) -> np.ndarray:
+    return np.array([int(kind), updates, samples, taken_over], dtype=np.int64)
 
 
 def control_message(command: Command, step: int = 0, flag: int = 0) -> np.ndarray:

@@ -32,9 +32,9 @@ ulfm``, :mod:`mpi_easgd.runtime.ft`) one whose process *died*, which MPI makes k
 once by failing the server's receives from it, is *lost*: :meth:`Server._drop` withdraws
 its receives, tells a hung one DROPPED in case it wakes up, and its policy
 (:mod:`.policies`) ends the job, goes on without it, or hands its place to a spare
-process (between checkpoints: one that is under way completes first). The server itself
-is the run's single point of failure: its death ends the run, with the newest checkpoint
-intact.
+process (between checkpoints: one that is under way completes first). Rank 0 itself is
+the run's single point of failure: its death ends the run, with the newest checkpoint
+intact (with ``--servers S`` the other server ranks' deaths do not: :mod:`.shards`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ class Server:
         self._scratch: torch.Tensor | None = None  # what every compressed channel works in (made on first use)
         self.shards = shards  # the other server ranks' shards (--servers S; :class:`.shards.ShardServers`)
         self.feed = TesterFeed(comm, self.versions, tester_rank, test_every, samples_per_exchange,
-                               on_send=shards and (lambda kind: shards.tell(ShardCommand.SNAPSHOT, int(kind))))
+                               on_send=shards and (lambda kind: shards.tell(ShardCommand.SNAPSHOT, int(kind))),
+                               taken_over=shards and (lambda: shards.taken_over))
+        if shards is not None:
+            shards.updates = lambda: self.updates
         self.policy = policy or Abort()
         self.liveness = ServerLiveness(comm, live, self.roster, peer_timeout, self.policy.keeps_going)
         self.endpoints: Endpoints | None = None  # posted in run()
@@ -124,7 +127,8 @@ class Server:
     def run(self) -> None:
         """Serve until every worker is done or lost, then hand the tester the final center
         and write the final checkpoint."""
-        self.endpoints = Endpoints(self.roster, self.versions.take, self.liveness.wake_receive)
+        self.endpoints = Endpoints(self.roster, self.versions.take, self.liveness.wake_receive,
+                                   self.shards.watches() if self.shards is not None else [])
         self._connect(self.roster)  # every worker starts from the center as it is now
         self.liveness.start()
         start = time.perf_counter()
@@ -253,8 +257,11 @@ class Server:
                                        f"{self.liveness.timeout:g})")
 
     def _failures(self) -> None:
-        """(ULFM) Drop every worker that MPI says died. (A dead tester is found at the end:
-        see ``roles._hear_gathered``.)"""
+        """(ULFM) Take over the shard of every shard server that MPI says died
+        (:mod:`.shards`), and drop every worker that died. (A dead tester is found at the
+        end: see ``roles._hear_gathered``.)"""
+        for shard in self.shards.dead() if self.shards is not None else []:
+            self.shards.take_over(shard)
         for record in self.roster:
             if record.state is not LOST and ft.is_dead(record.link.comm, record.link.rank):
                 record.deaths.append(time.time())

@@ -24,11 +24,27 @@ checkpoints, the tester's snapshots, the loss policy. The others are
 - at the end, each shard server sends rank 0 its shard (``center.pt`` is whole) and its
   counters.
 
-A server rank that dies ends the run (no shard has a replica yet).
+**A shard server that dies** (under ULFM, ``mpirun --with-ft ulfm``) does not end the run:
+rank 0 takes its shard over. The replica is the shard's file in the newest checkpoint (the
+center as it started, before the first): rank 0 learns of the death at once (a receive it
+keeps posted from each shard server completes in error), builds a :class:`ShardServer`
+for the shard from that file and runs it in a thread, on a communicator made for this at
+the start (every rank's duplicate, ``spares``), so that nothing is renegotiated with the
+other ranks. Whoever talks to shard k then finds it there, by one rule: rank k on the
+run's communicator until rank k died, then rank 0 on ``spares[k]``. A worker whose
+exchange with the dead rank failed takes no move on that shard (its reply is its own
+message) and exchanges with rank 0 from then on; the tester reads from each snapshot's
+meta message which shards rank 0 serves. The shard loses the exchanges applied since the
+checkpoint (``server_takeovers`` in the summary counts them, with the takeover's times);
+its audit stops (the other shards' replay). Compressed exchanges keep references per
+shard on both ends, which the checkpoint does not hold for the workers: with them a shard
+server's death still ends the run, and so does rank 0's.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 import numpy as np
@@ -44,29 +60,101 @@ from mpi_easgd.runtime.control import PeerLost
 from mpi_easgd.transfer import mpi_view
 
 
-class ShardServers:
-    """Rank 0's side of the shard servers ``ranks`` of ``comm`` (every server rank but itself)."""
+def route(comm: MPI.Comm, shard: int, spares: dict[int, MPI.Comm], taken_over: bool) -> tuple[MPI.Comm, int]:
+    """Where shard ``shard``'s server is reached: rank ``shard`` of ``comm``, or, once rank 0
+    took it over, rank 0 of ``spares[shard]`` (the module docstring's rule)."""
+    return (spares[shard], 0) if taken_over else (comm, shard)
 
-    def __init__(self, comm: MPI.Comm, ranks: list[int], timeout: float) -> None:
+
+class ShardServers:
+    """Rank 0's side of the shard servers ``ranks`` of ``comm`` (every server rank but itself).
+    ``spares`` (ULFM): each shard's communicator for a takeover; ``take_over(k)``: a
+    :class:`ShardServer` for shard k on ``spares[k]`` from its newest replica, and what
+    that replica is (module docstring)."""
+
+    def __init__(self, comm: MPI.Comm, ranks: list[int], timeout: float, spares: dict[int, MPI.Comm] | None = None,
+                 take_over=None) -> None:
         self.comm, self.ranks, self.timeout = comm, ranks, timeout
+        self.spares, self._take_over = spares or {}, take_over
         self._told: list[tuple[np.ndarray, MPI.Request]] = []
+        self._threads: dict[int, tuple[threading.Thread, ShardServer]] = {}  # shards rank 0 serves now
+        self._errors: list[BaseException] = []
+        self.takeovers: list[dict] = []  # (the summary's server_takeovers)
+        self._watch = np.zeros((len(ranks), 1), dtype=np.int64)
+        self.updates = lambda: 0  # rank 0's own shard's updates (its server sets this): what a takeover lost
+
+    def _route(self, rank: int) -> tuple[MPI.Comm, int]:
+        return route(self.comm, rank, self.spares, rank in self._threads)
+
+    @property
+    def taken_over(self) -> int:
+        """The shards rank 0 serves in place of their dead server rank, as a bitmask."""
+        return sum(1 << k for k in self._threads)
+
+    def watches(self) -> list[MPI.Request]:
+        """(ULFM, with spares) A receive posted from each shard server that nothing ever
+        matches: it completes, in error, when that server dies."""
+        if not self.spares:
+            return []
+        return [self.comm.Irecv(self._watch[i], source=k, tag=Tag.WATCH) for i, k in enumerate(self.ranks)]
+
+    def dead(self) -> list[int]:
+        """The shard server ranks that MPI says died and rank 0 has not taken over yet."""
+        return [k for k in self.ranks if k not in self._threads and ft.is_dead(self.comm, k)]
+
+    def take_over(self, shard: int) -> None:
+        """Serve ``shard`` from its newest replica, in a thread, from now on (its server rank
+        died)."""
+        if not self.spares or self._take_over is None:
+            raise PeerLost(f"shard server rank {shard} died, and its shard cannot be taken over (compressed "
+                           f"exchanges keep references the checkpoint does not hold): ending the run")
+        detected = time.time()
+        server, replica = self._take_over(shard)
+        server._fault = None  # (rank 0's injected faults are rank 0's own)
+        thread = threading.Thread(target=self._serve, args=(server,), name=f"mpi_easgd-shard-{shard}", daemon=True)
+        self._threads[shard] = (thread, server)
+        thread.start()
+        lost = max(self.updates() - server.updates, 0)  # (the shards differ by an exchange in flight at most)
+        self.takeovers.append(dict(shard=shard, rank=shard, detected=detected, replica=replica,
+                                   updates_restored=server.updates, lost_exchanges=lost, server=server))
+        print(f"mpi_easgd: server rank {shard} died; rank 0 serves its shard of the center from {replica} "
+              f"({self.takeovers[-1]['lost_exchanges']} exchanges since then are lost on it)", file=sys.stderr,
+              flush=True)
+
+    def _serve(self, server: ShardServer) -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread at the end
+            self._errors.append(exc)
 
     def tell(self, command: ShardCommand, value: int = 0) -> None:
-        """Send every shard server ``command`` without waiting."""
-        self._told = [(m, r) for m, r in self._told if not r.Test()]
+        """Send every shard server ``command`` without waiting (a dead one not yet taken
+        over misses it: its takeover starts from the newest checkpoint anyway)."""
+        self._told = [(m, r) for m, r in self._told if not ft.test(r)]
         for rank in self.ranks:
+            comm, dest = self._route(rank)
             message = control_message(command, value)
-            self._told.append((message, self.comm.Isend(message, dest=rank, tag=Tag.SHARD)))
+            with ft.survivable():
+                self._told.append((message, comm.Isend(message, dest=dest, tag=Tag.SHARD)))
 
     def save(self, step: int) -> bool:
-        """Have every shard server write its file of checkpoint ``step``; whether all did."""
+        """Have every shard server write its file of checkpoint ``step``; whether all did. A
+        shard server that dies meanwhile is taken over and its new server asked again."""
         self.tell(ShardCommand.SAVE, step)
         deadline = time.monotonic() + self.timeout
         answers = np.zeros((len(self.ranks), 1), dtype=np.int64)
-        requests = [self.comm.Irecv(answers[i], source=rank, tag=Tag.SAVED) for i, rank in enumerate(self.ranks)]
-        if not wait_politely(requests, deadline):
-            raise PeerLost(f"a shard server (ranks {self.ranks}) did not write its checkpoint file within "
-                           f"--worker-timeout {self.timeout:g}s")
+        for i, rank in enumerate(self.ranks):
+            while True:
+                comm, source = self._route(rank)
+                with ft.survivable() as death:
+                    if not wait_politely([comm.Irecv(answers[i], source=source, tag=Tag.SAVED)], deadline):
+                        raise PeerLost(f"shard server rank {rank} did not write its checkpoint file within "
+                                       f"--worker-timeout {self.timeout:g}s")
+                if not (death or rank in self.dead()):  # (a wait on a dead peer may also end with no error)
+                    break
+                self.take_over(rank)
+                comm, dest = self._route(rank)
+                comm.Send(control_message(ShardCommand.SAVE, step), dest=dest, tag=Tag.SHARD)
         return bool(answers.all())
 
     def end(self, center: torch.Tensor, bounds: list[tuple[int, int]]) -> list[dict]:
@@ -77,13 +165,39 @@ class ShardServers:
         counters = []
         for rank in self.ranks:
             start, stop = bounds[rank]
-            if not wait_politely([self.comm.Irecv(mpi_view(center[start:stop]), source=rank, tag=Tag.SHARD)],
-                                 deadline):
-                raise PeerLost(f"shard server rank {rank} did not send its final shard within --worker-timeout "
-                               f"{self.timeout:g}s")
-            counters.append(receive_object(self.comm, rank, Tag.STATS, deadline)[1])
+            while True:
+                comm, source = self._route(rank)
+                with ft.survivable() as death:
+                    if not wait_politely([comm.Irecv(mpi_view(center[start:stop]), source=source, tag=Tag.SHARD)],
+                                         deadline):
+                        raise PeerLost(f"shard server rank {rank} did not send its final shard within "
+                                       f"--worker-timeout {self.timeout:g}s")
+                    counter = receive_object(comm, source, Tag.STATS, deadline)[1]
+                if not (death or rank in self.dead()):  # (a wait on a dead peer may also end with no error)
+                    break
+                self.take_over(rank)  # it died at the end: its replica's shard is the final one
+                comm, dest = self._route(rank)
+                comm.Send(control_message(ShardCommand.END), dest=dest, tag=Tag.SHARD)
+            counters.append(counter)
         wait_politely([r for _, r in self._told])
+        for thread, _ in self._threads.values():
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
         return counters
+
+    def takeover_rows(self) -> list[dict]:
+        """The summary's ``server_takeovers``: each takeover's shard, replica, exchanges lost,
+        and seconds from the death being known to the shard served again and to its first
+        exchange."""
+        rows = []
+        for t in self.takeovers:
+            server = t["server"]
+            rows.append(dict({k: v for k, v in t.items() if k != "server"},
+                             seconds_to_serving=server.serving_since - t["detected"] if server.serving_since else None,
+                             seconds_to_first_exchange=server.first_exchange - t["detected"]
+                             if server.first_exchange else None))
+        return rows
 
 
 class ShardServer(Server):
@@ -97,6 +211,8 @@ class ShardServer(Server):
         super().__init__(comm, live, center, rule, worker_ranks, tester_rank, **options)
         self.comm, self.coordinator = comm, coordinator
         self._order = np.zeros(CONTROL_LEN, dtype=np.int64)
+        self.serving_since: float | None = None  # (a takeover's times, time.time())
+        self.first_exchange: float | None = None
 
     def _listen(self) -> MPI.Request:
         """The receive of rank 0's next order (it takes the place of the liveness thread's
@@ -109,12 +225,16 @@ class ShardServer(Server):
         self.endpoints = Endpoints(self.roster, self.versions.take, self._listen)
         self._connect(self.roster)
         start = time.perf_counter()
+        self.serving_since = time.time()
         going = True
         while going:
             event = self.endpoints.wait()
             t0 = time.perf_counter()
             if event.kind is Kind.EXCHANGE:
+                self.first_exchange = self.first_exchange or time.time()
                 self._exchange(self.roster[event.worker], event.data)
+                if self._fault:  # (injected faults count its applied exchanges, as rank 0's do)
+                    self._fault.at_step(self.updates)
             elif event.kind is Kind.FAILED:
                 self._failures()
             elif event.kind is Kind.WAKE:

@@ -77,6 +77,7 @@ class ServerStats:
     spawn_seconds: list[float]
     relayed: dict[int, WorkerStats] = field(default_factory=dict)  # the replacements' own statistics
     shards: list[dict] = field(default_factory=list)  # (--servers S) each other server rank's counters
+    takeovers: list[dict] = field(default_factory=list)  # (--servers S, ULFM) the shards rank 0 took over
 
 
 @dataclass
@@ -143,5 +144,6 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
         **({"shard_servers": [dict(rank=0, updates=server.updates,
                                    busy_seconds=server.server_busy_fraction * server.server_wall_seconds),
                               *server.shards]} if server.shards else {}),
+        **({"server_takeovers": server.takeovers} if server.takeovers else {}),
         **account,
     )

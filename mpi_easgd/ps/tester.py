@@ -73,12 +73,17 @@ def task_evaluator(kind: Task, test: ShardLoader, train: ShardLoader, device: to
 
 def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, server: int, log,
                transfer: str = "auto", evaluations: int = 0, samples_per_epoch: int | None = None,
-               servers: list[int] | None = None) -> TesterStats:
+               servers: list[int] | None = None, spares: dict[int, MPI.Comm] | None = None) -> TesterStats:
     """Evaluate every snapshot with ``evaluate_fn(model) -> metrics`` until the final one
     (counting on from ``evaluations``, for a resumed run); each row goes to ``log`` with the
     center's version and the samples before it (and the epochs, given
     ``samples_per_epoch``); returns the final evaluation. ``servers``: every server rank
-    when the center is split over several (``--servers``; each sends its shard)."""
+    when the center is split over several (``--servers``; each sends its shard);
+    ``spares``: where rank 0 serves a shard whose server died (:mod:`.shards`): the meta
+    message says which; a snapshot whose shard server died before sending it is skipped."""
+    from mpi_easgd.ps.shards import route
+    from mpi_easgd.runtime import ft
+
     model = flat.module
     meta = np.zeros(META_LEN, dtype=np.int64)
     servers = servers or [server]
@@ -88,12 +93,19 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, serv
     fault = faults.from_env(comm.Get_rank())
     while True:
         wait_politely([comm.Irecv(meta, source=server, tag=Tag.SNAPSHOT_META)])
+        taken_over, whole = int(meta[3]), True
         for rank, piece in pieces:
-            comm.Recv(piece.mpi, source=rank, tag=Tag.SNAPSHOT)  # already on its way
+            where, source = route(comm, rank, spares or {}, bool(taken_over >> rank & 1))
+            with ft.survivable() as death:
+                where.Recv(piece.mpi, source=source, tag=Tag.SNAPSHOT)  # already on its way
+            # (Open MPI may also end a receive from a dead peer with nothing received and no error)
+            whole &= not death and not (where is comm and rank in (spares or {}) and ft.is_dead(comm, rank))
             piece.after_recv()
+        if not whole:  # (its shard server died before it sent its piece)
+            continue
         if fault:
             fault.at_step(evaluations)
-        kind, updates, samples = (int(v) for v in meta)
+        kind, updates, samples = (int(v) for v in meta[:3])
         was_training = model.training
         metrics = evaluate_fn(model)
         model.train(was_training)

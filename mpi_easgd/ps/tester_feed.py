@@ -21,12 +21,15 @@ from mpi_easgd.ps.roster import Roster
 class TesterFeed:
     """Snapshots of ``center`` for rank ``tester`` of ``comm``, each with the center's
     version and the samples trained on before it (``samples_per_exchange`` a worker
-    exchange brings, counted from the roster). ``on_send(kind)``: called as each one goes."""
+    exchange brings, counted from the roster). ``on_send(kind)``: called as each one goes;
+    ``taken_over()``: which shards rank 0 serves now in place of their dead server rank
+    (a bitmask the tester reads from the snapshot's meta message: where each shard comes from)."""
 
     def __init__(self, comm: MPI.Comm, center: CenterVersions, tester: int, test_every: float,
-                 samples_per_exchange: int, on_send=None) -> None:
+                 samples_per_exchange: int, on_send=None, taken_over=None) -> None:
         self.comm, self.center, self.tester, self.test_every = comm, center, tester, test_every
         self.on_send = on_send  # called with each snapshot's Kind as it goes (the other shards send theirs)
+        self.taken_over = taken_over or (lambda: 0)
         self.samples_per_exchange = samples_per_exchange
         self.snapshots = 0  # sent (the tester evaluates every one: its checkpoint state)
         self.final = False
@@ -52,7 +55,7 @@ class TesterFeed:
         return True
 
     def _send(self, kind: Kind, updates: int, samples: int) -> None:
-        self._meta = meta_message(kind, updates, samples)
+        self._meta = meta_message(kind, updates, samples, self.taken_over())
         self._requests = [
             self.comm.Isend(self._meta, dest=self.tester, tag=Tag.SNAPSHOT_META),
             self.center.send(self.comm, self.center.current, self.tester, Tag.SNAPSHOT),  # no copy: immutable

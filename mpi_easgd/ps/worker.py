@@ -67,8 +67,9 @@ class AsyncWorker:
         self.rule = worker_rule(cfg.algo, flat.data, cfg.alpha, overlap=cfg.overlap_exchange)
         # x is the center the server started this worker from: both ends of a compressed
         # exchange start their references there
+        self.bounds = shard_bounds(flat.numel, ctx.topo.servers)
         self.wire = WorkerWire(self.rule, wire_format(cfg.exchange_dtype, cfg.topk_fraction), ctx.transfer,
-                               flat.data, shard_bounds(flat.numel, ctx.topo.servers))
+                               flat.data, self.bounds)
         self.position = Position()
         self.exchanges = 0  # over every segment of a resumed run
         if saved is not None:
@@ -165,13 +166,13 @@ class AsyncWorker:
         requests, t0 = self._flight
 
         def arrived() -> bool:
-            return time.perf_counter() >= t0 + self.delay and MPI.Request.Testall(requests)
+            return time.perf_counter() >= t0 + self.delay and self.endpoint.landed(requests)
 
         if not wait and not arrived():
             return
         started = time.perf_counter()
         time.sleep(max(0.0, t0 + self.delay - started))
-        sleep_until(lambda: MPI.Request.Testall(requests) or self.endpoint.liveness.dropped)
+        sleep_until(lambda: self.endpoint.landed(requests) or self.endpoint.liveness.dropped)
         if not arrived():  # the server gave up on this worker and withdrew the exchange
             raise WorkerDropped
         self.waited += time.perf_counter() - started
@@ -182,6 +183,9 @@ class AsyncWorker:
         self.watchdog.release("server")
         self.latencies.append(time.perf_counter() - t0)
         self.wire.after_recv()
+        for i in self.endpoint.failed:  # its server died (rank 0 serves it from now on): no move on that shard
+            a, b = self.bounds[i]
+            self.rule.reply[a:b].copy_(self.rule.sent[a:b])
         self.rule.absorb()
 
     def _from_server(self) -> tuple[int, int, int]:
