@@ -86,6 +86,19 @@ class Topology:
         """This rank's shard index among the workers (-1 if it does not train)."""
         return self.worker_ranks.index(self.rank) if self.rank in self.worker_ranks else -1
 
+    def saved_by(self, old_size: int) -> int | None:
+        """The rank whose file this rank resumes from, in a checkpoint written by
+        ``old_size`` ranks: its own at the same size. At another size, a synchronous rank
+        ``r`` reads rank ``r % old_size``'s; an asynchronous run's server ranks read their
+        own, the tester the old tester's, and a worker none (it starts from the center)."""
+        if old_size == self.world_size:
+            return self.rank
+        if not self.is_async:
+            return self.rank % old_size
+        if self.role == "tester":
+            return old_size - 1
+        return self.rank if self.role in ("server", "shard") else None
+
     @property
     def logs(self) -> bool:
         """Whether this rank owns the run directory's metrics and summary."""

@@ -48,6 +48,7 @@ from torch import nn
 
 from mpi_easgd import registry
 from mpi_easgd.compress import wire_format
+from mpi_easgd.data.rest import Rest
 from mpi_easgd.flat import FlatParameters
 from mpi_easgd.ps.groups import LEADER, GroupMember, GroupRounds, make_groups
 from mpi_easgd.ps.liveness import say_dropped
@@ -56,7 +57,7 @@ from mpi_easgd.ps.protocol import Inbox, Tag, WorkerEndpoint, receive_object, sh
 from mpi_easgd.ps.server import Server
 from mpi_easgd.ps.shards import ShardServer, ShardServers
 from mpi_easgd.ps.spares import Spares
-from mpi_easgd.ps.stats import ServerStats, WorkerStats, summarise
+from mpi_easgd.ps.stats import ServerStats, TesterStats, WorkerStats, summarise
 from mpi_easgd.ps.tester import Evaluate, run_tester
 from mpi_easgd.ps.worker import AsyncWorker, WorkerDropped
 from mpi_easgd.rules.asynchronous import server_rule
@@ -109,11 +110,11 @@ class AsyncTraining:
         self.samples_per_step, self.samples_per_epoch, self.evaluate = samples_per_step, samples_per_epoch, evaluate
         self.flat = FlatParameters(model)
         self.server = None
-        self.stats_to = topo.tester_rank  # where a worker's statistics go at the end
         self.group_comm, self.leaders = None, topo.worker_ranks  # (--groups: only leaders talk to the server)
         self.spares: dict[int, MPI.Comm] = {}
+        self.rest: Rest | None = None  # (a resume at another size) the epoch's unseen samples over these workers
         if replacing is not None:  # (the server is the only rank a replacement knows)
-            self.live, saved, self.stats_to = replacing["live"], {"position": replacing["position"]}, topo.server_rank
+            self.live, saved = replacing["live"], {"position": replacing["position"]}
         else:
             self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
             # (ULFM, --servers S, uncompressed) where rank 0 would serve a shard whose server died (.shards)
@@ -123,7 +124,7 @@ class AsyncTraining:
             self.group_comm, self.leaders = make_groups(comm, topo.worker_ranks, cfg.groups)
             member = self.group_comm is not None and self.group_comm.Get_rank() != LEADER
             # (a member writes no checkpoint file: it starts from its leader's state)
-            saved = saved_state(ctx.resume, topo.rank) if ctx.resume and not member else None
+            saved = self._resumed(member) if ctx.resume else None
             if topo.role in ("server", "shard"):
                 self.server = self._make_server(saved)
             # The center, each shard from its server: everyone's starting point (a resumed
@@ -134,7 +135,10 @@ class AsyncTraining:
                 comm.Bcast(start.mpi, root=root)
                 start.after_recv()
         if ctx.resume is not None:
-            ctx.log.info(f"resumed from {ctx.resume}")
+            old_size = checkpoint.read_manifest(ctx.resume)["world_size"]
+            ctx.log.info(f"resumed from {ctx.resume}" + (
+                "" if old_size == topo.world_size else f", written by {old_size} ranks: each worker starts from the "
+                f"center, the epoch's unseen samples re-sharded over the {topo.num_workers} workers"))
         p, algo = topo.num_workers, registry.lookup(cfg.algo)
         servers = f"server rank {topo.server_rank}" if topo.servers == 1 else \
             f"server ranks 0-{topo.servers - 1} (a shard of the center each)"
@@ -160,12 +164,29 @@ class AsyncTraining:
                 endpoint = WorkerEndpoint(comm, self.live, topo.server_rank, topo.server_ranks, self.spares)
                 self.worker = AsyncWorker(ctx, self.flat, endpoint, optimizer,
                                           lambda step, state: _save_rank(ctx, step, state), saved, group)
+                self.worker.rest = self.rest
             if group is not None:  # the leader's parameters and position: the group's starting point
                 self.worker.position = group.start(self.worker.position)
         self._fault = faults.from_env(ctx.rank)  # injected faults (tests): once per step, as in the loop
         self.stopped = False
         self.finished = False
         self.summary: dict | None = None  # on the tester, once finished
+
+    def _resumed(self, member: bool) -> dict | None:
+        """This rank's state in the checkpoint to resume (None: a group's member, which
+        takes its leader's). Written by another number of ranks (:meth:`Topology.saved_by`),
+        a worker starts from the center, at the epoch the slowest old worker was in, and
+        (with a dataset this run knows) that epoch's unseen samples are re-sharded over the
+        new workers (:attr:`rest`)."""
+        ctx, topo = self.ctx, self.ctx.topo
+        if member:
+            return None
+        old_size = checkpoint.read_manifest(ctx.resume)["world_size"]
+        source = topo.saved_by(old_size)
+        if source is not None:
+            return saved_state(ctx.resume, source)
+        self.rest, epoch = _async_rest(ctx, old_size)
+        return {"position": dict(epoch=epoch, step=self.rest.first if self.rest is not None else 0)}
 
     # ---- who this rank is ------------------------------------------------------------
 
@@ -375,13 +396,14 @@ class AsyncTraining:
         stats = server.stats()
         stats.shards = shards
         stats.takeovers = server.shards.takeover_rows() if server.shards is not None else []
-        stats.relayed = server.policy.relayed(server.roster, cfg.worker_timeout)
+        # every worker's statistics, for the tester (a replacement's come through its intercommunicator)
+        stats.relayed = {**_gather_workers(ctx.comm, topo, stats, cfg.worker_timeout),
+                         **server.policy.relayed(server.roster, cfg.worker_timeout)}
         if server.audit is not None:
             server.audit.write(audit, server.versions.rule, server.center)
         # Sent once everything is on disk: the tester may end the job after its summary.
-        _send_stats(ctx.comm, stats, ctx.topo.tester_rank, cfg.worker_timeout)
-        if ft.enabled():
-            _hear_gathered(ctx, Path(stats.checkpoint))
+        if server.feed.lost or not _hand_to_tester(ctx, stats):
+            self.summary = self._stand_in(stats, server.feed.snapshots)
         if set(stats.lost_workers) - set(stats.dead_workers):
             # A dropped worker that is only hung may still send (it wakes up and exchanges before it
             # learns it was dropped): MPICH fails an assertion when MPI_Finalize meets such a message.
@@ -399,24 +421,46 @@ class AsyncTraining:
             idle_forever(ctx.rank)
         finally:
             worker.close()
-        _send_stats(ctx.comm, stats, self.stats_to, ctx.cfg.worker_timeout)
+        _send_stats(ctx.comm, stats, ctx.topo.server_rank, ctx.cfg.worker_timeout)
         if ctx.identity is not None:  # a replacement: the server disconnects from it once it has the statistics
             self.live.Disconnect()
             ctx.comm.Disconnect()
         if stopped:
             raise Preempted(checkpoint.step_dir(ctx.run_dir, step))
 
+    def _stand_in(self, stats: ServerStats, evaluations: int) -> dict:
+        """(ULFM) The tester died and the run went on without evaluations: rank 0 evaluates
+        the final center itself (with ``evaluate``, where it was given) and writes the
+        final metrics row and the summary, which says so (``tester_lost``)."""
+        from mpi_easgd.runtime.metrics import RunLog
+
+        ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
+        log = RunLog(ctx.run_dir, vars(cfg), cfg.progress, cfg.tensorboard, started=ctx.started,
+                     resumed_at=1 << 62)  # (the tester's rows stay)
+        log.warn(f"the tester (rank {topo.tester_rank}) died; the run went on without evaluations, and rank "
+                 f"{topo.rank} evaluates the final center and writes the summary")
+        samples = self.server.roster.samples(self.server.feed.samples_per_exchange)
+        metrics = self.evaluate(self.model) if self.evaluate is not None else {}
+        row = dict(epoch=round(samples / self.samples_per_epoch, 3) if self.samples_per_epoch else "",
+                   step=stats.updates, samples=samples, **{k: float(v) for k, v in metrics.items()})
+        log.log_eval(**row)
+        summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, stats,
+                            TesterStats(row, evaluations + 1), {}, self.samples_per_step)
+        summary["tester_lost"] = topo.tester_rank
+        session.write_summary(ctx, log, summary)
+        return summary
+
     def _test(self) -> dict:
         ctx, cfg, topo = self.ctx, self.ctx.cfg, self.ctx.topo
         final = run_tester(ctx.comm, self.flat, self.evaluate or (lambda model: {}), topo.server_rank, ctx.log,
                            ctx.transfer, self.evaluations, self.samples_per_epoch, topo.server_ranks, self.spares)
-        server, workers = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
+        server = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
         if ft.enabled():
             ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
         if server.stopped:
             raise Preempted(Path(server.checkpoint), server.lost_workers)
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, server, final,
-                            workers, self.samples_per_step)
+                            {}, self.samples_per_step)
         note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
         if note:
             ctx.log.warn(note)
@@ -508,6 +552,38 @@ def _save_rank(ctx: RunContext, step: int, state: dict) -> bool:
     return checkpoint.try_save_rank(checkpoint.step_dir(ctx.run_dir, step), ctx.topo.rank, state)
 
 
+def _async_rest(ctx: RunContext, old_size: int) -> tuple[Rest | None, int]:
+    """(A resume at another size) the epoch the slowest old worker was in, and its samples
+    that no old worker had taken, split over this run's workers (None without a dataset
+    this run reads: an API user's loop reads its own data). An old worker already in a
+    later epoch had taken all of it."""
+    from mpi_easgd.data import shard_loader, steps_per_epoch
+    from mpi_easgd.data.rest import consumed, old_orders, rest_of_epoch, unseen
+    from mpi_easgd.topology import Topology
+
+    cfg, topo = ctx.cfg, ctx.topo
+    old = Topology.build(old_size, 0, cfg.algo, cfg.servers)
+    states = [saved_state(ctx.resume, rank) for rank in old.worker_ranks]
+    marks = [(int(s["position"].get("epoch", 0)), int(s["position"].get("step", 0))) for s in states]
+    epoch = min(e for e, _ in marks)
+    if ctx.info is None:
+        return None, epoch
+    # (the old run's rest, if it was in one: the same in every old worker's file)
+    old_rest = next((r for r in (Rest.from_state(s.get("rest")) for s in states) if r is not None), None)
+    b, even = cfg.batch_size, not cfg.uneven
+    orders = old_orders(lambda i: shard_loader(ctx.info, "train", i, old.num_workers, batch_size=b, seed=cfg.seed,
+                                               even=even, prefetch=0), old_rest, epoch, old.num_workers, cfg.seed)
+    taken = [len(order) if e > epoch else consumed([order], step, old_rest, epoch, b)[0]
+             for (e, step), order in zip(marks, orders)]
+    steps = max(steps_per_epoch(ctx.info.sizes["train"], topo.num_workers, b, even))
+    return rest_of_epoch(epoch, unseen(orders, taken), topo.num_workers, steps, b), epoch
+
+
+def evaluations_before(resume: Path) -> int:
+    """The tester's evaluations in the run that wrote checkpoint ``resume`` (its last rank)."""
+    return int(saved_state(resume, checkpoint.read_manifest(resume)["world_size"] - 1)["evaluations"])
+
+
 def saved_state(resume: Path, rank: int) -> dict:
     """This rank's state in checkpoint ``resume``; for a worker lost in that run, only the
     position from which it rejoins (its parameters start from the center)."""
@@ -517,24 +593,48 @@ def saved_state(resume: Path, rank: int) -> dict:
     return checkpoint.load_rank(resume, rank)
 
 
-def _hear_gathered(ctx: RunContext, final: Path) -> None:
-    """(ULFM) Wait until the tester has every role's statistics: under ULFM the sends to a
-    dead tester may complete, and nothing else would say that the summary is lost."""
+def _hand_to_tester(ctx: RunContext, stats: ServerStats) -> bool:
+    """Send the tester every role's statistics and (ULFM) wait for its word that it has
+    them: under ULFM a send to a dead tester may complete, and nothing else would say that
+    the summary is lost. False if it died."""
     tester = ctx.topo.tester_rank
-    lost = (f"the tester (rank {tester}) died; training finished, the center is saved as center.pt and in {final}, "
-            f"but the run's summary is not written")
+    _send_stats(ctx.comm, stats, tester, ctx.cfg.worker_timeout)
+    if not ft.enabled():
+        return True
     arrived = False
     with ft.survivable() as death:
         arrived, _ = receive_object(ctx.comm, tester, Tag.GATHERED, time.monotonic() + ctx.cfg.worker_timeout)
-    if death:
-        raise PeerLost(lost)
+    if death or ft.is_dead(ctx.comm, tester):
+        return False
     if not arrived:
-        raise PeerLost(lost.replace("died", f"did not answer within --worker-timeout {ctx.cfg.worker_timeout:g}s"))
+        timeout = ctx.cfg.worker_timeout
+        raise PeerLost(f"the tester (rank {tester}) did not answer within --worker-timeout {timeout:g}s; "
+                       f"training finished, the center is saved as center.pt and in {stats.checkpoint}, but the "
+                       f"run's summary is not written")
+    return True
+
+
+def _gather_workers(comm: MPI.Comm, topo, server: ServerStats, timeout: float) -> dict[int, WorkerStats]:
+    """On rank 0, after the run: the statistics of every worker still in it (a dead
+    worker's replacement sends its own through the server's policy)."""
+    workers = {}
+    for rank in topo.worker_ranks:
+        if rank in server.lost_workers or rank in server.dead_workers:
+            continue
+        with ft.survivable() as death:
+            arrived, stats = receive_object(comm, rank, Tag.STATS, time.monotonic() + timeout)
+        if death:
+            continue  # (ULFM: it died after its last word; its row keeps the server's counts)
+        if not arrived:
+            raise PeerLost(f"worker rank {rank} did not send its run statistics within --worker-timeout {timeout:g}s; "
+                           f"the checkpoint is complete, the run's summary is not written")
+        workers[rank] = stats
+    return workers
 
 
 def _send_stats(comm: MPI.Comm, stats: WorkerStats | ServerStats, tester: int, timeout: float) -> None:
     sent = False
-    with ft.survivable() as death:  # (ULFM) it died: the server says so (_hear_gathered), once for the job
+    with ft.survivable() as death:  # (ULFM) it died: rank 0 finds out (_hand_to_tester)
         request = comm.isend(stats, dest=tester, tag=Tag.STATS)
         sent = wait_politely([request], time.monotonic() + timeout)
     if death:
@@ -544,9 +644,8 @@ def _send_stats(comm: MPI.Comm, stats: WorkerStats | ServerStats, tester: int, t
                        f"{timeout:g}s; the checkpoint is complete, the run's summary is not written")
 
 
-def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo, timeout: float) -> tuple[ServerStats, dict[int, WorkerStats]]:
-    """Every role's statistics, on the tester: the server's first (it says which workers
-    were lost), then each remaining worker's."""
+def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo, timeout: float) -> ServerStats:
+    """Every role's statistics, on the tester: the server's, with every worker's in it."""
     inbox = Inbox(live, topo.server_rank)  # the server's heartbeats while it writes the checkpoint
     guard = Watchdog(comm, timeout, lambda rank: f"rank {rank} (its run statistics)",
                      record=lambda rank: f"tester: the statistics of rank {rank}",
@@ -554,16 +653,9 @@ def _gather_stats(comm: MPI.Comm, live: MPI.Comm, topo, timeout: float) -> tuple
     guard.expect(topo.server_rank)
     server: ServerStats = comm.recv(source=topo.server_rank, tag=Tag.STATS)
     guard.release(topo.server_rank)
-    workers = {}
-    for rank in topo.worker_ranks:
-        if rank in server.lost_workers or rank in server.dead_workers:
-            continue  # (a dead worker's replacement sent its statistics with the server's)
-        guard.expect(rank)
-        workers[rank] = comm.recv(source=rank, tag=Tag.STATS)
-        guard.release(rank)
     guard.stop()
     inbox.close()
-    return server, workers
+    return server
 
 
 __all__ = ["AsyncTraining"]

@@ -12,8 +12,9 @@ tester's loop, checkpoints, statistics, the summary, worker loss) is the API's.
 There is no collective after the start, so a worker dropped under ``--on-worker-loss
 continue`` holds nothing up; the tester then ends the job (and the dropped rank with it)
 once the summary is written. Under ULFM a worker that died is simply gone; with
-``--on-worker-loss respawn`` a replacement (:mod:`mpi_easgd.ps.join`) takes over its rank,
-and its statistics reach the tester through the server.
+``--on-worker-loss respawn`` a replacement (:mod:`mpi_easgd.ps.join`) takes over its rank.
+Every worker's statistics reach the tester through the server; a tester that died leaves
+the final evaluation and the summary to rank 0, which builds the evaluator too.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from mpi_easgd import registry
 from mpi_easgd.data import shard_loader
+from mpi_easgd.data.rest import Resharded
 from mpi_easgd.models import build_model
-from mpi_easgd.ps.api import AsyncTraining, saved_state
+from mpi_easgd.ps.api import AsyncTraining, evaluations_before
 from mpi_easgd.ps.tester import task_evaluator
 from mpi_easgd.runtime.context import RunContext
 from mpi_easgd.runtime.loop import make_optimizer, train
@@ -37,8 +39,8 @@ def run_async(ctx: RunContext) -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, info.shape, info.num_classes).to(ctx.device)
     evaluate = None
-    if topo.role == "tester":
-        evaluations = saved_state(ctx.resume, topo.rank)["evaluations"] if ctx.resume else 0
+    if topo.role == "tester" or topo.rank == topo.server_rank:  # (rank 0 evaluates the end if the tester died)
+        evaluations = evaluations_before(ctx.resume) if ctx.resume else 0
         test = shard_loader(info, "test", batch_size=512, shuffle=False, even=False)
         train_data = shard_loader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
         evaluate = task_evaluator(task(cfg.task), test, train_data, ctx.device, evaluations)
@@ -58,8 +60,9 @@ def work(ctx: RunContext, run: AsyncTraining) -> None:
     """A worker trains its shard with the package's loop; then every role finishes."""
     if run.trains:
         cfg, topo = ctx.cfg, ctx.topo
-        loader = shard_loader(ctx.info, "train", topo.worker_index, topo.num_workers, batch_size=cfg.batch_size,
-                             seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
+        loader = Resharded(shard_loader(ctx.info, "train", topo.worker_index, topo.num_workers,
+                                        batch_size=cfg.batch_size, seed=cfg.seed, even=not cfg.uneven,
+                                        augment=cfg.augment, prefetch=cfg.prefetch), run.rest, topo.worker_index)
         try:
             run.stopped = train(run.worker, loader, run.position, cfg, steps=loader.steps, rank=topo.rank,
                                 device=ctx.device, log=NullRunLog())

@@ -137,6 +137,12 @@ class Roster:
                 "staleness": [list(r.staleness) for r in self.records], "damped": [r.damped for r in self.records]}
 
     def load_state_dict(self, state: dict, updates: int) -> None:
+        """Each worker's counters as saved; none when the workers were others (a resume at
+        another size: every worker starts afresh from the center)."""
+        if len(state["exchanges"]) != len(self.records):
+            for r in self.records:
+                r.last_seen = updates
+            return
         for i, r in enumerate(self.records):
             r.exchanges = int(state["exchanges"][i])
             r.last_seen = int(state["last_seen"][i]) if "last_seen" in state else updates

@@ -139,11 +139,13 @@ class Server:
         deadline = time.monotonic() + self.liveness.timeout
         if not self.feed.send_final(self.updates, self.roster, deadline):
             raise PeerLost(self._tester_lost())
-        self.liveness.listen(self.liveness.live, self.feed.tester)  # it now waits for the statistics
+        if not self.feed.lost:  # (ULFM: a dead tester's part falls to rank 0, see AsyncTraining)
+            self.liveness.listen(self.liveness.live, self.feed.tester)  # it now waits for the statistics
         self._begin_checkpoint()
         self._serve(lambda: self.barrier.phase is Phase.IDLE)
         self.liveness.stop()
-        if not wait_politely(self.versions.requests(), deadline):
+        # (the sends still in flight are the tester's snapshots: a dead tester's never end)
+        if not self.feed.lost and not wait_politely(self.versions.requests(), deadline):
             raise PeerLost(self._tester_lost())
         self.endpoints.close()
         self.versions.settle()
@@ -259,7 +261,7 @@ class Server:
     def _failures(self) -> None:
         """(ULFM) Take over the shard of every shard server that MPI says died
         (:mod:`.shards`), and drop every worker that died. (A dead tester is found at the
-        end: see ``roles._hear_gathered``.)"""
+        end: see ``api._hand_to_tester``.)"""
         for shard in self.shards.dead() if self.shards is not None else []:
             self.shards.take_over(shard)
         for record in self.roster:

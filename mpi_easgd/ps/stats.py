@@ -1,10 +1,10 @@
 """The statistics of an async run, one type per role, and the summary made of them.
 
-At the end every role still in the run sends its statistics to the tester (a
-replacement worker: to the server, which relays them): a worker its
-:class:`WorkerStats`, the server its :class:`ServerStats`; the tester adds its own
-:class:`TesterStats` and :func:`summarise` writes the run's summary from the three. They
-travel pickled (the same classes on every rank).
+At the end every worker still in the run sends its :class:`WorkerStats` to the server
+(rank 0), which sends the tester its :class:`ServerStats` with all of them in it
+(``relayed``); the tester adds its own :class:`TesterStats` and :func:`summarise` writes
+the run's summary from them (under ULFM, if the tester died, rank 0 stands in for it).
+They travel pickled (the same classes on every rank).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ServerStats:
     dead_workers: list[int]  # (ULFM) lost because their process died
     replacements: list[dict]  # (respawn) rank, generation, detected, assigned, first_exchange, exchanges_before
     spawn_seconds: list[float]
-    relayed: dict[int, WorkerStats] = field(default_factory=dict)  # the replacements' own statistics
+    relayed: dict[int, WorkerStats] = field(default_factory=dict)  # every worker's statistics, by rank
     shards: list[dict] = field(default_factory=list)  # (--servers S) each other server rank's counters
     takeovers: list[dict] = field(default_factory=list)  # (--servers S, ULFM) the shards rank 0 took over
 

@@ -14,8 +14,9 @@ import numpy as np
 from mpi4py import MPI
 
 from mpi_easgd.ps.center import CenterVersions
-from mpi_easgd.ps.protocol import Kind, Tag, meta_message, wait_politely
+from mpi_easgd.ps.protocol import Kind, Tag, meta_message, sleep_until
 from mpi_easgd.ps.roster import Roster
+from mpi_easgd.runtime import ft
 
 
 class TesterFeed:
@@ -33,26 +34,45 @@ class TesterFeed:
         self.samples_per_exchange = samples_per_exchange
         self.snapshots = 0  # sent (the tester evaluates every one: its checkpoint state)
         self.final = False
+        self.lost = False  # (ULFM) the tester died: the run goes on without evaluations
         self._requests: list[MPI.Request] = []
         self._meta = np.zeros(0, dtype=np.int64)
         self._last = -float("inf")  # the first update is sent at once: the curve's start
 
     def offer(self, updates: int, roster: Roster) -> None:
         """Send the current center if a snapshot is due and the tester has taken the last."""
-        if self.final or time.perf_counter() - self._last < self.test_every:
+        if self.final or self.lost or time.perf_counter() - self._last < self.test_every:
             return  # (after the final center, the tester takes nothing more)
-        if self._requests and not MPI.Request.Testall(self._requests):
+        if self._requests and not self._taken():
             return  # the tester is still busy with the previous one: skip, never wait
         self._send(Kind.SNAPSHOT, updates, roster.samples(self.samples_per_exchange))
 
+    def _taken(self) -> bool:
+        """Whether the last snapshot has gone; (ULFM) a dead tester's is gone for good."""
+        with ft.survivable() as death:
+            done = MPI.Request.Testall(self._requests)
+        self.lost |= bool(death) or (ft.enabled() and ft.is_dead(self.comm, self.tester))
+        return done or self.lost
+
     def send_final(self, updates: int, roster: Roster, deadline: float) -> bool:
         """Hand over the final center once the previous snapshot has gone (False if it did
-        not by ``deadline``: the tester is hung or lost)."""
-        if not wait_politely(self._requests, deadline):
+        not by ``deadline``: the tester is hung or lost). (ULFM) A dead tester gets
+        nothing: :attr:`lost`."""
+        with ft.survivable() as death:
+            gone = sleep_until(lambda: self._dead() or MPI.Request.Testall(self._requests), deadline)
+        self.lost |= bool(death) or self._dead()
+        if self.lost:
+            self.final = True
+            self._requests = []  # (nothing will take them: the server does not wait for them)
+            return True
+        if not gone:
             return False
         self._send(Kind.FINAL, updates, roster.samples(self.samples_per_exchange))
         self.final = True
         return True
+
+    def _dead(self) -> bool:
+        return ft.enabled() and ft.is_dead(self.comm, self.tester)
 
     def _send(self, kind: Kind, updates: int, samples: int) -> None:
         self._meta = meta_message(kind, updates, samples, self.taken_over())

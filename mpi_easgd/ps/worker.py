@@ -71,6 +71,7 @@ class AsyncWorker:
         self.wire = WorkerWire(self.rule, wire_format(cfg.exchange_dtype, cfg.topk_fraction), ctx.transfer,
                                flat.data, self.bounds)
         self.position = Position()
+        self.rest = None  # (data.rest) the epoch's samples re-sharded over the workers, when the size changed
         self.exchanges = 0  # over every segment of a resumed run
         if saved is not None:
             if "model" in saved:  # else it rejoins from the center it was given
@@ -134,8 +135,9 @@ class AsyncWorker:
     def state_dict(self, pos: Position) -> dict:
         position = dict(pos.state_dict(), exchanges=self.exchanges + len(self.latencies),
                         seconds=time.perf_counter() - self.started)
+        rest = self.rest.state_dict() if self.rest is not None and self.rest.epoch == pos.epoch else None
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    rule=self.rule.state_dict(), wire=self.wire.state_dict(), position=position)
+                    rule=self.rule.state_dict(), wire=self.wire.state_dict(), position=position, rest=rest)
 
     # ---- the exchange and the end ----------------------------------------------------
 

@@ -169,18 +169,17 @@ def _relevant(key: str, uses: list[frozenset[str] | None]) -> bool:
 
 def check_fits(manifest: dict, config: dict, world_size: int, ckpt: Path, at_saved_size: dict | None = None) -> None:
     """Refuse a checkpoint whose run differs from this one in a setting that changes
-    training (:data:`TRAINING_KEYS`, resolved values), that has gone past this run's
-    ``--epochs``, or (an asynchronous run) in the world size; the message names each
-    difference and the way on. ``at_saved_size``: a synchronous run's configuration
-    resolved for the checkpoint's world size, to compare when the size changed (a default
-    that follows the size, as ea's alpha, follows it)."""
+    training (:data:`TRAINING_KEYS`, resolved values), or that has gone past this run's
+    ``--epochs``; the message names each difference and the way on. ``at_saved_size``:
+    this run's configuration resolved for the checkpoint's number of workers, to compare
+    when the size changed (a default that follows it, as alpha, follows it); without it a
+    change of size is refused."""
     saved = manifest["config"]
     if manifest["world_size"] != world_size:
         if at_saved_size is None:
             raise CheckpointError(
-                f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has {world_size}; an "
-                f"asynchronous run resumes on as many ranks (mpirun -np {manifest['world_size']}); a "
-                f"synchronous one (sgd, ea, diloco) resumes at any size")
+                f"checkpoint {ckpt} was written by {manifest['world_size']} ranks, this run has {world_size}; "
+                f"resume with mpirun -np {manifest['world_size']}")
         config = dict(at_saved_size, epochs=config["epochs"])
     uses = {algo: _uses(algo) for algo in (saved["algo"], config["algo"])}
     differ = [k for k in TRAINING_KEYS if k in saved and _relevant(k, list(uses.values())) and saved[k] != config[k]]

@@ -68,22 +68,51 @@ def check_run(cfg, topo, rank: int, size: int, unresolved=None) -> tuple[Path | 
         import dataclasses
 
         from mpi_easgd.runtime import checkpoint
+        from mpi_easgd.topology import Topology
 
         resume = checkpoint.locate(cfg.resume, cfg.out, cfg.run_name)
         if resume is not None:
             manifest = checkpoint.read_manifest(resume)
             saved_size = manifest["world_size"]
-            at_saved_size = None if topo.is_async or unresolved is None else \
-                dataclasses.asdict(unresolved.resolve(saved_size))
+            at_saved_size = None
+            if unresolved is not None and saved_size != size:
+                refused = resize_refusal(manifest, cfg, topo)
+                if refused:
+                    raise checkpoint.CheckpointError(f"checkpoint {resume} was written by {saved_size} ranks, this "
+                                                     f"run has {size}; {refused}")
+                # (defaults that follow the number of workers follow it; another algorithm is refused below)
+                try:
+                    old = Topology.build(saved_size, 0, cfg.algo, cfg.servers).num_workers
+                except ConfigError:
+                    old = saved_size
+                at_saved_size = dataclasses.asdict(unresolved.resolve(old))
             checkpoint.check_fits(manifest, dataclasses.asdict(cfg), size, resume, at_saved_size)
-            # lost in that run: restarts from the center; a group's member (--groups): from its leader
-            rejoins = str(rank) in manifest.get("rejoin", {}) or rank in manifest.get("group_members", [])
-            mine = checkpoint.rank_file(resume, rank % saved_size)  # (a sync run at another size: r % N's)
-            if not rejoins and not mine.is_file():
-                raise checkpoint.CheckpointError(f"{mine} is missing; use an earlier checkpoint")
+            # lost in that run: restarts from the center; a group's member (--groups): from its leader; at
+            # another size, an async worker starts from the center too
+            source = topo.saved_by(saved_size)
+            rejoins = str(rank) in manifest.get("rejoin", {}) or rank in manifest.get("group_members", []) \
+                or source is None
+            if not rejoins and not checkpoint.rank_file(resume, source).is_file():
+                raise checkpoint.CheckpointError(f"{checkpoint.rank_file(resume, source)} is missing; "
+                                                 f"use an earlier checkpoint")
             if checkpoint.finished(manifest, cfg.epochs) and not rejoins:
-                checkpoint.load_rank(resume, rank % saved_size)  # a damaged file is reported, even with nothing to do
+                checkpoint.load_rank(resume, source)  # a damaged file is reported, even with nothing to do
     return resume, manifest
+
+
+def resize_refusal(manifest: dict, cfg, topo) -> str | None:
+    """Why a checkpoint cannot resume at this run's size (None: it can): an asynchronous
+    run's server ranks and groups must stay as they were."""
+    if not topo.is_async:
+        return None
+    saved = manifest["config"]
+    if saved.get("servers", 1) != cfg.servers:
+        return (f"its center is split over --servers {saved.get('servers', 1)}: resume with --servers "
+                f"{saved.get('servers', 1)} (the number of workers may change)")
+    if saved.get("groups", "1") != "1" or cfg.groups != "1":
+        return (f"a run with --groups resumes on as many ranks (mpirun -np {manifest['world_size']}); without "
+                f"groups the number of workers may change")
+    return None
 
 
 def make_run_dir(cfg) -> Path:
@@ -168,8 +197,13 @@ def transfer_description(ctx) -> str:
 def close_run(ctx, summary: dict | None) -> None:
     """On the rank that logs: complete and write the summary; end a job whose dropped
     workers still hang (MPI cannot let them go another way; exit 3)."""
-    if not ctx.topo.logs or summary is None:
-        return
+    if ctx.topo.logs and summary is not None:
+        write_summary(ctx, ctx.log, summary)
+
+
+def write_summary(ctx, log, summary: dict) -> None:
+    """Complete ``summary`` (wall time, device, transfer, run directory, environment) and
+    write it with ``log``; end a job whose dropped workers still hang (exit 3)."""
     summary["wall_seconds"] = time.perf_counter() - ctx.started
     summary["device"] = str(ctx.device)
     summary["transfer"] = transfer_description(ctx)
@@ -177,7 +211,7 @@ def close_run(ctx, summary: dict | None) -> None:
     from mpi_easgd.runtime.environment import describe
 
     summary["environment"] = describe(list(ctx.hosts))
-    ctx.log.write_summary(summary)
+    log.write_summary(summary)
     hung = [r for r in summary.get("lost_workers", []) if r not in summary.get("dead_workers", [])]
     if hung:
         end_without(ctx.comm, EXIT_WORKERS_LOST, f"finished without worker rank(s) {hung}, which were dropped")

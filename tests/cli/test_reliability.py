@@ -166,7 +166,7 @@ def test_bad_checkpoints_are_refused_with_one_line(blobs, tmp_path):
         (2, 0, str(tmp_path / "incomplete" / "checkpoints" / latest.name), [], "is incomplete (no manifest.json"),
         (2, 0, "good", ["--algo", "ea"], "is from --algo sgd, this run has --algo ea; resume with --algo sgd"),
         (3, 2, "good", [], None),  # a synchronous run resumes at another size (rank 2 reads rank 0's file)
-        (3, 0, "good", ["--algo", "easgd"], "an asynchronous run resumes on as many ranks (mpirun -np 2)"),
+        (3, 0, "good", ["--algo", "easgd"], "is from --algo sgd, this run has --algo easgd"),
         (2, 0, "good", ["--lr", "0.05", "--batch-size", "8"],
          "is from --batch-size 16 --lr 0.1, this run has --batch-size 8 --lr 0.05; resume with --batch-size 16"),
         (2, 0, "good", ["--epochs", "2", "--checkpoint-every", "5"], None),  # finished: nothing to refuse

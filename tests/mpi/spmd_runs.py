@@ -513,3 +513,41 @@ def test_a_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(a
     assert max(seen.values()) == 1, f"{sum(v > 1 for v in seen.values())} samples taken twice"
     assert set(seen) == epoch, f"{len(epoch - set(seen))} of the epoch's samples missed"
     assert read_summary(out / "run")["world_size"] == new
+
+
+@pytest.mark.parametrize(("algo", "old", "new"), [("easgd", 4, 5), ("downpour", 5, 4)])
+@one_side_fails_all
+def test_an_async_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(algo, old, new, shared,
+                                                                                       capsys):
+    """An async checkpoint in the middle of the only epoch, written with ``old - 2``
+    workers, resumed with ``new - 2``: every worker starts from the center, and the samples
+    each old worker took before the checkpoint (as far as its file says it got) and those
+    the new workers take are, each once, what the old workers took in their whole epoch."""
+    import user_data
+
+    out, batch = shared / f"async-resize-{algo}", 16
+    flags = ["--algo", algo, "--dataset", "user_data:counted_regression", "--task", "regression", "--model",
+             "user_data:counting_mlp", "--epochs", "1", "--batch-size", str(batch), "--prefetch", "0",
+             "--out", str(out), "--run-name", "run", "--tau", "2", "--optimizer", "adamw", "--lr", "0.003"]
+    status, _ = train(old, *flags, "--checkpoint-every", "17", capsys=capsys)  # (~34 updates in all)
+    first = WORLD.gather(list(user_data.TAKEN) if 1 <= WORLD.rank < old - 1 else None)
+    ckpt = WORLD.bcast(sorted((out / "run" / "checkpoints").glob("step-*"))[0] if WORLD.rank == 0 else None)
+    # each old worker's position in it (read now: the resumed run's checkpoints replace it)
+    positions = {rank: torch.load(ckpt / f"rank-{rank:05d}.pt", weights_only=True)["position"]
+                 for rank in range(1, old - 1)} if WORLD.rank == 0 else {}
+    status2, stdout = train(new, *flags, "--resume", str(ckpt), capsys=capsys)
+    second = WORLD.gather(list(user_data.TAKEN) if 1 <= WORLD.rank < new - 1 else None)
+    if WORLD.rank:
+        return
+    assert status == status2 == 0
+    assert f"written by {old} ranks: each worker starts from the center" in stdout
+    before = []
+    for rank, position in positions.items():  # each old worker's samples up to its position in the checkpoint
+        before += first[rank] if position["epoch"] > 0 else first[rank][:position["step"] * batch]  # (or all)
+    after = [i for rank in range(1, new - 1) for i in second[rank]]
+    epoch = {i for rank in range(1, old - 1) for i in first[rank]}
+    seen = collections.Counter(before + after)
+    assert max(seen.values()) == 1, f"{sum(v > 1 for v in seen.values())} samples taken twice"
+    assert set(seen) == epoch, f"{len(epoch - set(seen))} of the epoch's samples missed"
+    summary = read_summary(out / "run")
+    assert summary["world_size"] == new and summary["workers"] == new - 2

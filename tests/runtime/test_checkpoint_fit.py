@@ -39,20 +39,35 @@ def test_compression_and_streaming_settings_must_match(saved, mine, named):
     assert named in refusal(Config(**saved), Config(**mine))
 
 
-def test_a_synchronous_run_resumes_at_another_size_and_an_asynchronous_one_says_how_many():
-    def fit(saved: Config, mine: Config, old: int, new: int, sync: bool) -> str | None:
+def test_a_run_resumes_at_another_size_with_the_defaults_that_follow_it():
+    def fit(saved: Config, mine: Config, old: int, new: int, resizable: bool = True) -> str | None:
         manifest = {"config": dataclasses.asdict(saved.resolve(old)), "world_size": old}
         try:
             check_fits(manifest, dataclasses.asdict(mine.resolve(new)), new, "ckpt",
-                       dataclasses.asdict(mine.resolve(old)) if sync else None)
+                       dataclasses.asdict(mine.resolve(old)) if resizable else None)
         except CheckpointError as exc:
             return str(exc)
         return None
 
-    # ea's default alpha follows the number of ranks: no difference; one set by hand must match
-    assert fit(Config(algo="ea"), Config(algo="ea"), 4, 3, sync=True) is None
-    message = fit(Config(algo="ea", alpha=0.2), Config(algo="ea", alpha=0.3), 4, 3, sync=True)
+    # alpha's default follows the number of workers: no difference; one set by hand must match
+    assert fit(Config(algo="ea"), Config(algo="ea"), 4, 3) is None
+    assert fit(Config(algo="easgd"), Config(algo="easgd"), 2, 3) is None
+    message = fit(Config(algo="ea", alpha=0.2), Config(algo="ea", alpha=0.3), 4, 3)
     assert "--alpha 0.2" in message and message.endswith("; the number of ranks may change")
-    message = fit(Config(algo="easgd"), Config(algo="easgd"), 4, 3, sync=False)
-    assert "written by 4 ranks, this run has 3; an asynchronous run resumes on as many ranks (mpirun -np 4)" \
-        in message
+    assert "written by 4 ranks, this run has 3; resume with mpirun -np 4" in fit(Config(), Config(), 4, 3, False)
+
+
+def test_an_async_run_at_another_size_keeps_its_servers_and_has_no_groups():
+    from mpi_easgd.runtime.session import resize_refusal
+    from mpi_easgd.topology import Topology
+
+    def refused(saved: dict, mine: Config) -> str | None:
+        manifest = {"config": dataclasses.asdict(Config(**saved)), "world_size": 5}
+        return resize_refusal(manifest, mine, Topology.build(6, 0, mine.algo, mine.servers))
+
+    assert refused(dict(algo="easgd"), Config(algo="easgd")) is None
+    assert refused(dict(algo="ea"), Config(algo="ea")) is None
+    assert "--servers 2: resume with --servers 2 (the number of workers may change)" in \
+        refused(dict(algo="easgd", servers=2), Config(algo="easgd"))
+    assert "a run with --groups resumes on as many ranks (mpirun -np 5)" in \
+        refused(dict(algo="easgd", groups="2"), Config(algo="easgd", groups="2"))
