@@ -108,6 +108,8 @@ class Config:
                                         "ulfm, dead) ends the job (abort), or is dropped while the others go on "
                                         "(continue), or if it died is replaced by a new process (respawn; ULFM)",
                                choices=("abort", "continue", "respawn"))
+    accept_joiners: bool = _opt(False, "async: let workers started later join the run (python -m mpi_easgd.join "
+                                       "RUN_DIR; MPICH, or Open MPI in one DVM)")
     on_rank_loss: str = _opt("abort", "sgd, ea, diloco under mpirun --with-ft ulfm: a rank that dies ends the job "
                                       "(abort), or the survivors go on, the data re-sharded over them (shrink)",
                              choices=("abort", "shrink"))
@@ -246,6 +248,10 @@ class Config:
                                             "drop --uneven")):
                 if bad:
                     raise ConfigError(flag)
+        if self.accept_joiners and (not registry.lookup(self.algo).is_async or self.servers != 1 or
+                                    self.groups != "1"):
+            raise ConfigError("--accept-joiners needs an asynchronous algorithm with one server rank and no --groups "
+                              "(a joiner talks to the server alone)")
         if self.servers != 1 and self.on_worker_loss == "respawn":
             raise ConfigError(f"--on-worker-loss respawn works with one server rank; this run has --servers "
                               f"{self.servers}: use --on-worker-loss continue, or --servers 1")

@@ -17,7 +17,7 @@ ALLOWED = {
     "ps": {"foundation", "rules", "runtime", "ps"},
     "entry": {"foundation", "rules", "runtime", "collectives", "ps", "entry"},
 }
-ENTRY = {"__init__", "__main__", "train", "plot", "plan", "flight"}
+ENTRY = {"__init__", "__main__", "train", "plot", "plan", "flight", "join"}
 
 
 def layer(module: str) -> str:

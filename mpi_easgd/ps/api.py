@@ -352,6 +352,15 @@ class AsyncTraining:
             setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
                          cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
             spares = Spares(setup, script)
+        doorway = None
+        if cfg.accept_joiners:
+            from mpi_easgd.ps.joiners import Doorway
+
+            joining = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
+                           cwd=os.getcwd(), crowded=False)
+
+            def doorway(wake):
+                return Doorway(ctx.run_dir, joining, wake, self.samples_per_epoch or 1)
         shards = None
         if topo.servers > 1:
             def take_over(k: int) -> tuple[ShardServer, str]:
@@ -373,7 +382,8 @@ class AsyncTraining:
             shards = ShardServers(ctx.comm, topo.server_ranks[1:], cfg.worker_timeout, self.spares,
                                   take_over if self.spares else None)
         server = Server(ctx.comm, self.live, self.flat.data[start:stop], rule, self.leaders, topo.tester_rank,
-                        save=commit, policy=loss_policy(cfg.on_worker_loss, spares), shards=shards, **options)
+                        save=commit, policy=loss_policy(cfg.on_worker_loss, spares), shards=shards, doorway=doorway,
+                        **options)
         if saved is not None:
             server.load_state_dict(saved)  # the center is the starting point again
         return server
@@ -397,7 +407,7 @@ class AsyncTraining:
         stats.shards = shards
         stats.takeovers = server.shards.takeover_rows() if server.shards is not None else []
         # every worker's statistics, for the tester (a replacement's come through its intercommunicator)
-        stats.relayed = {**_gather_workers(ctx.comm, topo, stats, cfg.worker_timeout),
+        stats.relayed = {**_gather_workers(ctx.comm, topo, server.roster, stats, cfg.worker_timeout),
                          **server.policy.relayed(server.roster, cfg.worker_timeout)}
         if server.audit is not None:
             server.audit.write(audit, server.versions.rule, server.center)
@@ -422,7 +432,9 @@ class AsyncTraining:
         finally:
             worker.close()
         _send_stats(ctx.comm, stats, ctx.topo.server_rank, ctx.cfg.worker_timeout)
-        if ctx.identity is not None:  # a replacement: the server disconnects from it once it has the statistics
+        if ctx.identity is not None:  # a replacement or a joiner: the server disconnects once it has the statistics
+            for inbox in (worker.endpoint.liveness, worker.endpoint.inbox):
+                inbox.close()
             self.live.Disconnect()
             ctx.comm.Disconnect()
         if stopped:
@@ -614,15 +626,21 @@ def _hand_to_tester(ctx: RunContext, stats: ServerStats) -> bool:
     return True
 
 
-def _gather_workers(comm: MPI.Comm, topo, server: ServerStats, timeout: float) -> dict[int, WorkerStats]:
-    """On rank 0, after the run: the statistics of every worker still in it (a dead
-    worker's replacement sends its own through the server's policy)."""
+def _gather_workers(comm: MPI.Comm, topo, roster, server: ServerStats, timeout: float) -> dict[int, WorkerStats]:
+    """On rank 0, after the run: the statistics of every worker still in it, and of each
+    late joiner, which is then let go (a dead worker's replacement sends its own through the
+    server's policy)."""
     workers = {}
-    for rank in topo.worker_ranks:
+    joiners = {r.rank: r.link for r in roster if r.join is not None and r.rank not in server.lost_workers}
+    for rank in [*topo.worker_ranks, *joiners]:
         if rank in server.lost_workers or rank in server.dead_workers:
             continue
+        where, source = (joiners[rank].comm, 0) if rank in joiners else (comm, rank)
         with ft.survivable() as death:
-            arrived, stats = receive_object(comm, rank, Tag.STATS, time.monotonic() + timeout)
+            arrived, stats = receive_object(where, source, Tag.STATS, time.monotonic() + timeout)
+        if rank in joiners:
+            joiners[rank].live.Disconnect()
+            joiners[rank].comm.Disconnect()
         if death:
             continue  # (ULFM: it died after its last word; its row keeps the server's counts)
         if not arrived:

@@ -54,21 +54,30 @@ class Endpoints:
 
     def __init__(self, roster: Roster, take, wake, watches: list[MPI.Request] = ()) -> None:
         self.roster = roster
-        p = len(roster)
-        self._done = np.zeros((p, DONE_LEN), dtype=np.int64)
-        self._saved = np.zeros((p, SAVED_LEN), dtype=np.int64)
-        self._incoming: list[torch.Tensor | None] = [None] * p
+        self._done: list[np.ndarray] = []  # (one buffer per worker: a joiner's are added while others are posted)
+        self._saved: list[np.ndarray] = []
+        self._incoming: list[torch.Tensor | None] = []
         self._wake = wake
-        self._slots: list[tuple[Kind, int]] = [(kind, i) for kind in (Kind.EXCHANGE, Kind.DONE, Kind.SAVED)
-                                               for i in range(p)]
-        self._slots += [(Kind.WAKE, -1)] + [(Kind.FAILED, -1)] * len(watches)
-        self._index = {slot: n for n, slot in enumerate(self._slots)}
-        self._requests: list[MPI.Request] = [MPI.REQUEST_NULL] * len(self._slots)
+        self._slots: list[tuple[Kind, int]] = [(Kind.WAKE, -1)] + [(Kind.FAILED, -1)] * len(watches)
+        # (watches: receives that complete only in error, when a shard server died)
+        self._requests: list[MPI.Request] = [wake(), *watches]
+        self._index: dict[tuple[Kind, int], int] = {}
         self._told: list[tuple[np.ndarray, MPI.Request]] = []  # control messages in flight
-        for i in range(p):
-            self.repost(i, take())
-        self._requests[p * 3] = wake()
-        self._requests[p * 3 + 1:] = watches  # (receives that complete only in error: a shard server died)
+        for _ in range(len(roster)):
+            self.add(take())
+
+    def add(self, buf: torch.Tensor) -> None:
+        """Post the receives of the roster's next worker (at the start; then a late joiner's),
+        the exchange into ``buf``."""
+        i = len(self._done)
+        self._done.append(np.zeros(DONE_LEN, dtype=np.int64))
+        self._saved.append(np.zeros(SAVED_LEN, dtype=np.int64))
+        self._incoming.append(None)
+        for kind in (Kind.EXCHANGE, Kind.DONE, Kind.SAVED):
+            self._index[kind, i] = len(self._slots)
+            self._slots.append((kind, i))
+            self._requests.append(MPI.REQUEST_NULL)
+        self.repost(i, buf)
 
     def _post(self, kind: Kind, i: int) -> None:
         comm, _, rank = self.roster[i].link
@@ -108,7 +117,7 @@ class Endpoints:
         if kind is Kind.DONE:
             return Event(kind, i, self._done[i].copy())
         if kind is Kind.SAVED:
-            epoch = int(self._saved[i, 0])
+            epoch = int(self._saved[i][0])
             self._post(Kind.SAVED, i)  # it may be asked to save again
             return Event(kind, i, epoch)
         self._requests[n] = self._wake()
@@ -140,10 +149,10 @@ class Endpoints:
 
     def close(self) -> None:
         """Withdraw every receive still posted (at the end of the run)."""
-        for i in range(len(self.roster)):
+        for i in range(len(self._done)):
             self.withdraw(i)
-        for request in self._requests[3 * len(self.roster):]:  # the wake-up call, the watches
-            if request:
+        for (kind, _), request in zip(self._slots, self._requests):  # the wake-up call, the watches
+            if kind in (Kind.WAKE, Kind.FAILED) and request:
                 with ft.survivable():
                     request.Cancel()
                     request.Wait()

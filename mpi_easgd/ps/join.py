@@ -34,7 +34,7 @@ def main() -> int:
         return 2
     live, setup, lowered = spare_setup(parent)
     os.chdir(setup["cwd"])
-    prepared = _prepare(setup)
+    prepared = prepare(setup)
     assignment = wait_for_assignment(parent, lowered)
     if assignment is not None:
         _replace(parent, live, setup, prepared, assignment)  # (which disconnects at its end)
@@ -91,8 +91,9 @@ def _own_priority() -> None:
               file=sys.stderr, flush=True)
 
 
-def _prepare(setup: dict):
-    """Everything that takes time, done while the spare waits: torch, the model, the dataset."""
+def prepare(setup: dict):
+    """Everything that takes time, done while the spare waits (or before a late joiner
+    connects): torch, the model, the dataset."""
     import torch
 
     from mpi_easgd.config import Config

@@ -127,9 +127,13 @@ class ServerLiveness:
             if any(j == i for j, _ in self._silent):
                 return True
             self._silent.append((i, seconds))
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        """Wake the server's loop up (from another thread): it then looks at what is queued."""
         # A buffer of its own: MPICH refuses a send to self from the receive's buffer.
         self.live.Send(np.zeros(1, dtype=np.int64), dest=self.live.Get_rank(), tag=Tag.WAKE)
-        return True
 
     def _heartbeat(self) -> None:
         """Tell every rank that may be waiting on the server that it lives (a worker can

@@ -127,7 +127,8 @@ class Inbox:
         return self.last_heard
 
     def close(self) -> None:
-        """Withdraw the posted receive (a rank that is told nothing more)."""
+        """Withdraw the posted receive (a rank that is told nothing more; before its
+        channel is disconnected too: MPICH's disconnect waits for every pending receive)."""
         if self._request is not None:
             self._request.Cancel()
             self._request.Wait()

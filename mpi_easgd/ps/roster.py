@@ -62,6 +62,7 @@ class WorkerRecord:
     replacements: list[dict] = field(default_factory=list)  # (respawn) each process that took its place
     channel: ServerChannel | None = None  # a compressed format's state for its exchanges (.wire)
     damped: int = 0  # exchanges damped for staleness (--max-staleness)
+    join: dict | None = None  # a late joiner (.joiners): when it connected and made its first exchange (time.time())
 
     def staleness_at(self, updates: int) -> int:
         """Center updates by others since this worker's previous exchange, if one applied
@@ -88,9 +89,13 @@ class WorkerRecord:
     def row(self) -> dict:
         """The server's statistics of this worker (one row of the summary's ``per_worker``)."""
         count, total, most = self.staleness
+        joined = {}
+        if self.join is not None:  # (a late joiner: from its connection to its first exchange)
+            first = self.join["first_exchange"]
+            joined = dict(joined=True, seconds_to_first_exchange=first - self.join["connected"] if first else None)
         return dict(rank=self.rank, server_exchanges=self.exchanges,
                     staleness_mean=total / count if count else 0.0, staleness_max=most,
-                    reported_exchanges=int(self.totals[0]), damped=self.damped)
+                    reported_exchanges=int(self.totals[0]), damped=self.damped, **joined)
 
 
 class Roster:
@@ -98,6 +103,14 @@ class Roster:
 
     def __init__(self, comm: MPI.Comm, live: MPI.Comm, ranks: list[int]) -> None:
         self.records = [WorkerRecord(i, rank, Link(comm, live, rank)) for i, rank in enumerate(ranks)]
+
+    def add(self, rank: int, link: Link, updates: int, connected: float) -> WorkerRecord:
+        """A late joiner's record (rank: a number past the run's ranks), at center version
+        ``updates``; ``connected``: when (``time.time()``)."""
+        record = WorkerRecord(len(self.records), rank, link, last_seen=updates,
+                              join=dict(connected=connected, first_exchange=None))
+        self.records.append(record)
+        return record
 
     def __getitem__(self, i: int) -> WorkerRecord:
         return self.records[i]
@@ -139,11 +152,11 @@ class Roster:
     def load_state_dict(self, state: dict, updates: int) -> None:
         """Each worker's counters as saved; none when the workers were others (a resume at
         another size: every worker starts afresh from the center)."""
-        if len(state["exchanges"]) != len(self.records):
+        if len(state["exchanges"]) < len(self.records):
             for r in self.records:
                 r.last_seen = updates
             return
-        for i, r in enumerate(self.records):
+        for i, r in enumerate(self.records):  # (a late joiner's counters, past the run's workers, are let go)
             r.exchanges = int(state["exchanges"][i])
             r.last_seen = int(state["last_seen"][i]) if "last_seen" in state else updates
             if "staleness" in state:

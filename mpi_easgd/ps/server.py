@@ -53,9 +53,9 @@ from mpi_easgd.ps.barrier import CheckpointBarrier, Phase
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.endpoints import Endpoints, Kind
 from mpi_easgd.ps.liveness import ServerLiveness
-from mpi_easgd.ps.policies import Abort
+from mpi_easgd.ps.policies import Abort, warn
 from mpi_easgd.ps.protocol import Command, ShardCommand, Tag, control_message, wait_politely
-from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Roster, WorkerRecord
+from mpi_easgd.ps.roster import FINISHED, LOST, TRAINING, Link, Roster, WorkerRecord
 from mpi_easgd.ps.stats import ServerStats
 from mpi_easgd.ps.tester_feed import TesterFeed
 from mpi_easgd.ps.wire import ServerChannel
@@ -88,14 +88,16 @@ class Server:
     ``wait_replies=False``: the workers overlap their exchanges (``--overlap-exchange``).
     ``shards``: with ``--servers S``, rank 0's side of the other server ranks
     (:class:`~mpi_easgd.ps.shards.ShardServers`): ``center`` is then shard 0, and they
-    snapshot, save and drop workers with this server.
+    snapshot, save and drop workers with this server. ``doorway(wake)``: with
+    ``--accept-joiners``, opens the door late joiners connect through
+    (:class:`~mpi_easgd.ps.joiners.Doorway`).
     """
 
     def __init__(self, comm: MPI.Comm, live: MPI.Comm, center: torch.Tensor, rule: ServerRule,
                  worker_ranks: list[int], tester_rank: int, *, test_every: float, samples_per_exchange: int,
                  save: Callable[[int, dict, bool], Path], audit: bool = False, peer_timeout: float = 300.0,
                  policy: Abort | None = None, checkpoint_every: str = "", wire: torch.dtype | Codec = torch.float32,
-                 wait_replies: bool = True, shards=None) -> None:
+                 wait_replies: bool = True, shards=None, doorway=None) -> None:
         self.save = save
         self.roster = Roster(comm, live, worker_ranks)
         self.versions = CenterVersions(center, rule, wire)  # messages and replies travel as wire
@@ -112,6 +114,7 @@ class Server:
         self.endpoints: Endpoints | None = None  # posted in run()
         self.schedule, self.barrier = Schedule(checkpoint_every), CheckpointBarrier()
         self.wait_replies = wait_replies
+        self.open_door, self.doorway = doorway, None  # (--accept-joiners; opened in run())
         self.updates = 0  # the center's version
         self.totals = Totals()
         self.audit: AuditLog | None = AuditLog(center, rule) if audit else None
@@ -133,7 +136,11 @@ class Server:
         self.liveness.start()
         start = time.perf_counter()
         self.policy.start()
+        if self.open_door is not None:
+            self.doorway = self.open_door(self.liveness.wake)
         self._serve(lambda: not self.roster.training and self.barrier.phase is Phase.IDLE)
+        if self.doorway is not None:
+            self.doorway.close()
         self.policy.stop()
         # The tester never held training up; only the final center waits for it, bounded.
         deadline = time.monotonic() + self.liveness.timeout
@@ -171,8 +178,9 @@ class Server:
                     self._complete_checkpoint()
             elif event.kind is Kind.FAILED:  # a worker died (ULFM)
                 self._failures()
-            else:  # WAKE: the liveness thread found silent workers
+            else:  # WAKE: the liveness thread found silent workers, or a joiner connected
                 self._silent()
+                self._admit()
             if self.barrier.phase is Phase.IDLE and self.roster.training and \
                     self.schedule.due(self.updates, time.monotonic()):
                 self._begin_checkpoint()
@@ -194,6 +202,8 @@ class Server:
                 record.channel.reset(self.center)
 
     def _exchange(self, record: WorkerRecord, buf: torch.Tensor) -> None:
+        if record.join is not None and record.join["first_exchange"] is None:
+            record.join["first_exchange"] = time.time()
         arrival = Arrival(record.index, record.staleness_at(self.updates), self.updates,
                           time.monotonic() - self._began)
         record.damped += self.versions.rule.damps(arrival) != 1.0
@@ -284,12 +294,32 @@ class Server:
             self._complete_checkpoint()  # (which then replaces it)
         elif replaced and self.barrier.phase is Phase.IDLE:
             self._replace_dead()
+        self._admit()
 
     def _withdraw(self, record: WorkerRecord) -> None:
         """Withdraw everything posted for ``record`` and forget the sends to it: it is lost."""
         self.versions.retire_after_sends(self.endpoints.withdraw(record.index))  # (None if it had finished)
         self.versions.abandon(record.link.comm, record.link.rank)
         record.state = LOST
+
+    def _admit(self) -> None:
+        """Late joiners that connected (:mod:`.joiners`) become workers, from the current
+        center, at the epoch the run has reached (the samples trained on, as the tester
+        counts them); never during a checkpoint (they wait for its end)."""
+        if self.doorway is None or self.barrier.phase is not Phase.IDLE or not self.roster.training:
+            return
+        for inter, live, connected in self.doorway.arrivals():
+            epoch = int(self.roster.samples(self.feed.samples_per_exchange) // self.doorway.samples_per_epoch)
+            joined = sum(r.join is not None for r in self.roster)
+            record = self.roster.add(self.roster[0].link.comm.Get_size() + joined, Link(inter, live, 0), self.updates,
+                                     connected)
+            inter.send(dict(rank=record.rank, epoch=max(epoch, 0), joiner=joined), dest=0, tag=Tag.JOIN)
+            self.versions.send(inter, self.center, 0, Tag.START)  # no copy: the center is immutable
+            self._connect([record])
+            self.endpoints.add(self.versions.take())
+            self.liveness.expect(record.index)
+            warn(f"a worker joined the run (rank {record.rank}, from epoch {max(epoch, 0) + 1}); "
+                 f"{len(self.roster.where(TRAINING))} workers train now")
 
     def _replace_dead(self) -> None:
         """A new process takes each dead worker's place (``--on-worker-loss respawn``),
@@ -331,6 +361,7 @@ class Server:
             if record.state is TRAINING:
                 self.liveness.expect(record.index)  # back to training: it must exchange again
         self._replace_dead()
+        self._admit()
 
     # ---- the tester, state and statistics --------------------------------------------
 

@@ -121,7 +121,8 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
     for row in per_worker:
         if row["rank"] in traffic:
             row.update({k: traffic[row["rank"]][k] for k in ("bytes_sent", "bytes_received", "compute_utilization")})
-    present = [workers[r] for r in worker_ranks if r not in lost]
+    worker_ranks = [*worker_ranks, *(s["rank"] for s in server.per_worker if s.get("joined"))]  # (late joiners)
+    present = [workers[r] for r in worker_ranks if r not in lost and r in workers]
     samples = sum(w.samples for w in present)
     dead_useful, dead_lost, deaths = dead_generations(per_worker, server.replacements,
                                                       {r for r in worker_ranks if r in workers}, cfg.tau,

@@ -38,6 +38,8 @@ def test_config_precedence_and_types(tmp_path):
     ('algo = "easgd"\ngroup_tau = 2', "--group-tau needs --groups"),
     ('algo = "easgd"\ngroups = "2"\noverlap_exchange = true', "--groups works with blocking exchanges"),
     ('algo = "easgd"\ngroups = "2"\non_worker_loss = "continue"', "--groups works with --on-worker-loss abort"),
+    ('algo = "ea"\naccept_joiners = true', "--accept-joiners needs an asynchronous algorithm"),
+    ('algo = "easgd"\nservers = 2\naccept_joiners = true', "with one server rank and no --groups"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"
