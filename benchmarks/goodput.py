@@ -83,10 +83,13 @@ def async_rows(args, out: Path, algo: str, batch: int) -> None:
     flags = ["--algo", algo, "--epochs", str(args.epochs), "--on-worker-loss", "respawn"]
     free, _ = run(args, out, f"{algo}-free", 6, flags, pace)
     hit, kills = run(args, out, f"{algo}-kill", 6, flags, [*pace, f"rank=2,action=kill,after={args.kill_every},gen=*"])
-    # Exactly: a killed process had taken `step` steps; the exchanges the server had applied
-    # from its slot (those before its replacement) cover (applied - 1) * tau of them.
+    # Exactly: the slot's g-th process started at step (b_g - 1) tau (b_0 = 1: at 0) and took
+    # `step` steps of its own before its kill; the exchanges applied from the slot by then,
+    # b_(g+1), cover (b_(g+1) - 1) tau steps: the rest were lost.
     replaced = [r["exchanges_before"] for r in hit["replacements"]]
-    lost = sum(step - (applied - 1) * args.tau for (step, _), applied in zip(kills, replaced)) * batch
+    began = [0, *((b - 1) * args.tau for b in replaced)]
+    lost = sum(began[g] + step - (applied - 1) * args.tau
+               for g, ((step, _), applied) in enumerate(zip(kills, replaced))) * batch
     exact = hit["useful_samples"] / (hit["useful_samples"] + lost)
     rate = {w["rank"]: w["steps"] / w["wall_seconds"] for w in free["per_worker"]}
     slowdown = sorted(rate.values())[len(rate) // 2] / rate[4]

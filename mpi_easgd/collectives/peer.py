@@ -66,6 +66,7 @@ class Peer:
         self.exchange_origin = self.algo.exchange_seconds  # (the start's broadcast is not training)
         self.train_seconds = 0.0  # this rank's: its epochs' loops and their closing synchronization
         self.control = Control(comm, ctx.stop, cfg.checkpoint_every)
+        self.fault = faults.from_env(ctx.rank)
         # (--on-rank-loss shrink) who is in the run, by rank at its start: who died is said in those
         self.members = comm.allgather(ctx.rank) if cfg.on_rank_loss == "shrink" else []
         self.test = shard_loader(ctx.info, "test", comm.Get_rank(), comm.Get_size(), batch_size=512,
@@ -93,6 +94,8 @@ class Peer:
         ctx, comm, rank = self.ctx, self.ctx.comm, self.ctx.comm.Get_rank()
         ckpt = checkpoint.step_dir(ctx.run_dir, self.global_step(pos))
         written = checkpoint.try_save_rank(ckpt, rank, self.state_dict(pos))
+        if self.fault:
+            self.fault.at_save(self.global_step(pos))  # (injected: a death during a checkpoint)
         # Every rank's file is on disk before the checkpoint is marked complete; if one is
         # not, every write is over before the incomplete checkpoint is removed.
         if not comm.allreduce(written, op=MPI.LAND):

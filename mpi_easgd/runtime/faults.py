@@ -5,6 +5,8 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
+``at=save`` moves the action into the checkpoint of step S, once this rank's file is
+written and before the checkpoint is complete (sync peers: a death during a checkpoint).
 A step is a training step on workers and peers, an evaluation on the tester, and an
 applied exchange on the async server; ``step=-1`` on a synchronous peer is its start,
 before the first parameter broadcast; ``after=T`` waits, past step S, for the first step
@@ -30,6 +32,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 
 import torch
 
@@ -49,11 +52,12 @@ class Fault:
     seconds: float = 0.0
     after: float = 0.0
     mbps: float = 0.0  # (delay) the emulated link's bandwidth; 0: unlimited
+    at: str = "step"  # "save": in the checkpoint of step S (sync peers), once its own file is written
     read: float = field(default_factory=time.monotonic)  # when it was read (``after`` counts from it)
 
     def at_step(self, step: int) -> None:
         """Call once per local step with the step number."""
-        if step < self.step:
+        if step < self.step or self.at != "step":
             return
         if self.action == "sleep":
             time.sleep(self.seconds)
@@ -91,8 +95,11 @@ def _specs(rank: int, environ) -> list[Fault]:
             continue
         if fields.get("action") not in ACTIONS:
             raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
+        if fields.get("at", "step") not in ("step", "save"):
+            raise ValueError(f"{ENV}: at must be step or save; got {spec!r}")
         found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)),
-                           float(fields.get("after", 0)), mbps=float(fields.get("mbps", 0))))
+                           float(fields.get("after", 0)), mbps=float(fields.get("mbps", 0)),
+                           at=fields.get("at", "step")))
     return found
 
 
@@ -108,6 +115,12 @@ class Faults(tuple):
     def at_step(self, step: int) -> None:
         for fault in self:
             fault.at_step(step)
+
+    def at_save(self, step: int) -> None:
+        """The faults of ``at=save``: in the checkpoint of ``step``, this rank's file written."""
+        for fault in self:
+            if fault.at == "save" and step == fault.step:
+                dataclass_replace(fault, at="step").at_step(step)
 
     def before_step(self, step: int, batch):
         for fault in self:

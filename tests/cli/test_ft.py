@@ -106,29 +106,34 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
 
 
 @pytest.mark.parametrize("flags,when,deaths", [
-    (("--algo", "sgd", "--momentum", "0.9"), "rank 0", 1),
+    (("--algo", "sgd", "--momentum", "0.9"), "rank 0 in a checkpoint", 1),
     (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"),
      "random", 2),
     (("--algo", "ea", "--tau", "4"), "start", 1)],
-    ids=["sgd-rank-0", "streaming-diloco-int4-two-deaths", "ea-at-the-start"])
+    ids=["sgd-rank-0-in-a-checkpoint", "streaming-diloco-int4-two-deaths", "ea-at-the-start"])
 def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, when, deaths):
-    """sgd losing rank 0, which writes the log and summary: the new rank 0 takes them over;
+    """sgd losing rank 0, which writes the log and summary, in a checkpoint (its own file
+    written, the checkpoint not yet complete): the new rank 0 takes them over, and the
+    checkpoint left incomplete is never used (removed by the next one);
     streaming DiLoCo in int4 losing two ranks, one after the other (or together): its
     rounds overlap a step, so a death leaves a round in flight on the survivors' broken
     communicator, which they must abandon; and ea with a rank that dies at the start,
     before the first broadcast (the survivors start again without it)."""
     import torch
 
-    ranks = [0] if when == "rank 0" else random.Random(SEED + 2).sample([1, 2, 3], deaths)
+    ranks = [0] if when.startswith("rank 0") else random.Random(SEED + 2).sample([1, 2, 3], deaths)
     # (of the 3 x 8 steps of 4 ranks; a survivor counts its steps again after a shrink, so the
     # second death comes 2-8 steps after the first, or first, or with it)
     first, second = at_random(2, 20 if deaths == 1 else 12, salt=3), at_random(2, 8, salt=4)
     steps = [-1] if when == "start" else [first, second][:deaths]
+    at = ""
+    if when == "rank 0 in a checkpoint":  # (checkpoints every 5 of the 24 steps)
+        steps, at = [random.Random(SEED + 3).choice([5, 10, 15, 20])], ",at=save"
     why = f"ranks {ranks} of 4 killed at their steps {steps} (MPI_EASGD_FT_SEED={SEED})"
     result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
                         "--out", str(tmp_path), "--run-name", "shrink",
-                        env={"MPI_EASGD_FAULT": ";".join(f"rank={r},action=kill,step={s}"
+                        env={"MPI_EASGD_FAULT": ";".join(f"rank={r},action=kill,step={s}{at}"
                                                          for r, s in zip(ranks, steps))})
     assert result.returncode == 0, f"{why}\n{result.output}"
     left = 4 - deaths
@@ -138,7 +143,7 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
     ending = "died before training began; starting with 3 ranks" if when == "start" else \
         f"died; going on with {left} ranks"
     assert ending in said[-1], (why, said)
-    if when == "rank 0":  # the log goes on: the rows before the death, then the survivors' to the last epoch
+    if when.startswith("rank 0"):  # the log goes on: the rows before the death, then the survivors' to the last
         assert "rank 0, which wrote the run's log and summary, died; rank 1 writes them now" in result.stderr
         epochs = [line.split(",")[1] for line in (tmp_path / "shrink" / "metrics.csv").read_text().splitlines()[1:]]
         assert epochs[0] == "0" and epochs[-1] == "3" and len(epochs) == len(set(epochs)), (why, epochs)
@@ -150,7 +155,9 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
     else:  # each dead rank's batch; the survivors' too where no rank completed the step
         assert deaths * 16 <= summary["lost_samples"] <= 4 * 16 * deaths and summary["goodput"] < 1, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
-    final = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))[-1]
+    kept = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))
+    assert all((ckpt / "manifest.json").exists() for ckpt in kept), (why, kept)  # (an interrupted one is gone)
+    final = kept[-1]
     states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(left)]
     assert not (final / f"rank-{left:05d}.pt").exists()
     if "ea" in flags:  # each rank keeps its own parameters: the centers are the same

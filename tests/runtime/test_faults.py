@@ -27,3 +27,16 @@ def test_waiting_on_a_link_counts_from_the_start():
     begun = time.perf_counter()
     link.wait(started - 1.0, 50_000)  # landed long ago: no wait
     assert time.perf_counter() - begun < 0.01
+
+
+def test_a_fault_at_save_waits_for_that_checkpoint():
+    from mpi_easgd.runtime.faults import InjectedFault, from_env
+
+    (fault,) = from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=raise,step=10,at=save"})
+    fault.at_step(10)  # not in a step
+    faults = from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=raise,step=10,at=save"})
+    faults.at_save(5)  # not in that checkpoint
+    with pytest.raises(InjectedFault):
+        faults.at_save(10)
+    with pytest.raises(ValueError, match="at must be step or save"):
+        from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=kill,at=exchange"})
