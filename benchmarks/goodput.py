@@ -83,13 +83,13 @@ def async_rows(args, out: Path, algo: str, batch: int) -> None:
     flags = ["--algo", algo, "--epochs", str(args.epochs), "--on-worker-loss", "respawn"]
     free, _ = run(args, out, f"{algo}-free", 6, flags, pace)
     hit, kills = run(args, out, f"{algo}-kill", 6, flags, [*pace, f"rank=2,action=kill,after={args.kill_every},gen=*"])
-    # Exactly: the slot's g-th process started at step (b_g - 1) tau (b_0 = 1: at 0) and took
-    # `step` steps of its own before its kill; the exchanges applied from the slot by then,
-    # b_(g+1), cover (b_(g+1) - 1) tau steps: the rest were lost.
+    # Exactly: the slot's g-th process took `step` steps of its own before its kill; the
+    # server had applied b_(g+1) - b_g of its exchanges (b_0 = 0; b_g: the slot's count when
+    # the g-th replacement came), the first at its start bringing none: the rest were lost.
     replaced = [r["exchanges_before"] for r in hit["replacements"]]
-    began = [0, *((b - 1) * args.tau for b in replaced)]
-    lost = sum(began[g] + step - (applied - 1) * args.tau
-               for g, ((step, _), applied) in enumerate(zip(kills, replaced))) * batch
+    bounds = [0, *replaced]
+    lost = sum(step - (bounds[g + 1] - bounds[g] - 1) * args.tau
+               for g, (step, _) in enumerate(kills[:len(replaced)])) * batch
     exact = hit["useful_samples"] / (hit["useful_samples"] + lost)
     rate = {w["rank"]: w["steps"] / w["wall_seconds"] for w in free["per_worker"]}
     slowdown = sorted(rate.values())[len(rate) // 2] / rate[4]
