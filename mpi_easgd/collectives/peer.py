@@ -95,7 +95,7 @@ class Peer:
         ckpt = checkpoint.step_dir(ctx.run_dir, self.global_step(pos))
         written = checkpoint.try_save_rank(ckpt, rank, self.state_dict(pos))
         if self.fault:
-            self.fault.at_save(self.global_step(pos))  # (injected: a death during a checkpoint)
+            self.fault.at("save", self.global_step(pos))  # (injected: a death during a checkpoint)
         # Every rank's file is on disk before the checkpoint is marked complete; if one is
         # not, every write is over before the incomplete checkpoint is removed.
         if not comm.allreduce(written, op=MPI.LAND):
@@ -111,10 +111,14 @@ class Peer:
 
     def end_epoch(self, pos: Position) -> None:
         started = time.perf_counter()
+        if self.fault:
+            self.fault.at("sync", pos.epoch + 1)
         if not self.periodic:
             self.algo.synchronize_parameters(self.model)
         else:
             self.algo.synchronize_center(self.model)
+        if self.fault:
+            self.fault.at("eval", pos.epoch + 1)
         stats, comm = pos.stats, self.ctx.comm
         self.train_seconds += stats.seconds + time.perf_counter() - started
         kind = task(self.ctx.cfg.task)
@@ -183,8 +187,18 @@ class Peer:
 
     def save_final(self, pos: Position) -> None:
         """The final state, resumable with more --epochs, and (rank 0) the model that was
-        evaluated last (ea: the center) as ``model.pt``, for use outside a checkpoint."""
-        self.save(pos, finished=True)
+        evaluated last (ea: the center) as ``model.pt``, for use outside a checkpoint. Not
+        again where it is complete already (a rank died after it: the survivors keep it);
+        another checkpoint at its step (a periodic one, before the last epoch's end was
+        redone by fewer ranks) is replaced whole."""
+        ckpt, rank0 = checkpoint.step_dir(self.ctx.run_dir, self.global_step(pos)), self.ctx.comm.Get_rank() == 0
+        written = rank0 and (ckpt / "manifest.json").is_file() and checkpoint.read_manifest(ckpt).get("finished")
+        if rank0 and not written and ckpt.exists():
+            checkpoint.retract(self.ctx.run_dir, ckpt)  # (before the broadcast: no rank writes into it yet)
+        if self.ctx.comm.bcast(written):
+            self.checkpoint = ckpt
+        else:
+            self.save(pos, finished=True)
         if self.ctx.comm.Get_rank() == 0:
             with self.evaluated():
                 checkpoint.save_model(self.model, self.ctx.run_dir / "model.pt")
@@ -224,12 +238,15 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
         f"batch {cfg.batch_size} per rank, {steps} steps per epoch, device {ctx.device}"
     )
     resumed_at_end = pos.epoch >= cfg.epochs
-    while True:
+    while True:  # training, the final checkpoint and the summary's collectives (a death there: shrink)
         try:
             if train(peer, loader, pos, cfg, steps=peer.steps, rank=ctx.rank, device=ctx.device, log=log):
                 raise Preempted(peer.checkpoint)
             if not resumed_at_end:  # (the final checkpoint itself needs no second copy)
                 peer.save_final(pos)
+            if peer.fault:
+                peer.fault.at("end")
+            summary = _summary(ctx, peer, pos, lost)
             break
         except MPI.Exception as exc:
             if cfg.on_rank_loss != "shrink" or not ft.is_failure(exc):
@@ -237,18 +254,25 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
             ctx, peer, loader, pos, dead = shrink(ctx, peer, pos)
             lost += dead
     peer.algo.close()
-    comm = ctx.comm
+    return ctx, summary
+
+
+def _summary(ctx: RunContext, peer: Peer, pos: Position, lost: list[int]) -> dict:
+    """The run's summary (collective: identical on every rank); ``lost``: the world ranks
+    that died (``--on-rank-loss shrink``)."""
+    cfg, comm = ctx.cfg, ctx.comm
     size = comm.Get_size()
     skipped = comm.allreduce(pos.skipped)
+    traffic = peer.traffic()
     note = nonfinite_note(skipped, cfg.epochs * peer.steps * size)
     if note:
-        log.warn(note)
-    return ctx, run_summary(cfg, info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
+        ctx.log.warn(note)
+    return run_summary(cfg, ctx.info.name, size, size, test=peer.last, train_samples=int(peer.totals[0]),
                        train_seconds=peer.totals[1], nonfinite_skipped=skipped,
                        resumed_from=str(ctx.resume) if ctx.resume else None,
                        **({"lost_ranks": lost} if cfg.on_rank_loss == "shrink" else {}),
                        **goodput(int(peer.totals[0]), peer.totals[2], int(peer.totals[3])),
-                       **({"rounds": peer.algo.rounds} if peer.periodic else {}), **peer.traffic())
+                       **({"rounds": peer.algo.rounds} if peer.periodic else {}), **traffic)
 
 
 def _steps(ctx: RunContext) -> int:
@@ -312,13 +336,15 @@ def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object
     """Revoke ``ctx.comm``, shrink it to the ranks alive, and (on the new communicator)
     ``agree(new)``: (the new communicator, the survivors' world ranks, what ``agree``
     returned). A death meanwhile starts it over."""
-    comm = ctx.comm
+    comm, fault = ctx.comm, faults.from_env(ctx.rank)
     while True:
         with ft.survivable() as death:
             comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
             new = comm.Shrink()
         if death:
             continue  # shrink it again
+        if fault:
+            fault.at("shrink")  # (injected: a death while this one is handled)
         with ft.survivable() as death:
             survivors = new.allgather(ctx.rank)
             agreed = agree(new) if agree is not None else None
@@ -372,22 +398,32 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
         furthest = -max(marks)[2]
         # (goodput) a step no rank got past is redone: the samples computed for it are lost
         redone = new.allreduce(pos.computing if max(marks)[:2] == (pos.epoch, pos.step) else 0)
-        return furthest, redone, new.bcast(peer.state_dict(pos) if new.Get_rank() == furthest else None,
-                                           root=furthest)
+        in_step = new.allreduce(pos.computing > 0, op=MPI.LOR)  # (else it died outside a step: lost nothing)
+        # (with its last evaluation: a death after the last one leaves nothing to redo it)
+        mine = (peer.state_dict(pos), peer.last) if new.Get_rank() == furthest else None
+        return furthest, redone, in_step, new.bcast(mine, root=furthest)
 
-    new, survivors, (furthest, redone, state) = _survivors(ctx, furthest_state)
+    new, survivors, (furthest, redone, in_step, (state, last)) = _survivors(ctx, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
     members = peer.members
     peer.algo.close()
     kept = state["position"]["t"]  # (metrics rows are this far)
+    if new.Get_rank() == 0:  # a checkpoint the death interrupted is redone at the same step: from scratch
+        checkpoint.discard_incomplete(ctx.run_dir)  # (before Peer's first broadcast: no rank writes yet)
     ctx = _on_survivors(ctx, new, members, dead, kept)  # (faults, messages: each rank's own rank still)
     peer = Peer(ctx, _steps(ctx))
     pos = peer.load_state_dict(state)
-    peer.totals[2:] += (redone + len(dead) * ctx.cfg.batch_size, len(dead))  # (a dead rank's step: one batch)
+    peer.last = last
+    # (goodput) a rank that died in a step had computed its batch: one each
+    peer.totals[2:] += (redone + (len(dead) * ctx.cfg.batch_size if in_step else 0), len(dead))
     if peer.periodic and new.Get_rank() != furthest:
         peer.algo.abandon(keep_residuals=False)  # the furthest rank's residual is its own: sent once
     peer.rest = regroup(ctx, pos, len(members), Rest.from_state(state.get("rest")))
-    ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
-                 f"step {pos.step} of {peer.steps}, the epoch's unseen samples re-sharded over them "
-                 f"(--on-rank-loss shrink)")
+    if pos.epoch >= ctx.cfg.epochs:
+        ctx.log.warn(f"rank(s) {dead} died at the end of the run; the {new.Get_size()} ranks left finish it "
+                     f"(--on-rank-loss shrink)")
+    else:
+        ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
+                     f"step {pos.step} of {peer.steps}, the epoch's unseen samples re-sharded over them "
+                     f"(--on-rank-loss shrink)")
     return ctx, peer, _loader(ctx, peer.rest), pos, dead

@@ -138,7 +138,9 @@ class AsyncTraining:
             old_size = checkpoint.read_manifest(ctx.resume)["world_size"]
             ctx.log.info(f"resumed from {ctx.resume}" + (
                 "" if old_size == topo.world_size else f", written by {old_size} ranks: each worker starts from the "
-                f"center, the epoch's unseen samples re-sharded over the {topo.num_workers} workers"))
+                + (f"center, the epoch's unseen samples re-sharded over the {topo.num_workers} workers"
+                   if ctx.info is not None else "center, at the start of the epoch the slowest old worker was in "
+                   "(a script's loop reads its own data)")))
         p, algo = topo.num_workers, registry.lookup(cfg.algo)
         servers = f"server rank {topo.server_rank}" if topo.servers == 1 else \
             f"server ranks 0-{topo.servers - 1} (a shard of the center each)"
@@ -503,8 +505,8 @@ def _open(comm: MPI.Comm, model: nn.Module, settings: dict) -> RunContext:
         if not topo.is_async:
             raise ConfigError(f"AsyncTraining runs the asynchronous algorithms; for {cfg.algo} use the "
                               f"synchronous classes (AllReduceSGD, AllReduceEA, AllReduceDiLoCo)")
-        cfg = cfg.resolve(topo.num_workers)
-        resume, manifest = session.check_run(cfg, topo, rank, size)
+        unresolved, cfg = cfg, cfg.resolve(topo.num_workers)
+        resume, manifest = session.check_run(cfg, topo, rank, size, unresolved)  # (it may resume at another size)
     except (ConfigError, CheckpointError, OSError) as exc:
         error = str(exc)
     try:
@@ -575,7 +577,7 @@ def _async_rest(ctx: RunContext, old_size: int) -> tuple[Rest | None, int]:
 
     cfg, topo = ctx.cfg, ctx.topo
     old = Topology.build(old_size, 0, cfg.algo, cfg.servers)
-    states = [saved_state(ctx.resume, rank) for rank in old.worker_ranks]
+    states = [saved_state(ctx.resume, rank, mmap=True) for rank in old.worker_ranks]  # (their models unread)
     marks = [(int(s["position"].get("epoch", 0)), int(s["position"].get("step", 0))) for s in states]
     epoch = min(e for e, _ in marks)
     if ctx.info is None:
@@ -596,13 +598,14 @@ def evaluations_before(resume: Path) -> int:
     return int(saved_state(resume, checkpoint.read_manifest(resume)["world_size"] - 1)["evaluations"])
 
 
-def saved_state(resume: Path, rank: int) -> dict:
+def saved_state(resume: Path, rank: int, mmap: bool = False) -> dict:
     """This rank's state in checkpoint ``resume``; for a worker lost in that run, only the
-    position from which it rejoins (its parameters start from the center)."""
+    position from which it rejoins (its parameters start from the center). ``mmap``: the
+    tensors are mapped, read only where used."""
     rejoin = checkpoint.read_manifest(resume).get("rejoin", {}).get(str(rank))
     if rejoin is not None:
         return {"position": rejoin}
-    return checkpoint.load_rank(resume, rank)
+    return checkpoint.load_rank(resume, rank, mmap=mmap)
 
 
 def _hand_to_tester(ctx: RunContext, stats: ServerStats) -> bool:

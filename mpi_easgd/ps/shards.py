@@ -144,17 +144,12 @@ class ShardServers:
         deadline = time.monotonic() + self.timeout
         answers = np.zeros((len(self.ranks), 1), dtype=np.int64)
         for i, rank in enumerate(self.ranks):
-            while True:
-                comm, source = self._route(rank)
-                with ft.survivable() as death:
-                    if not wait_politely([comm.Irecv(answers[i], source=source, tag=Tag.SAVED)], deadline):
-                        raise PeerLost(f"shard server rank {rank} did not write its checkpoint file within "
-                                       f"--worker-timeout {self.timeout:g}s")
-                if not (death or rank in self.dead()):  # (a wait on a dead peer may also end with no error)
-                    break
-                self.take_over(rank)
-                comm, dest = self._route(rank)
-                comm.Send(control_message(ShardCommand.SAVE, step), dest=dest, tag=Tag.SHARD)
+            def answer(comm: MPI.Comm, source: int, rank=rank, i=i) -> None:
+                if not wait_politely([comm.Irecv(answers[i], source=source, tag=Tag.SAVED)], deadline):
+                    raise PeerLost(f"shard server rank {rank} did not write its checkpoint file within "
+                                   f"--worker-timeout {self.timeout:g}s")
+
+            self._from_shard(rank, answer, control_message(ShardCommand.SAVE, step))
         return bool(answers.all())
 
     def end(self, center: torch.Tensor, bounds: list[tuple[int, int]]) -> list[dict]:
@@ -162,29 +157,39 @@ class ShardServers:
         whole flat center) at its bounds, and its counters."""
         self.tell(ShardCommand.END)
         deadline = time.monotonic() + self.timeout
-        counters = []
+        counters: dict[int, dict] = {}  # (by rank: a receive after a takeover replaces the dead one's)
         for rank in self.ranks:
             start, stop = bounds[rank]
-            while True:
-                comm, source = self._route(rank)
-                with ft.survivable() as death:
-                    if not wait_politely([comm.Irecv(mpi_view(center[start:stop]), source=source, tag=Tag.SHARD)],
-                                         deadline):
-                        raise PeerLost(f"shard server rank {rank} did not send its final shard within "
-                                       f"--worker-timeout {self.timeout:g}s")
-                    counter = receive_object(comm, source, Tag.STATS, deadline)[1]
-                if not (death or rank in self.dead()):  # (a wait on a dead peer may also end with no error)
-                    break
-                self.take_over(rank)  # it died at the end: its replica's shard is the final one
-                comm, dest = self._route(rank)
-                comm.Send(control_message(ShardCommand.END), dest=dest, tag=Tag.SHARD)
-            counters.append(counter)
+
+            def final(comm: MPI.Comm, source: int, rank=rank, start=start, stop=stop) -> None:
+                if not wait_politely([comm.Irecv(mpi_view(center[start:stop]), source=source, tag=Tag.SHARD)],
+                                     deadline):
+                    raise PeerLost(f"shard server rank {rank} did not send its final shard within "
+                                   f"--worker-timeout {self.timeout:g}s")
+                counters[rank] = receive_object(comm, source, Tag.STATS, deadline)[1]
+
+            # (it died at the end: its replica's shard is the final one)
+            self._from_shard(rank, final, control_message(ShardCommand.END))
         wait_politely([r for _, r in self._told])
         for thread, _ in self._threads.values():
             thread.join()
         if self._errors:
             raise self._errors[0]
-        return counters
+        return [counters[rank] for rank in self.ranks]
+
+    def _from_shard(self, rank: int, receive, command: np.ndarray) -> None:
+        """``receive(comm, source)`` from shard server ``rank``; if it died meanwhile, take its
+        shard over, send the new server ``command`` (what the dead one was told) and receive
+        again."""
+        while True:
+            comm, source = self._route(rank)
+            with ft.survivable() as death:
+                receive(comm, source)
+            if not (death or rank in self.dead()):  # (a wait on a dead peer may also end with no error)
+                return
+            self.take_over(rank)
+            comm, dest = self._route(rank)
+            comm.Send(command, dest=dest, tag=Tag.SHARD)
 
     def takeover_rows(self) -> list[dict]:
         """The summary's ``server_takeovers``: each takeover's shard, replica, exchanges lost,

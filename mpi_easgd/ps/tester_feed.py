@@ -51,7 +51,7 @@ class TesterFeed:
         """Whether the last snapshot has gone; (ULFM) a dead tester's is gone for good."""
         with ft.survivable() as death:
             done = MPI.Request.Testall(self._requests)
-        self.lost |= bool(death) or (ft.enabled() and ft.is_dead(self.comm, self.tester))
+        self.lost |= bool(death) or self._dead()
         return done or self.lost
 
     def send_final(self, updates: int, roster: Roster, deadline: float) -> bool:
@@ -72,6 +72,7 @@ class TesterFeed:
         return True
 
     def _dead(self) -> bool:
+        """(ULFM) Whether MPI knows the tester died (a send to it may still complete)."""
         return ft.enabled() and ft.is_dead(self.comm, self.tester)
 
     def _send(self, kind: Kind, updates: int, samples: int) -> None:

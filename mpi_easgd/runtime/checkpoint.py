@@ -85,6 +85,25 @@ def discard(ckpt: Path) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def discard_incomplete(run_dir: Path) -> None:
+    """Remove every incomplete checkpoint directory of ``run_dir`` (left by an interrupted
+    checkpoint; call while no rank writes one)."""
+    for partial in root(run_dir).glob("step-*"):
+        discard(partial)
+
+
+def retract(run_dir: Path, ckpt: Path) -> None:
+    """Remove checkpoint directory ``ckpt`` (complete or not), which is to be written again
+    at the same step by other ranks: ``latest`` first points to the newest other complete
+    checkpoint, so that it names a complete one at every moment."""
+    others = sorted(p for p in root(run_dir).glob("step-*") if p != ckpt and (p / "manifest.json").exists())
+    if others:
+        write_text_atomic(root(run_dir) / "latest", others[-1].name)
+    else:
+        (root(run_dir) / "latest").unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:
     """Mark ``ckpt`` complete (call after every rank saved) and make it the latest."""
     manifest = dict(manifest, format_version=FORMAT_VERSION)
@@ -94,8 +113,8 @@ def commit(run_dir: Path, ckpt: Path, manifest: dict) -> None:
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in root(run_dir).glob("step-*"):  # left by an interrupted earlier checkpoint
-        if not (partial / "manifest.json").exists() and partial != ckpt:
-            shutil.rmtree(partial, ignore_errors=True)
+        if partial != ckpt:
+            discard(partial)
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -211,13 +230,14 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     write_atomic(path, lambda fh: torch.save(model.state_dict(), fh))
 
 
-def load_rank(ckpt: Path, rank: int) -> dict:
-    """This rank's saved state; a clear error for a missing, truncated or corrupted file."""
+def load_rank(ckpt: Path, rank: int, mmap: bool = False) -> dict:
+    """This rank's saved state; a clear error for a missing, truncated or corrupted file.
+    ``mmap``: its tensors are mapped from the file, read only where used."""
     path = rank_file(ckpt, rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a damaged file
         raise CheckpointError(f"{path} is corrupted or truncated ({type(exc).__name__}); "
                               f"resume from an earlier checkpoint") from None

@@ -5,8 +5,14 @@ Set ``MPI_EASGD_FAULT`` to ``rank=R,action=A[,step=S][,seconds=X][,after=T][,gen
 ``raise`` (raise at step S), ``sleep`` (sleep X seconds before every step from S on),
 ``kill`` (SIGKILL itself at step S), ``stop`` (SIGSTOP itself at step S: a hung rank) or
 ``nan`` (feed the step at S a batch of NaN images). Only the named rank is affected.
-``at=save`` moves the action into the checkpoint of step S, once this rank's file is
-written and before the checkpoint is complete (sync peers: a death during a checkpoint).
+``at=M`` moves the action to another moment of a synchronous peer's run (:data:`MOMENTS`):
+``save``, the checkpoint of step S, once this rank's file is written and before the
+checkpoint is complete; ``sync`` and ``eval``, the end of epoch S (counted from 1): before
+its ``synchronize_parameters``/``synchronize_center``, or after it, before the evaluation;
+``end``, the end of the run, after the final checkpoint and before the summary's
+collectives; ``shrink``, while another rank's death is handled (``--on-rank-loss
+shrink``: once the communicator is shrunk, before the survivors agree). S is ignored at
+``end`` and ``shrink``.
 A step is a training step on workers and peers, an evaluation on the tester, and an
 applied exchange on the async server; ``step=-1`` on a synchronous peer is its start,
 before the first parameter broadcast; ``after=T`` waits, past step S, for the first step
@@ -32,13 +38,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from dataclasses import replace as dataclass_replace
 
 import torch
 
 ENV = "MPI_EASGD_FAULT"
 GENERATION_ENV = "MPI_EASGD_GENERATION"  # set by a replacement worker: which one it is (1, 2, ...)
 ACTIONS = ("raise", "sleep", "kill", "stop", "nan", "delay")
+MOMENTS = ("step", "save", "sync", "eval", "end", "shrink")  # where ``at=`` puts the action
 
 
 class InjectedFault(RuntimeError):
@@ -52,7 +58,7 @@ class Fault:
     seconds: float = 0.0
     after: float = 0.0
     mbps: float = 0.0  # (delay) the emulated link's bandwidth; 0: unlimited
-    at: str = "step"  # "save": in the checkpoint of step S (sync peers), once its own file is written
+    at: str = "step"  # another moment of a sync peer's run (MOMENTS; the module docstring)
     read: float = field(default_factory=time.monotonic)  # when it was read (``after`` counts from it)
 
     def at_step(self, step: int) -> None:
@@ -65,12 +71,16 @@ class Fault:
         if self.after and time.monotonic() - self.read < self.after:
             return
         if self.after or step == self.step:
-            if self.action == "raise":
-                raise InjectedFault(f"injected fault at step {step} ({ENV})")
-            if self.action == "kill":
-                print(f"mpi_easgd: fault: killed at step {step} at {time.time():.3f}", file=sys.stderr, flush=True)
-            if self.action in ("kill", "stop"):
-                os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
+            self.act(f"at step {step}")
+
+    def act(self, where: str) -> None:
+        """Raise, kill or stop now (the other actions act per step); ``where`` is said."""
+        if self.action == "raise":
+            raise InjectedFault(f"injected fault {where} ({ENV})")
+        if self.action == "kill":
+            print(f"mpi_easgd: fault: killed {where} at {time.time():.3f}", file=sys.stderr, flush=True)
+        if self.action in ("kill", "stop"):
+            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
 
     def before_step(self, step: int, batch):
         """The training loop's hook: :meth:`at_step`, and the batch to train on (all NaN
@@ -95,8 +105,8 @@ def _specs(rank: int, environ) -> list[Fault]:
             continue
         if fields.get("action") not in ACTIONS:
             raise ValueError(f"{ENV}: action must be one of {', '.join(ACTIONS)}; got {spec!r}")
-        if fields.get("at", "step") not in ("step", "save"):
-            raise ValueError(f"{ENV}: at must be step or save; got {spec!r}")
+        if fields.get("at", "step") not in MOMENTS:
+            raise ValueError(f"{ENV}: at must be one of {', '.join(MOMENTS)}; got {spec!r}")
         found.append(Fault(fields["action"], int(fields.get("step", 0)), float(fields.get("seconds", 0)),
                            float(fields.get("after", 0)), mbps=float(fields.get("mbps", 0)),
                            at=fields.get("at", "step")))
@@ -116,11 +126,15 @@ class Faults(tuple):
         for fault in self:
             fault.at_step(step)
 
-    def at_save(self, step: int) -> None:
-        """The faults of ``at=save``: in the checkpoint of ``step``, this rank's file written."""
+    def at(self, moment: str, number: int = 0) -> None:
+        """The faults of ``at=moment`` (:data:`MOMENTS`) whose S is ``number`` (the
+        checkpoint's step, the epoch; any at ``end`` and ``shrink``)."""
+        where = dict(save=f"in the checkpoint of step {number}", sync=f"in the synchronize ending epoch {number}",
+                     eval=f"in the evaluation ending epoch {number}", end="at the end of the run",
+                     shrink="while another death was handled")[moment]
         for fault in self:
-            if fault.at == "save" and step == fault.step:
-                dataclass_replace(fault, at="step").at_step(step)
+            if fault.at == moment and (moment in ("end", "shrink") or number == fault.step):
+                fault.act(where)
 
     def before_step(self, step: int, batch):
         for fault in self:

@@ -41,8 +41,8 @@ class NothingToDo(Exception):
 def check_run(cfg, topo, rank: int, size: int, unresolved=None) -> tuple[Path | None, dict]:
     """The checks that need no data and no traffic; returns the checkpoint to resume (or
     None) and its manifest. Raises ``ConfigError`` or ``CheckpointError``.
-    ``unresolved``: a synchronous run's configuration before
-    :meth:`~mpi_easgd.config.Config.resolve` (such a run resumes at another size)."""
+    ``unresolved``: the run's configuration before :meth:`~mpi_easgd.config.Config.resolve`
+    (with it, a checkpoint may resume at another size)."""
     from mpi_easgd.config import ConfigError
 
     p = topo.num_workers

@@ -105,62 +105,79 @@ def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     assert summary["lost_samples"] == 2 * 10 * batch // 2 and summary["goodput"] < 1, why
 
 
-@pytest.mark.parametrize("flags,when,deaths", [
-    (("--algo", "sgd", "--momentum", "0.9"), "rank 0 in a checkpoint", 1),
-    (("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1", "--exchange-dtype", "int4"),
-     "random", 2),
-    (("--algo", "ea", "--tau", "4"), "start", 1)],
-    ids=["sgd-rank-0-in-a-checkpoint", "streaming-diloco-int4-two-deaths", "ea-at-the-start"])
-def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, flags, when, deaths):
-    """sgd losing rank 0, which writes the log and summary, in a checkpoint (its own file
-    written, the checkpoint not yet complete): the new rank 0 takes them over, and the
-    checkpoint left incomplete is never used (removed by the next one);
-    streaming DiLoCo in int4 losing two ranks, one after the other (or together): its
-    rounds overlap a step, so a death leaves a round in flight on the survivors' broken
-    communicator, which they must abandon; and ea with a rank that dies at the start,
-    before the first broadcast (the survivors start again without it)."""
+def shrink_deaths(case: str, rnd: random.Random) -> list[tuple[int, str, str]]:
+    """The deaths of a shrink case: (rank, its fault's spec, what the survivors say then)."""
+    going_on = "died; going on with"
+    if case == "sgd":  # 5 ranks, 6 steps per epoch: checkpoints at the run's steps 5 and 10, then the
+        # evaluation of epoch 2 or 3 (a shrink restarts the checkpoints' count: the first death is in one)
+        evaluating, ending = rnd.sample([1, 2, 3, 4], 2)
+        return [(0, f"step={rnd.choice([5, 10])},at=save", going_on),
+                (evaluating, f"step={rnd.randint(2, 3)},at=eval", going_on),
+                (ending, "at=end", "died at the end of the run; the 2 ranks left finish it")]
+    if case == "diloco":  # 4 ranks; a process's own steps (8 per epoch at 4 ranks)
+        first, second = rnd.sample([1, 2, 3], 2)
+        return [(first, f"step={rnd.randint(2, 20)}", going_on), (second, "at=shrink", going_on)]
+    starting, syncing = rnd.sample([1, 2, 3], 2)  # ea, 4 ranks
+    return [(starting, "step=-1", "died before training began; starting with 3 ranks"),
+            (syncing, f"step={rnd.randint(1, 3)},at=sync", going_on)]
+
+
+@pytest.mark.parametrize("case,flags,ranks", [
+    ("sgd", ("--algo", "sgd", "--momentum", "0.9"), 5),
+    ("diloco", ("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1",
+                "--exchange-dtype", "int4"), 4),
+    ("ea", ("--algo", "ea", "--tau", "4"), 4)],
+    ids=["sgd-rank-0-in-a-checkpoint-one-in-an-evaluation-one-at-the-end",
+         "streaming-diloco-int4-one-in-a-step-one-while-it-is-handled",
+         "ea-one-at-the-start-one-in-a-synchronize"])
+def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, case, flags, ranks):
+    """Two or three ranks die, each at another moment (the ids say which), and two finish.
+    sgd: rank 0, which writes the log and summary, dies in a checkpoint (its own file
+    written, the checkpoint not complete): the new rank 0 takes them over, and the
+    checkpoint left incomplete is never used; then a rank dies in an evaluation (the
+    epoch's end is redone), and one after the final checkpoint (kept as it is). Streaming
+    DiLoCo in int4: its rounds overlap a step, so a death leaves a round in flight on the
+    broken communicator, which the survivors abandon; a second rank dies while they shrink
+    it. ea: a rank dies before the first broadcast (the survivors start again without it),
+    another in an end-of-epoch synchronize_center."""
     import torch
 
-    ranks = [0] if when.startswith("rank 0") else random.Random(SEED + 2).sample([1, 2, 3], deaths)
-    # (of the 3 x 8 steps of 4 ranks; a survivor counts its steps again after a shrink, so the
-    # second death comes 2-8 steps after the first, or first, or with it)
-    first, second = at_random(2, 20 if deaths == 1 else 12, salt=3), at_random(2, 8, salt=4)
-    steps = [-1] if when == "start" else [first, second][:deaths]
-    at = ""
-    if when == "rank 0 in a checkpoint":  # (checkpoints every 5 of the 24 steps)
-        steps, at = [random.Random(SEED + 3).choice([5, 10, 15, 20])], ",at=save"
-    why = f"ranks {ranks} of 4 killed at their steps {steps} (MPI_EASGD_FT_SEED={SEED})"
-    result = ulfm_train(4, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
+    from mpi_easgd.runtime import checkpoint
+
+    deaths = shrink_deaths(case, random.Random(SEED + 2))
+    why = f"{deaths} (MPI_EASGD_FT_SEED={SEED})"
+    result = ulfm_train(ranks, *flags, "--on-rank-loss", "shrink", "--dataset", str(blobs),
                         "--model", "mlp", "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
                         "--out", str(tmp_path), "--run-name", "shrink",
-                        env={"MPI_EASGD_FAULT": ";".join(f"rank={r},action=kill,step={s}{at}"
-                                                         for r, s in zip(ranks, steps))})
+                        env={"MPI_EASGD_FAULT": ";".join(f"rank={r},action=kill,{spec}" for r, spec, _ in deaths)})
     assert result.returncode == 0, f"{why}\n{result.output}"
-    left = 4 - deaths
+    dead, left = sorted(r for r, _, _ in deaths), ranks - len(deaths)
+    assert result.stderr.count("mpi_easgd: fault: killed") == len(deaths), (why, result.stderr)
     said = [line for line in result.stderr.splitlines() if "died" in line and "rank(s) [" in line]
-    assert sorted(int(r) for line in said for r in line.split("rank(s) [")[1].split("]")[0].split(", ")) == \
-        sorted(ranks), (why, said)
-    ending = "died before training began; starting with 3 ranks" if when == "start" else \
-        f"died; going on with {left} ranks"
-    assert ending in said[-1], (why, said)
-    if when.startswith("rank 0"):  # the log goes on: the rows before the death, then the survivors' to the last
+    assert sorted(int(r) for line in said for r in line.split("rank(s) [")[1].split("]")[0].split(", ")) == dead, \
+        (why, said)
+    assert all(any(saying in line for line in said) for _, _, saying in deaths), (why, said)
+    if 0 in dead:  # the log goes on: the rows before the death, then the survivors' to the last
         assert "rank 0, which wrote the run's log and summary, died; rank 1 writes them now" in result.stderr
         epochs = [line.split(",")[1] for line in (tmp_path / "shrink" / "metrics.csv").read_text().splitlines()[1:]]
-        assert epochs[0] == "0" and epochs[-1] == "3" and len(epochs) == len(set(epochs)), (why, epochs)
+        assert epochs == ["0", "1", "2", "3"], (why, epochs)  # (an evaluation redone is logged once)
     summary = read_summary(tmp_path / "shrink")
-    assert sorted(summary["lost_ranks"]) == sorted(ranks) and summary["world_size"] == left, why
+    assert sorted(summary["lost_ranks"]) == dead and summary["world_size"] == left, why
     assert summary["useful_samples"] == summary["train_samples"], why  # goodput: a step in progress is lost
-    if when == "start":  # (nothing computed yet)
+    if case == "diloco":  # each dead rank's batch and the survivors' where no rank completed the step
+        assert summary["lost_samples"] <= ranks * 16 * len(deaths) and summary["goodput"] <= 1, why
+    else:  # the deaths came outside a step: nothing computed was lost
         assert summary["lost_samples"] == 0 and summary["goodput"] == 1, why
-    else:  # each dead rank's batch; the survivors' too where no rank completed the step
-        assert deaths * 16 <= summary["lost_samples"] <= 4 * 16 * deaths and summary["goodput"] < 1, why
     assert summary["test_accuracy"] >= 0.9, f"{why}: {summary['test_accuracy']}"
     kept = sorted((tmp_path / "shrink" / "checkpoints").glob("step-*"))
     assert all((ckpt / "manifest.json").exists() for ckpt in kept), (why, kept)  # (an interrupted one is gone)
     final = kept[-1]
-    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(left)]
-    assert not (final / f"rank-{left:05d}.pt").exists()
-    if "ea" in flags:  # each rank keeps its own parameters: the centers are the same
+    manifest = checkpoint.read_manifest(final)
+    size = left + (case == "sgd")  # (sgd: a rank died after the final checkpoint, which keeps its file)
+    assert manifest["finished"] and manifest["world_size"] == size, (why, manifest["world_size"])
+    states = [torch.load(final / f"rank-{r:05d}.pt", weights_only=True) for r in range(size)]
+    assert not (final / f"rank-{size:05d}.pt").exists(), why
+    if case == "ea":  # each rank keeps its own parameters: the centers are the same
         assert all(torch.equal(states[0]["algorithm"]["center"], other["algorithm"]["center"])
                    for other in states[1:]), why
         return

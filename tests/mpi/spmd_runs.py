@@ -451,6 +451,25 @@ def test_the_api_trains_a_users_loop_with_each_rule(algo, shared, capsys):
     assert rows and set(rows[0]) >= {"wall_time", "step", "samples", "epoch", "test_accuracy", "test_loss"}
 
 
+@one_side_fails_all
+def test_a_scripts_run_resumes_at_another_size(shared, capsys):
+    """A user's loop around AsyncTraining, checkpointed with two workers, resumed with
+    three: its workers start from the center at the epoch the old ones were in (the loop
+    reads its own data, so that epoch is taken again) and the center trains on."""
+    out = shared / "api-resize"
+    api_run(4, out, shared / "blobs.h5", algo="easgd", tau=4, epochs=2, test_every=1.0)
+    api_run(5, out, shared / "blobs.h5", algo="easgd", tau=4, epochs=3, test_every=1.0, resume="auto")
+    said = WORLD.gather("".join(capsys.readouterr()))  # (the tester logs)
+    if WORLD.rank:
+        return
+    said = "".join(said)
+    assert "written by 4 ranks: each worker starts from the center, at the start of the epoch" in said, said
+    summary = read_summary(out / "run")
+    assert summary["world_size"] == 5 and summary["workers"] == 3, summary
+    assert summary["final_metrics"]["test_accuracy"] > 0.8, "the blobs are learnt (chance: 0.25)"
+    assert [w["samples"] > 0 for w in summary["per_worker"]] == [True] * 3
+
+
 @pytest.mark.parametrize("algo,dataset,task,model,epochs,tau", [
     ("easgd", "user_data:regression", "regression", "user_data:regression_mlp", 4, 4),
     ("async-diloco", "user_data:tiny_corpus", "next-token", "charlm", 8, 10),  # (tau 4: the outer momentum overshoots)

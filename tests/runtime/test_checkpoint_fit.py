@@ -71,3 +71,28 @@ def test_an_async_run_at_another_size_keeps_its_servers_and_has_no_groups():
         refused(dict(algo="easgd", servers=2), Config(algo="easgd"))
     assert "a run with --groups resumes on as many ranks (mpirun -np 5)" in \
         refused(dict(algo="easgd", groups="2"), Config(algo="easgd", groups="2"))
+
+
+def test_a_checkpoint_written_again_at_its_step_never_leaves_latest_on_an_incomplete_one(tmp_path):
+    """The final checkpoint at the step of a periodic one that more ranks wrote (their last
+    epoch's end was redone after a death): the old one is removed whole, ``latest`` names
+    the checkpoint before it meanwhile, and none of the old ranks' files is left."""
+    from mpi_easgd.runtime import checkpoint
+
+    def write(step: int, ranks: int) -> None:
+        ckpt = checkpoint.step_dir(tmp_path, step)
+        for rank in range(ranks):
+            checkpoint.save_rank(ckpt, rank, {"rank": rank})
+        checkpoint.commit(tmp_path, ckpt, {"world_size": ranks, "step": step})
+
+    write(20, 3)
+    write(30, 3)
+    checkpoint.retract(tmp_path, checkpoint.step_dir(tmp_path, 30))
+    assert checkpoint.latest(tmp_path) == checkpoint.step_dir(tmp_path, 20)
+    write(30, 2)
+    assert checkpoint.latest(tmp_path) == checkpoint.step_dir(tmp_path, 30)
+    assert sorted(p.name for p in checkpoint.step_dir(tmp_path, 30).iterdir()) == \
+        ["manifest.json", "rank-00000.pt", "rank-00001.pt"]
+    checkpoint.retract(tmp_path, checkpoint.step_dir(tmp_path, 20))
+    checkpoint.retract(tmp_path, checkpoint.step_dir(tmp_path, 30))  # (the only one: no latest at all)
+    assert checkpoint.latest(tmp_path) is None and not (tmp_path / "checkpoints" / "latest").exists()

@@ -35,8 +35,28 @@ def test_a_fault_at_save_waits_for_that_checkpoint():
     (fault,) = from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=raise,step=10,at=save"})
     fault.at_step(10)  # not in a step
     faults = from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=raise,step=10,at=save"})
-    faults.at_save(5)  # not in that checkpoint
-    with pytest.raises(InjectedFault):
-        faults.at_save(10)
-    with pytest.raises(ValueError, match="at must be step or save"):
+    faults.at("save", 5)  # not in that checkpoint
+    faults.at("sync", 10)  # not a checkpoint
+    with pytest.raises(InjectedFault, match="in the checkpoint of step 10"):
+        faults.at("save", 10)
+    with pytest.raises(ValueError, match="at must be one of step, save, sync, eval, end, shrink"):
         from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=kill,at=exchange"})
+
+
+@pytest.mark.parametrize("moment,number,said", [("sync", 2, "in the synchronize ending epoch 2"),
+                                                ("eval", 2, "in the evaluation ending epoch 2"),
+                                                ("end", 7, "at the end of the run"),
+                                                ("shrink", 1, "while another death was handled")])
+def test_a_fault_at_another_moment_acts_there_only(moment, number, said):
+    from mpi_easgd.runtime.faults import MOMENTS, InjectedFault, from_env
+
+    faults = from_env(2, {"MPI_EASGD_FAULT": f"rank=2,action=raise,step=2,at={moment}"})
+    for step in range(5):
+        faults.at_step(step)  # never in a step
+    for other in MOMENTS[1:]:
+        if other != moment:
+            faults.at(other, number)
+    if moment in ("sync", "eval"):
+        faults.at(moment, 3)  # another epoch's end
+    with pytest.raises(InjectedFault, match=said):
+        faults.at(moment, number)
