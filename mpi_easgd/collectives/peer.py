@@ -332,27 +332,6 @@ def regroup(ctx: RunContext, pos: Position, old_count: int, old_rest: Rest | Non
     return rest
 
 
-def _survivors(ctx: RunContext, agree=None) -> tuple[MPI.Comm, list[int], object]:
-    """Revoke ``ctx.comm``, shrink it to the ranks alive, and (on the new communicator)
-    ``agree(new)``: (the new communicator, the survivors' world ranks, what ``agree``
-    returned). A death meanwhile starts it over."""
-    comm, fault = ctx.comm, faults.from_env(ctx.rank)
-    while True:
-        with ft.survivable() as death:
-            comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
-            new = comm.Shrink()
-        if death:
-            continue  # shrink it again
-        if fault:
-            fault.at("shrink")  # (injected: a death while this one is handled)
-        with ft.survivable() as death:
-            survivors = new.allgather(ctx.rank)
-            agreed = agree(new) if agree is not None else None
-        if not death:
-            return new, survivors, agreed
-        comm = new  # a survivor died too: shrink again
-
-
 def _on_survivors(ctx: RunContext, new: MPI.Comm, members: list[int], dead: list[int],
                   kept: int) -> RunContext:
     """The run's context on the survivors' communicator ``new``. When the rank that owns
@@ -376,7 +355,7 @@ def shrink_at_start(ctx: RunContext, members: list[int]) -> tuple[RunContext, li
     same state (a fresh run's is the seed's; a resumed one's is each rank's file).
     ``members``: the ranks (as the run started) on ``ctx.comm``; returns the new context
     and the survivors."""
-    new, survivors, _ = _survivors(ctx)
+    new, survivors, _ = ft.shrink(ctx.comm, ctx.rank)
     dead = [r for r in members if r not in survivors]
     # (a fresh run's rows are redone from its start; a resumed one's were cut at its checkpoint already)
     ctx = _on_survivors(ctx, new, members, dead, kept=-1 if ctx.resume is None else 1 << 62)
@@ -403,7 +382,7 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
         mine = (peer.state_dict(pos), peer.last) if new.Get_rank() == furthest else None
         return furthest, redone, in_step, new.bcast(mine, root=furthest)
 
-    new, survivors, (furthest, redone, in_step, (state, last)) = _survivors(ctx, furthest_state)
+    new, survivors, (furthest, redone, in_step, (state, last)) = ft.shrink(ctx.comm, ctx.rank, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
     members = peer.members
     peer.algo.close()

@@ -113,27 +113,23 @@ class AsyncTraining:
         self.group_comm, self.leaders = None, topo.worker_ranks  # (--groups: only leaders talk to the server)
         self.spares: dict[int, MPI.Comm] = {}
         self.rest: Rest | None = None  # (a resume at another size) the epoch's unseen samples over these workers
+        self.lost_at_start: list[int] = []  # (ULFM) workers that died in the start (ranks as the run started)
         if replacing is not None:  # (the server is the only rank a replacement knows)
             self.live, saved = replacing["live"], {"position": replacing["position"]}
         else:
-            self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
-            # (ULFM, --servers S, uncompressed) where rank 0 would serve a shard whose server died (.shards)
-            self.spares = {k: comm.Dup() for k in topo.server_ranks[1:]} if ft.enabled() and \
-                wire_format(cfg.exchange_dtype, cfg.topk_fraction) in (torch.float32, torch.float16, torch.bfloat16) \
-                else {}
-            self.group_comm, self.leaders = make_groups(comm, topo.worker_ranks, cfg.groups)
-            member = self.group_comm is not None and self.group_comm.Get_rank() != LEADER
-            # (a member writes no checkpoint file: it starts from its leader's state)
-            saved = self._resumed(member) if ctx.resume else None
-            if topo.role in ("server", "shard"):
-                self.server = self._make_server(saved)
-            # The center, each shard from its server: everyone's starting point (a resumed
-            # server holds only its own shard of it)
-            for root, (a, b) in zip(topo.server_ranks, shard_bounds(self.flat.numel, topo.servers)):
-                start = MPIBuffer(self.flat.data[a:b], ctx.transfer)
-                start.before_send()
-                comm.Bcast(start.mpi, root=root)
-                start.after_recv()
+            start_fault = faults.from_env(ctx.rank)
+            if start_fault:
+                start_fault.at_start()  # (injected: a death at the start, before any traffic of the run)
+            self.world_ranks = list(range(comm.Get_size()))  # (by rank: each process's rank as the run started)
+            while True:  # (ULFM) a worker that dies in the start: start again without it
+                try:
+                    saved = self._start(ctx)
+                    break
+                except MPI.Exception as exc:
+                    if cfg.on_worker_loss == "abort" or not ft.is_failure(exc):
+                        raise
+                    ctx = self._without_the_dead(ctx)
+            comm, topo = ctx.comm, ctx.topo
         if ctx.resume is not None:
             old_size = checkpoint.read_manifest(ctx.resume)["world_size"]
             ctx.log.info(f"resumed from {ctx.resume}" + (
@@ -173,6 +169,61 @@ class AsyncTraining:
         self.stopped = False
         self.finished = False
         self.summary: dict | None = None  # on the tester, once finished
+
+    def _start(self, ctx: RunContext) -> dict | None:
+        """The start on ``ctx.comm``: the communicators, the server, the center broadcast to
+        every rank; returns this rank's saved state (a resumed run) or None. Collective;
+        under ULFM it ends in a barrier, so that a death anywhere in it fails on every rank."""
+        cfg, comm, topo = ctx.cfg, ctx.comm, ctx.topo
+        self.ctx = ctx
+        self.live = comm.Dup()  # liveness traffic (heartbeats, DROPPED, wake-up) never meets a training receive
+        # (ULFM, --servers S, uncompressed) where rank 0 would serve a shard whose server died (.shards)
+        self.spares = {k: comm.Dup() for k in topo.server_ranks[1:]} if ft.enabled() and \
+            wire_format(cfg.exchange_dtype, cfg.topk_fraction) in (torch.float32, torch.float16, torch.bfloat16) \
+            else {}
+        self.group_comm, self.leaders = make_groups(comm, topo.worker_ranks, cfg.groups)
+        member = self.group_comm is not None and self.group_comm.Get_rank() != LEADER
+        # (a member writes no checkpoint file: it starts from its leader's state)
+        saved = self._resumed(member) if ctx.resume else None
+        if topo.role in ("server", "shard"):
+            self.server = self._make_server(saved)
+        # The center, each shard from its server: everyone's starting point (a resumed
+        # server holds only its own shard of it)
+        for root, (a, b) in zip(topo.server_ranks, shard_bounds(self.flat.numel, topo.servers)):
+            start = MPIBuffer(self.flat.data[a:b], ctx.transfer)
+            start.before_send()
+            comm.Bcast(start.mpi, root=root)
+            start.after_recv()
+        if ft.enabled():
+            comm.Barrier()  # (a rank past the broadcast while another failed in it would go on alone)
+        return saved
+
+    def _without_the_dead(self, ctx: RunContext) -> RunContext:
+        """(ULFM) A process died in the start: the survivors shrink the communicator and
+        start again without it, ranks renumbered in order (so the server ranks and the tester
+        keep their roles); a dead server or tester ends the run. The summary lists the dead
+        (``lost_at_start``, by their rank as the run started)."""
+        from mpi_easgd.topology import Topology
+
+        if self.server is not None:
+            self.server.liveness.stop()
+            self.server = None
+        new, survivors, _ = ft.shrink(ctx.comm, self.world_ranks[ctx.comm.Get_rank()])
+        dead = [r for r in self.world_ranks if r not in survivors]
+        topo = ctx.topo
+        vital = [f"{'tester' if i == topo.tester_rank else 'server'} rank {r}"
+                 for i, r in enumerate(self.world_ranks) if r in dead and i not in topo.worker_ranks]
+        if vital:
+            raise PeerLost(f"{', '.join(vital)} died at the start, before training; the run cannot go on without "
+                           f"it: start it again")
+        kept = [self.world_ranks.index(r) for r in survivors]
+        self.world_ranks, self.lost_at_start = survivors, self.lost_at_start + dead
+        topo = Topology.build(new.Get_size(), new.Get_rank(), ctx.cfg.algo, ctx.cfg.servers)
+        ctx.log.warn(f"worker rank(s) {dead} died at the start, before training; starting again with "
+                     f"{topo.num_workers} worker(s), the ranks after them renumbered (--on-worker-loss "
+                     f"{ctx.cfg.on_worker_loss})")
+        return dataclasses.replace(ctx, comm=new, topo=topo, hosts=tuple(ctx.hosts[i] for i in kept)
+                                   if ctx.hosts else ctx.hosts)
 
     def _resumed(self, member: bool) -> dict | None:
         """This rank's state in the checkpoint to resume (None: a group's member, which
@@ -461,6 +512,8 @@ class AsyncTraining:
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, stats,
                             TesterStats(row, evaluations + 1), {}, self.samples_per_step)
         summary["tester_lost"] = topo.tester_rank
+        if self.lost_at_start:
+            summary["lost_at_start"] = self.lost_at_start
         session.write_summary(ctx, log, summary)
         return summary
 
@@ -475,6 +528,8 @@ class AsyncTraining:
             raise Preempted(Path(server.checkpoint), server.lost_workers)
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, server, final,
                             {}, self.samples_per_step)
+        if self.lost_at_start:
+            summary["lost_at_start"] = self.lost_at_start
         note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
         if note:
             ctx.log.warn(note)

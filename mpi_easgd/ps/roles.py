@@ -46,7 +46,7 @@ def run_async(ctx: RunContext) -> None:
         evaluate = task_evaluator(task(cfg.task), test, train_data, ctx.device, evaluations)
     run = AsyncTraining.from_context(ctx, model, worker_optimizer(ctx, model), evaluate, cfg.batch_size,
                                      info.sizes["train"], info.name)
-    work(ctx, run)
+    work(run.ctx, run)  # (a worker's death at the start renumbers the ranks: the run's context is another)
 
 
 def worker_optimizer(ctx: RunContext, model: torch.nn.Module) -> torch.optim.Optimizer | None:

@@ -15,7 +15,7 @@ ending the job. This module is the one place that knows how to tell:
 - :func:`survivable`: the one way to make MPI calls that may fail because a peer died
   (``with ft.survivable() as death:``); :func:`is_failure`, :func:`failed_ranks`,
   :func:`is_dead`, :func:`test`: an MPI error that is a peer's death, and which peers are
-  dead.
+  dead; :func:`shrink`: go on with the survivors of a communicator.
 
 Without ULFM (MPICH, Open MPI without ``--with-ft ulfm``) a dead process ends the whole
 job, as the launcher does by default.
@@ -141,6 +141,31 @@ def is_dead(comm, rank: int) -> bool:
     with survivable() as death:
         comm.Iprobe(source=rank, tag=MPI.ANY_TAG)
     return bool(death)
+
+
+def shrink(comm, me: int, agree=None):
+    """After a death on ``comm``: revoke it, shrink it to the ranks alive and, on the new
+    communicator, ``agree(new)``. ``me``: this process's name in what is returned (its
+    rank in the world, which a renumbered communicator no longer says). Returns (the new
+    communicator, every survivor's ``me`` by new rank, what ``agree`` returned). A death
+    meanwhile starts it over. Collective over the survivors."""
+    from mpi_easgd.runtime import faults
+
+    fault = faults.from_env(me)
+    while True:
+        with survivable() as death:
+            comm.Revoke()  # every survivor's next (or pending) call on it fails: all of them get here
+            new = comm.Shrink()
+        if death:
+            continue  # shrink it again
+        if fault:
+            fault.at("shrink")  # (injected: a death while this one is handled)
+        with survivable() as death:
+            survivors = new.allgather(me)
+            agreed = agree(new) if agree is not None else None
+        if not death:
+            return new, survivors, agreed
+        comm = new  # a survivor died too: shrink again
 
 
 def test(request) -> bool:

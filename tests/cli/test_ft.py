@@ -45,6 +45,32 @@ def test_easgd_goes_on_without_a_worker_killed_at_a_random_step(tmp_path):
     assert summary["lost_samples"] == 10 * batch // 2 and 0.9 < summary["goodput"] < 1, why  # (its last steps)
 
 
+@pytest.mark.parametrize("role,rank", [("worker", None), ("tester", 3)])
+def test_a_death_at_the_start_of_an_async_run(tmp_path, blobs, role, rank):
+    """A worker that dies in the start (before the center's broadcast, so before its first
+    exchange) is left behind: the others start again without it, ranks renumbered, and
+    the summary says so. A dead tester or server at the start ends the run in one line."""
+    rank = rank if rank is not None else at_random(1, 2, salt=7)
+    why = f"{role} rank {rank} of 4 killed at the start (MPI_EASGD_FT_SEED={SEED})"
+    result = ulfm_train(4, "--algo", "easgd", "--dataset", str(blobs), "--model", "mlp", "--epochs", "3",
+                        "--batch-size", "16", "--on-worker-loss", "continue", "--out", str(tmp_path),
+                        "--run-name", "start", env={"MPI_EASGD_FAULT": f"rank={rank},action=kill,step=-1"})
+    assert "Traceback" not in result.output, result.output
+    if role == "tester":
+        assert result.returncode != 0, why
+        assert f"tester rank {rank} died at the start, before training; the run cannot go on without it" \
+            in result.stderr, (why, result.stderr)
+        return
+    assert result.returncode == 0, f"{why}\n{result.output}"
+    assert f"worker rank(s) [{rank}] died at the start, before training; starting again with 1 worker(s)" \
+        in result.stderr, (why, result.stderr)
+    summary = read_summary(tmp_path / "start")
+    assert summary["lost_at_start"] == [rank] and summary["world_size"] == 3 and summary["workers"] == 1, why
+    (worker,) = summary["per_worker"]
+    assert worker["rank"] == 1 and worker["exchanges"] == worker["server_exchanges"] > 0, why
+    assert summary["goodput"] == 1 and summary["test_accuracy"] >= 0.9, (why, summary["test_accuracy"])
+
+
 def test_a_center_over_two_servers_survives_a_dead_worker_and_a_dead_server_rank(tmp_path):
     """--servers 2, a worker and server rank 1 killed at random moments: both server ranks
     find the worker's death (each on its own receives) and go on; rank 0 takes shard 1 over
