@@ -21,6 +21,13 @@ def at_random(low: int, high: int, salt: int = 0) -> int:
     return random.Random(SEED + salt).randint(low, high)
 
 
+def an_async_algorithm(salt: int) -> tuple[str, float]:
+    """A built-in async algorithm drawn from the seed, and the accuracy it reaches on
+    mnist5k in 8 epochs with a death or two (async DiLoCo's outer momentum: a little less)."""
+    algo = random.Random(SEED + salt).choice(["easgd", "eamsgd", "downpour", "async-diloco"])
+    return algo, 0.93 if algo == "async-diloco" else 0.95
+
+
 def mnist(tmp_path, name: str, *flags: str) -> list[str]:
     return ["--dataset", "mnist5k", "--epochs", "8", "--out", str(tmp_path), "--run-name", name, *flags]
 
@@ -82,9 +89,10 @@ def test_a_center_over_two_servers_survives_a_dead_worker_and_a_dead_server_rank
     from mpi_easgd.rules.audit import replay
 
     step, server = at_random(5, 450, salt=5), at_random(5, 45, salt=6)  # of 8 x 62 steps; of ~50+ exchanges
-    why = (f"worker rank 3 killed at its step {step}, server rank 1 at its exchange {server} "
+    algo, accuracy = an_async_algorithm(salt=8)
+    why = (f"{algo}: worker rank 3 killed at its step {step}, server rank 1 at its exchange {server} "
            f"(MPI_EASGD_FT_SEED={SEED})")
-    result = ulfm_train(5, "--algo", "easgd", "--servers", "2", "--audit", "--dataset", "mnist5k", "--epochs", "8",
+    result = ulfm_train(5, "--algo", algo, "--servers", "2", "--audit", "--dataset", "mnist5k", "--epochs", "8",
                         "--out", str(tmp_path), "--run-name", "shards", "--on-worker-loss", "continue",
                         "--checkpoint-every", "30", env={"MPI_EASGD_FAULT": f"rank=3,action=kill,step={step};"
                                                                             f"rank=1,action=kill,step={server}"})
@@ -92,7 +100,7 @@ def test_a_center_over_two_servers_survives_a_dead_worker_and_a_dead_server_rank
     assert "server rank 1 died; rank 0 serves its shard of the center from" in result.stderr, why
     summary = read_summary(tmp_path / "shards")
     assert summary["lost_workers"] == [3] and summary["dead_workers"] == [3], why
-    assert summary["test_accuracy"] >= 0.95, f"{why}: {summary['test_accuracy']}"
+    assert summary["test_accuracy"] >= accuracy, f"{why}: {summary['test_accuracy']}"
     (takeover,) = summary["server_takeovers"]
     assert takeover["shard"] == 1 and 0 <= takeover["lost_exchanges"] <= 32, (why, takeover)  # (checkpoints: 30)
     assert takeover["seconds_to_serving"] < 1 and 0 < takeover["seconds_to_first_exchange"] < 10, (why, takeover)
@@ -251,13 +259,15 @@ def test_a_dead_tester_leaves_the_evaluation_and_the_summary_to_rank_0(tmp_path)
     run ended without one). Sends to a dead tester may still complete: rank 0 asks MPI."""
     import csv
 
-    result = ulfm_train(4, *mnist(tmp_path, "tester", "--on-worker-loss", "continue", "--checkpoint-every", "20"),
+    algo, accuracy = an_async_algorithm(salt=9)
+    result = ulfm_train(4, *mnist(tmp_path, "tester", "--algo", algo, "--on-worker-loss", "continue",
+                                  "--checkpoint-every", "20"),
                         env={"MPI_EASGD_FAULT": "rank=3,action=kill,step=1"})  # at its second snapshot
-    assert result.returncode == 0, result.output
+    assert result.returncode == 0, f"{algo} (MPI_EASGD_FT_SEED={SEED})\n{result.output}"
     assert "the tester (rank 3) died; the run went on without evaluations, and rank 0 evaluates" in result.output
     assert "Traceback" not in result.output
     summary = read_summary(tmp_path / "tester")
-    assert summary["tester_lost"] == 3 and summary["test_accuracy"] >= 0.95, summary["test_accuracy"]
+    assert summary["tester_lost"] == 3 and summary["test_accuracy"] >= accuracy, (algo, summary["test_accuracy"])
     assert all(w["samples"] > 0 and w["exchanges"] == w["server_exchanges"] for w in summary["per_worker"])
     rows = list(csv.DictReader((tmp_path / "tester" / "metrics.csv").open()))
     assert float(rows[0]["epoch"]) == 0 and float(rows[-1]["epoch"]) == 8.0, rows  # the tester's first, rank 0's last
