@@ -113,6 +113,9 @@ class Config:
     on_rank_loss: str = _opt("abort", "sgd, ea, diloco under mpirun --with-ft ulfm: a rank that dies ends the job "
                                       "(abort), or the survivors go on, the data re-sharded over them (shrink)",
                              choices=("abort", "shrink"))
+    keep_global_batch: bool = _opt(False, "sgd, ea, diloco: after a shrink or a resume at another size, keep the "
+                                          "global batch (--batch-size x the ranks the run started with): each rank "
+                                          "takes its share, in micro-batches of --batch-size")
     on_nonfinite: str = _opt("skip", "a NaN/Inf loss or gradient: skip the step, or stop the job",
                              choices=("skip", "stop"))
 
@@ -224,6 +227,10 @@ class Config:
         if self.on_rank_loss == "shrink" and "on_rank_loss" not in uses:
             raise ConfigError(f"--on-rank-loss shrink applies to {_listed(registry.using('on_rank_loss'))}; "
                               f"{self.algo} goes on without a dead worker with --on-worker-loss continue (or respawn)")
+        if self.keep_global_batch and "keep_global_batch" not in uses:
+            raise ConfigError(f"--keep-global-batch applies to {_listed(registry.using('keep_global_batch'))}; an "
+                              f"async run's pace is each worker's own (set --alpha for the workers you expect): "
+                              f"drop the flag")
         if self.max_staleness and "max_staleness" not in uses:
             raise ConfigError(f"--max-staleness applies to the async algorithms "
                               f"({', '.join(registry.using('max_staleness'))}); {self.algo}'s rounds are never stale: "

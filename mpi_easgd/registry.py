@@ -105,7 +105,7 @@ def load_user_object(path: str, flag: str, error: type[Exception]):
         raise error(f"{flag} {path}: importing {module} failed ({type(exc).__name__}: {exc})") from None
 
 
-_SYNC_USES = frozenset({"on_rank_loss"})
+_SYNC_USES = frozenset({"on_rank_loss", "keep_global_batch"})
 _ASYNC_USES = frozenset({"tau", "exchange_dtype", "topk_fraction", "overlap_exchange", "on_worker_loss", "test_every",
                          "audit", "max_staleness", "servers", "groups", "group_tau"})
 _RULES = "mpi_easgd.rules.asynchronous"

@@ -34,7 +34,7 @@ from mpi4py import MPI
 
 from mpi_easgd import registry
 from mpi_easgd.collectives.base import PeriodicRounds
-from mpi_easgd.data import shard_loader, steps_per_epoch
+from mpi_easgd.data import rank_batch, shard_loader, steps_per_epoch
 from mpi_easgd.data.rest import Resharded, Rest, consumed, old_orders, rest_of_epoch, unseen
 from mpi_easgd.models import build_model
 from mpi_easgd.runtime import checkpoint, faults, ft
@@ -48,9 +48,11 @@ from mpi_easgd.tasks import task
 class Peer:
     """One rank of a synchronous run, as the training loop sees it (see the module docstring)."""
 
-    def __init__(self, ctx: RunContext, steps: int) -> None:
+    def __init__(self, ctx: RunContext) -> None:
         cfg, comm = ctx.cfg, ctx.comm
-        self.ctx, self.steps = ctx, steps
+        self.ctx = ctx
+        # The global batch the run started with (kept at another size with --keep-global-batch)
+        self.global_batch = cfg.batch_size * comm.Get_size()
         self.rest: Rest | None = None  # the current epoch's rest, re-sharded over these ranks (data.rest)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, ctx.info.shape, ctx.info.num_classes).to(ctx.device)
@@ -163,8 +165,26 @@ class Peer:
     def state_dict(self, pos: Position) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     algorithm=self.algo.state_dict(), position=pos.state_dict(), totals=self.totals.tolist(),
-                    torch_rng=torch.get_rng_state(),
+                    torch_rng=torch.get_rng_state(), global_batch=self.global_batch,
                     rest=self.rest.state_dict() if self.rest is not None and self.rest.epoch == pos.epoch else None)
+
+    @property
+    def batch(self) -> int:
+        """This rank's batch per step: ``--batch-size``, or with ``--keep-global-batch`` its
+        share of the global batch the run started with (taken in micro-batches of
+        ``--batch-size``)."""
+        return self.batch_at(self.ctx.comm.Get_size())
+
+    def batch_at(self, ranks: int) -> int:
+        """A rank's batch in a run of ``ranks`` ranks (see :attr:`batch`)."""
+        return rank_batch(self.global_batch, ranks) if self.ctx.cfg.keep_global_batch else self.ctx.cfg.batch_size
+
+    @property
+    def steps(self) -> int:
+        """The steps every rank takes per epoch."""
+        cfg = self.ctx.cfg
+        return max(steps_per_epoch(self.ctx.info.sizes["train"], self.ctx.comm.Get_size(), self.batch,
+                                   not cfg.uneven))
 
     # ---- set-up and end --------------------------------------------------------------
 
@@ -179,6 +199,7 @@ class Peer:
         self.algo.load_state_dict(state["algorithm"])
         torch.set_rng_state(state["torch_rng"])
         self.totals[:len(state["totals"])] = state["totals"]
+        self.global_batch = state.get("global_batch", self.global_batch)  # (earlier versions: resume() says)
         # (checkpoints of earlier versions kept the position's fields at the top level)
         pos = Position.from_state(state.get("position") or {k: state[k] for k in ("epoch", "step", "stats", "skipped")
                                                             if k in state})
@@ -217,7 +238,7 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
     members = list(range(ctx.comm.Get_size()))  # (ranks as the run started: what a death is said in)
     while True:  # the start: the first broadcast and evaluation (a death there: start again without it)
         try:
-            peer = Peer(ctx, _steps(ctx))
+            peer = Peer(ctx)
             pos = Position()
             if ctx.resume is None:
                 peer.evaluate_start()
@@ -231,11 +252,11 @@ def run_peer(ctx: RunContext) -> tuple[RunContext, dict]:
             lost += [r for r in members if r not in survivors]
             members = survivors
     size = ctx.comm.Get_size()
-    loader, steps = _loader(ctx, peer.rest), peer.steps
+    loader, steps = _loader(ctx, peer), peer.steps
     log.info(
         f"{cfg.algo}: {size} ranks, model {cfg.model} ({peer.flat.numel:,} parameters), "
         f"{info.name} {info.sizes['train']} train / {info.sizes['test']} test, "
-        f"batch {cfg.batch_size} per rank, {steps} steps per epoch, device {ctx.device}"
+        f"batch {peer.batch} per rank, {steps} steps per epoch, device {ctx.device}"
     )
     resumed_at_end = pos.epoch >= cfg.epochs
     while True:  # training, the final checkpoint and the summary's collectives (a death there: shrink)
@@ -275,18 +296,12 @@ def _summary(ctx: RunContext, peer: Peer, pos: Position, lost: list[int]) -> dic
                        **({"rounds": peer.algo.rounds} if peer.periodic else {}), **traffic)
 
 
-def _steps(ctx: RunContext) -> int:
-    """The steps every rank of ``ctx.comm`` takes per epoch."""
-    cfg = ctx.cfg
-    return max(steps_per_epoch(ctx.info.sizes["train"], ctx.comm.Get_size(), cfg.batch_size, not cfg.uneven))
-
-
-def _loader(ctx: RunContext, rest: Rest | None) -> Resharded:
-    """This rank's training shard over ``ctx.comm`` (in ``rest``'s epoch: its slice of the rest)."""
+def _loader(ctx: RunContext, peer: Peer) -> Resharded:
+    """This rank's training shard over ``ctx.comm`` (in ``peer.rest``'s epoch: its slice of the rest)."""
     cfg, comm = ctx.cfg, ctx.comm
-    loader = shard_loader(ctx.info, "train", comm.Get_rank(), comm.Get_size(), batch_size=cfg.batch_size,
+    loader = shard_loader(ctx.info, "train", comm.Get_rank(), comm.Get_size(), batch_size=peer.batch,
                           seed=cfg.seed, even=not cfg.uneven, augment=cfg.augment, prefetch=cfg.prefetch)
-    return Resharded(loader, rest, comm.Get_rank())
+    return Resharded(loader, peer.rest, comm.Get_rank())
 
 
 def resume(ctx: RunContext, peer: Peer) -> Position:
@@ -298,32 +313,35 @@ def resume(ctx: RunContext, peer: Peer) -> Position:
     old = checkpoint.read_manifest(ctx.resume)["world_size"]
     state = checkpoint.load_rank(ctx.resume, ctx.rank % old)
     pos = peer.load_state_dict(state)
+    if "global_batch" not in state:  # (written by an earlier version, at the batch it started with)
+        peer.global_batch = ctx.cfg.batch_size * old
     if ctx.rank >= old and peer.periodic:
         peer.algo.abandon(keep_residuals=False)  # a copy of another rank's state: its residual is sent once
-    peer.rest = regroup(ctx, pos, old, Rest.from_state(state.get("rest")))
+    peer.rest = regroup(ctx, peer, pos, old, Rest.from_state(state.get("rest")))
     size = ctx.comm.Get_size()
     resized = "" if old == size else f" (written by {old} ranks; the epoch's unseen samples re-sharded over {size})"
     ctx.log.info(f"resumed from {ctx.resume} at epoch {pos.epoch + 1}, step {pos.step}{resized}")
     return pos
 
 
-def regroup(ctx: RunContext, pos: Position, old_count: int, old_rest: Rest | None) -> Rest | None:
+def regroup(ctx: RunContext, peer: Peer, pos: Position, old_count: int, old_rest: Rest | None) -> Rest | None:
     """The rest of epoch ``pos.epoch`` over ``ctx.comm``'s ranks, when ``old_count`` ranks
     (in ``old_rest``, if the epoch was re-sharded before) reached ``pos``: the samples they
     had not taken yet, each to be taken once (:mod:`mpi_easgd.data.rest`); ``pos.step``
-    moves to where the rest begins. None: the layout is the usual one."""
-    cfg, size = ctx.cfg, ctx.comm.Get_size()
+    moves to where the rest begins, taken in ``peer``'s batches. None: the layout is the
+    usual one."""
+    cfg, size, old_batch = ctx.cfg, ctx.comm.Get_size(), peer.batch_at(old_count)
     old_rest = old_rest if old_rest is not None and old_rest.epoch == pos.epoch else None
     if old_count == size or (pos.step == 0 and old_rest is None):
         return old_rest if old_count == size else None
 
     def old_loader(index: int):
-        return shard_loader(ctx.info, "train", index, old_count, batch_size=cfg.batch_size, seed=cfg.seed,
+        return shard_loader(ctx.info, "train", index, old_count, batch_size=old_batch, seed=cfg.seed,
                             even=not cfg.uneven, prefetch=0)
 
     orders = old_orders(old_loader, old_rest, pos.epoch, old_count, cfg.seed)
-    taken = consumed(orders, pos.step, old_rest, pos.epoch, cfg.batch_size)
-    rest = rest_of_epoch(pos.epoch, unseen(orders, taken), size, _steps(ctx), cfg.batch_size)
+    taken = consumed(orders, pos.step, old_rest, pos.epoch, old_batch)
+    rest = rest_of_epoch(pos.epoch, unseen(orders, taken), size, peer.steps, peer.batch)
     pos.step = rest.first
     # The epoch's statistics so far stand for the old ranks': summed over the new ones, they still add up
     scale, stats = old_count / size, pos.stats
@@ -384,25 +402,27 @@ def shrink(ctx: RunContext, peer: Peer, pos: Position):
 
     new, survivors, (furthest, redone, in_step, (state, last)) = ft.shrink(ctx.comm, ctx.rank, furthest_state)
     dead = [r for r in peer.members if r not in survivors]
-    members = peer.members
+    members, batch = peer.members, peer.batch
     peer.algo.close()
     kept = state["position"]["t"]  # (metrics rows are this far)
     if new.Get_rank() == 0:  # a checkpoint the death interrupted is redone at the same step: from scratch
         checkpoint.discard_incomplete(ctx.run_dir)  # (before Peer's first broadcast: no rank writes yet)
     ctx = _on_survivors(ctx, new, members, dead, kept)  # (faults, messages: each rank's own rank still)
-    peer = Peer(ctx, _steps(ctx))
+    peer = Peer(ctx)
     pos = peer.load_state_dict(state)
     peer.last = last
     # (goodput) a rank that died in a step had computed its batch: one each
-    peer.totals[2:] += (redone + (len(dead) * ctx.cfg.batch_size if in_step else 0), len(dead))
+    peer.totals[2:] += (redone + (len(dead) * batch if in_step else 0), len(dead))
     if peer.periodic and new.Get_rank() != furthest:
         peer.algo.abandon(keep_residuals=False)  # the furthest rank's residual is its own: sent once
-    peer.rest = regroup(ctx, pos, len(members), Rest.from_state(state.get("rest")))
+    peer.rest = regroup(ctx, peer, pos, len(members), Rest.from_state(state.get("rest")))
+    kept_batch = f", each taking {peer.batch} samples per step to keep the global batch" \
+        if ctx.cfg.keep_global_batch else ""
     if pos.epoch >= ctx.cfg.epochs:
         ctx.log.warn(f"rank(s) {dead} died at the end of the run; the {new.Get_size()} ranks left finish it "
                      f"(--on-rank-loss shrink)")
     else:
         ctx.log.warn(f"rank(s) {dead} died; going on with {new.Get_size()} ranks from epoch {pos.epoch + 1}, "
-                     f"step {pos.step} of {peer.steps}, the epoch's unseen samples re-sharded over them "
-                     f"(--on-rank-loss shrink)")
-    return ctx, peer, _loader(ctx, peer.rest), pos, dead
+                     f"step {pos.step} of {peer.steps}, the epoch's unseen samples re-sharded over them"
+                     f"{kept_batch} (--on-rank-loss shrink{', --keep-global-batch' if kept_batch else ''})")
+    return ctx, peer, _loader(ctx, peer), pos, dead

@@ -8,7 +8,7 @@ The file layout is documented in :mod:`mpi_easgd.data.layout`.
 from mpi_easgd.data.builtin import BUILTIN, TEXT, build_mnist5k, cache_dir, resolve_dataset
 from mpi_easgd.data.layout import DataError, DatasetInfo, read_info, write_dataset
 from mpi_easgd.data.loader import ShardLoader
-from mpi_easgd.data.sharding import num_batches, shard_range, steps_per_epoch
+from mpi_easgd.data.sharding import num_batches, rank_batch, shard_range, steps_per_epoch
 
 
 def open_dataset(name: str) -> DatasetInfo:
@@ -36,6 +36,7 @@ def shard_loader(info: DatasetInfo, split: str, index: int = 0, count: int = 1, 
 
 __all__ = [
     "BUILTIN", "DataError", "DatasetInfo", "ShardLoader", "build_mnist5k", "cache_dir",
-    "num_batches", "open_dataset", "read_info", "resolve_dataset", "shard_loader", "shard_range", "steps_per_epoch",
+    "num_batches", "open_dataset", "rank_batch", "read_info", "resolve_dataset", "shard_loader", "shard_range",
+    "steps_per_epoch",
     "write_dataset",
 ]

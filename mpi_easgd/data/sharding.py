@@ -27,6 +27,13 @@ def num_batches(length: int, batch_size: int, drop_last: bool) -> int:
     return length // batch_size if drop_last else -(-length // batch_size)
 
 
+def rank_batch(global_batch: int, count: int) -> int:
+    """Each of ``count`` ranks' batch that keeps a global batch of ``global_batch`` samples:
+    its share, rounded to the nearest sample (so the global batch is kept to within
+    ``count / 2`` samples: 64 over 3 ranks is 3 x 21)."""
+    return max(1, round(global_batch / count))
+
+
 def steps_per_epoch(n: int, count: int, batch_size: int, even: bool) -> list[int]:
     """Every shard's steps per epoch, computable on any rank without communication."""
     return [

@@ -109,7 +109,7 @@ def train(algo: Algorithm, loader, pos: Position, cfg: Config, *, steps: int, ra
     """Train from ``pos`` to the end of epoch ``cfg.epochs`` (``steps`` per epoch; a rank
     out of data steps with no batch), or until the algorithm says stop: returns whether it
     did. ``pos`` is updated as it goes."""
-    forward_backward = supervised_step(algo.model, algo.flat.zero_grad, task(cfg.task))
+    forward_backward = supervised_step(algo.model, algo.flat.zero_grad, task(cfg.task), micro=cfg.batch_size)
     fault = faults.from_env(rank)
     local = 0  # steps taken by this process: what injected faults count
     for epoch in range(pos.epoch, cfg.epochs):
@@ -209,14 +209,26 @@ def nonfinite_note(skipped: int, steps: int) -> str | None:
     return f"{what} (--on-nonfinite skip)"
 
 
-def supervised_step(model: nn.Module, zero_grad: Callable[[], None],
-                    kind: Task = CLASSIFICATION) -> Callable[[Batch], torch.Tensor]:
-    """Forward and backward of one batch with the task's loss; returns the loss."""
+def supervised_step(model: nn.Module, zero_grad: Callable[[], None], kind: Task = CLASSIFICATION,
+                    micro: int | None = None) -> Callable[[Batch], torch.Tensor]:
+    """Forward and backward of one batch with the task's loss; returns the loss. A batch
+    larger than ``micro`` samples goes through in micro-batches of at most ``micro``, each
+    loss weighted by its share of the batch: the gradients add up to the whole batch's
+    (within rounding), in the memory of one micro-batch (``--keep-global-batch``)."""
 
     def forward_backward(batch: Batch) -> torch.Tensor:
         zero_grad()
-        loss = kind.loss(model(batch[0]), batch[1])
-        loss.backward()
-        return loss
+        n = len(batch[1])
+        if micro is None or n <= micro:
+            loss = kind.loss(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+        total = torch.zeros((), device=batch[1].device)
+        for a in range(0, n, micro):
+            x, y = batch[0][a:a + micro], batch[1][a:a + micro]
+            loss = kind.loss(model(x), y) * (len(y) / n)
+            loss.backward()
+            total += loss.detach()
+        return total
 
     return forward_backward

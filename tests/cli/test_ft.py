@@ -157,7 +157,7 @@ def shrink_deaths(case: str, rnd: random.Random) -> list[tuple[int, str, str]]:
 
 
 @pytest.mark.parametrize("case,flags,ranks", [
-    ("sgd", ("--algo", "sgd", "--momentum", "0.9"), 5),
+    ("sgd", ("--algo", "sgd", "--momentum", "0.9", "--keep-global-batch"), 5),
     ("diloco", ("--algo", "diloco", "--tau", "4", "--fragments", "2", "--overlap-steps", "1",
                 "--exchange-dtype", "int4"), 4),
     ("ea", ("--algo", "ea", "--tau", "4"), 4)],
@@ -169,7 +169,8 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
     sgd: rank 0, which writes the log and summary, dies in a checkpoint (its own file
     written, the checkpoint not complete): the new rank 0 takes them over, and the
     checkpoint left incomplete is never used; then a rank dies in an evaluation (the
-    epoch's end is redone), and one after the final checkpoint (kept as it is). Streaming
+    epoch's end is redone), and one after the final checkpoint (kept as it is); the
+    survivors keep the global batch (--keep-global-batch). Streaming
     DiLoCo in int4: its rounds overlap a step, so a death leaves a round in flight on the
     broken communicator, which the survivors abandon; a second rank dies while they shrink
     it. ea: a rank dies before the first broadcast (the survivors start again without it),
@@ -191,6 +192,9 @@ def test_survivors_shrink_and_finish_with_identical_parameters(tmp_path, blobs, 
     assert sorted(int(r) for line in said for r in line.split("rank(s) [")[1].split("]")[0].split(", ")) == dead, \
         (why, said)
     assert all(any(saying in line for line in said) for _, _, saying in deaths), (why, said)
+    if case == "sgd":  # --keep-global-batch: 5 x 16 samples per step, then 4 x 20, then 3 x 27 (80 / 3, rounded)
+        assert "each taking 20 samples per step to keep the global batch" in said[0], (why, said)
+        assert "each taking 27 samples per step to keep the global batch" in said[1], (why, said)
     if 0 in dead:  # the log goes on: the rows before the death, then the survivors' to the last
         assert "rank 0, which wrote the run's log and summary, died; rank 1 writes them now" in result.stderr
         epochs = [line.split(",")[1] for line in (tmp_path / "shrink" / "metrics.csv").read_text().splitlines()[1:]]

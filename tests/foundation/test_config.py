@@ -40,6 +40,7 @@ def test_config_precedence_and_types(tmp_path):
     ('algo = "easgd"\ngroups = "2"\non_worker_loss = "continue"', "--groups works with --on-worker-loss abort"),
     ('algo = "ea"\naccept_joiners = true', "--accept-joiners needs an asynchronous algorithm"),
     ('algo = "easgd"\nservers = 2\naccept_joiners = true', "with one server rank and no --groups"),
+    ('algo = "downpour"\nkeep_global_batch = true', "--keep-global-batch applies to sgd, ea(,| and) diloco.*drop"),
 ])
 def test_bad_config_values(tmp_path, text, match):
     toml = tmp_path / "bad.toml"

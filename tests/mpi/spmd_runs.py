@@ -502,20 +502,22 @@ def test_an_async_run_on_a_users_datasets(algo, dataset, task, model, epochs, ta
         assert float(last["test_loss"]) < 0.5 * unigram, last
 
 
-@pytest.mark.parametrize(("algo", "old", "new"), [("ea", 4, 3), ("sgd", 3, 5), ("diloco", 5, 2)])
+@pytest.mark.parametrize(("algo", "old", "new", "keep"), [("ea", 4, 3, True), ("sgd", 3, 5, False),
+                                                          ("diloco", 5, 2, False)])
 @one_side_fails_all
-def test_a_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(algo, old, new, shared, capsys):
+def test_a_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(algo, old, new, keep, shared, capsys):
     """A checkpoint in the middle of the only epoch, written by ``old`` ranks, resumed on
     ``new``: counted by the dataset itself (what each process read for training), the
     samples taken before the checkpoint and after the resume are, each once, those that
-    the old ranks took in their whole epoch."""
+    the old ranks took in their whole epoch. ``keep``: --keep-global-batch, each new rank
+    taking 64 / 3 = 21 samples per step (in micro-batches of 16 and 5)."""
     import user_data
 
     n, batch = 1024, 16
     out, stop = shared / f"resize-{algo}", (n // old) // batch // 2 + 1  # (kept: this checkpoint and the last)
     flags = ["--algo", algo, "--dataset", "user_data:counted_regression", "--task", "regression", "--model",
              "user_data:counting_mlp", "--epochs", "1", "--batch-size", str(batch), "--prefetch", "0",
-             "--out", str(out), "--run-name", "run", "--tau", "2"]
+             "--out", str(out), "--run-name", "run", "--tau", "2", *(["--keep-global-batch"] if keep else [])]
     taken = []
     for ranks, extra in ((old, ["--checkpoint-every", str(stop)]),
                          (new, ["--resume", str(out / "run" / "checkpoints" / f"step-{stop:09d}")])):
@@ -525,6 +527,7 @@ def test_a_run_resumed_at_another_size_trains_on_each_sample_of_its_epoch_once(a
     if WORLD.rank:
         return
     assert f"written by {old} ranks; the epoch's unseen samples re-sharded over {new}" in stdout
+    assert f"batch {round(batch * old / new) if keep else batch} per rank" in stdout, stdout
     before = [i for r in range(old) for i in taken[0][r][:stop * batch]]  # each old rank's first `stop` steps
     after = [i for r in range(new) for i in taken[1][r]]
     epoch = {i for r in range(old) for i in taken[0][r]}  # what the old ranks took in the whole epoch

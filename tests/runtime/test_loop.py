@@ -111,3 +111,21 @@ def test_positions_from_older_or_partial_states():
     assert (rejoin.epoch, rejoin.step, rejoin.t) == (2, 0, 0)
 
 
+
+
+def test_micro_batches_add_up_to_the_whole_batchs_gradient():
+    """A batch of 10 through micro-batches of 4, 4 and 2 (--keep-global-batch): the same
+    loss and gradient as the whole batch at once, within rounding."""
+    from mpi_easgd.runtime.loop import supervised_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
+
+    def gradient(micro):
+        loss = supervised_step(model, lambda: model.zero_grad(set_to_none=True), micro=micro)(batch)
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (whole, g), (parts, h) = gradient(None), gradient(4)
+    assert torch.allclose(whole, parts, atol=1e-6) and torch.allclose(g, h, atol=1e-6)
+    assert not torch.equal(g, gradient(None)[1] * 0)  # (a gradient at all)
