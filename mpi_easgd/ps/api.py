@@ -115,7 +115,8 @@ class AsyncTraining:
         self.rest: Rest | None = None  # (a resume at another size) the epoch's unseen samples over these workers
         self.lost_at_start: list[int] = []  # (ULFM) workers that died in the start (ranks as the run started)
         if replacing is not None:  # (the server is the only rank a replacement knows)
-            self.live, saved = replacing["live"], {"position": replacing["position"]}
+            # (a worker's: the position the dead one's exchanges reached; a tester's: its evaluations)
+            self.live, saved = replacing["live"], {k: v for k, v in replacing.items() if k != "live"}
         else:
             start_fault = faults.from_env(ctx.rank)
             if start_fault:
@@ -403,7 +404,8 @@ class AsyncTraining:
             script = None if ctx.info is not None else ["-m", "mpi4py", str(Path(sys.argv[0]).resolve()),
                                                          *sys.argv[1:]]
             setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
-                         cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1))
+                         cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1),
+                         clock=time.time() - (time.perf_counter() - ctx.started))  # (the run's wall clock)
             spares = Spares(setup, script)
         doorway = None
         if cfg.accept_joiners:
@@ -465,8 +467,10 @@ class AsyncTraining:
         if server.audit is not None:
             server.audit.write(audit, server.versions.rule, server.center)
         # Sent once everything is on disk: the tester may end the job after its summary.
-        if server.feed.lost or not _hand_to_tester(ctx, stats):
+        if server.feed.lost or not _hand_to_tester(server.feed.comm, server.feed.tester, stats, cfg.worker_timeout):
+            server.feed.lost = True
             self.summary = self._stand_in(stats, server.feed.snapshots)
+        server.feed.let_go()  # (a replacement tester's intercommunicators)
         if set(stats.lost_workers) - set(stats.dead_workers):
             # A dropped worker that is only hung may still send (it wakes up and exchanges before it
             # learns it was dropped): MPICH fails an assertion when MPI_Finalize meets such a message.
@@ -663,21 +667,20 @@ def saved_state(resume: Path, rank: int, mmap: bool = False) -> dict:
     return checkpoint.load_rank(resume, rank, mmap=mmap)
 
 
-def _hand_to_tester(ctx: RunContext, stats: ServerStats) -> bool:
-    """Send the tester every role's statistics and (ULFM) wait for its word that it has
-    them: under ULFM a send to a dead tester may complete, and nothing else would say that
-    the summary is lost. False if it died."""
-    tester = ctx.topo.tester_rank
-    _send_stats(ctx.comm, stats, tester, ctx.cfg.worker_timeout)
+def _hand_to_tester(comm: MPI.Comm, tester: int, stats: ServerStats, timeout: float) -> bool:
+    """Send the tester (rank ``tester`` of ``comm``: a replacement's intercommunicator, or
+    the run's) every role's statistics and (ULFM) wait for its word that it has them:
+    under ULFM a send to a dead tester may complete, and nothing else would say that the
+    summary is lost. False if it died."""
+    _send_stats(comm, stats, tester, timeout)
     if not ft.enabled():
         return True
     arrived = False
     with ft.survivable() as death:
-        arrived, _ = receive_object(ctx.comm, tester, Tag.GATHERED, time.monotonic() + ctx.cfg.worker_timeout)
-    if death or ft.is_dead(ctx.comm, tester):
+        arrived, _ = receive_object(comm, tester, Tag.GATHERED, time.monotonic() + timeout)
+    if death or ft.is_dead(comm, tester):
         return False
     if not arrived:
-        timeout = ctx.cfg.worker_timeout
         raise PeerLost(f"the tester (rank {tester}) did not answer within --worker-timeout {timeout:g}s; "
                        f"training finished, the center is saved as center.pt and in {stats.checkpoint}, but the "
                        f"run's summary is not written")

@@ -5,7 +5,9 @@ It starts MPI first (the server waits for that, and only that), then prepares ev
 a worker needs from the run's set-up, waits to be assigned a dead worker's rank, takes the
 center and trains as that worker: its shard, its checkpoint file, its exchange count, from
 the position those exchanges reached. Its statistics go to the server, which is the only
-rank it knows. Told it is not needed, it exits.
+rank it knows. Assigned the tester's place instead, it evaluates the snapshots the server
+sends it from then on and writes the run's metrics rows (after the dead tester's) and its
+summary. Told it is not needed, it exits.
 
 On a node with more ranks than cores, the spare prepares at a lower priority (nice 10; at
 its normal one it took the CPU from the workers that train: 0.73 of the failure-free
@@ -133,8 +135,11 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     from mpi_easgd.transfer import MPIBuffer
 
     cfg, info, device, flat = prepared
-    rank, exchanges = assignment["rank"], assignment["exchanges"]
     os.environ[GENERATION_ENV] = str(assignment["generation"])  # which injected faults apply to it
+    if assignment.get("role") == "tester":
+        _test_in_place(parent, live, setup, prepared, assignment)
+        return
+    rank, exchanges = assignment["rank"], assignment["exchanges"]
     start = MPIBuffer(flat.data, "staged" if device.type != "cpu" else "direct")
     parent.Recv(start.mpi, source=0, tag=Tag.START)
     start.after_recv()
@@ -149,6 +154,41 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
     run = AsyncTraining.from_context(ctx, model, worker_optimizer(ctx, model), None, cfg.batch_size,
                                      info.sizes["train"], info.name, replacing=dict(live=live, position=position))
     work(ctx, run)
+
+
+def _test_in_place(parent, live, setup: dict, prepared, assignment: dict) -> None:
+    """Stand in for the tester that died: evaluate every snapshot from now on, then write
+    the run's summary (:meth:`AsyncTraining.finish`, on the server's intercommunicator)."""
+    import time
+    from pathlib import Path
+
+    from mpi_easgd.data import shard_loader
+    from mpi_easgd.ps.api import AsyncTraining
+    from mpi_easgd.ps.tester import task_evaluator
+    from mpi_easgd.runtime.context import RunContext
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.metrics import RunLog
+    from mpi_easgd.tasks import task
+    from mpi_easgd.topology import Topology
+
+    cfg, info, device, flat = prepared
+    rank, evaluations = assignment["rank"], assignment["evaluations"]
+    started = time.perf_counter() - (time.time() - setup["clock"])  # (the run's wall clock goes on)
+    run_dir = Path(setup["run_dir"])
+    log = RunLog(run_dir, setup["config"], False, cfg.tensorboard, started=started, resumed_at=1 << 62)  # (rows stay)
+    log.info(f"a new process stands in for the tester (rank {rank}), which died: it evaluates from snapshot "
+             f"{evaluations + 1} on and writes the summary")
+    test = shard_loader(info, "test", batch_size=512, shuffle=False, even=False)
+    train = shard_loader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
+    evaluate = task_evaluator(task(cfg.task), test, train, device, evaluations)
+    topo = Topology.build(setup["world_size"], rank, cfg.algo, cfg.servers)
+    ctx = RunContext(cfg, parent, topo, info, device, log, run_dir, StopRequest().install(), None,
+                     "direct" if device.type == "cpu" else "staged", started, identity=rank)
+    run = AsyncTraining.from_context(ctx, flat.module, None, evaluate, cfg.batch_size, info.sizes["train"], info.name,
+                                     replacing=dict(live=live, evaluations=evaluations))
+    run.finish()
+    live.Disconnect()
+    parent.Disconnect()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ process *died*. The server withdraws what it had posted for the worker and asks 
   ends the job only when no worker is left;
 - :class:`Respawn` (ULFM) hands a dead worker's place to a spare process
   (:mod:`.spares`): the same rank, shard and exchange count, from the current center, once
-  no checkpoint is under way; a hung worker it drops as :class:`Continue` does.
+  no checkpoint is under way; a hung worker it drops as :class:`Continue` does. A tester
+  that died is replaced the same way (the others go on without evaluations, and rank 0
+  evaluates the end).
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ class Abort:
     def replacements(self) -> Iterator[tuple[WorkerRecord, Link]]:
         """The records to hand to a new process now, each with its new link."""
         return iter(())
+
+    def tester(self, rank: int, evaluations: int):
+        """(ULFM) The tester, rank ``rank``, died after ``evaluations``: the (messages,
+        liveness) intercommunicators of a process that takes its place, or None (the run
+        goes on without evaluations)."""
+        return None
 
     def relayed(self, roster: Roster, timeout: float) -> dict[int, object]:
         """After the run: the statistics of every replacement, by the rank it stood in for."""
@@ -104,10 +112,17 @@ class Respawn(Continue):
         self.waiting.append(record)
         return True
 
+    def tester(self, rank: int, evaluations: int):
+        if not self.open:
+            return None
+        warn(f"the tester (rank {rank}) died; a new process takes its place after snapshot {evaluations} "
+             f"(--on-worker-loss respawn)")
+        return self.spares.assign(rank, role="tester", evaluations=evaluations)
+
     def replacements(self) -> Iterator[tuple[WorkerRecord, Link]]:
         while self.waiting and self.open:
             record = self.waiting.pop(0)
-            comm, live = self.spares.assign(record.rank, record.exchanges)
+            comm, live = self.spares.assign(record.rank, exchanges=record.exchanges)
             record.replacements.append(dict(
                 rank=record.rank, generation=self.spares.generation[record.rank], detected=record.deaths[-1],
                 assigned=time.time(), first_exchange=None, exchanges_before=record.exchanges))

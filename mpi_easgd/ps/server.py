@@ -110,6 +110,8 @@ class Server:
         if shards is not None:
             shards.updates = lambda: self.updates
         self.policy = policy or Abort()
+        self.tester_rank = tester_rank
+        self.tester_replacements: list[dict] = []  # (respawn) when each tester death was known, and its evaluations
         self.liveness = ServerLiveness(comm, live, self.roster, peer_timeout, self.policy.keeps_going)
         self.endpoints: Endpoints | None = None  # posted in run()
         self.schedule, self.barrier = Schedule(checkpoint_every), CheckpointBarrier()
@@ -147,7 +149,7 @@ class Server:
         if not self.feed.send_final(self.updates, self.roster, deadline):
             raise PeerLost(self._tester_lost())
         if not self.feed.lost:  # (ULFM: a dead tester's part falls to rank 0, see AsyncTraining)
-            self.liveness.listen(self.liveness.live, self.feed.tester)  # it now waits for the statistics
+            self.liveness.listen(self.feed.live or self.liveness.live, self.feed.tester)  # it waits for the statistics
         self._begin_checkpoint()
         self._serve(lambda: self.barrier.phase is Phase.IDLE)
         self.liveness.stop()
@@ -185,6 +187,8 @@ class Server:
                     self.schedule.due(self.updates, time.monotonic()):
                 self._begin_checkpoint()
             self.feed.offer(self.updates, self.roster)
+            if self.feed.lost and not self.feed.final:
+                self._replace_tester()
             self.totals.busy_seconds += time.perf_counter() - t0
 
     # ---- events ----------------------------------------------------------------------
@@ -365,6 +369,17 @@ class Server:
 
     # ---- the tester, state and statistics --------------------------------------------
 
+    def _replace_tester(self) -> None:
+        """(ULFM) The tester died: a new process takes its place if the policy has one
+        (respawn); the snapshots in flight to the dead one are forgotten."""
+        link = self.policy.tester(self.tester_rank, self.feed.snapshots)
+        if link is None:
+            return
+        self.versions.abandon(self.feed.comm, self.feed.tester)
+        self.feed.replace(*link)
+        self.tester_replacements.append(dict(rank=self.tester_rank, generation=len(self.feed.replaced),
+                                             assigned=time.time(), snapshots_before=self.feed.snapshots))
+
     def _tester_lost(self) -> str:
         self.versions.settle()  # so that center.pt holds the final center
         return (f"tester rank {self.feed.tester} did not take the final center within "
@@ -395,5 +410,5 @@ class Server:
             checkpoint_seconds=self.totals.checkpoint_seconds, lost_workers=[r.rank for r in self.roster.where(LOST)],
             dead_workers=sorted(r.rank for r in self.roster if r.deaths),
             replacements=sorted((e for r in self.roster for e in r.replacements), key=lambda e: e["assigned"]),
-            spawn_seconds=self.policy.spawn_seconds,
+            spawn_seconds=self.policy.spawn_seconds, tester_replacements=self.tester_replacements,
         )

@@ -48,16 +48,19 @@ class Spares:
         self.spare = (child, live)
         self.spawn_seconds.append(time.perf_counter() - t0)
 
-    def assign(self, rank: int, exchanges: int) -> tuple[MPI.Intercomm, MPI.Intercomm]:
-        """Make the spare worker ``rank`` (which had made ``exchanges``), spawn the next
-        one; returns the replacement's (messages, liveness) intercommunicators, on which it
-        is rank 0. The caller sends it the center (tag START)."""
+    def assign(self, rank: int, **job) -> tuple[MPI.Intercomm, MPI.Intercomm]:
+        """Make the spare the process of ``rank``, spawn the next one; returns the
+        replacement's (messages, liveness) intercommunicators, on which it is rank 0.
+        ``job``: a worker's ``exchanges`` (those the dead one had made; the caller then
+        sends it the center, tag START), or ``role="tester"`` and the ``evaluations`` made
+        so far (the server lets a tester's intercommunicators go after the summary)."""
         if self.spare is None:
             self.spawn()
         child, live = self.spare
         generation = self.generation[rank] = self.generation.get(rank, 0) + 1
-        child.send(dict(rank=rank, exchanges=exchanges, generation=generation), dest=0, tag=Tag.JOIN)
-        self.assigned.append((child, live))
+        child.send(dict(rank=rank, generation=generation, **job), dest=0, tag=Tag.JOIN)
+        if job.get("role") != "tester":
+            self.assigned.append((child, live))
         self.spare = None
         self.spawn()
         return child, live

@@ -78,6 +78,7 @@ class ServerStats:
     relayed: dict[int, WorkerStats] = field(default_factory=dict)  # every worker's statistics, by rank
     shards: list[dict] = field(default_factory=list)  # (--servers S) each other server rank's counters
     takeovers: list[dict] = field(default_factory=list)  # (--servers S, ULFM) the shards rank 0 took over
+    tester_replacements: list[dict] = field(default_factory=list)  # (respawn) each new tester process
 
 
 @dataclass
@@ -146,5 +147,6 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
                                    busy_seconds=server.server_busy_fraction * server.server_wall_seconds),
                               *server.shards]} if server.shards else {}),
         **({"server_takeovers": server.takeovers} if server.takeovers else {}),
+        **({"tester_replacements": server.tester_replacements} if server.tester_replacements else {}),
         **account,
     )

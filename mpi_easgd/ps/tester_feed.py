@@ -35,6 +35,8 @@ class TesterFeed:
         self.snapshots = 0  # sent (the tester evaluates every one: its checkpoint state)
         self.final = False
         self.lost = False  # (ULFM) the tester died: the run goes on without evaluations
+        self.live: MPI.Comm | None = None  # a replacement tester's liveness channel (None: the server's own)
+        self.replaced: list[tuple[MPI.Comm, MPI.Comm]] = []  # (respawn) each replacement's intercommunicators
         self._requests: list[MPI.Request] = []
         self._meta = np.zeros(0, dtype=np.int64)
         self._last = -float("inf")  # the first update is sent at once: the curve's start
@@ -53,6 +55,26 @@ class TesterFeed:
             done = MPI.Request.Testall(self._requests)
         self.lost |= bool(death) or self._dead()
         return done or self.lost
+
+    def replace(self, comm: MPI.Comm, live: MPI.Comm) -> None:
+        """The tester that died is replaced by rank 0 of ``comm`` (a spare process's
+        intercommunicator; ``live``: its liveness channel): snapshots go there, the next at once."""
+        self.comm, self.tester, self.live = comm, 0, live
+        self.replaced.append((comm, live))
+        self.lost, self._requests, self._last = False, [], -float("inf")
+
+    def let_go(self) -> None:
+        """After the run's summary: disconnect from the replacement testers (a dead one is
+        only freed: there is nobody to disconnect from)."""
+        for comm, live in self.replaced:
+            if (comm, live) == self.replaced[-1] and not self.lost:
+                live.Disconnect()
+                comm.Disconnect()
+            else:
+                for c in (live, comm):
+                    with ft.survivable():
+                        c.Free()
+        self.replaced = []
 
     def send_final(self, updates: int, roster: Roster, deadline: float) -> bool:
         """Hand over the final center once the previous snapshot has gone (False if it did

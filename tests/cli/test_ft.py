@@ -114,16 +114,27 @@ def test_a_center_over_two_servers_survives_a_dead_worker_and_a_dead_server_rank
 
 def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     """The worker dies, and so does its first replacement (a spawned process: MPI reports
-    its death on another communicator); the second one finishes the run."""
+    its death on another communicator); the second one finishes the run. The tester dies
+    at its second evaluation too: a spare takes its place, evaluates to the end and writes
+    the summary."""
+    import csv
+
     step, again = at_random(5, 350, salt=1), at_random(5, 60, salt=4)
-    why = f"worker rank 2 killed at its step {step}, its replacement at its step {again} (MPI_EASGD_FT_SEED={SEED})"
-    faults = f"rank=2,action=kill,step={step};rank=2,action=kill,step={again},gen=1"
-    result = ulfm_train(4, *mnist(tmp_path, "respawn", "--on-worker-loss", "respawn"), env={"MPI_EASGD_FAULT": faults})
+    why = (f"worker rank 2 killed at its step {step}, its replacement at its step {again}, the tester at its second "
+           f"evaluation (MPI_EASGD_FT_SEED={SEED})")
+    faults = f"rank=2,action=kill,step={step};rank=2,action=kill,step={again},gen=1;rank=3,action=kill,step=1"
+    result = ulfm_train(4, *mnist(tmp_path, "respawn", "--on-worker-loss", "respawn", "--test-every", "0.5"),
+                        env={"MPI_EASGD_FAULT": faults})
     # Open MPI's mpirun exits 137 when a process it spawned was killed, though the run is
     # complete (PRTE counts spawned jobs in its status; it rejects report-child-jobs-separately).
     assert result.returncode in (0, 137), f"{why}\n{result.output}"
-    assert result.stderr.count("a new process takes its place") == 2, result.output
+    assert result.stderr.count("a new process takes its place") == 3, result.output
+    assert "the tester (rank 3) died; a new process takes its place after snapshot" in result.stderr, why
     summary = read_summary(tmp_path / "respawn")
+    (tester,) = summary["tester_replacements"]  # (the final row and the summary are the new tester's)
+    assert tester["rank"] == 3 and tester["snapshots_before"] >= 2 and "tester_lost" not in summary, why
+    rows = list(csv.DictReader((tmp_path / "respawn" / "metrics.csv").open()))
+    assert float(rows[0]["epoch"]) == 0 and float(rows[-1]["epoch"]) >= 8 and len(rows) >= 3, (why, rows)  # (redone)
     assert summary["dead_workers"] == [2] and summary["lost_workers"] == [], why
     assert summary["test_accuracy"] >= 0.95, f"{why}: {summary['test_accuracy']}"
     first, second = summary["replacements"]
