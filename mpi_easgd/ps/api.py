@@ -58,7 +58,7 @@ from mpi_easgd.ps.server import Server
 from mpi_easgd.ps.shards import ShardServer, ShardServers
 from mpi_easgd.ps.spares import Spares
 from mpi_easgd.ps.stats import ServerStats, TesterStats, WorkerStats, summarise
-from mpi_easgd.ps.tester import Evaluate, run_tester
+from mpi_easgd.ps.tester import Evaluate, evaluation_row, run_tester
 from mpi_easgd.ps.worker import AsyncWorker, WorkerDropped
 from mpi_easgd.rules.asynchronous import server_rule
 from mpi_easgd.runtime import checkpoint, faults, ft, mpienv, session
@@ -509,9 +509,8 @@ class AsyncTraining:
         log.warn(f"the tester (rank {topo.tester_rank}) died; the run went on without evaluations, and rank "
                  f"{topo.rank} evaluates the final center and writes the summary")
         samples = self.server.roster.samples(self.server.feed.samples_per_exchange)
-        metrics = self.evaluate(self.model) if self.evaluate is not None else {}
-        row = dict(epoch=round(samples / self.samples_per_epoch, 3) if self.samples_per_epoch else "",
-                   step=stats.updates, samples=samples, **{k: float(v) for k, v in metrics.items()})
+        row = evaluation_row(self.model, self.evaluate or (lambda model: {}), stats.updates, samples,
+                             self.samples_per_epoch)
         log.log_eval(**row)
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, stats,
                             TesterStats(row, evaluations + 1), {}, self.samples_per_step)
@@ -526,6 +525,14 @@ class AsyncTraining:
         final = run_tester(ctx.comm, self.flat, self.evaluate or (lambda model: {}), topo.server_rank, ctx.log,
                            ctx.transfer, self.evaluations, self.samples_per_epoch, topo.server_ranks, self.spares)
         server = _gather_stats(ctx.comm, self.live, topo, cfg.worker_timeout)
+        if final.pending is not None:  # a shard server died before its piece of the final snapshot came:
+            # the whole final center is in center.pt by now (rank 0 writes it before the statistics)
+            self.model.load_state_dict(torch.load(ctx.run_dir / "center.pt", map_location=self.flat.device,
+                                                  weights_only=True))
+            row = evaluation_row(self.model, self.evaluate or (lambda model: {}), *final.pending,
+                                 self.samples_per_epoch)
+            ctx.log.log_eval(**row)
+            final = TesterStats(row, final.evaluations + 1)
         if ft.enabled():
             ctx.comm.send(None, dest=topo.server_rank, tag=Tag.GATHERED)
         if server.stopped:

@@ -53,6 +53,7 @@ from mpi4py import MPI
 
 from mpi_easgd.ps.endpoints import Kind
 from mpi_easgd.ps.protocol import CONTROL_LEN, ShardCommand, Tag, control_message, receive_object, wait_politely
+from mpi_easgd.ps.protocol import Kind as SnapshotKind
 from mpi_easgd.ps.roster import LOST
 from mpi_easgd.ps.server import Server
 from mpi_easgd.runtime import ft
@@ -252,6 +253,8 @@ class ShardServer(Server):
         """Carry out one order of rank 0; False once training is over (END)."""
         comm = self.comm
         if command == ShardCommand.SNAPSHOT:
+            if self._fault and value == SnapshotKind.FINAL:
+                self._fault.at("final")  # (injected: a death between the final snapshot's meta and this piece)
             self.versions.send(comm, self.center, self.feed.tester, Tag.SNAPSHOT)  # no copy: immutable
         elif command == ShardCommand.SAVE:
             written = self.save(value, {}, True)

@@ -87,6 +87,7 @@ class TesterStats:
 
     final: dict
     evaluations: int
+    pending: tuple[int, int] | None = None  # (updates, samples) of a final snapshot that came incomplete
 
 
 def dead_generations(per_worker: list[dict], replacements: list[dict], reported: set[int],

@@ -101,17 +101,26 @@ def run_tester(comm: MPI.Comm, flat: FlatParameters, evaluate_fn: Evaluate, serv
             # (Open MPI may also end a receive from a dead peer with nothing received and no error)
             whole &= not death and not (where is comm and rank in (spares or {}) and ft.is_dead(comm, rank))
             piece.after_recv()
+        kind, updates, samples = (int(v) for v in meta[:3])
         if not whole:  # (its shard server died before it sent its piece)
+            if kind == Kind.FINAL:  # evaluated once the whole final center is in center.pt (AsyncTraining._test)
+                return TesterStats({}, evaluations, pending=(updates, samples))
             continue
         if fault:
             fault.at_step(evaluations)
-        kind, updates, samples = (int(v) for v in meta[:3])
-        was_training = model.training
-        metrics = evaluate_fn(model)
-        model.train(was_training)
-        evaluations += 1
-        epoch = round(samples / samples_per_epoch, 3) if samples_per_epoch else ""
-        row = dict(epoch=epoch, step=updates, samples=samples, **{k: float(v) for k, v in metrics.items()})
+        row = evaluation_row(model, evaluate_fn, updates, samples, samples_per_epoch)
         log.log_eval(**row)
+        evaluations += 1
         if kind == Kind.FINAL:
             return TesterStats(row, evaluations)
+
+
+def evaluation_row(model: nn.Module, evaluate_fn: Evaluate, updates: int, samples: int,
+                   samples_per_epoch: int | None) -> dict:
+    """One metrics row: ``evaluate_fn(model)`` of the center after ``updates`` updates and
+    ``samples`` samples (the model's train/eval mode left as it was)."""
+    was_training = model.training
+    metrics = evaluate_fn(model)
+    model.train(was_training)
+    epoch = round(samples / samples_per_epoch, 3) if samples_per_epoch else ""
+    return dict(epoch=epoch, step=updates, samples=samples, **{k: float(v) for k, v in metrics.items()})

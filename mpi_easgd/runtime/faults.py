@@ -11,8 +11,9 @@ checkpoint is complete; ``sync`` and ``eval``, the end of epoch S (counted from 
 its ``synchronize_parameters``/``synchronize_center``, or after it, before the evaluation;
 ``end``, the end of the run, after the final checkpoint and before the summary's
 collectives; ``shrink``, while another rank's death is handled (``--on-rank-loss
-shrink``: once the communicator is shrunk, before the survivors agree). S is ignored at
-``end`` and ``shrink``.
+shrink``: once the communicator is shrunk, before the survivors agree); ``final``, an
+async shard server (``--servers S``) told to send its piece of the final snapshot, before
+it does. S is ignored at ``end``, ``shrink`` and ``final``.
 A step is a training step on workers and peers, an evaluation on the tester, and an
 applied exchange on the async server; ``step=-1`` on a synchronous peer is its start,
 before the first parameter broadcast; ``after=T`` waits, past step S, for the first step
@@ -44,7 +45,7 @@ import torch
 ENV = "MPI_EASGD_FAULT"
 GENERATION_ENV = "MPI_EASGD_GENERATION"  # set by a replacement worker: which one it is (1, 2, ...)
 ACTIONS = ("raise", "sleep", "kill", "stop", "nan", "delay")
-MOMENTS = ("step", "save", "sync", "eval", "end", "shrink")  # where ``at=`` puts the action
+MOMENTS = ("step", "save", "sync", "eval", "end", "shrink", "final")  # where ``at=`` puts the action
 
 
 class InjectedFault(RuntimeError):
@@ -128,12 +129,12 @@ class Faults(tuple):
 
     def at(self, moment: str, number: int = 0) -> None:
         """The faults of ``at=moment`` (:data:`MOMENTS`) whose S is ``number`` (the
-        checkpoint's step, the epoch; any at ``end`` and ``shrink``)."""
+        checkpoint's step, the epoch; any at ``end``, ``shrink`` and ``final``)."""
         where = dict(save=f"in the checkpoint of step {number}", sync=f"in the synchronize ending epoch {number}",
                      eval=f"in the evaluation ending epoch {number}", end="at the end of the run",
-                     shrink="while another death was handled")[moment]
+                     shrink="while another death was handled", final="before its piece of the final snapshot")[moment]
         for fault in self:
-            if fault.at == moment and (moment in ("end", "shrink") or number == fault.step):
+            if fault.at == moment and (moment in ("end", "shrink", "final") or number == fault.step):
                 fault.act(where)
 
     def before_step(self, step: int, batch):

@@ -112,6 +112,26 @@ def test_a_center_over_two_servers_survives_a_dead_worker_and_a_dead_server_rank
     assert not (tmp_path / "shards" / "audit-shard1.npz").exists(), why  # (its audit died with it)
 
 
+def test_a_shard_server_dead_before_its_piece_of_the_final_snapshot(tmp_path, blobs):
+    """Server rank 1 dies once rank 0 has announced the final snapshot, before sending its
+    piece: the tester cannot assemble it (before, it waited for another that never came),
+    so it evaluates the final center from center.pt, which rank 0 writes whole (shard 1
+    from its replica) before it hands over the statistics."""
+    import csv
+
+    result = ulfm_train(5, "--algo", "easgd", "--servers", "2", "--dataset", str(blobs), "--model", "mlp",
+                        "--epochs", "3", "--batch-size", "16", "--out", str(tmp_path), "--run-name", "final",
+                        "--on-worker-loss", "continue", env={"MPI_EASGD_FAULT": "rank=1,action=kill,at=final"})
+    assert result.returncode == 0, result.output
+    assert "killed before its piece of the final snapshot" in result.stderr, result.stderr
+    summary = read_summary(tmp_path / "final")
+    (takeover,) = summary["server_takeovers"]
+    assert takeover["shard"] == 1 and summary["test_accuracy"] >= 0.9, summary
+    rows = list(csv.DictReader((tmp_path / "final" / "metrics.csv").open()))
+    assert int(rows[-1]["step"]) == summary["exchanges"] and float(rows[-1]["test_accuracy"]) == \
+        summary["test_accuracy"], rows[-1]
+
+
 def test_replacements_take_over_a_worker_killed_at_random_steps(tmp_path):
     """The worker dies, and so does its first replacement (a spawned process: MPI reports
     its death on another communicator); the second one finishes the run. The tester dies

@@ -39,7 +39,7 @@ def test_a_fault_at_save_waits_for_that_checkpoint():
     faults.at("sync", 10)  # not a checkpoint
     with pytest.raises(InjectedFault, match="in the checkpoint of step 10"):
         faults.at("save", 10)
-    with pytest.raises(ValueError, match="at must be one of step, save, sync, eval, end, shrink"):
+    with pytest.raises(ValueError, match="at must be one of step, save, sync, eval, end, shrink, final"):
         from_env(2, {"MPI_EASGD_FAULT": "rank=2,action=kill,at=exchange"})
 
 
