@@ -214,7 +214,7 @@ class Peer:
         redone by fewer ranks) is replaced whole."""
         ckpt, rank0 = checkpoint.step_dir(self.ctx.run_dir, self.global_step(pos)), self.ctx.comm.Get_rank() == 0
         written = rank0 and (ckpt / "manifest.json").is_file() and checkpoint.read_manifest(ckpt).get("finished")
-        if rank0 and not written and ckpt.exists():
+        if rank0 and not written and (ckpt / "manifest.json").is_file():
             checkpoint.retract(self.ctx.run_dir, ckpt)  # (before the broadcast: no rank writes into it yet)
         if self.ctx.comm.bcast(written):
             self.checkpoint = ckpt

@@ -68,6 +68,8 @@ from mpi_easgd.runtime.loop import Action, EpochStats, NonFiniteError, Position,
 from mpi_easgd.runtime.watchdog import Watchdog
 from mpi_easgd.transfer import MPIBuffer
 
+JOIN_ENV = "MPI_EASGD_JOIN"  # a script started with it set to a RUN_DIR joins that run (AsyncTraining.join)
+
 
 class AsyncTraining:
     """One asynchronous run on ``comm``, this rank's part of it (see the module docstring).
@@ -85,11 +87,34 @@ class AsyncTraining:
                  evaluate: Evaluate | None = None, samples_per_step: int = 1, samples_per_epoch: int | None = None,
                  **settings) -> None:
         parent = MPI.Comm.Get_parent()
+        self.joiner: int | None = None  # a late joiner's number (1, 2, ...)
         if parent != MPI.COMM_NULL:  # a spare process the server started to replace a dead worker
             ctx, replacing = _join(parent, model, samples_per_step, samples_per_epoch)
+        elif os.environ.get(JOIN_ENV):  # the script started as a late joiner (see join())
+            ctx, replacing, self.joiner = _knock(Path(os.environ[JOIN_ENV]), model)
         else:
             ctx, replacing = _open(comm, model, settings), None
         self._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, ctx.cfg.dataset, replacing)
+
+    @classmethod
+    def join(cls, run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+             samples_per_step: int = 1, samples_per_epoch: int | None = None, wait: float = 60.0,
+             door: dict | None = None) -> AsyncTraining:
+        """One more worker for the async run in ``run_dir``, started with
+        ``accept_joiners`` (:mod:`.joiners`): wait up to ``wait`` seconds for its door,
+        connect, take the current center into ``model`` and train it with your loop as
+        any worker does (:meth:`epochs`, :meth:`batches`, :meth:`step`, from the epoch the
+        run has reached); it counts in the run's summary. Give it data of its own
+        (:attr:`worker_index` is -1: it has no shard; :attr:`joiner` numbers it, for a
+        seed). A run that cannot be joined ends this process with one line and exit 2; one
+        that is ending, with exit 0. Starting an unchanged script with
+        ``$MPI_EASGD_JOIN=RUN_DIR`` makes its ``AsyncTraining(...)`` this call. ``door``:
+        :func:`~mpi_easgd.ps.joiners.read_door`'s, when read already."""
+        ctx, replacing, joiner = _knock(Path(run_dir), model, wait, door)
+        run = cls.__new__(cls)
+        run.joiner = joiner
+        run._setup(ctx, model, optimizer, None, samples_per_step, samples_per_epoch, ctx.cfg.dataset, replacing)
+        return run
 
     @classmethod
     def from_context(cls, ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -100,6 +125,7 @@ class AsyncTraining:
         liveness communicator and the position the dead worker's exchanges reached; it
         has the center already."""
         run = cls.__new__(cls)
+        run.joiner = None
         run._setup(ctx, model, optimizer, evaluate, samples_per_step, samples_per_epoch, dataset, replacing)
         return run
 
@@ -617,6 +643,40 @@ def _join(parent: MPI.Intercomm, model: nn.Module, samples_per_step: int,
     ctx = RunContext(cfg, parent, topo, None, device, NullRunLog(), Path(setup["run_dir"]), StopRequest().install(),
                      None, start.mode, time.perf_counter(), identity=rank)
     return ctx, dict(live=live, position=position_of(exchanges, cfg.tau, steps))
+
+
+def _knock(run_dir: Path, model: nn.Module, wait: float = 60.0,
+           door: dict | None = None) -> tuple[RunContext, dict, int]:
+    """A late joiner (:meth:`AsyncTraining.join`): connect through ``run_dir``'s door, take
+    the center into ``model``; returns the context, what the worker starts from, and the
+    joiner's number. A door that is not there ends the process (one line, exit 2); a run
+    that is ending too (exit 0)."""
+    from mpi_easgd.config import Config
+    from mpi_easgd.ps.joiners import JoinRefused, knock, read_door
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.metrics import NullRunLog
+    from mpi_easgd.topology import Topology
+
+    try:
+        door = door or read_door(run_dir, wait)
+    except JoinRefused as exc:
+        print(f"mpi_easgd: error: {exc}", file=sys.stderr, flush=True)
+        session.leave(2)
+    link = knock(door)
+    if link is None:
+        print("mpi_easgd: the run is ending; this worker is not needed", file=sys.stderr, flush=True)
+        session.leave(0)
+    inter, live, place = link
+    setup = door["setup"]
+    cfg = Config(**setup["config"])
+    flat = FlatParameters(model)
+    start = MPIBuffer(flat.data, "direct" if flat.device.type == "cpu" else "staged")
+    inter.Recv(start.mpi, source=0, tag=Tag.START)
+    start.after_recv()
+    topo = Topology.build(setup["world_size"], place["rank"], cfg.algo, cfg.servers)  # (a worker with no shard)
+    ctx = RunContext(cfg, inter, topo, None, flat.device, NullRunLog(), Path(setup["run_dir"]),
+                     StopRequest().install(), None, start.mode, time.perf_counter(), identity=place["rank"])
+    return ctx, dict(live=live, position=dict(epoch=place["epoch"], step=0)), place["joiner"]
 
 
 def idle_forever(rank: int) -> None:

@@ -1,5 +1,6 @@
 """Late joiners: worker processes started on their own after an async run began
-(``python -m mpi_easgd.join RUN_DIR``; the run has ``--accept-joiners``).
+(``python -m mpi_easgd.join RUN_DIR``, or a script's :meth:`AsyncTraining.join
+<mpi_easgd.ps.api.AsyncTraining.join>`; the run has ``--accept-joiners``).
 
 Rank 0 listens on a TCP port and writes where, with the run's set-up, to
 ``RUN_DIR/join.json`` (:class:`Doorway`). A joiner prepares everything it can first
@@ -12,8 +13,10 @@ for it (a rank past the run's ranks), sends it its place and the current center,
 then on serves it as any worker: over the intercommunicator, as a replacement worker is
 (:mod:`mpi_easgd.ps.spares`). Never during a checkpoint: the joiner waits for its end.
 
-A joiner trains from the epoch the run has reached to ``--epochs``, each epoch a
-random share of the training set as large as one worker's shard; it counts in the summary
+The joiner's side is :func:`read_door` (wait for the door; the set-up it says) and
+:func:`knock` (connect, and learn its place). A joiner trains from the epoch the run has
+reached to ``--epochs`` (the command line's: each epoch a random share of the training
+set as large as one worker's shard; a script's: the data it gives); it counts in the summary
 (``joined``, and the seconds from its connection to its first exchange). MPICH joins two
 separately started jobs; Open MPI only inside one DVM (``prte`` and ``prun``).
 """
@@ -79,6 +82,53 @@ class Doorway:
         self._listener.close()
         for inter, live, _ in self.arrivals():  # (connected too late)
             refuse(inter, live)
+
+
+class JoinRefused(ValueError):
+    """The run cannot be joined; the message says why and what to do."""
+
+
+def read_door(run_dir: Path, wait: float = 60.0) -> dict:
+    """The door of ``run_dir``, waiting up to ``wait`` seconds for the run to open it (it
+    does once its server starts): where to connect and the run's set-up. Raises
+    :class:`JoinRefused`."""
+    run_dir = Path(run_dir)
+    deadline = time.monotonic() + wait
+    while not (run_dir / DOOR).exists() and not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not run_dir.is_dir():
+        raise JoinRefused(f"{run_dir} is not a run directory; pass the RUN_DIR the run printed")
+    if not (run_dir / DOOR).is_file():
+        raise JoinRefused(f"{run_dir} takes no joiners: start the async run with --accept-joiners (a joiner joins "
+                          f"while the run trains, not after it ended)")
+    door = json.loads((run_dir / DOOR).read_text())
+    if door["host"] == socket.gethostname():
+        try:
+            os.kill(door["pid"], 0)
+        except ProcessLookupError:
+            raise JoinRefused(f"{run_dir}'s rank 0 (pid {door['pid']}) is gone: the run ended without closing its "
+                              f"door") from None
+        except PermissionError:
+            pass
+    return door
+
+
+def knock(door: dict) -> tuple[MPI.Intercomm, MPI.Intercomm, dict] | None:
+    """Connect through ``door`` (:func:`read_door`): the run's (messages, liveness)
+    intercommunicators, on which rank 0 is the server, and this joiner's place (its
+    ``rank``, the ``epoch`` the run has reached, its number ``joiner``); None when the run
+    is ending and needs no one (the connection is let go). The server sends the center
+    next (tag START)."""
+    from mpi_easgd.ps.protocol import Tag, receive_object
+
+    with socket.create_connection((door["host"], door["port"])) as connection:
+        inter = MPI.Comm.Join(connection.fileno())
+    live = inter.Dup()  # (every worker's liveness channel)
+    place = receive_object(inter, 0, Tag.JOIN)[1]
+    if place is None:
+        live.Disconnect()
+        inter.Disconnect()
+    return None if place is None else (inter, live, place)
 
 
 def refuse(inter: MPI.Intercomm, live: MPI.Intercomm) -> None:
