@@ -365,6 +365,9 @@ class AsyncTraining:
         else:
             self.summary = self._test()
             session.close_run(self.ctx, self.summary)
+            if self.ctx.identity is not None:  # a spare standing in for the tester: the server lets it go
+                self.live.Disconnect()
+                self.ctx.comm.Disconnect()
         return self.summary
 
     def close(self) -> None:
@@ -631,10 +634,13 @@ def _join(parent: MPI.Intercomm, model: nn.Module, samples_per_step: int,
         parent.Disconnect()
         raise SystemExit(0)
     cfg = Config(**setup["config"])
-    rank, exchanges = assignment["rank"], assignment["exchanges"]
     os.environ[GENERATION_ENV] = str(assignment["generation"])  # which injected faults apply to it
     flat = FlatParameters(model)
     device = flat.device
+    if assignment.get("role") == "tester":  # the tester died: this script's evaluate takes over
+        return tester_context(parent, setup, assignment, None, device), \
+            dict(live=live, evaluations=assignment["evaluations"])
+    rank, exchanges = assignment["rank"], assignment["exchanges"]
     start = MPIBuffer(flat.data, "direct" if device.type == "cpu" else "staged")
     parent.Recv(start.mpi, source=0, tag=Tag.START)
     start.after_recv()
@@ -677,6 +683,26 @@ def _knock(run_dir: Path, model: nn.Module, wait: float = 60.0,
     ctx = RunContext(cfg, inter, topo, None, flat.device, NullRunLog(), Path(setup["run_dir"]),
                      StopRequest().install(), None, start.mode, time.perf_counter(), identity=place["rank"])
     return ctx, dict(live=live, position=dict(epoch=place["epoch"], step=0)), place["joiner"]
+
+
+def tester_context(parent: MPI.Intercomm, setup: dict, assignment: dict, info, device: torch.device) -> RunContext:
+    """A spare assigned the place of the tester that died (``assignment``): its context on
+    the server's intercommunicator, with a log that appends to the run's metrics rows on
+    the run's wall clock (``setup["clock"]``)."""
+    from mpi_easgd.config import Config
+    from mpi_easgd.runtime.control import StopRequest
+    from mpi_easgd.runtime.metrics import RunLog
+    from mpi_easgd.topology import Topology
+
+    cfg, rank = Config(**setup["config"]), assignment["rank"]
+    started = time.perf_counter() - (time.time() - setup["clock"])
+    log = RunLog(Path(setup["run_dir"]), setup["config"], False, cfg.tensorboard, started=started,
+                 resumed_at=1 << 62)  # (the dead tester's rows stay)
+    log.info(f"a new process stands in for the tester (rank {rank}), which died: it evaluates the snapshots after "
+             f"the first {assignment['evaluations']} and writes the summary")
+    topo = Topology.build(setup["world_size"], rank, cfg.algo, cfg.servers)
+    return RunContext(cfg, parent, topo, info, device, log, Path(setup["run_dir"]), StopRequest().install(), None,
+                      "direct" if device.type == "cpu" else "staged", started, identity=rank)
 
 
 def idle_forever(rank: int) -> None:

@@ -159,36 +159,19 @@ def _replace(parent, live, setup: dict, prepared, assignment: dict) -> None:
 def _test_in_place(parent, live, setup: dict, prepared, assignment: dict) -> None:
     """Stand in for the tester that died: evaluate every snapshot from now on, then write
     the run's summary (:meth:`AsyncTraining.finish`, on the server's intercommunicator)."""
-    import time
-    from pathlib import Path
-
     from mpi_easgd.data import shard_loader
-    from mpi_easgd.ps.api import AsyncTraining
+    from mpi_easgd.ps.api import AsyncTraining, tester_context
     from mpi_easgd.ps.tester import task_evaluator
-    from mpi_easgd.runtime.context import RunContext
-    from mpi_easgd.runtime.control import StopRequest
-    from mpi_easgd.runtime.metrics import RunLog
     from mpi_easgd.tasks import task
-    from mpi_easgd.topology import Topology
 
     cfg, info, device, flat = prepared
-    rank, evaluations = assignment["rank"], assignment["evaluations"]
-    started = time.perf_counter() - (time.time() - setup["clock"])  # (the run's wall clock goes on)
-    run_dir = Path(setup["run_dir"])
-    log = RunLog(run_dir, setup["config"], False, cfg.tensorboard, started=started, resumed_at=1 << 62)  # (rows stay)
-    log.info(f"a new process stands in for the tester (rank {rank}), which died: it evaluates from snapshot "
-             f"{evaluations + 1} on and writes the summary")
     test = shard_loader(info, "test", batch_size=512, shuffle=False, even=False)
     train = shard_loader(info, "train", batch_size=cfg.batch_size, seed=cfg.seed)
-    evaluate = task_evaluator(task(cfg.task), test, train, device, evaluations)
-    topo = Topology.build(setup["world_size"], rank, cfg.algo, cfg.servers)
-    ctx = RunContext(cfg, parent, topo, info, device, log, run_dir, StopRequest().install(), None,
-                     "direct" if device.type == "cpu" else "staged", started, identity=rank)
+    evaluate = task_evaluator(task(cfg.task), test, train, device, assignment["evaluations"])
+    ctx = tester_context(parent, setup, assignment, info, device)
     run = AsyncTraining.from_context(ctx, flat.module, None, evaluate, cfg.batch_size, info.sizes["train"], info.name,
-                                     replacing=dict(live=live, evaluations=evaluations))
+                                     replacing=dict(live=live, evaluations=assignment["evaluations"]))
     run.finish()
-    live.Disconnect()
-    parent.Disconnect()
 
 
 if __name__ == "__main__":

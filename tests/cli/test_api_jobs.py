@@ -63,12 +63,16 @@ def test_a_script_goes_on_without_a_worker_that_died(tmp_path):
 @pytest.mark.ulfm
 def test_a_script_is_rerun_to_replace_a_worker_that_died(tmp_path):
     """on_worker_loss="respawn" from a script: the server reruns the script as a spare, which
-    takes the dead worker's rank, shard and exchange count, and the run ends complete."""
-    result = ulfm_train(4, "--epochs", "3", "--on-worker-loss", "respawn", "--out", str(tmp_path),
-                        "--run-name", "respawn", script=SCRIPT, timeout=180,
-                        env={"MPI_EASGD_FAULT": "rank=2,action=kill,step=40"})
+    takes the dead worker's rank, shard and exchange count, and the run ends complete. The
+    tester dies too: another rerun of the script takes its place with the script's own
+    evaluate, and writes the summary."""
+    result = ulfm_train(4, "--epochs", "3", "--on-worker-loss", "respawn", "--test-every", "0.5", "--out",
+                        str(tmp_path), "--run-name", "respawn", script=SCRIPT, timeout=180,
+                        env={"MPI_EASGD_FAULT": "rank=2,action=kill,step=40;rank=3,action=kill,step=1"})
     assert result.returncode == 0, result.output
     summary = read_summary(tmp_path / "respawn")
+    (tester,) = summary["tester_replacements"]
+    assert tester["rank"] == 3 and "tester_lost" not in summary, summary
     assert summary["dead_workers"] == [2] and summary["lost_workers"] == [], summary
     (replacement,) = summary["replacements"]
     assert replacement["rank"] == 2 and replacement["first_exchange"] is not None
