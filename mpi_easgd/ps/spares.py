@@ -75,12 +75,19 @@ class Spares:
             finished = [*finished, child]
             self.assigned.append(self.spare)
             self.spare = None
-        for child, live in self.assigned:
-            if any(child == f for f in finished):
-                live.Disconnect()
-                child.Disconnect()
-            else:
-                for comm in (live, child):
-                    with ft.survivable():
-                        comm.Free()
+        let_go(self.assigned, lambda child: any(child == f for f in finished))
         self.assigned = []
+
+
+def let_go(links: list[tuple[MPI.Intercomm, MPI.Intercomm]], finished) -> None:
+    """Disconnect from each spawned process's (messages, liveness) intercommunicators in
+    ``links`` that ``finished(messages)`` says is done; only free a dead one's (there is
+    nobody to disconnect from)."""
+    for comm, live in links:
+        if finished(comm):
+            live.Disconnect()
+            comm.Disconnect()
+        else:
+            for c in (live, comm):
+                with ft.survivable():
+                    c.Free()

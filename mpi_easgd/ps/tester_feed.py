@@ -66,14 +66,11 @@ class TesterFeed:
     def let_go(self) -> None:
         """After the run's summary: disconnect from the replacement testers (a dead one is
         only freed: there is nobody to disconnect from)."""
-        for comm, live in self.replaced:
-            if (comm, live) == self.replaced[-1] and not self.lost:
-                live.Disconnect()
-                comm.Disconnect()
-            else:
-                for c in (live, comm):
-                    with ft.survivable():
-                        c.Free()
+        from mpi_easgd.ps.spares import let_go
+
+        if self.replaced:
+            last = self.replaced[-1][0]
+            let_go(self.replaced, lambda comm: comm is last and not self.lost)
         self.replaced = []
 
     def send_final(self, updates: int, roster: Roster, deadline: float) -> bool:
