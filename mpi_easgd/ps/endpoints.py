@@ -66,6 +66,12 @@ class Endpoints:
         for _ in range(len(roster)):
             self.add(take())
 
+    def watch(self, request: MPI.Request) -> None:
+        """One more watch (a receive that completes only in error, when its peer died: the
+        tester's, :meth:`~mpi_easgd.ps.tester_feed.TesterFeed.watch`)."""
+        self._slots.append((Kind.FAILED, -1))
+        self._requests.append(request)
+
     def add(self, buf: torch.Tensor) -> None:
         """Post the receives of the roster's next worker (at the start; then a late joiner's),
         the exchange into ``buf``."""

@@ -134,6 +134,8 @@ class Server:
         and write the final checkpoint."""
         self.endpoints = Endpoints(self.roster, self.versions.take, self.liveness.wake_receive,
                                    self.shards.watches() if self.shards is not None else [])
+        if ft.enabled():
+            self.endpoints.watch(self.feed.watch())  # (its death found at once, not at the next snapshot)
         self._connect(self.roster)  # every worker starts from the center as it is now
         self.liveness.start()
         start = time.perf_counter()
@@ -274,8 +276,10 @@ class Server:
 
     def _failures(self) -> None:
         """(ULFM) Take over the shard of every shard server that MPI says died
-        (:mod:`.shards`), and drop every worker that died. (A dead tester is found at the
-        end: see ``api._hand_to_tester``.)"""
+        (:mod:`.shards`), drop every worker that died, and note a dead tester (replaced
+        after this event if the policy can, :meth:`_replace_tester`; else found again at
+        the end: ``api._hand_to_tester``)."""
+        self.feed.notice()
         for shard in self.shards.dead() if self.shards is not None else []:
             self.shards.take_over(shard)
         for record in self.roster:
@@ -377,6 +381,7 @@ class Server:
             return
         self.versions.abandon(self.feed.comm, self.feed.tester)
         self.feed.replace(*link)
+        self.endpoints.watch(self.feed.watch())
         self.tester_replacements.append(dict(rank=self.tester_rank, generation=len(self.feed.replaced),
                                              assigned=time.time(), snapshots_before=self.feed.snapshots))
 

@@ -39,6 +39,7 @@ class TesterFeed:
         self.replaced: list[tuple[MPI.Comm, MPI.Comm]] = []  # (respawn) each replacement's intercommunicators
         self._requests: list[MPI.Request] = []
         self._meta = np.zeros(0, dtype=np.int64)
+        self._watched = np.zeros(1, dtype=np.int64)
         self._last = -float("inf")  # the first update is sent at once: the curve's start
 
     def offer(self, updates: int, roster: Roster) -> None:
@@ -55,6 +56,15 @@ class TesterFeed:
             done = MPI.Request.Testall(self._requests)
         self.lost |= bool(death) or self._dead()
         return done or self.lost
+
+    def watch(self) -> MPI.Request:
+        """(ULFM) A receive from the tester that nothing ever matches: it completes, in
+        error, the moment the tester dies (the server waits on it among its receives)."""
+        return self.comm.Irecv(self._watched, source=self.tester, tag=Tag.WATCH)
+
+    def notice(self) -> None:
+        """(ULFM) After a receive failed somewhere: whether it was the tester that died."""
+        self.lost |= self._dead()
 
     def replace(self, comm: MPI.Comm, live: MPI.Comm) -> None:
         """The tester that died is replaced by rank 0 of ``comm`` (a spare process's
