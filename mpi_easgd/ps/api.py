@@ -430,8 +430,7 @@ class AsyncTraining:
         if cfg.on_worker_loss == "respawn":
             # The command line's spares run python -m mpi_easgd.ps.join; a script's rerun the
             # script itself, which becomes the replacement in this class's constructor.
-            script = None if ctx.info is not None else ["-m", "mpi4py", str(Path(sys.argv[0]).resolve()),
-                                                         *sys.argv[1:]]
+            script = None if ctx.info is not None else rerun_command(Path(sys.argv[0]).resolve(), sys.argv[1:])
             setup = dict(config=dataclasses.asdict(cfg), run_dir=str(ctx.run_dir), world_size=topo.world_size,
                          cwd=os.getcwd(), crowded=mpienv.oversubscribed(extra=1),
                          clock=time.time() - (time.perf_counter() - ctx.started))  # (the run's wall clock)
@@ -683,6 +682,17 @@ def _knock(run_dir: Path, model: nn.Module, wait: float = 60.0,
     ctx = RunContext(cfg, inter, topo, None, flat.device, NullRunLog(), Path(setup["run_dir"]),
                      StopRequest().install(), None, start.mode, time.perf_counter(), identity=place["rank"])
     return ctx, dict(live=live, position=dict(epoch=place["epoch"], step=0)), place["joiner"]
+
+
+def rerun_command(script: Path, args: list[str]) -> list[str]:
+    """Python's arguments that rerun ``script`` with ``args`` as a spare (under ``python -m
+    mpi4py``, as scripts run): MPI starts first, so that the server's Spawn returns at once
+    instead of waiting for the script's own imports (torch: 2.5 s of a stalled server
+    here), then the script runs as ``__main__`` from its own directory."""
+    code = ("import mpi_easgd, runpy, sys; from mpi4py import MPI; "
+            f"sys.argv = {[str(script), *args]!r}; sys.path.insert(0, {str(script.parent)!r}); "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    return ["-m", "mpi4py", "-c", code]
 
 
 def tester_context(parent: MPI.Intercomm, setup: dict, assignment: dict, info, device: torch.device) -> RunContext:

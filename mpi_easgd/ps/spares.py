@@ -34,7 +34,8 @@ class Spares:
         # What a spare runs: python -m mpi_easgd.ps.join for the command line, a script's
         # own command line for AsyncTraining (the script becomes the replacement).
         self.command = command or ["-m", "mpi_easgd.ps.join"]
-        self.spare: tuple[MPI.Intercomm, MPI.Intercomm] | None = None  # (messages, liveness)
+        # (messages, liveness, the requests that make the liveness channel and send the set-up)
+        self.spare: tuple[MPI.Intercomm, MPI.Intercomm, list[MPI.Request]] | None = None
         self.generation: dict[int, int] = {}  # rank -> replacements of it so far
         self.spawn_seconds: list[float] = []  # how long each spawn held the server
         self.assigned: list[tuple[MPI.Intercomm, MPI.Intercomm]] = []
@@ -43,9 +44,12 @@ class Spares:
         """Start the next spare (returns once it has started MPI)."""
         t0 = time.perf_counter()
         child = MPI.COMM_SELF.Spawn(sys.executable, self.command, maxprocs=1)
-        live = child.Dup()  # its liveness channel, as every worker has (see liveness.py)
-        child.send(self.setup, dest=0, tag=Tag.JOIN)
-        self.spare = (child, live)
+        # Its liveness channel, as every worker has (see liveness.py), and the set-up: neither
+        # waited for here. A rerun script takes them only once it reaches AsyncTraining,
+        # after its own imports, and over TCP even the first small send waits for the
+        # peer's progress (a blocking send held the server 2.5 s per spawn).
+        live, made = child.Idup()
+        self.spare = (child, live, [made, child.isend(self.setup, dest=0, tag=Tag.JOIN)])
         self.spawn_seconds.append(time.perf_counter() - t0)
 
     def assign(self, rank: int, **job) -> tuple[MPI.Intercomm, MPI.Intercomm]:
@@ -56,7 +60,8 @@ class Spares:
         so far (the server lets a tester's intercommunicators go after the summary)."""
         if self.spare is None:
             self.spawn()
-        child, live = self.spare
+        child, live, started = self.spare
+        MPI.Request.Waitall(started)  # (the spare is this far by now, or the replacement could not start anyway)
         generation = self.generation[rank] = self.generation.get(rank, 0) + 1
         child.send(dict(rank=rank, generation=generation, **job), dest=0, tag=Tag.JOIN)
         if job.get("role") != "tester":
@@ -70,10 +75,11 @@ class Spares:
         replacements in ``finished`` (each has sent its statistics). A replacement that
         died is only freed: there is nobody to disconnect from."""
         if self.spare is not None:
-            child, live = self.spare
+            child, live, started = self.spare
+            MPI.Request.Waitall(started)
             child.send(None, dest=0, tag=Tag.JOIN)
             finished = [*finished, child]
-            self.assigned.append(self.spare)
+            self.assigned.append((child, live))
             self.spare = None
         let_go(self.assigned, lambda child: any(child == f for f in finished))
         self.assigned = []
