@@ -76,9 +76,10 @@ class Spares:
         died is only freed: there is nobody to disconnect from."""
         if self.spare is not None:
             child, live, started = self.spare
-            MPI.Request.Waitall(started)
-            child.send(None, dest=0, tag=Tag.JOIN)
-            finished = [*finished, child]
+            with ft.survivable() as death:  # (a spare that died before it took its set-up: only freed)
+                MPI.Request.Waitall(started)
+                child.send(None, dest=0, tag=Tag.JOIN)
+            finished = finished if death else [*finished, child]
             self.assigned.append((child, live))
             self.spare = None
         let_go(self.assigned, lambda child: any(child == f for f in finished))
