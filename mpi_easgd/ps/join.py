@@ -160,7 +160,8 @@ def _test_in_place(parent, live, setup: dict, prepared, assignment: dict) -> Non
     """Stand in for the tester that died: evaluate every snapshot from now on, then write
     the run's summary (:meth:`AsyncTraining.finish`, on the server's intercommunicator)."""
     from mpi_easgd.data import shard_loader
-    from mpi_easgd.ps.api import AsyncTraining, tester_context
+    from mpi_easgd.ps.api import AsyncTraining
+    from mpi_easgd.ps.newcomers import tester_context
     from mpi_easgd.ps.tester import task_evaluator
     from mpi_easgd.tasks import task
 
