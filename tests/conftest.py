@@ -159,6 +159,15 @@ def read_summary(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def flight_records(tmp_path_factory):
+    """Flight records a test's watchdog writes (outside a run directory) go to a temporary
+    folder, not ./mpi_easgd-flight in the checkout."""
+    folder = os.environ.get("MPI_EASGD_FLIGHT_DIR") or str(tmp_path_factory.mktemp("flight"))
+    os.environ["MPI_EASGD_FLIGHT_DIR"] = folder
+    return Path(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def dataset_cache(tmp_path_factory):
     """Keep built-in datasets in a per-session cache, not in the user's home."""
     cache = os.environ.get("MPI_EASGD_CACHE") or str(tmp_path_factory.mktemp("cache"))

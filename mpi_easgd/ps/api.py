@@ -491,6 +491,7 @@ class AsyncTraining:
         stats = server.stats()
         stats.shards = shards
         stats.takeovers = server.shards.takeover_rows() if server.shards is not None else []
+        stats.lost_at_start = self.lost_at_start
         # every worker's statistics, for the tester (a replacement's come through its intercommunicator)
         stats.relayed = {**_gather_workers(ctx.comm, topo, server.roster, stats, cfg.worker_timeout),
                          **server.policy.relayed(server.roster, cfg.worker_timeout)}
@@ -545,8 +546,6 @@ class AsyncTraining:
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, stats,
                             TesterStats(row, evaluations + 1), {}, self.samples_per_step)
         summary["tester_lost"] = topo.tester_rank
-        if self.lost_at_start:
-            summary["lost_at_start"] = self.lost_at_start
         session.write_summary(ctx, log, summary)
         return summary
 
@@ -569,8 +568,6 @@ class AsyncTraining:
             raise Preempted(Path(server.checkpoint), server.lost_workers)
         summary = summarise(cfg, self.dataset, topo.world_size, topo.num_workers, topo.worker_ranks, server, final,
                             {}, self.samples_per_step)
-        if self.lost_at_start:
-            summary["lost_at_start"] = self.lost_at_start
         note = nonfinite_note(summary["nonfinite_skipped"], sum(w.get("steps", 0) for w in summary["per_worker"]))
         if note:
             ctx.log.warn(note)

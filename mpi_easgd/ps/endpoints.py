@@ -19,6 +19,7 @@ that is a FAILED event (MPI says who died).
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +46,16 @@ class Event(NamedTuple):
     data: object  # EXCHANGE: the buffer it arrived in; DONE: int64[DONE_LEN]; SAVED: epoch (-1: failed)
 
 
+@dataclass
+class _Posted:
+    """What the server receives into for one worker: its DONE and SAVED messages and its
+    next exchange (a buffer from the pool while one is posted)."""
+
+    done: np.ndarray = field(default_factory=lambda: np.zeros(DONE_LEN, dtype=np.int64))
+    saved: np.ndarray = field(default_factory=lambda: np.zeros(SAVED_LEN, dtype=np.int64))
+    incoming: torch.Tensor | None = None
+
+
 class Endpoints:
     """Posted receives for every worker of ``roster``, and the wake-up call (``wake()``
     posts it, on the liveness communicator; called again after each). Exchange buffers
@@ -54,9 +65,7 @@ class Endpoints:
 
     def __init__(self, roster: Roster, take, wake, watches: list[MPI.Request] = ()) -> None:
         self.roster = roster
-        self._done: list[np.ndarray] = []  # (one buffer per worker: a joiner's are added while others are posted)
-        self._saved: list[np.ndarray] = []
-        self._incoming: list[torch.Tensor | None] = []
+        self._posted: list[_Posted] = []  # one per worker (a joiner's is added while the others are posted)
         self._wake = wake
         self._slots: list[tuple[Kind, int]] = [(Kind.WAKE, -1)] + [(Kind.FAILED, -1)] * len(watches)
         # (watches: receives that complete only in error, when a shard server died)
@@ -75,10 +84,8 @@ class Endpoints:
     def add(self, buf: torch.Tensor) -> None:
         """Post the receives of the roster's next worker (at the start; then a late joiner's),
         the exchange into ``buf``."""
-        i = len(self._done)
-        self._done.append(np.zeros(DONE_LEN, dtype=np.int64))
-        self._saved.append(np.zeros(SAVED_LEN, dtype=np.int64))
-        self._incoming.append(None)
+        i = len(self._posted)
+        self._posted.append(_Posted())
         for kind in (Kind.EXCHANGE, Kind.DONE, Kind.SAVED):
             self._index[kind, i] = len(self._slots)
             self._slots.append((kind, i))
@@ -88,16 +95,16 @@ class Endpoints:
     def _post(self, kind: Kind, i: int) -> None:
         comm, _, rank = self.roster[i].link
         if kind is Kind.DONE:
-            request = comm.Irecv(self._done[i], source=rank, tag=Tag.DONE)
+            request = comm.Irecv(self._posted[i].done, source=rank, tag=Tag.DONE)
         elif kind is Kind.SAVED:
-            request = comm.Irecv(self._saved[i], source=rank, tag=Tag.SAVED)
+            request = comm.Irecv(self._posted[i].saved, source=rank, tag=Tag.SAVED)
         else:
-            request = comm.Irecv(mpi_view(self._incoming[i]), source=rank, tag=Tag.EXCHANGE)
+            request = comm.Irecv(mpi_view(self._posted[i].incoming), source=rank, tag=Tag.EXCHANGE)
         self._requests[self._index[kind, i]] = request
 
     def post_exchange(self, i: int, buf: torch.Tensor) -> None:
         """Receive worker ``i``'s next message into ``buf``."""
-        self._incoming[i] = buf
+        self._posted[i].incoming = buf
         self._post(Kind.EXCHANGE, i)
 
     def repost(self, i: int, buf: torch.Tensor) -> None:
@@ -118,12 +125,12 @@ class Endpoints:
         if kind is Kind.FAILED:  # (a watch: nothing is ever sent to it)
             return Event(kind, -1, None)
         if kind is Kind.EXCHANGE:
-            buf, self._incoming[i] = self._incoming[i], None
+            buf, self._posted[i].incoming = self._posted[i].incoming, None
             return Event(kind, i, buf)
         if kind is Kind.DONE:
-            return Event(kind, i, self._done[i].copy())
+            return Event(kind, i, self._posted[i].done.copy())
         if kind is Kind.SAVED:
-            epoch = int(self._saved[i][0])
+            epoch = int(self._posted[i].saved[0])
             self._post(Kind.SAVED, i)  # it may be asked to save again
             return Event(kind, i, epoch)
         self._requests[n] = self._wake()
@@ -149,13 +156,13 @@ class Endpoints:
                     self._requests[n].Cancel()
                     self._requests[n].Wait()
                 if kind is Kind.EXCHANGE:
-                    buf, self._incoming[i] = self._incoming[i], None
+                    buf, self._posted[i].incoming = self._posted[i].incoming, None
             self._requests[n] = MPI.REQUEST_NULL
         return buf
 
     def close(self) -> None:
         """Withdraw every receive still posted (at the end of the run)."""
-        for i in range(len(self._done)):
+        for i in range(len(self._posted)):
             self.withdraw(i)
         for (kind, _), request in zip(self._slots, self._requests):  # the wake-up call, the watches
             if kind in (Kind.WAKE, Kind.FAILED) and request:

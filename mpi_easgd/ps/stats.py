@@ -79,6 +79,7 @@ class ServerStats:
     shards: list[dict] = field(default_factory=list)  # (--servers S) each other server rank's counters
     takeovers: list[dict] = field(default_factory=list)  # (--servers S, ULFM) the shards rank 0 took over
     tester_replacements: list[dict] = field(default_factory=list)  # (respawn) each new tester process
+    lost_at_start: list[int] = field(default_factory=list)  # (ULFM) workers dead in the start, by their first rank
 
 
 @dataclass
@@ -149,5 +150,6 @@ def summarise(cfg, dataset: str, world_size: int, num_workers: int, worker_ranks
                               *server.shards]} if server.shards else {}),
         **({"server_takeovers": server.takeovers} if server.takeovers else {}),
         **({"tester_replacements": server.tester_replacements} if server.tester_replacements else {}),
+        **({"lost_at_start": server.lost_at_start} if server.lost_at_start else {}),
         **account,
     )

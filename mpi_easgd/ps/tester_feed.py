@@ -16,6 +16,7 @@ from mpi4py import MPI
 from mpi_easgd.ps.center import CenterVersions
 from mpi_easgd.ps.protocol import Kind, Tag, meta_message, sleep_until
 from mpi_easgd.ps.roster import Roster
+from mpi_easgd.ps.spares import let_go
 from mpi_easgd.runtime import ft
 
 
@@ -76,8 +77,6 @@ class TesterFeed:
     def let_go(self) -> None:
         """After the run's summary: disconnect from the replacement testers (a dead one is
         only freed: there is nobody to disconnect from)."""
-        from mpi_easgd.ps.spares import let_go
-
         if self.replaced:
             last = self.replaced[-1][0]
             let_go(self.replaced, lambda comm: comm is last and not self.lost)
